@@ -1,0 +1,1 @@
+"""lowband.bench (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowband.compress (see DESIGN.md)."""

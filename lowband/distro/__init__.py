@@ -1,0 +1,1 @@
+"""lowband.distro (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowband.optim (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""lowband.sync (see DESIGN.md)."""

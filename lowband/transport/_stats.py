@@ -1,0 +1,73 @@
+"""Communication counters (DESIGN.md, "Three byte counters").
+
+``bytes_sent`` / ``bytes_received`` are payload bytes (the frames of payloads);
+``transport_bytes_sent`` / ``transport_bytes_received`` are everything handed to
+the transport (payloads, chunk headers, control, heartbeats). Link bytes are
+counted by the link emulator, not here. Every figure is counted, never estimated.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["CommStats", "PeerStats"]
+
+
+@dataclass
+class PeerStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    transport_bytes_sent: int = 0
+    transport_bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+
+@dataclass
+class CommStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    transport_bytes_sent: int = 0
+    transport_bytes_received: int = 0
+    messages: int = 0
+    syncs: int = 0
+    seconds_in_comm: float = 0.0
+    seconds_waited: float = 0.0
+    per_peer: dict[int, PeerStats] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_send(self, peer: int, payload: int, transport: int | None = None) -> None:
+        with self._lock:
+            p = self.per_peer.setdefault(peer, PeerStats())
+            t = payload if transport is None else transport
+            self.bytes_sent += payload
+            self.transport_bytes_sent += t
+            self.messages += 1
+            p.bytes_sent += payload
+            p.transport_bytes_sent += t
+            p.messages_sent += 1
+
+    def count_recv(self, peer: int, payload: int, transport: int | None = None) -> None:
+        with self._lock:
+            p = self.per_peer.setdefault(peer, PeerStats())
+            t = payload if transport is None else transport
+            self.bytes_received += payload
+            self.transport_bytes_received += t
+            p.bytes_received += payload
+            p.transport_bytes_received += t
+            p.messages_received += 1
+
+    def as_dict(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received,
+                "transport_bytes_sent": self.transport_bytes_sent,
+                "transport_bytes_received": self.transport_bytes_received,
+                "messages": self.messages,
+                "syncs": self.syncs,
+                "seconds_in_comm": self.seconds_in_comm,
+                "seconds_waited": self.seconds_waited,
+                "per_peer": {k: vars(v).copy() for k, v in self.per_peer.items()},
+            }

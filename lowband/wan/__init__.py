@@ -1,0 +1,1 @@
+"""lowband.wan (see DESIGN.md)."""
