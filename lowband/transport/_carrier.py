@@ -1,0 +1,86 @@
+"""The Carrier: the small interface between the collectives and a wire.
+
+The collectives (``_collectives.py``, ``group.py``) are written once against
+this interface; each backend supplies one Carrier:
+
+* ``lowband.transport._local.LocalCarrier``: in-process (threads), for unit tests;
+* ``lowband.transport._zmq``: ZeroMQ over internet links (parallel streams,
+  heartbeats, reconnects, CURVE), with membership in the coordinator process;
+* ``lowband.transport._torch.TorchCarrier``: torch.distributed point-to-point (gloo).
+
+A message is addressed by ``(peer, key)`` where ``key = (epoch, seq, phase)``:
+the group's membership epoch, the collective's sequence number (the same on
+every peer, since every peer issues collectives in the same order) and the
+phase inside that collective. A message is a list of frames (``bytes`` or
+``memoryview``); the carrier delivers them unchanged, in the same number and
+order, never pickled.
+
+Semantics every Carrier honours (the collectives rely on them):
+
+``send(peer, key, frames, *, payload_bytes)``
+    Reliable and non-blocking: queues the frames and returns. The carrier may
+    keep references to the frames until they are on the wire; callers do not
+    modify them afterwards. Counts ``payload_bytes`` (the payload frames only)
+    and the transport bytes it actually hands to the wire in ``stats``. Sending
+    to a peer already declared lost may raise ``PeerLost`` or drop silently.
+``recv(peer, key, *, timeout=None)``
+    Waits for the message ``key`` from ``peer`` (messages may arrive in any
+    order; the carrier buffers the others). Raises ``PeerLost(peers=(peer,))``
+    once the peer is declared lost (neither heartbeat nor progress for the
+    carrier's ``peer_timeout``: a slow transfer that moves is not lost), and
+    ``CollectiveTimeout`` when ``timeout`` (seconds) runs out first.
+``commit(key, alive)``
+    Agreement on a participant set. Each surviving member proposes the ranks it
+    still considers alive; the call blocks until every member not declared lost
+    has proposed for ``key`` and returns the same sorted tuple to every caller:
+    the intersection of the proposals, minus ranks declared lost. Members are
+    the ranks of the previous commit (all ranks before the first). A caller
+    whose own rank is missing from the result has been dropped from the group.
+``forget(epoch)``
+    Drop buffered messages whose epoch is below ``epoch``, and any that arrive
+    later: they belong to collectives that were abandoned.
+``alive()``
+    The ranks not declared lost (this rank included).
+``close()``
+    Releases sockets and threads; idempotent; never blocks on unsent data.
+
+A backend module offers ``open_carrier(*, rank, world_size, store, security,
+peer_timeout, **options) -> Carrier``; :func:`lowband.init_group` calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from lowband.transport._stats import CommStats
+
+__all__ = ["Key", "Frame", "Carrier"]
+
+#: (epoch, collective sequence number, phase)
+Key = tuple[int, int, int]
+#: One frame of a message.
+Frame = bytes | memoryview
+
+
+@runtime_checkable
+class Carrier(Protocol):
+    """What a wire offers the collectives (see the module docstring for the semantics)."""
+
+    rank: int
+    world_size: int
+    stats: CommStats
+
+    def send(
+        self, peer: int, key: Key, frames: Sequence[Frame], *, payload_bytes: int
+    ) -> None: ...
+
+    def recv(self, peer: int, key: Key, *, timeout: float | None = None) -> list[Frame]: ...
+
+    def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]: ...
+
+    def forget(self, epoch: int) -> None: ...
+
+    def alive(self) -> set[int]: ...
+
+    def close(self) -> None: ...
