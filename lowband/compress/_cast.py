@@ -1,0 +1,68 @@
+"""Cast codecs ``fp32``, ``fp16``, ``bf16``: values sent as floats of that width.
+
+``fp16`` clamps finite values to +-65504 instead of overflowing to inf; NaN and
++-Inf inputs pass through unchanged on every cast (they are data, not an error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowband.errors import ConfigError
+
+__all__ = ["Cast"]
+
+_WIDTH = {"fp32": (torch.float32, 4), "fp16": (torch.float16, 2), "bf16": (torch.bfloat16, 2)}
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Cast:
+    name: str = "fp32"
+    lossy_zero: bool = False  # zero is exact on every cast
+
+    def __post_init__(self) -> None:
+        if self.name not in _WIDTH:
+            raise ConfigError(f"unknown cast {self.name!r}")
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _WIDTH[self.name][0]
+
+    def sizes(self, n: int) -> list[int]:
+        return [n * _WIDTH[self.name][1]]
+
+    def to_wire(self, v: torch.Tensor) -> torch.Tensor:
+        """v (any float dtype, 1-D) as this cast's dtype, fp16 clamped to its range."""
+        if self.name == "fp16":
+            v32 = v.to(torch.float32)
+            fin = torch.isfinite(v32)
+            v32 = torch.where(fin, v32.clamp(-_FP16_MAX, _FP16_MAX), v32)
+            return v32.to(torch.float16)
+        return v.to(self.dtype)
+
+    def encode(self, v: torch.Tensor, *, residual: torch.Tensor | None = None, decay: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+        if residual is not None:
+            v = v.to(torch.float32) + (residual * decay if decay != 1.0 else residual)
+        w = self.to_wire(v.reshape(-1)).contiguous()
+        if residual is not None:
+            residual.copy_(v - w.to(torch.float32))
+        return [w.view(torch.uint8)]
+
+    def decode(self, bufs: list[torch.Tensor], n: int, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        w = bufs[0].view(self.dtype)
+        if out is None:
+            return w.to(torch.float32)
+        if accumulate:
+            out.add_(w)
+        else:
+            out.copy_(w)
+        return out
+
+    def validate(self, bufs: list[torch.Tensor], n: int) -> None:
+        return None

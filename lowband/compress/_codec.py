@@ -1,0 +1,201 @@
+"""A codec: an optional ``dct`` transform, optional ``topk``, a value codec, optional ``lz4``.
+
+``encode(tensor) -> Payload`` and ``decode(payload) -> tensor`` are the pair every
+layer above uses; ``decode_into`` adds into an fp32 buffer (what a reduction
+needs) and ``decode_sum`` adds several peers' payloads, in the given order, so
+every peer that sums the same payloads gets the same bits. Work is done in fp32
+whatever the wire carries.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lowband.compress import _lz4
+from lowband.compress._cast import Cast
+from lowband.compress._dct import DCT
+from lowband.compress._payload import DTYPE_CODES, MAX_PAYLOAD_BYTES, Payload
+from lowband.compress._quant import BlockQuant
+from lowband.compress._topk import TopK
+from lowband.errors import CodecError
+
+__all__ = ["Codec"]
+
+_seeds = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Codec:
+    value: Cast | BlockQuant = field(default_factory=Cast)
+    topk: TopK | None = None
+    dct: DCT | None = None
+    lz4: bool = False
+
+    def __str__(self) -> str:
+        stages = [str(s) for s in (self.dct, self.topk) if s is not None]
+        stages.append(str(self.value))
+        if self.lz4:
+            stages.append("lz4")
+        return "+".join(stages)
+
+    def __repr__(self) -> str:
+        return f"Codec({str(self)!r})"
+
+    @property
+    def sparse(self) -> bool:
+        """True when only some positions travel: reduce by all-gather, not reduce-scatter."""
+        return self.topk is not None
+
+    @property
+    def lossless(self) -> bool:
+        return self.topk is None and isinstance(self.value, Cast) and self.value.name == "fp32"
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    def _raw_bounds(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        n = 1
+        for s in shape:
+            n *= s
+        m = self.dct.padded_numel(shape) if self.dct is not None else n
+        if self.topk is None:
+            return [(s, s) for s in self.value.sizes(m)]
+        kk = self.topk.count(m)
+        return [self.topk.index_size_bounds(m)] + [(s, s) for s in self.value.sizes(kk)]
+
+    def check_lengths(self, shape: tuple[int, ...], lengths: Sequence[int], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        """Raise CodecError unless ``lengths`` are what this codec writes for ``shape``."""
+        bounds = self._raw_bounds(shape)
+        if len(lengths) != len(bounds):
+            raise CodecError(f"codec {self} writes {len(bounds)} buffers, payload has {len(lengths)}")
+        for i, (got, (lo, hi)) in enumerate(zip(lengths, bounds)):
+            if hi > max_bytes:
+                raise CodecError(f"buffer {i} would decode to {hi} bytes, over the cap of {max_bytes}")
+            if self.lz4:
+                if got > _lz4.bound(hi) or (lo > 0 and got == 0) or (lo == 0 and hi == 0 and got):
+                    raise CodecError(f"lz4 buffer {i} has {got} bytes, at most {_lz4.bound(hi)} expected")
+            elif not lo <= got <= hi:
+                raise CodecError(f"buffer {i} has {got} bytes, {lo}..{hi} expected for shape {shape} with {self}")
+
+    # -- encode --------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        *,
+        residual: torch.Tensor | None = None,
+        decay: float = 1.0,
+        seed: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Payload:
+        """Encode ``x``; with ``residual`` (fp32, x.numel()), fold in and update error feedback.
+
+        ``dtype`` overrides the dtype recorded for decoding (default ``x.dtype``).
+        """
+        dtype = x.dtype if dtype is None else dtype
+        if not x.is_floating_point() or dtype not in DTYPE_CODES:
+            raise CodecError(f"codecs encode float16/bfloat16/float32/float64 tensors, got {x.dtype}")
+        if self.dct is not None and residual is not None:
+            raise CodecError("pass dct codecs through ErrorFeedback, which keeps the residual in the input domain")
+        if seed is None:
+            seed = next(_seeds) if getattr(self.value, "stochastic", False) else 0
+        shape = tuple(x.shape)
+        v = x.detach().reshape(-1)
+        if x.dtype == torch.float64:
+            v = v.to(torch.float32)
+        if residual is not None and residual.numel() != v.numel():
+            raise CodecError(f"residual has {residual.numel()} values, input {v.numel()}")
+        if self.dct is not None:
+            v = self.dct.forward(x.detach())
+        if self.topk is not None:
+            r = residual.reshape(-1) if residual is not None else None
+            pos, vals, idx = self.topk.select(v, residual=r, decay=decay)
+            bufs = [idx, *self.value.encode(vals, seed=seed)]
+            if r is not None:
+                r[pos] -= self.value.decode(bufs[1:], vals.numel())
+        else:
+            r = residual.reshape(-1) if residual is not None else None
+            bufs = self.value.encode(v, residual=r, decay=decay, seed=seed)
+        frames: list = [b.contiguous().view(torch.uint8).reshape(-1).cpu() for b in bufs]
+        if self.lz4:
+            frames = [_lz4.compress(memoryview(b.numpy())) for b in frames]
+        return Payload(spec=str(self), dtype=dtype, shape=shape, buffers=frames)
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def _buffers(self, p: Payload) -> list[torch.Tensor]:
+        if p.spec != str(self):
+            raise CodecError(f"payload was encoded with {p.spec!r}, not {str(self)!r}")
+        bounds = self._raw_bounds(p.shape)
+        self.check_lengths(p.shape, [b.nbytes for b in p.buffers])
+        raw: list[torch.Tensor] = []
+        for b, (lo, hi) in zip(p.buffers, bounds):
+            data = _lz4.decompress(b, lo=lo, hi=hi) if self.lz4 else b
+            raw.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.zeros(0, dtype=torch.uint8))
+        return raw
+
+    def _decode_flat(self, p: Payload, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+        """Decode into a flat fp32 vector (``out`` if given), before any reshape."""
+        bufs = self._buffers(p)
+        n = p.numel
+        m = self.dct.padded_numel(p.shape) if self.dct is not None else n
+        if self.topk is None:
+            self.value.validate(bufs, m)
+            if self.dct is None:
+                return self.value.decode(bufs, n, out=out, accumulate=accumulate)
+            coef = self.value.decode(bufs, m)
+        else:
+            pos = self.topk.positions(bufs[0], m)
+            vals_bufs = bufs[1:]
+            self.value.validate(vals_bufs, pos.numel())
+            vals = self.value.decode(vals_bufs, pos.numel())
+            if self.dct is None:
+                if out is None:
+                    out = torch.zeros(n, dtype=torch.float32)
+                elif not accumulate:
+                    out.zero_()
+                out.index_add_(0, pos.to(out.device), vals.to(out.device))
+                return out
+            coef = torch.zeros(m, dtype=torch.float32)
+            coef[pos] = vals
+        dense = self.dct.inverse(coef, p.shape).reshape(-1)  # type: ignore[union-attr]
+        if out is None:
+            return dense
+        if accumulate:
+            out.add_(dense.to(out.device))
+        else:
+            out.copy_(dense)
+        return out
+
+    def decode(self, p: Payload) -> torch.Tensor:
+        """The tensor ``p`` stands for, in its original shape and dtype (CPU)."""
+        return self._decode_flat(p, None, False).to(p.dtype).reshape(p.shape)
+
+    def decode_into(self, p: Payload, out: torch.Tensor, *, accumulate: bool = True) -> torch.Tensor:
+        """Add (or with ``accumulate=False`` write) the decoded values into fp32 ``out``."""
+        if out.dtype != torch.float32 or out.numel() != p.numel or not out.is_contiguous():
+            raise CodecError(f"decode_into needs a contiguous fp32 tensor of {p.numel} values")
+        self._decode_flat(p, out.view(-1), accumulate)
+        return out
+
+    def decode_sum(self, payloads: Sequence[Payload], out: torch.Tensor) -> torch.Tensor:
+        """Add every payload into fp32 ``out``, in order (one inverse DCT for dct codecs)."""
+        if self.dct is None or self.topk is None:
+            for p in payloads:
+                self.decode_into(p, out)
+            return out
+        shape = payloads[0].shape if payloads else tuple(out.shape)
+        m = self.dct.padded_numel(shape)
+        coef = torch.zeros(m, dtype=torch.float32)
+        for p in payloads:
+            if p.shape != shape:
+                raise CodecError(f"payload shapes differ: {p.shape} vs {shape}")
+            bufs = self._buffers(p)
+            pos = self.topk.positions(bufs[0], m)
+            self.value.validate(bufs[1:], pos.numel())
+            coef.index_add_(0, pos, self.value.decode(bufs[1:], pos.numel()))
+        out.view(-1).add_(self.dct.inverse(coef, shape).reshape(-1).to(out.device))
+        return out

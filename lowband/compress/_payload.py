@@ -1,0 +1,194 @@
+"""The wire format of a payload: one small header frame plus raw buffers.
+
+Header (little-endian), version 1::
+
+    magic        4s   b"LBND"
+    version      u8   WIRE_VERSION
+    dtype        u8   original dtype code (see DTYPES)
+    ndim         u8   <= 8
+    nbuf         u8   <= 8
+    spec_len     u16  <= 512, codec spec (ASCII)
+    reserved     u16  0
+    shape        ndim x u64
+    spec         spec_len bytes
+    lengths      nbuf x u64  byte length of each buffer frame
+    checksums    nbuf x u64  lb64 of each buffer frame
+    head_sum     u64         lb64 of every header byte before it
+
+No pickle, no JSON: every field has a fixed width and a cap, so
+:meth:`Payload.from_frames` validates magic, version, dtype, shape, spec, every
+length (against what the codec expects for that shape), every checksum and the
+size cap before it allocates anything. hivemind's layout has no version field;
+ours does, and a peer with another version is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lowband import WIRE_VERSION
+from lowband.errors import CodecError
+from lowband.kernels import checksum
+
+__all__ = ["Payload", "DTYPES", "MAX_PAYLOAD_BYTES", "Buffer"]
+
+MAGIC = b"LBND"
+_FIXED = struct.Struct("<4sBBBBHH")
+MAX_NDIM = 8
+MAX_BUFFERS = 8
+MAX_SPEC = 512
+#: Default cap on the bytes a payload may carry or decode to (frames and output).
+MAX_PAYLOAD_BYTES = 1 << 34
+
+DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+Buffer = "torch.Tensor | bytes | bytearray | memoryview"
+
+
+def _as_bytes_view(buf: object) -> memoryview:
+    if isinstance(buf, torch.Tensor):
+        t = buf.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous().view(torch.uint8).reshape(-1)
+        return memoryview(t.numpy()).cast("B")
+    if isinstance(buf, np.ndarray):
+        return memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
+    mv = memoryview(buf)  # type: ignore[arg-type]
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+def header_size(ndim: int, spec_len: int, nbuf: int) -> int:
+    return _FIXED.size + 8 * ndim + spec_len + 16 * nbuf + 8
+
+
+@dataclass
+class Payload:
+    """An encoded tensor: the codec spec, the original dtype and shape, raw buffers.
+
+    ``nbytes`` is exactly the number of bytes of :meth:`to_frames`.
+    """
+
+    spec: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    buffers: list[memoryview]
+    _frames: list[memoryview | bytes] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.buffers = [_as_bytes_view(b) for b in self.buffers]
+        self.shape = tuple(int(s) for s in self.shape)
+        if self.dtype not in DTYPE_CODES:
+            raise CodecError(f"dtype {self.dtype} cannot travel in a payload")
+        if len(self.shape) > MAX_NDIM or len(self.buffers) > MAX_BUFFERS or len(self.spec) > MAX_SPEC:
+            raise CodecError("payload exceeds the header limits (ndim 8, buffers 8, spec 512)")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return header_size(len(self.shape), len(self.spec), len(self.buffers)) + sum(b.nbytes for b in self.buffers)
+
+    def to_frames(self) -> list[memoryview | bytes]:
+        """The frames to send: the header, then each buffer (zero-copy views)."""
+        if self._frames is None:
+            spec = self.spec.encode("ascii")
+            head = bytearray(
+                _FIXED.pack(MAGIC, WIRE_VERSION, DTYPE_CODES[self.dtype], len(self.shape), len(self.buffers), len(spec), 0)
+            )
+            head += struct.pack(f"<{len(self.shape)}Q", *self.shape)
+            head += spec
+            head += struct.pack(f"<{len(self.buffers)}Q", *(b.nbytes for b in self.buffers))
+            head += struct.pack(f"<{len(self.buffers)}Q", *(checksum(b) for b in self.buffers))
+            head += struct.pack("<Q", checksum(bytes(head)))
+            self._frames = [bytes(head), *self.buffers]
+        return list(self._frames)
+
+    @classmethod
+    def from_frames(
+        cls,
+        frames: Sequence[bytes | bytearray | memoryview],
+        *,
+        max_bytes: int = MAX_PAYLOAD_BYTES,
+        verify: bool = True,
+    ) -> Payload:
+        """Parse and validate frames; raise CodecError on anything wrong.
+
+        Checks, in order and before any allocation: the frame count, magic, version,
+        dtype, header length, header checksum, shape and spec (the spec must parse
+        and the codec must expect exactly these buffer lengths for this shape),
+        the size cap, then each buffer's checksum. ``verify=False`` skips only the
+        buffer checksums (for a transport that already authenticates, such as CURVE).
+        """
+        from lowband.compress._spec import parse  # the spec names the codec that checks lengths
+
+        if not frames:
+            raise CodecError("no frames")
+        head = _as_bytes_view(frames[0])
+        if head.nbytes < _FIXED.size:
+            raise CodecError(f"header frame of {head.nbytes} bytes is shorter than the fixed header ({_FIXED.size})")
+        magic, version, dcode, ndim, nbuf, spec_len, _ = _FIXED.unpack_from(head, 0)
+        if magic != MAGIC:
+            raise CodecError(f"bad magic {bytes(magic)!r}: not a lowband payload")
+        if version != WIRE_VERSION:
+            raise CodecError(f"payload wire version {version}, this lowband speaks {WIRE_VERSION}")
+        if dcode not in DTYPES:
+            raise CodecError(f"unknown dtype code {dcode}")
+        if ndim > MAX_NDIM or nbuf > MAX_BUFFERS or spec_len > MAX_SPEC:
+            raise CodecError(f"header limits exceeded (ndim {ndim}, buffers {nbuf}, spec {spec_len})")
+        hsize = header_size(ndim, spec_len, nbuf)
+        if head.nbytes != hsize:
+            raise CodecError(f"header frame has {head.nbytes} bytes, {hsize} expected")
+        (head_sum,) = struct.unpack_from("<Q", head, hsize - 8)
+        if checksum(head[: hsize - 8]) != head_sum:
+            raise CodecError("header checksum mismatch: corrupted or tampered header")
+        if len(frames) != 1 + nbuf:
+            raise CodecError(f"payload has {len(frames) - 1} buffer frames, header says {nbuf}")
+        off = _FIXED.size
+        shape = struct.unpack_from(f"<{ndim}Q", head, off)
+        off += 8 * ndim
+        try:
+            spec = bytes(head[off : off + spec_len]).decode("ascii")
+        except UnicodeDecodeError:
+            raise CodecError("codec spec is not ASCII") from None
+        off += spec_len
+        lengths = struct.unpack_from(f"<{nbuf}Q", head, off)
+        off += 8 * nbuf
+        sums = struct.unpack_from(f"<{nbuf}Q", head, off)
+        numel = 1
+        for s in shape:
+            numel *= s
+            if numel > max_bytes:
+                raise CodecError(f"shape {shape} exceeds the size cap of {max_bytes} bytes")
+        dtype = DTYPES[dcode]
+        if numel * 4 > max_bytes:
+            raise CodecError(f"shape {shape} decodes to more than the size cap of {max_bytes} bytes")
+        try:
+            codec = parse(spec)
+        except ValueError as e:
+            raise CodecError(f"payload names an invalid codec spec {spec!r}: {e}") from None
+        bufs = [_as_bytes_view(f) for f in frames[1:]]
+        for i, (b, n) in enumerate(zip(bufs, lengths)):
+            if b.nbytes != n:
+                raise CodecError(f"buffer {i} has {b.nbytes} bytes, header says {n}")
+        if sum(lengths) > max_bytes:
+            raise CodecError(f"payload of {sum(lengths)} bytes exceeds the size cap of {max_bytes}")
+        codec.check_lengths(tuple(shape), list(lengths), max_bytes=max_bytes)
+        if verify:
+            for i, (b, s) in enumerate(zip(bufs, sums)):
+                if checksum(b) != s:
+                    raise CodecError(f"buffer {i} checksum mismatch: corrupted or tampered payload")
+        p = cls(spec=spec, dtype=dtype, shape=tuple(shape), buffers=bufs)
+        p._frames = [bytes(head), *bufs]
+        return p
