@@ -1,0 +1,111 @@
+"""DCT tiling of a parameter for DeMo: any shape to tile-major DCT-II coefficients and back.
+
+DeMo (Peng, Quesnelle and Kingma 2024, "Decoupled Momentum Optimization") sends the
+largest DCT-II coefficients of ``chunk x chunk`` tiles of each momentum tensor. Here a
+parameter of any shape is viewed as a matrix ``(R, C)``: ``C`` is its last dimension and
+``R`` the product of all others (leading dimensions are flattened into the rows, so a
+4-D convolution weight ``(O, I, kh, kw)`` becomes ``(O * I * kh, kw)``, and a 1-D
+parameter of ``n`` values becomes ``(1, n)``).
+
+Each axis gets its own tile side: ``chunk`` when the axis is at least ``chunk`` long,
+else the whole axis (a 7-wide axis is one 7-wide tile side, not a tile padded to 64).
+An axis that ``chunk`` does not divide is zero-padded up to the next multiple, so a
+GPT-2 vocabulary of 50257 rows becomes 786 tiles of 64 rows (the last one padded by
+47), never tiles of one row. A tile of ``tr x tc`` is transformed by the orthonormal
+2-D DCT-II ``D_r X D_c^T`` (fp32 basis from :func:`lowband.kernels.dct_basis`, applied
+one axis at a time with :func:`lowband.kernels.dct_tiles`), so the inverse is the
+transpose and a round trip is exact to fp32 rounding.
+
+Coefficients are laid out tile-major: ``(ntiles, tr * tc)`` with tiles in row-major
+order of the tile grid, so a flat run of ``tr * tc`` values is one tile and a generic
+``topk:tile=tr*tc`` stage picks "top-k per tile". :meth:`TileLayout.inverse` crops
+the padding away: what a peer applies and what the sender subtracts from its momentum
+are the same cropped tensor, so error feedback stays exact with padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowband import kernels
+from lowband.errors import ConfigError
+
+__all__ = ["TileLayout"]
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How one parameter shape is cut into DCT tiles (see the module docstring)."""
+
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    tile_rows: int
+    tile_cols: int
+
+    @classmethod
+    def for_shape(cls, shape: tuple[int, ...] | torch.Size, chunk: int) -> TileLayout:
+        if chunk < 1:
+            raise ConfigError(f"chunk must be a positive integer, got {chunk}")
+        shape = tuple(int(s) for s in shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel == 0:
+            raise ConfigError(f"cannot tile an empty parameter of shape {shape}")
+        cols = shape[-1] if shape else 1
+        rows = numel // cols
+        return cls(shape, rows, cols, min(chunk, rows), min(chunk, cols))
+
+    @property
+    def tile_numel(self) -> int:
+        return self.tile_rows * self.tile_cols
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Number of tiles along the rows and along the columns."""
+        return -(-self.rows // self.tile_rows), -(-self.cols // self.tile_cols)
+
+    @property
+    def ntiles(self) -> int:
+        gr, gc = self.grid
+        return gr * gc
+
+    @property
+    def numel(self) -> int:
+        """Number of coefficients (the padded size)."""
+        return self.ntiles * self.tile_numel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DCT-II coefficients of ``x`` (fp32), shape ``(ntiles, tile_numel)``."""
+        tr, tc = self.tile_rows, self.tile_cols
+        gr, gc = self.grid
+        m = x.detach().reshape(self.rows, self.cols).to(torch.float32)
+        pr, pc = gr * tr - self.rows, gc * tc - self.cols
+        if pr or pc:
+            m = torch.nn.functional.pad(m, (0, pc, 0, pr))
+        t = m.reshape(gr, tr, gc, tc).permute(0, 2, 1, 3).reshape(gr * gc, tr, tc)
+        return _dct2(t, inverse=False).reshape(gr * gc, tr * tc)
+
+    def inverse(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`forward`, cropped to the parameter's shape (fp32)."""
+        tr, tc = self.tile_rows, self.tile_cols
+        gr, gc = self.grid
+        t = _dct2(coeffs.reshape(gr * gc, tr, tc).to(torch.float32), inverse=True)
+        m = t.reshape(gr, gc, tr, tc).permute(0, 2, 1, 3).reshape(gr * tr, gc * tc)
+        return m[: self.rows, : self.cols].reshape(self.shape)
+
+
+def _dct2(t: torch.Tensor, *, inverse: bool) -> torch.Tensor:
+    """Separable 2-D DCT-II (or inverse) of a batch of ``(n, tr, tc)`` tiles."""
+    n, tr, tc = t.shape
+    if tr == tc and tr > 1:
+        return kernels.dct_tiles(t.contiguous(), inverse=inverse)
+    if tc > 1:  # along the columns: each row of each tile is a length-tc vector
+        t = kernels.dct_tiles(t.reshape(n * tr, tc), inverse=inverse).reshape(n, tr, tc)
+    if tr > 1:  # along the rows
+        u = t.transpose(1, 2).reshape(n * tc, tr)
+        t = kernels.dct_tiles(u, inverse=inverse).reshape(n, tc, tr).transpose(1, 2)
+    return t.contiguous()
