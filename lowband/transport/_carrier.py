@@ -25,7 +25,9 @@ Semantics every Carrier honours (the collectives rely on them):
     to a peer already declared lost may raise ``PeerLost`` or drop silently.
 ``recv(peer, key, *, timeout=None)``
     Waits for the message ``key`` from ``peer`` (messages may arrive in any
-    order; the carrier buffers the others). Raises ``PeerLost(peers=(peer,))``
+    order; the carrier buffers the others) and counts it in ``stats``: the
+    payload bytes the sender declared (the carrier carries that number) and the
+    transport bytes that arrived. Raises ``PeerLost(peers=(peer,))``
     once the peer is declared lost (neither heartbeat nor progress for the
     carrier's ``peer_timeout``: a slow transfer that moves is not lost), and
     ``CollectiveTimeout`` when ``timeout`` (seconds) runs out first.

@@ -1,0 +1,371 @@
+"""The collective algorithms, written once against the Carrier (``_carrier.py``).
+
+One call runs one attempt of one collective among a fixed participant set at
+one epoch (:class:`Round`). Faults surface as ``PeerLost`` (a participant died)
+or :class:`Aborted` (a participant gave up on this attempt); ``group.py``
+decides what happens next (raise, or commit a smaller set and run again).
+
+Every message starts with one control byte (DATA or ABORT) so that a peer that
+gives up can release everyone waiting on it: :meth:`Round.abort` sends ABORT in
+place of each message it still owed, so no survivor waits on it forever.
+
+Reductions (DESIGN.md, "Data flow"):
+
+* dense codecs and fp32: direct reduce-scatter. The flat tensor is cut into one
+  shard per participant (aligned to :data:`SHARD_ALIGN` values so quantizer
+  blocks and top-k tiles do not straddle shards); each peer encodes each shard
+  once and sends it to that shard's owner; the owner decodes the contributions
+  and adds them in fp32 in rank order (or applies a robust rule, ``_robust.py``),
+  encodes the result once with the same codec and sends it to every peer. Each
+  peer, the owner included, decodes those same bytes, so results are identical
+  bit for bit on every peer.
+* sparse codecs (top-k): all-gather of the payloads, then each peer adds them
+  in rank order into an fp32 buffer (a sum of sparse vectors is not sparse).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from lowband.errors import CodecError, PeerLost, TransportError
+from lowband.transport._carrier import Carrier, Frame
+
+if TYPE_CHECKING:
+    from lowband.compress import Codec, Payload
+
+__all__ = [
+    "Aborted",
+    "Round",
+    "SHARD_ALIGN",
+    "all_gather",
+    "all_reduce",
+    "broadcast",
+    "exchange_blobs",
+    "shard_bounds",
+]
+
+DATA, ABORT = 0, 1
+#: Shard boundaries fall on multiples of this many values.
+SHARD_ALIGN = 4096
+_NORM = struct.Struct("<d")
+
+
+class Aborted(TransportError):
+    """A participant gave up on this attempt; ``lost`` are the ranks it had lost."""
+
+    def __init__(self, peer: int, lost: tuple[int, ...]) -> None:
+        super().__init__(f"peer {peer} aborted the collective (it lost {list(lost)})")
+        self.peer = peer
+        self.lost = lost
+
+
+@dataclass
+class Round:
+    """One attempt of one collective: who takes part, and the message keys it uses."""
+
+    carrier: Carrier
+    epoch: int
+    seq: int
+    participants: tuple[int, ...]
+    phases: tuple[int, ...] = (0,)
+    timeout: float | None = None
+    max_bytes: int = 1 << 34
+    sent: set[tuple[int, int]] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
+
+    @property
+    def rank(self) -> int:
+        return self.carrier.rank
+
+    @property
+    def others(self) -> list[int]:
+        return [p for p in self.participants if p != self.rank]
+
+    def send(self, peer: int, phase: int, frames: Sequence[Frame], *, payload_bytes: int, control: bytes = b"") -> None:
+        self.sent.add((peer, phase))
+        try:
+            self.carrier.send(
+                peer, (self.epoch, self.seq, phase), [bytes([DATA]) + control, *frames], payload_bytes=payload_bytes
+            )
+        except PeerLost as e:
+            self.lost.update(e.peers or (peer,))
+
+    def recv(self, peer: int, phase: int) -> tuple[bytes, list[Frame]]:
+        """The control bytes after the kind byte, and the payload frames."""
+        frames = self.carrier.recv(peer, (self.epoch, self.seq, phase), timeout=self.timeout)
+        if not frames or len(frames[0]) < 1:
+            raise TransportError(f"peer {peer} sent a message without its control frame")
+        head = bytes(frames[0])
+        if head[0] == ABORT:
+            n = (len(head) - 1) // 2
+            raise Aborted(peer, struct.unpack_from(f"<{n}H", head, 1))
+        if head[0] != DATA:
+            raise TransportError(f"peer {peer} sent an unknown message kind {head[0]}")
+        return head[1:], list(frames[1:])
+
+    def check_lost(self) -> None:
+        if self.lost:
+            raise PeerLost(f"lost peers {sorted(self.lost)} while sending", peers=tuple(sorted(self.lost)))
+
+    def abort(self, lost: Sequence[int] = ()) -> None:
+        """Send ABORT (naming ``lost``) in place of every message this rank still owes."""
+        lost = sorted(set(lost) | self.lost)
+        marker = bytes([ABORT]) + struct.pack(f"<{len(lost)}H", *lost)
+        for peer in self.others:
+            for phase in self.phases:
+                if (peer, phase) in self.sent or peer in self.lost:
+                    continue
+                self.sent.add((peer, phase))
+                try:
+                    self.carrier.send(peer, (self.epoch, self.seq, phase), [marker], payload_bytes=0)
+                except TransportError:
+                    pass  # a peer we cannot reach is not waiting on us either
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def shard_bounds(n: int, parts: int, align: int = SHARD_ALIGN) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` ranges covering ``n`` values, one per part, aligned."""
+    per = -(-n // parts) if parts else n
+    per = -(-per // align) * align
+    return [(min(i * per, n), min((i + 1) * per, n)) for i in range(parts)]
+
+
+def _raw_frames(t: torch.Tensor) -> list[Frame]:
+    return [memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")]
+
+
+def _bad(peer: int, message: str) -> CodecError:
+    """A CodecError that names the peer whose bytes were wrong (``.peer``)."""
+    e = CodecError(f"peer {peer}: {message}")
+    e.peer = peer  # type: ignore[attr-defined]
+    return e
+
+
+def _raw_tensor(frames: Sequence[Frame], numel: int, peer: int) -> torch.Tensor:
+    if len(frames) != 1 or len(frames[0]) != 4 * numel:
+        got = [len(f) for f in frames]
+        raise _bad(peer, f"fp32 frames of {got} bytes, expected one of {4 * numel}")
+    return torch.frombuffer(bytearray(frames[0]), dtype=torch.float32) if numel else torch.zeros(0)
+
+
+def _payload(frames: Sequence[Frame], max_bytes: int, peer: int) -> Payload:
+    from lowband.compress import Payload
+
+    try:
+        return Payload.from_frames(frames, max_bytes=max_bytes)
+    except CodecError as e:
+        raise _bad(peer, str(e)) from None
+
+
+def _encode(codec: Codec, x: torch.Tensor, residual: torch.Tensor | None, decay: float) -> Payload:
+    """Encode ``x``; with ``residual`` (a view of the caller's buffer) do error feedback."""
+    if residual is None:
+        return codec.encode(x)
+    if codec.dct is None:
+        return codec.encode(x, residual=residual, decay=decay)
+    v = x.reshape(-1).to(torch.float32) + (residual * decay if decay != 1.0 else residual)
+    p = codec.encode(v)
+    sent = torch.zeros_like(v)
+    codec.decode_into(p, sent, accumulate=False)
+    residual.copy_(v - sent)
+    return p
+
+
+# -- collectives ---------------------------------------------------------------------------------
+
+
+def all_gather(rnd: Round, payload: Payload) -> dict[int, Payload]:
+    """Every participant's payload, by rank."""
+    frames = payload.to_frames()
+    for peer in rnd.others:
+        rnd.send(peer, 0, frames, payload_bytes=payload.nbytes)
+    rnd.check_lost()
+    out = {rnd.rank: payload}
+    for peer in rnd.others:
+        _, got = rnd.recv(peer, 0)
+        out[peer] = _payload(got, rnd.max_bytes, peer)
+    return out
+
+
+def broadcast(rnd: Round, tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Copy ``src``'s tensor bytes into ``tensor`` on every participant."""
+    if rnd.rank == src:
+        frames = _raw_frames(tensor.detach().cpu())
+        for peer in rnd.others:
+            rnd.send(peer, 0, frames, payload_bytes=tensor.nbytes)
+        rnd.check_lost()
+        return tensor
+    _, got = rnd.recv(src, 0)
+    if len(got) != 1 or len(got[0]) != tensor.nbytes:
+        raise _bad(src, f"broadcast of {[len(f) for f in got]} bytes for a tensor of {tensor.nbytes}")
+    data = torch.frombuffer(bytearray(got[0]), dtype=torch.uint8) if tensor.nbytes else torch.zeros(0, dtype=torch.uint8)
+    with torch.no_grad():
+        tensor.copy_(data.view(tensor.dtype).reshape(tensor.shape))
+    return tensor
+
+
+#: rule(contributions [P, n] fp32, norms of each peer's whole input or None) -> reduced [n]
+Reducer = Callable[[torch.Tensor, "Sequence[float] | None"], torch.Tensor]
+
+
+def all_reduce(
+    rnd: Round,
+    flat: torch.Tensor,
+    *,
+    codec: Codec | None,
+    mean: bool,
+    residual: torch.Tensor | None = None,
+    decay: float = 1.0,
+    robust: Reducer | None = None,
+    send_norm: bool = False,
+) -> torch.Tensor:
+    """Reduce the fp32 vector ``flat`` over the participants; the result is a new fp32 vector."""
+    if codec is not None and codec.sparse:
+        if robust is not None:
+            raise CodecError(f"robust aggregation needs a dense codec; {codec} sends a subset of positions")
+        return _sparse(rnd, flat, codec, mean=mean, residual=residual, decay=decay)
+    return _dense(rnd, flat, codec, mean=mean, residual=residual, decay=decay, robust=robust, send_norm=send_norm)
+
+
+def _sparse(
+    rnd: Round, flat: torch.Tensor, codec: Codec, *, mean: bool, residual: torch.Tensor | None, decay: float
+) -> torch.Tensor:
+    mine = _encode(codec, flat, residual, decay)
+    got = all_gather(rnd, mine)
+    out = torch.zeros(flat.numel(), dtype=torch.float32)
+    order = [got[r] for r in rnd.participants]
+    for r, p in zip(rnd.participants, order):
+        _check(p, codec, flat.numel(), r)
+    codec.decode_sum(order, out)
+    if mean:
+        out.div_(len(rnd.participants))
+    return out
+
+
+def _dense(
+    rnd: Round,
+    flat: torch.Tensor,
+    codec: Codec | None,
+    *,
+    mean: bool,
+    residual: torch.Tensor | None,
+    decay: float,
+    robust: Reducer | None,
+    send_norm: bool,
+) -> torch.Tensor:
+    P = rnd.participants
+    bounds = shard_bounds(flat.numel(), len(P))
+    norm = _NORM.pack(float(flat.norm())) if send_norm else b""
+    # phase 0: every shard to its owner, encoded once
+    own: Payload | torch.Tensor | None = None
+    for (a, b), owner in zip(bounds, P):
+        if b <= a:
+            continue
+        if codec is None:
+            enc: Payload | torch.Tensor = flat[a:b]
+        else:
+            enc = _encode(codec, flat[a:b], None if residual is None else residual[a:b], decay)
+        if owner == rnd.rank:
+            own = enc
+        elif isinstance(enc, torch.Tensor):
+            rnd.send(owner, 0, _raw_frames(enc), payload_bytes=enc.nbytes, control=norm)
+        else:
+            rnd.send(owner, 0, enc.to_frames(), payload_bytes=enc.nbytes, control=norm)
+    rnd.check_lost()
+    # the shard this rank owns: decode every contribution, add in rank order, encode once
+    i = P.index(rnd.rank)
+    a, b = bounds[i]
+    reduced: Payload | torch.Tensor | None = None
+    if b > a:
+        n = b - a
+        contrib: dict[int, Payload | torch.Tensor] = {rnd.rank: own}  # type: ignore[dict-item]
+        norms: dict[int, float] = {rnd.rank: _NORM.unpack(norm)[0]} if send_norm else {}
+        for peer in rnd.others:
+            ctl, frames = rnd.recv(peer, 0)
+            if send_norm:
+                if len(ctl) != _NORM.size:
+                    raise _bad(peer, "no norm for norm_clip")
+                norms[peer] = _NORM.unpack(ctl)[0]
+            contrib[peer] = _raw_tensor(frames, n, peer) if codec is None else _payload(frames, rnd.max_bytes, peer)
+        acc = _reduce_shard(P, contrib, n, codec, robust, [norms[r] for r in P] if send_norm else None)
+        if mean and robust is None:
+            acc.div_(len(P))
+        reduced = acc if codec is None else codec.encode(acc)
+        ctl_frames = _raw_frames(acc) if codec is None else reduced.to_frames()  # type: ignore[union-attr]
+        nbytes = acc.nbytes if codec is None else reduced.nbytes  # type: ignore[union-attr]
+        for peer in rnd.others:
+            rnd.send(peer, 1, ctl_frames, payload_bytes=nbytes)
+        rnd.check_lost()
+    # phase 1: gather every owner's reduced shard; everyone decodes the same bytes
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    for (a, b), owner in zip(bounds, P):
+        if b <= a:
+            continue
+        if owner == rnd.rank:
+            piece = reduced
+        else:
+            _, frames = rnd.recv(owner, 1)
+            piece = _raw_tensor(frames, b - a, owner) if codec is None else _payload(frames, rnd.max_bytes, owner)
+        if isinstance(piece, torch.Tensor):
+            out[a:b].copy_(piece)
+        else:
+            _check(piece, codec, b - a, owner)
+            codec.decode_into(piece, out[a:b], accumulate=False)  # type: ignore[union-attr]
+    return out
+
+
+def _check(p: Payload, codec: Codec | None, n: int, peer: int) -> None:
+    if p.numel != n:
+        raise _bad(peer, f"a payload of {p.numel} values, {n} expected")
+    if codec is not None and p.spec != str(codec):
+        raise _bad(peer, f"a payload encoded with {p.spec!r}, this collective uses {str(codec)!r}")
+
+
+def _reduce_shard(
+    P: Sequence[int],
+    contrib: dict[int, Payload | torch.Tensor],
+    n: int,
+    codec: Codec | None,
+    robust: Reducer | None,
+    norms: list[float] | None,
+) -> torch.Tensor:
+    if robust is None:
+        acc = torch.zeros(n, dtype=torch.float32)
+        for r in P:
+            c = contrib[r]
+            if isinstance(c, torch.Tensor):
+                acc.add_(c)
+            else:
+                _check(c, codec, n, r)
+                codec.decode_into(c, acc)  # type: ignore[union-attr]
+        return acc
+    rows = torch.empty(len(P), n, dtype=torch.float32)
+    for j, r in enumerate(P):
+        c = contrib[r]
+        if isinstance(c, torch.Tensor):
+            rows[j].copy_(c)
+        else:
+            _check(c, codec, n, r)
+            codec.decode_into(c, rows[j], accumulate=False)  # type: ignore[union-attr]
+    return robust(rows, norms)
+
+
+def exchange_blobs(rnd: Round, blob: bytes) -> dict[int, bytes]:
+    """Every participant's small opaque blob (the init handshake), by rank."""
+    for peer in rnd.others:
+        rnd.send(peer, 0, [blob], payload_bytes=0)
+    rnd.check_lost()
+    out = {rnd.rank: blob}
+    for peer in rnd.others:
+        _, frames = rnd.recv(peer, 0)
+        if len(frames) != 1 or len(frames[0]) > 1 << 20:
+            raise TransportError(f"peer {peer} sent a malformed handshake")
+        out[peer] = bytes(frames[0])
+    return out

@@ -1,0 +1,361 @@
+"""``Group``: the collectives a trainer calls, run on a background thread per group.
+
+Each call (``all_reduce``, ``all_gather``, ``broadcast``) takes a sequence number
+on the caller's thread, snapshots its input and returns a :class:`Work` at once;
+one worker thread runs the collectives in order over the group's Carrier, so
+communication overlaps the caller's compute. ``Work.wait()`` gives the result.
+
+Faults (DESIGN.md, "Faults and membership"):
+
+* ``on_failure="raise"``: a lost participant makes the collective raise
+  ``PeerLost`` naming it (on every survivor that needed it).
+* ``on_failure="drop"``: every collective ends with a commit of its participant
+  set through the Carrier (the coordinator for ZeroMQ). If the committed set
+  differs from the one used, the group moves to a new epoch and the collective
+  runs again among the committed ranks alone (each survivor still holds its
+  snapshot), so every survivor returns the same bits and ``Work.participants``
+  names who took part. A rank missing from the committed set raises ``PeerLost``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import torch
+
+from lowband.errors import (
+    CodecError,
+    CollectiveTimeout,
+    ConfigError,
+    ConfigMismatch,
+    PeerLost,
+    TransportError,
+)
+from lowband.transport import _collectives as C
+from lowband.transport._carrier import Carrier
+from lowband.transport._robust import robust_rule
+from lowband.transport._stats import CommStats
+
+if TYPE_CHECKING:
+    from lowband.compress import Codec, ErrorFeedback, Payload
+
+__all__ = ["Group", "Work"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: Phase number of the commit that ends a collective (apart from data phases).
+COMMIT_PHASE = 1 << 16
+ON_FAILURE = ("raise", "drop")
+
+
+class Work(Generic[T]):
+    """Handle of a collective in flight: ``wait()`` returns its result or raises its error."""
+
+    def __init__(self, stats: CommStats) -> None:
+        self._stats = stats
+        self._done = threading.Event()
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        #: Ranks whose inputs the result was computed from (set when done).
+        self.participants: tuple[int, ...] = ()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> T:
+        t0 = time.perf_counter()
+        finished = self._done.wait(timeout)
+        waited = time.perf_counter() - t0
+        with self._stats._lock:
+            self._stats.seconds_waited += waited
+        if not finished:
+            raise CollectiveTimeout(f"collective not finished after {timeout}s (it keeps running)")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def _finish(self, result: T | None, error: BaseException | None, participants: tuple[int, ...]) -> None:
+        self._result, self._error, self.participants = result, error, participants
+        self._done.set()
+
+
+class Group:
+    """A set of ranks that run collectives together over one :class:`Carrier`.
+
+    Build one with :func:`lowband.init_group` (or ``lowband.testing.ThreadGroup``).
+    ``timeout`` bounds each receive (None: rely on the carrier's ``peer_timeout``);
+    ``max_payload_bytes`` caps what a peer may make this rank accept in one message.
+    """
+
+    def __init__(
+        self,
+        carrier: Carrier,
+        *,
+        on_failure: str = "raise",
+        timeout: float | None = None,
+        max_payload_bytes: int = 1 << 34,
+    ) -> None:
+        if on_failure not in ON_FAILURE:
+            raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        self.carrier = carrier
+        self.on_failure = on_failure
+        self.timeout = timeout
+        self.max_payload_bytes = max_payload_bytes
+        self.epoch = 0
+        self.participants: tuple[int, ...] = tuple(range(carrier.world_size))
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def rank(self) -> int:
+        return self.carrier.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.carrier.world_size
+
+    @property
+    def stats(self) -> CommStats:
+        return self.carrier.stats
+
+    def __repr__(self) -> str:
+        return f"Group(rank={self.rank}, world_size={self.world_size}, epoch={self.epoch}, participants={self.participants})"
+
+    # -- collectives ----------------------------------------------------------------------
+
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        codec: Codec | str | None = None,
+        op: str = "mean",
+        *,
+        error_feedback: ErrorFeedback | None = None,
+        key: str = "",
+    ) -> Work[torch.Tensor]:
+        """Reduce ``tensor`` over the group; ``wait()`` gives an fp32 tensor of its shape.
+
+        ``op``: ``"mean"`` (over the participants), ``"sum"``, or a robust rule
+        (``"trimmed_mean"``, ``"median"``, ``"norm_clip"``; dense codecs only).
+        ``codec=None`` sends fp32. With ``error_feedback``, what the codec did
+        not send is kept under ``key`` and added next time (its codec must be
+        ``codec``). The input is snapshotted now and never modified.
+        """
+        codec_obj = _resolve_codec(codec, error_feedback)
+        rule = robust_rule(op)
+        if rule is not None and codec_obj is not None and codec_obj.sparse:
+            raise ConfigError(f"op={op!r} needs a dense codec; {codec_obj} sends a subset of positions")
+        if not tensor.is_floating_point():
+            raise ConfigError(f"all_reduce needs a floating point tensor, got {tensor.dtype}")
+        shape, device = tensor.shape, tensor.device
+        flat = tensor.detach().reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
+
+        def body(rnd: C.Round) -> torch.Tensor:
+            residual = None if error_feedback is None else error_feedback.residual(key, flat)
+            out = C.all_reduce(
+                rnd,
+                flat,
+                codec=codec_obj,
+                mean=op == "mean",
+                residual=residual,
+                decay=1.0 if error_feedback is None else error_feedback.decay,
+                robust=rule,
+                send_norm=op == "norm_clip",
+            )
+            return out.view(shape).to(device)
+
+        return self._submit(body, phases=(0, 1))
+
+    def all_gather(self, payload: Payload) -> Work[list[Payload | None]]:
+        """Every rank's payload, indexed by rank (None for a rank that did not take part)."""
+
+        def body(rnd: C.Round) -> list[Payload | None]:
+            got = C.all_gather(rnd, payload)
+            return [got.get(r) if r in rnd.participants else None for r in range(self.world_size)]
+
+        return self._submit(body, phases=(0,))
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Work[torch.Tensor]:
+        """Fill ``tensor`` in place on every rank with ``src``'s values; ``wait()`` returns it."""
+        if not 0 <= src < self.world_size:
+            raise ConfigError(f"src {src} outside [0, {self.world_size})")
+        snapshot = tensor.detach().clone() if self.rank == src else tensor
+
+        def body(rnd: C.Round) -> torch.Tensor:
+            if src not in rnd.participants:
+                raise PeerLost(f"broadcast source {src} is not in the group", peers=(src,))
+            if self.rank == src:
+                C.broadcast(rnd, snapshot, src)
+                return tensor
+            return C.broadcast(rnd, tensor, src)
+
+        return self._submit(body, phases=(0,))
+
+    def barrier(self, timeout: float | None = None) -> None:
+        """Return once every participant has reached this barrier."""
+        from lowband.compress import Payload
+
+        empty = Payload(spec="fp32", dtype=torch.float32, shape=(0,), buffers=[])
+        self.all_gather(empty).wait(timeout)
+
+    def verify(self, config: Mapping[str, Any], *, timeout: float | None = None) -> None:
+        """Check that every peer passes the same ``config``; ConfigMismatch names the difference.
+
+        Collective: every rank must call it at the same point. ``init_group`` checks
+        versions this way; optimizers check their settings and parameter shapes.
+        """
+        try:
+            blob = json.dumps(config, sort_keys=True, default=str).encode()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config cannot be serialised for the handshake: {e}") from None
+
+        def body(rnd: C.Round) -> dict[int, bytes]:
+            return C.exchange_blobs(rnd, blob)
+
+        blobs = self._submit(body, phases=(0,)).wait(timeout)
+        mine = json.loads(blob)
+        for r in sorted(blobs):
+            if r == self.rank:
+                continue
+            try:
+                theirs = json.loads(blobs[r])
+            except ValueError:
+                raise ConfigMismatch(f"rank {r} sent an unreadable handshake") from None
+            diff = _differences(mine, theirs)
+            if diff:
+                raise ConfigMismatch(f"rank {self.rank} and rank {r} disagree: " + "; ".join(diff))
+
+    def close(self) -> None:
+        """Stop the worker (after the collectives already queued) and close the carrier."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=60)
+        self.carrier.close()
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- machinery ------------------------------------------------------------------------
+
+    def _submit(self, body: Callable[[C.Round], T], *, phases: tuple[int, ...]) -> Work[T]:
+        if self._closed:
+            raise TransportError("the group is closed")
+        work: Work[T] = Work(self.stats)
+        with self._lock:
+            self._seq += 1
+            self._jobs.put((self._seq, body, phases, work))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name=f"lowband-group-{self.rank}", daemon=True)
+                self._thread.start()
+        return work
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            seq, body, phases, work = job
+            t0 = time.perf_counter()
+            try:
+                result, participants = self._run(seq, body, phases)
+                work._finish(result, None, participants)
+            except BaseException as e:  # handed to the caller through wait()
+                log.debug("rank %d: collective %d failed: %r", self.rank, seq, e)
+                work._finish(None, e, self.participants)
+            finally:
+                with self.stats._lock:
+                    self.stats.seconds_in_comm += time.perf_counter() - t0
+
+    def _run(self, seq: int, body: Callable[[C.Round], T], phases: tuple[int, ...]) -> tuple[T, tuple[int, ...]]:
+        while True:
+            rnd = C.Round(
+                self.carrier,
+                self.epoch,
+                seq,
+                self.participants,
+                phases=phases,
+                timeout=self.timeout,
+                max_bytes=self.max_payload_bytes,
+            )
+            result: T | None = None
+            ok = False
+            suspects: set[int] = set()
+            try:
+                result = body(rnd)
+                ok = True
+            except PeerLost as e:
+                suspects = set(e.peers) | rnd.lost
+                rnd.abort(sorted(suspects))
+                if self.on_failure == "raise":
+                    raise
+            except C.Aborted as e:
+                rnd.abort(e.lost)
+                if self.on_failure == "raise":
+                    raise PeerLost(f"peer {e.peer} gave up: it lost {list(e.lost)}", peers=e.lost) from None
+            except CodecError as e:
+                # malformed bytes: release the others; in drop mode, drop the peer that sent them
+                bad = getattr(e, "peer", None)
+                rnd.abort([] if bad is None else [bad])
+                if self.on_failure == "raise" or bad is None:
+                    raise
+                log.warning("rank %d: collective %d: %s", self.rank, seq, e)
+                suspects = {bad}
+            if self.on_failure == "raise":
+                return result, rnd.participants  # type: ignore[return-value]
+            alive = (set(rnd.participants) & self.carrier.alive()) - suspects - rnd.lost
+            committed = tuple(self.carrier.commit((self.epoch, seq, COMMIT_PHASE), sorted(alive)))
+            if self.rank not in committed:
+                raise PeerLost(f"rank {self.rank} was dropped from the group at epoch {self.epoch}", peers=(self.rank,))
+            if committed == rnd.participants and ok:
+                return result, committed
+            if committed == rnd.participants:
+                raise TransportError(f"collective {seq} failed but the participant set did not change")
+            lost = sorted(set(rnd.participants) - set(committed))
+            log.warning("rank %d: dropping ranks %s, epoch %d -> %d", self.rank, lost, self.epoch, self.epoch + 1)
+            self.epoch += 1
+            self.participants = committed
+            self.carrier.forget(self.epoch)
+
+
+def _resolve_codec(codec: Codec | str | None, ef: ErrorFeedback | None) -> Codec | None:
+    if isinstance(codec, str):
+        from lowband.compress import parse
+
+        codec = parse(codec)
+    if ef is not None:
+        if codec is None:
+            codec = ef.codec
+        elif str(codec) != str(ef.codec):
+            raise ConfigError(f"error_feedback is for codec {ef.codec}, the all_reduce uses {codec}")
+    return codec
+
+
+def _differences(mine: Any, theirs: Any, path: str = "") -> list[str]:
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        out: list[str] = []
+        for k in sorted(set(mine) | set(theirs)):
+            p = f"{path}.{k}" if path else str(k)
+            if k not in theirs:
+                out.append(f"{p}: only this rank has it ({mine[k]!r})")
+            elif k not in mine:
+                out.append(f"{p}: only the other rank has it ({theirs[k]!r})")
+            else:
+                out += _differences(mine[k], theirs[k], p)
+        return out
+    if mine != theirs:
+        return [f"{path or 'value'}: {mine!r} here, {theirs!r} there"]
+    return []
