@@ -1,0 +1,367 @@
+"""DiLoCo: local inner steps, then a compressed outer step on the averaged pseudo-gradient.
+
+Implements DiLoCo (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication
+Training of Language Models") and its streaming form (Douillard et al. 2025,
+"Streaming DiLoCo with overlapping communication"): ``fragments=F`` syncs 1/F of
+the parameters at staggered steps and ``overlap=tau`` lets a fragment's all-reduce
+run in the background for ``tau`` inner steps before it is applied.
+
+The global copy of the parameters and the outer optimizer's state live in flat fp32
+buckets on the CPU by default (pinned when CUDA is present), so accelerator memory
+does not grow. Host memory: the global copy, the outer momentum and one staging
+buffer for the pseudo-gradient, about 3x an fp32 model (4x with error feedback).
+
+Schedule: ``step()`` counts every call that reached it, including calls whose inner
+step GradScaler asked to skip (inf or nan in this peer's gradients). Peers therefore
+stay in lockstep: each syncs fragment ``f`` when its count reaches
+``d_f + k * sync_every`` with ``d_f = (f + 1) * sync_every // fragments``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowband.errors import ConfigError, ConfigMismatch
+from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_from, split_fragments
+from lowband.optim._common import (
+    GroupLike,
+    Ready,
+    StatsMeter,
+    WorkLike,
+    amp_skip_and_unscale,
+    resolve_codec,
+    resolve_error_feedback,
+)
+from lowband.transport import CommStats
+
+__all__ = ["DiLoCo"]
+
+logger = logging.getLogger(__name__)
+
+OuterFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+@dataclass
+class _Pending:
+    """A fragment's sync in flight: launched at one step, applied at ``apply_at``."""
+
+    fragment: int
+    apply_at: int
+    works: list[WorkLike]
+
+
+class DiLoCo(torch.optim.Optimizer):
+    """Wrap ``inner_optimizer`` so that peers sync every ``sync_every`` steps.
+
+    Args:
+        inner_optimizer: the user's optimizer (AdamW, ...); its ``param_groups`` and
+            ``state`` are this optimizer's, so learning-rate schedulers, gradient
+            clipping and ``torch.amp.GradScaler`` work unchanged.
+        group: a ``lowband.init_group`` group.
+        sync_every: inner steps between two syncs of a fragment (H in the papers).
+        outer_lr, outer_momentum, nesterov: the default outer optimizer, SGD.
+        outer_optimizer: ``factory(global_buckets) -> torch.optim.Optimizer`` in place
+            of the default SGD (then leave outer_lr, outer_momentum, nesterov alone).
+        codec: ``None`` (dense fp32) or any ``lowband.compress`` codec or spec string.
+        error_feedback: ``None``/``False``, ``True`` (decay 1), a decay, or an ``ErrorFeedback``.
+        fragments: streaming DiLoCo fragments F (1 = plain DiLoCo).
+        overlap: inner steps tau that a fragment's sync runs in the background.
+        mixing: with ``overlap > 0``, the weight alpha of the local parameters when the
+            new global values arrive: ``local = alpha * local + (1 - alpha) * global``
+            (Streaming DiLoCo, which found alpha = 0.5 works well). Unused when overlap is 0:
+            then the model takes the global values.
+        offload: ``"cpu"`` (default) or ``"device"``: where the global copy lives.
+        bucket_bytes: fp32 bytes per bucket (one payload per bucket).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        inner_optimizer: torch.optim.Optimizer,
+        *,
+        group: GroupLike,
+        sync_every: int,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        nesterov: bool = True,
+        outer_optimizer: OuterFactory | None = None,
+        codec: Any = None,
+        error_feedback: Any = None,
+        fragments: int = 1,
+        overlap: int = 0,
+        mixing: float = 0.5,
+        offload: str = "cpu",
+        bucket_bytes: int = 32 << 20,
+    ) -> None:
+        if not isinstance(inner_optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
+        if not isinstance(sync_every, int) or sync_every < 1:
+            raise ConfigError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        if not isinstance(fragments, int) or not 1 <= fragments <= sync_every:
+            raise ConfigError(f"fragments must be an int in [1, sync_every={sync_every}], got {fragments!r}")
+        if not isinstance(overlap, int) or not 0 <= overlap < sync_every:
+            raise ConfigError(f"overlap must be an int in [0, sync_every={sync_every}), got {overlap!r}")
+        if not 0.0 <= mixing <= 1.0:
+            raise ConfigError(f"mixing must be in [0, 1], got {mixing}")
+        if offload not in ("cpu", "device"):
+            raise ConfigError(f"offload must be 'cpu' or 'device', got {offload!r}")
+        if outer_optimizer is None:
+            if outer_lr <= 0.0:
+                raise ConfigError(f"outer_lr must be > 0, got {outer_lr}")
+            if not 0.0 <= outer_momentum < 1.0:
+                raise ConfigError(f"outer_momentum must be in [0, 1), got {outer_momentum}")
+            if nesterov and outer_momentum == 0.0:
+                raise ConfigError("nesterov=True needs outer_momentum > 0")
+        elif (outer_lr, outer_momentum, nesterov) != (0.7, 0.9, True):
+            raise ConfigError("pass either outer_optimizer or outer_lr/outer_momentum/nesterov, not both")
+
+        # Share the inner optimizer's groups and state: a scheduler or clip on the
+        # wrapper acts on the inner optimizer. Nothing of the inner one is patched.
+        super().__init__(inner_optimizer.param_groups, inner_optimizer.defaults)
+        self.param_groups = inner_optimizer.param_groups
+        self.state = inner_optimizer.state
+        self.inner = inner_optimizer
+        self.group = group
+        self.sync_every = sync_every
+        self.fragments = fragments
+        self.overlap = overlap
+        self.mixing = mixing
+        self.offload = offload
+        self.codec = resolve_codec(codec)
+        self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
+        self._meter = StatsMeter(group)
+        self._step_count = 0
+        self._pending: list[_Pending] = []
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._fragment_buckets: list[list[Bucket]] = []
+        for run in split_fragments(params, fragments):
+            first = sum(len(b) for b in self._fragment_buckets)
+            self._fragment_buckets.append(plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first))
+        self._buckets = [b for run in self._fragment_buckets for b in run]
+        self._global = [self._buffer(b) for b in self._buckets]
+        self._staging = [self._buffer(b) for b in self._buckets]
+        with torch.no_grad():
+            for b, g in zip(self._buckets, self._global):
+                gather_into(b, g)
+        if outer_optimizer is None:
+            self._outer = torch.optim.SGD(self._global, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
+        else:
+            self._outer = outer_optimizer(list(self._global))
+            if not isinstance(self._outer, torch.optim.Optimizer):
+                raise ConfigError("outer_optimizer must return a torch.optim.Optimizer")
+        self._agree_on_start()
+
+    # -- construction helpers -------------------------------------------------
+
+    def _buffer(self, bucket: Bucket) -> torch.Tensor:
+        device = torch.device("cpu") if self.offload == "cpu" else bucket.params[0].device
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        return torch.zeros(bucket.numel, dtype=torch.float32, device=device, pin_memory=pin)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "sync_every": self.sync_every,
+            "fragments": self.fragments,
+            "overlap": self.overlap,
+            "codec": str(self.codec) if self.codec is not None else None,
+            "buckets": [[tuple(p.shape) for p in b.params] for b in self._buckets],
+        }
+
+    def _agree_on_start(self) -> None:
+        """Check settings and shapes against rank 0; broadcast parameters if they differ."""
+        if self.group.world_size == 1:
+            return
+        config_digest = _digest_tensor(hashlib.sha256(repr(self._config()).encode()).digest())
+        h = hashlib.sha256()
+        for g in self._global:
+            h.update(g.detach().cpu().numpy().tobytes())
+        param_digest = _digest_tensor(h.digest())
+        mine = torch.cat([config_digest, param_digest])
+        ref = mine.clone()
+        self._meter.launched(2)
+        self.group.broadcast(ref, src=0).wait()
+        differs = torch.tensor(
+            [float(not torch.equal(ref[:16], config_digest)), float(not torch.equal(ref[16:], param_digest))]
+        )
+        flags = self.group.all_reduce(differs, op="sum").wait()
+        self._meter.finished(2)
+        if float(flags[0]) > 0:
+            raise ConfigMismatch(
+                "DiLoCo settings or parameter shapes differ between peers "
+                f"(this peer: {self._config()!r}); build every peer's optimizer alike"
+            )
+        if float(flags[1]) > 0:
+            logger.info("parameters differ between peers: broadcasting rank 0's (%d buckets)", len(self._global))
+            self._meter.launched(len(self._global))
+            for g in self._global:
+                self.group.broadcast(g, src=0).wait()
+            self._meter.finished(len(self._global))
+            with torch.no_grad():
+                for b, g in zip(self._buckets, self._global):
+                    scatter_from(b, g)
+
+    # -- public surface ---------------------------------------------------------
+
+    @property
+    def stats(self) -> CommStats:
+        """Bytes and time of this optimizer's collectives (DESIGN.md, "Three byte counters")."""
+        return self._meter.stats
+
+    @property
+    def outer_optimizer(self) -> torch.optim.Optimizer:
+        return self._outer
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "inner"):
+            raise ConfigError("DiLoCo cannot take parameters after it is built: build a new one")
+        super().add_param_group(param_group)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Inner step, then any outer step due at this count."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not amp_skip_and_unscale(self, params):
+            self.inner.step()
+        self._step_count += 1
+        with torch.no_grad():
+            self._advance(self._step_count)
+        return loss
+
+    def flush(self) -> None:
+        """Apply every sync still in flight now (e.g. at the end of training, on every peer)."""
+        with torch.no_grad():
+            while self._pending:
+                self._apply(self._pending.pop(0))
+
+    # -- the outer step -----------------------------------------------------------
+
+    def _due(self, t: int) -> list[int]:
+        H, F = self.sync_every, self.fragments
+        return [f for f in range(F) if t >= (f + 1) * H // F and (t - (f + 1) * H // F) % H == 0]
+
+    def _advance(self, t: int) -> None:
+        while self._pending and self._pending[0].apply_at <= t:
+            self._apply(self._pending.pop(0))
+        for f in self._due(t):
+            pending = self._launch(f, apply_at=t + self.overlap)
+            if self.overlap == 0:
+                self._apply(pending)
+            else:
+                self._pending.append(pending)
+
+    def _launch(self, fragment: int, *, apply_at: int) -> _Pending:
+        buckets = self._fragment_buckets[fragment]
+        works: list[WorkLike] = []
+        self._meter.launched(len(buckets))
+        for b in buckets:
+            delta = self._staging[b.index]
+            gather_into(b, delta)
+            torch.sub(self._global[b.index], delta, out=delta)  # pseudo-gradient: global - local
+            works.append(
+                self.group.all_reduce(
+                    delta, codec=self.codec, op="mean", error_feedback=self.error_feedback, key=f"diloco.{b.index}"
+                )
+            )
+        return _Pending(fragment, apply_at, works)
+
+    def _apply(self, pending: _Pending) -> None:
+        buckets = self._fragment_buckets[pending.fragment]
+        t0 = time.perf_counter()
+        results = [w.wait() for w in pending.works]
+        if not all(isinstance(w, Ready) for w in pending.works):  # Ready ones were counted already
+            self._meter.finished(len(buckets), waited=time.perf_counter() - t0)
+        self._meter.count_sync()
+        for b, avg in zip(buckets, results):
+            g = self._global[b.index]
+            g.grad = avg.reshape(-1).to(device=g.device, dtype=torch.float32)
+        self._outer.step()
+        for b in buckets:
+            g = self._global[b.index]
+            g.grad = None
+            if self.overlap == 0:
+                scatter_from(b, g)
+            else:
+                for p, start, stop in b.slices():
+                    new = g[start:stop].view_as(p).to(device=p.device, dtype=p.dtype)
+                    p.detach().lerp_(new, 1.0 - self.mixing)
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Inner state plus ``"diloco"``: global copy, outer state, error feedback, schedule.
+
+        Syncs still in flight are waited for and their averaged pseudo-gradients saved,
+        so a resumed run applies them at the same step and continues bit-for-bit.
+        """
+        pending = []
+        for p in self._pending:
+            t0 = time.perf_counter()
+            results = [w.wait() for w in p.works]
+            if not all(isinstance(w, Ready) for w in p.works):
+                self._meter.finished(len(p.works), waited=time.perf_counter() - t0)
+            p.works = [Ready(r) for r in results]
+            pending.append({"fragment": p.fragment, "apply_at": p.apply_at, "results": [r.clone() for r in results]})
+        state = self.inner.state_dict()
+        state["diloco"] = {
+            "config": self._config(),
+            "step": self._step_count,
+            "global": [g.detach().clone() for g in self._global],
+            "outer": copy.deepcopy(self._outer.state_dict()),
+            "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
+            "pending": pending,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; each buffer keeps its saved dtype and device."""
+        if "diloco" not in state_dict:
+            raise ConfigMismatch("not a DiLoCo state_dict (no 'diloco' entry)")
+        mine = state_dict["diloco"]
+        if mine["config"] != self._config():
+            raise ConfigMismatch(f"checkpoint was made with {mine['config']!r}, this optimizer is {self._config()!r}")
+        inner = {k: v for k, v in state_dict.items() if k != "diloco"}
+        self.inner.load_state_dict(inner)
+        for g, saved in zip(self._global, mine["global"]):
+            if saved.dtype != g.dtype or saved.shape != g.shape:
+                raise ConfigMismatch(f"global copy bucket is {saved.dtype}{tuple(saved.shape)}, expected {g.dtype}{tuple(g.shape)}")
+            g.copy_(saved)
+        self._load_outer(mine["outer"])
+        if (mine["error_feedback"] is None) != (self.error_feedback is None):
+            raise ConfigMismatch("checkpoint and optimizer disagree on error feedback")
+        if self.error_feedback is not None:
+            self.error_feedback.load_state_dict(mine["error_feedback"])
+        self._step_count = int(mine["step"])
+        self._pending = [
+            _Pending(int(p["fragment"]), int(p["apply_at"]), [Ready(r.clone()) for r in p["results"]])
+            for p in mine["pending"]
+        ]
+
+    def _load_outer(self, saved: dict[str, Any]) -> None:
+        # torch's loader casts state to each parameter's dtype and device; the outer
+        # parameters are our fp32 buckets, so load then put every tensor back as saved.
+        self._outer.load_state_dict(saved)
+        params = [p for g in self._outer.param_groups for p in g["params"]]
+        for index, entry in saved["state"].items():
+            live = self._outer.state[params[int(index)]]
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    live[name] = value.detach().clone().to(device=value.device, dtype=value.dtype)
+
+
+def _digest_tensor(digest: bytes) -> torch.Tensor:
+    """32 digest bytes as 16 float32 values of 16 bits each (exact in fp32 and in any reduction)."""
+    words = [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 32, 2)]
+    return torch.tensor(words, dtype=torch.float32)

@@ -1,0 +1,42 @@
+"""Shared helpers for the optimizer tests: a tiny model and per-rank data."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+_SEED_LOCK = threading.Lock()  # ranks run as threads and share torch's global generator
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    with _SEED_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
+
+
+def batch(rank: int, step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(16, 8, generator=g)
+    y = x[:, :4] * 0.5 + 0.1 * torch.randn(16, 4, generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> float:
+    x, y = batch(rank, step, next(model.parameters()).dtype)
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@pytest.fixture
+def model_factory():
+    return make_model
