@@ -263,16 +263,14 @@ def topk_tiles(
         return torch.zeros(0, dtype=torch.int32, device=v.device), torch.zeros(0, device=v.device)
     ntiles = -(-n // tile)
     # |v| as int32 bits orders like the magnitude; the low bits of the key break ties by index.
-    mag = v.abs().view(torch.int32).to(torch.int64)
-    pos = torch.arange(n, device=v.device, dtype=torch.int64)
-    local = pos % tile
-    key = (mag << 16) | (tile - 1 - local) if tile <= 65536 else None
-    if key is None:
+    if tile > 65536:
         raise CodecError(f"tile {tile} exceeds 65536")
     pad = ntiles * tile - n
-    if pad:
-        key = torch.cat([key, key.new_full((pad,), -1)])
-    key = key.view(ntiles, tile)
+    mag = v.abs().view(torch.int32).to(torch.int64)
+    if pad:  # padding sorts below every real value (magnitude -1)
+        mag = torch.cat([mag, mag.new_full((pad,), -1)])
+    local = torch.arange(ntiles * tile, device=v.device, dtype=torch.int64) % tile
+    key = ((mag << 16) | (tile - 1 - local)).view(ntiles, tile)
     kk = min(k, tile)
     top = key.topk(kk, dim=1, sorted=False).values
     sel_local = (tile - 1 - (top & 0xFFFF)).sort(dim=1).values
