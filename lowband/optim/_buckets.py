@@ -41,7 +41,9 @@ def split_fragments(params: Sequence[torch.Tensor], fragments: int) -> list[list
     if fragments < 1:
         raise ConfigError(f"fragments must be >= 1, got {fragments}")
     if fragments > len(params):
-        raise ConfigError(f"fragments={fragments} exceeds the number of parameter tensors ({len(params)})")
+        raise ConfigError(
+            f"fragments={fragments} exceeds the number of parameter tensors ({len(params)})"
+        )
     total = sum(p.numel() for p in params)
     out: list[list[torch.Tensor]] = [[]]
     seen = 0

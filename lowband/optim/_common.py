@@ -39,6 +39,8 @@ class GroupLike(Protocol):
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> WorkLike: ...
 
+    def verify(self, config: Any) -> None: ...
+
 
 class Ready:
     """A finished collective restored from a checkpoint: ``wait()`` returns its result."""
@@ -50,7 +52,13 @@ class Ready:
         return self.result
 
 
-_COUNTERS = ("bytes_sent", "bytes_received", "transport_bytes_sent", "transport_bytes_received", "messages")
+_COUNTERS = (
+    "bytes_sent",
+    "bytes_received",
+    "transport_bytes_sent",
+    "transport_bytes_received",
+    "messages",
+)
 
 
 class StatsMeter:
@@ -81,14 +89,18 @@ class StatsMeter:
             s = self.stats
             with s._lock:
                 for name in _COUNTERS:
-                    setattr(s, name, getattr(s, name) + int(now[name]) - int(self._last.get(name, 0)))
+                    setattr(
+                        s, name, getattr(s, name) + int(now[name]) - int(self._last.get(name, 0))
+                    )
                 s.seconds_in_comm += t - self._t_last
                 old_peers = self._last.get("per_peer", {})
                 for peer, counts in now.get("per_peer", {}).items():
                     mine = s.per_peer.setdefault(peer, PeerStats())
                     before = old_peers.get(peer, {})
                     for name, value in counts.items():
-                        setattr(mine, name, getattr(mine, name) + int(value) - int(before.get(name, 0)))
+                        setattr(
+                            mine, name, getattr(mine, name) + int(value) - int(before.get(name, 0))
+                        )
         self._last, self._t_last = now, t
 
     def launched(self, count: int = 1) -> None:
@@ -117,7 +129,9 @@ def resolve_codec(codec: Any) -> Any:
 
         return parse(codec)
     if not hasattr(codec, "encode") or not hasattr(codec, "decode"):
-        raise ConfigError(f"codec must be None, a spec string or a lowband codec, got {type(codec).__name__}")
+        raise ConfigError(
+            f"codec must be None, a spec string or a lowband codec, got {type(codec).__name__}"
+        )
     return codec
 
 

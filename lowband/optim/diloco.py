@@ -103,13 +103,19 @@ class DiLoCo(torch.optim.Optimizer):
         bucket_bytes: int = 32 << 20,
     ) -> None:
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
+            raise ConfigError(
+                f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner_optimizer).__name__}"
+            )
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ConfigError(f"sync_every must be an int >= 1, got {sync_every!r}")
         if not isinstance(fragments, int) or not 1 <= fragments <= sync_every:
-            raise ConfigError(f"fragments must be an int in [1, sync_every={sync_every}], got {fragments!r}")
+            raise ConfigError(
+                f"fragments must be an int in [1, sync_every={sync_every}], got {fragments!r}"
+            )
         if not isinstance(overlap, int) or not 0 <= overlap < sync_every:
-            raise ConfigError(f"overlap must be an int in [0, sync_every={sync_every}), got {overlap!r}")
+            raise ConfigError(
+                f"overlap must be an int in [0, sync_every={sync_every}), got {overlap!r}"
+            )
         if not 0.0 <= mixing <= 1.0:
             raise ConfigError(f"mixing must be in [0, 1], got {mixing}")
         if offload not in ("cpu", "device"):
@@ -122,7 +128,9 @@ class DiLoCo(torch.optim.Optimizer):
             if nesterov and outer_momentum == 0.0:
                 raise ConfigError("nesterov=True needs outer_momentum > 0")
         elif (outer_lr, outer_momentum, nesterov) != (0.7, 0.9, True):
-            raise ConfigError("pass either outer_optimizer or outer_lr/outer_momentum/nesterov, not both")
+            raise ConfigError(
+                "pass either outer_optimizer or outer_lr/outer_momentum/nesterov, not both"
+            )
 
         # Share the inner optimizer's groups and state: a scheduler or clip on the
         # wrapper acts on the inner optimizer. Nothing of the inner one is patched.
@@ -146,7 +154,9 @@ class DiLoCo(torch.optim.Optimizer):
         self._fragment_buckets: list[list[Bucket]] = []
         for run in split_fragments(params, fragments):
             first = sum(len(b) for b in self._fragment_buckets)
-            self._fragment_buckets.append(plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first))
+            self._fragment_buckets.append(
+                plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first)
+            )
         self._buckets = [b for run in self._fragment_buckets for b in run]
         self._global = [self._buffer(b) for b in self._buckets]
         self._staging = [self._buffer(b) for b in self._buckets]
@@ -154,7 +164,9 @@ class DiLoCo(torch.optim.Optimizer):
             for b, g in zip(self._buckets, self._global):
                 gather_into(b, g)
         if outer_optimizer is None:
-            self._outer = torch.optim.SGD(self._global, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
+            self._outer = torch.optim.SGD(
+                self._global, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov
+            )
         else:
             self._outer = outer_optimizer(list(self._global))
             if not isinstance(self._outer, torch.optim.Optimizer):
@@ -174,34 +186,33 @@ class DiLoCo(torch.optim.Optimizer):
             "fragments": self.fragments,
             "overlap": self.overlap,
             "codec": str(self.codec) if self.codec is not None else None,
-            "buckets": [[tuple(p.shape) for p in b.params] for b in self._buckets],
+            "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
         }
 
     def _agree_on_start(self) -> None:
-        """Check settings and shapes against rank 0; broadcast parameters if they differ."""
+        """Check settings and shapes against the peers; broadcast rank 0's parameters if they differ."""
         if self.group.world_size == 1:
             return
-        config_digest = _digest_tensor(hashlib.sha256(repr(self._config()).encode()).digest())
+        self._meter.launched(1)
+        try:
+            self.group.verify({"optimizer": "DiLoCo", **self._config()})
+        finally:
+            self._meter.finished(1)
         h = hashlib.sha256()
         for g in self._global:
             h.update(g.detach().cpu().numpy().tobytes())
-        param_digest = _digest_tensor(h.digest())
-        mine = torch.cat([config_digest, param_digest])
+        mine = _digest_tensor(h.digest())
         ref = mine.clone()
         self._meter.launched(2)
         self.group.broadcast(ref, src=0).wait()
-        differs = torch.tensor(
-            [float(not torch.equal(ref[:16], config_digest)), float(not torch.equal(ref[16:], param_digest))]
-        )
-        flags = self.group.all_reduce(differs, op="sum").wait()
+        differs = torch.tensor([float(not torch.equal(ref, mine))])
+        flag = self.group.all_reduce(differs, op="sum").wait()
         self._meter.finished(2)
-        if float(flags[0]) > 0:
-            raise ConfigMismatch(
-                "DiLoCo settings or parameter shapes differ between peers "
-                f"(this peer: {self._config()!r}); build every peer's optimizer alike"
+        if float(flag[0]) > 0:
+            logger.info(
+                "parameters differ between peers: broadcasting rank 0's (%d buckets)",
+                len(self._global),
             )
-        if float(flags[1]) > 0:
-            logger.info("parameters differ between peers: broadcasting rank 0's (%d buckets)", len(self._global))
             self._meter.launched(len(self._global))
             for g in self._global:
                 self.group.broadcast(g, src=0).wait()
@@ -272,7 +283,11 @@ class DiLoCo(torch.optim.Optimizer):
             torch.sub(self._global[b.index], delta, out=delta)  # pseudo-gradient: global - local
             works.append(
                 self.group.all_reduce(
-                    delta, codec=self.codec, op="mean", error_feedback=self.error_feedback, key=f"diloco.{b.index}"
+                    delta,
+                    codec=self.codec,
+                    op="mean",
+                    error_feedback=self.error_feedback,
+                    key=f"diloco.{b.index}",
                 )
             )
         return _Pending(fragment, apply_at, works)
@@ -313,14 +328,22 @@ class DiLoCo(torch.optim.Optimizer):
             if not all(isinstance(w, Ready) for w in p.works):
                 self._meter.finished(len(p.works), waited=time.perf_counter() - t0)
             p.works = [Ready(r) for r in results]
-            pending.append({"fragment": p.fragment, "apply_at": p.apply_at, "results": [r.clone() for r in results]})
+            pending.append(
+                {
+                    "fragment": p.fragment,
+                    "apply_at": p.apply_at,
+                    "results": [r.clone() for r in results],
+                }
+            )
         state = self.inner.state_dict()
         state["diloco"] = {
             "config": self._config(),
             "step": self._step_count,
             "global": [g.detach().clone() for g in self._global],
             "outer": copy.deepcopy(self._outer.state_dict()),
-            "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
+            "error_feedback": self.error_feedback.state_dict()
+            if self.error_feedback is not None
+            else None,
             "pending": pending,
         }
         return state
@@ -331,12 +354,16 @@ class DiLoCo(torch.optim.Optimizer):
             raise ConfigMismatch("not a DiLoCo state_dict (no 'diloco' entry)")
         mine = state_dict["diloco"]
         if mine["config"] != self._config():
-            raise ConfigMismatch(f"checkpoint was made with {mine['config']!r}, this optimizer is {self._config()!r}")
+            raise ConfigMismatch(
+                f"checkpoint was made with {mine['config']!r}, this optimizer is {self._config()!r}"
+            )
         inner = {k: v for k, v in state_dict.items() if k != "diloco"}
         self.inner.load_state_dict(inner)
         for g, saved in zip(self._global, mine["global"]):
             if saved.dtype != g.dtype or saved.shape != g.shape:
-                raise ConfigMismatch(f"global copy bucket is {saved.dtype}{tuple(saved.shape)}, expected {g.dtype}{tuple(g.shape)}")
+                raise ConfigMismatch(
+                    f"global copy bucket is {saved.dtype}{tuple(saved.shape)}, expected {g.dtype}{tuple(g.shape)}"
+                )
             g.copy_(saved)
         self._load_outer(mine["outer"])
         if (mine["error_feedback"] is None) != (self.error_feedback is None):
@@ -345,7 +372,9 @@ class DiLoCo(torch.optim.Optimizer):
             self.error_feedback.load_state_dict(mine["error_feedback"])
         self._step_count = int(mine["step"])
         self._pending = [
-            _Pending(int(p["fragment"]), int(p["apply_at"]), [Ready(r.clone()) for r in p["results"]])
+            _Pending(
+                int(p["fragment"]), int(p["apply_at"]), [Ready(r.clone()) for r in p["results"]]
+            )
             for p in mine["pending"]
         ]
 

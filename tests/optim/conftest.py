@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
 import torch
+
+from lowband.testing import ThreadGroup
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -18,10 +22,14 @@ _SEED_LOCK = threading.Lock()  # ranks run as threads and share torch's global g
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     with _SEED_LOCK:
         torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+        ).to(dtype)
 
 
-def batch(rank: int, step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    rank: int, step: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
     x = torch.randn(16, 8, generator=g)
     y = x[:, :4] * 0.5 + 0.1 * torch.randn(16, 4, generator=g)
@@ -35,6 +43,35 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, st
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+def run_ranks(n: int, fn: Callable[[Any], Any]) -> list[Any]:
+    """Run ``fn(group)`` on n in-process ranks (real Groups over an in-process hub)."""
+    with ThreadGroup(n) as tg:
+        return tg.run(fn, timeout=60)
+
+
+class Recording:
+    """A group seen through a log of the collectives called on it (delegation, no patching)."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
+
+    def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(f"all_reduce:{kwargs.get('key', '')}")
+        return self._group.all_reduce(tensor, *args, **kwargs)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Any:
+        self.calls.append("broadcast")
+        return self._group.broadcast(tensor, src)
+
+    def verify(self, config: Any) -> None:
+        self.calls.append("verify")
+        self._group.verify(config)
 
 
 @pytest.fixture

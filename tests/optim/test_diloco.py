@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from _threads import run_ranks
-from conftest import batch, make_model, train_step
+from conftest import Recording, batch, make_model, run_ranks, train_step
 
 from lowband.errors import ConfigError, ConfigMismatch
 from lowband.optim import DiLoCo
@@ -24,7 +23,9 @@ def test_one_peer_sync_every_step_equals_plain_training() -> None:
         ref = make_model()
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
         model = make_model()
-        opt = DiLoCo(torch.optim.AdamW(model.parameters(), lr=1e-2), group=group, sync_every=1, **PLAIN)
+        opt = DiLoCo(
+            torch.optim.AdamW(model.parameters(), lr=1e-2), group=group, sync_every=1, **PLAIN
+        )
         for t in range(10):
             train_step(ref, ref_opt, 0, t)
             train_step(model, opt, 0, t)
@@ -58,7 +59,9 @@ def test_several_peers_equal_parameter_averaging(H: int) -> None:
 
     def run(group):
         model = make_model()
-        opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=H, **PLAIN)
+        opt = DiLoCo(
+            torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=H, **PLAIN
+        )
         for t in range(steps):
             train_step(model, opt, group.rank, t)
         return params_of(model)
@@ -71,7 +74,9 @@ def test_several_peers_equal_parameter_averaging(H: int) -> None:
 def test_dense_codec_matches_no_codec_within_its_error() -> None:
     def run(group, codec):
         model = make_model()
-        opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=2, codec=codec)
+        opt = DiLoCo(
+            torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=2, codec=codec
+        )
         for t in range(6):
             train_step(model, opt, group.rank, t)
         return params_of(model)
@@ -100,12 +105,13 @@ def test_identical_start_broadcasts_rank0_parameters() -> None:
 
 def test_identical_start_sends_nothing_big_when_peers_agree() -> None:
     def run(group):
+        group = Recording(group)
         model = make_model()
         opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=4)
         return opt.stats.bytes_sent, [c for c in group.calls]
 
     (sent, calls), _ = run_ranks(2, run)
-    assert calls == ["broadcast", "all_reduce:"]  # digests only
+    assert calls == ["verify", "broadcast", "all_reduce:"]  # settings and digests only
     assert sent < 200
 
 
@@ -113,7 +119,9 @@ def test_mismatched_settings_raise_on_every_peer() -> None:
     def run(group):
         model = make_model()
         try:
-            DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=4 + group.rank)
+            DiLoCo(
+                torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=4 + group.rank
+            )
         except ConfigMismatch as e:
             return e
         return None
@@ -123,8 +131,11 @@ def test_mismatched_settings_raise_on_every_peer() -> None:
 
 def test_fragments_sync_at_staggered_steps() -> None:
     def run(group):
+        group = Recording(group)
         model = make_model()
-        opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=4, fragments=2)
+        opt = DiLoCo(
+            torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=4, fragments=2
+        )
         group.calls.clear()
         seen = []
         for t in range(8):
@@ -142,13 +153,22 @@ def test_fragments_sync_at_staggered_steps() -> None:
 def test_overlap_mixes_local_and_global_as_documented() -> None:
     def run(group):
         model = make_model()
-        opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=3, overlap=1, mixing=0.5, **PLAIN)
+        opt = DiLoCo(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            group=group,
+            sync_every=3,
+            overlap=1,
+            mixing=0.5,
+            **PLAIN,
+        )
         ref = make_model()
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
         for t in range(3):
             train_step(model, opt, 0, t)
             train_step(ref, ref_opt, 0, t)
-        launched = params_of(ref)  # one peer, outer lr 1: the new global copy is the local one at launch
+        launched = params_of(
+            ref
+        )  # one peer, outer lr 1: the new global copy is the local one at launch
         assert opt.stats.syncs == 0
         train_step(model, opt, 0, 3)
         train_step(ref, ref_opt, 0, 3)
@@ -178,7 +198,9 @@ def test_scheduler_on_wrapper_changes_inner_lr() -> None:
 def test_stats_count_payload_bytes_per_sync() -> None:
     def run(group):
         model = make_model()
-        opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=2, codec="q4")
+        opt = DiLoCo(
+            torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=2, codec="q4"
+        )
         before = opt.stats.bytes_sent
         for t in range(4):
             train_step(model, opt, group.rank, t)
