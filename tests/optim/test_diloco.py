@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import Recording, batch, make_model, run_ranks, train_step
+from optim_helpers import Recording, batch, make_model, run_ranks, train_step
 
 from lowband.errors import ConfigError, ConfigMismatch
 from lowband.optim import DiLoCo

@@ -1,20 +1,14 @@
-"""Shared helpers for the optimizer tests: a tiny model and per-rank data."""
+"""Shared helpers for the optimizer tests: a tiny model, per-rank data, in-process ranks."""
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
-from pathlib import Path
 
-import pytest
 import torch
 
 from lowband.testing import ThreadGroup
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 
 _SEED_LOCK = threading.Lock()  # ranks run as threads and share torch's global generator
 
@@ -72,8 +66,3 @@ class Recording:
     def verify(self, config: Any) -> None:
         self.calls.append("verify")
         self._group.verify(config)
-
-
-@pytest.fixture
-def model_factory():
-    return make_model
