@@ -1,0 +1,304 @@
+"""DeMo: decoupled momentum optimization (Peng, Quesnelle and Kingma 2024, arXiv:2411.19870).
+
+The published algorithm behind DisTrO. Each peer keeps its own momentum and sends
+only its fast-moving components; the slow ones stay in the momentum and build up
+until they are sent (the momentum is the error-feedback buffer). Per parameter and
+step, with ``m`` in fp32 whatever the parameter's dtype::
+
+    p   *= 1 - lr * weight_decay                 # decoupled weight decay
+    m    = decay * m + lr * grad
+    c    = DCT-II of chunk x chunk tiles of m    # lowband.distro._tiling
+    q    = top-k of each tile of c, values coded # one payload per bucket (_wire)
+    m   -= IDCT(decoded q)                       # what was sent leaves the momentum
+    Q    = mean over participants of every peer's decoded q
+    u    = IDCT(Q); if sign: u = sign(u)
+    p   -= lr * u
+
+(``lr`` enters twice, as in the authors' reference code: once scaling what the
+momentum collects, once scaling the update.) Peers' payloads are combined in
+rank order in fp32, so every peer applies bit-identical updates. With
+``overlap=True`` the exchange of step t runs in the background while the caller
+computes the gradients of step t+1, and its update is applied at step t+1 (the
+one-step-delayed variant); weight decay and the momentum update still happen at
+the step that produced the gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowband.compress import Payload
+from lowband.distro._tiling import TileLayout
+from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
+from lowband.errors import ConfigError
+from lowband.transport._stats import CommStats
+
+__all__ = ["DeMo"]
+
+log = logging.getLogger(__name__)
+
+_PENDING = "pending_update"
+
+
+@dataclass
+class _Bucket:
+    """One payload's worth of one step: parameters of one group with equal tile size."""
+
+    group: dict[str, Any]
+    codec: BucketCodec
+    params: list[torch.Tensor]
+    layouts: list[TileLayout]
+    payload: Payload
+    work: Any = None
+
+    @property
+    def numel(self) -> int:
+        return sum(layout.numel for layout in self.layouts)
+
+
+@dataclass
+class _Exchange:
+    buckets: list[_Bucket] = field(default_factory=list)
+    started: float = 0.0
+    transport_before: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def _check(g: dict[str, Any]) -> None:
+    """Raise ConfigError for a bad hyperparameter of a param group."""
+    lr, decay, wd = g["lr"], g["decay"], g["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        raise ConfigError("DeMo takes a float lr, not a tensor")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"Invalid learning rate: {lr!r} (a finite float >= 0)")
+    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        raise ConfigError(f"Invalid decay: {decay!r} (a float in [0, 1])")
+    if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
+        raise ConfigError(f"Invalid weight_decay: {wd!r} (a finite float >= 0)")
+    k, chunk = g["topk"], g["chunk"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 256:
+        raise ConfigError(f"Invalid topk: {k!r} (an int in 1..256, coefficients kept per tile)")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= 256:
+        raise ConfigError(f"Invalid chunk: {chunk!r} (an int in 1..256, the DCT tile side)")
+    if not isinstance(g["sign"], bool):
+        raise ConfigError(f"Invalid sign: {g['sign']!r} (True or False)")
+
+
+class DeMo(torch.optim.Optimizer):
+    """DeMo as a ``torch.optim.Optimizer`` over a lowband ``Group``.
+
+    Args:
+        params: parameters or param groups (each group may override any hyperparameter
+            below except ``group`` and ``overlap``).
+        lr: learning rate (also scales what the momentum collects; see the module docstring).
+        group: the lowband group to exchange with (``lowband.init_group``); one peer works.
+        decay: momentum decay per step.
+        topk: DCT coefficients sent per tile (at most 256).
+        chunk: side of the DCT tiles (at most 256: tiles of chunk x chunk values).
+        sign: apply the sign of the combined update (signSGD-style), as DeMo does.
+        weight_decay: decoupled weight decay.
+        codec: value codec of the sent coefficients (a ``lowband.compress`` spec such as
+            ``"q4"`` or ``"fp16"``, no ``dct``/``topk`` stage); default: 1-bit signs with
+            one scale per tile.
+        overlap: run step t's exchange during step t+1 (one-step-delayed updates).
+
+    ``opt.stats`` (a :class:`~lowband.transport.CommStats`) counts the payload bytes of
+    this optimizer's exchanges: each step sends this rank's payload to, and receives one
+    payload from, every other participant. Transport bytes are the group's
+    (``group.stats``), counted over the exchange's time window.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        *,
+        group: Any,
+        decay: float = 0.999,
+        topk: int = 32,
+        chunk: int = 64,
+        sign: bool = True,
+        weight_decay: float = 0.0,
+        codec: Any = None,
+        overlap: bool = False,
+    ) -> None:
+        if group is None:
+            raise ConfigError(
+                "DeMo needs a group (lowband.init_group(...)); a single peer is a group of 1"
+            )
+        if not isinstance(overlap, bool):
+            raise ConfigError(f"Invalid overlap: {overlap!r} (True or False)")
+        defaults = dict(
+            lr=lr,
+            decay=decay,
+            topk=topk,
+            chunk=chunk,
+            sign=sign,
+            weight_decay=weight_decay,
+            codec=codec,
+        )
+        self.group = group
+        self.overlap = overlap
+        self.stats = CommStats()
+        self._inflight: _Exchange | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        _check(g)
+        g["codec"] = value_spec(g["codec"])
+        for p in g["params"]:
+            if p.is_complex() or not p.is_floating_point():
+                raise ConfigError(f"DeMo optimizes real floating-point parameters, got {p.dtype}")
+
+    # -- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One DeMo step; ``closure`` (re-evaluating the loss) runs first, as in torch optimizers."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.overlap:
+            self._resolve()  # step t-1's exchange ran while the caller computed these gradients
+            self._inflight = self._launch()
+            self._apply_pending()
+        else:
+            self._inflight = self._launch()
+            self._resolve()
+            self._apply_pending()
+        return loss
+
+    def _launch(self) -> _Exchange:
+        """Update momenta, encode and subtract what is sent, start the all-gathers."""
+        ex = _Exchange()
+        for g in self.param_groups:
+            by_tile: dict[int, list[tuple[torch.Tensor, TileLayout]]] = {}
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ConfigError("DeMo does not take sparse gradients")
+                st = self.state[p]
+                if "momentum" not in st:
+                    st["momentum"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                if g["weight_decay"]:
+                    p.mul_(1.0 - g["lr"] * g["weight_decay"])
+                st["momentum"].mul_(g["decay"]).add_(p.grad, alpha=g["lr"])
+                layout = TileLayout.for_shape(p.shape, g["chunk"])
+                by_tile.setdefault(layout.tile_numel, []).append((p, layout))
+            for tile, items in by_tile.items():
+                bc = bucket_codec(tile, topk=g["topk"], value=g["codec"])
+                params = [p for p, _ in items]
+                layouts = [layout for _, layout in items]
+                coeffs = torch.cat(
+                    [lay.forward(self.state[p]["momentum"]).reshape(-1) for p, lay in items]
+                )
+                payload = bc.codec.encode(coeffs)
+                sent = bc.codec.decode(payload)
+                off = 0
+                for p, lay in items:
+                    m = self.state[p]["momentum"]
+                    m.sub_(lay.inverse(sent[off : off + lay.numel]).to(m.device))
+                    off += lay.numel
+                ex.buckets.append(_Bucket(g, bc, params, layouts, payload))
+        ex.transport_before = _transport_counts(self.group)
+        ex.started = time.perf_counter()
+        for b in ex.buckets:
+            b.work = self.group.all_gather(b.payload)
+        return ex
+
+    def _resolve(self) -> None:
+        """Wait for the exchange in flight and store each parameter's update in its state."""
+        ex, self._inflight = self._inflight, None
+        if ex is None:
+            return
+        rank = self.group.rank
+        waited = 0.0
+        for b in ex.buckets:
+            t0 = time.perf_counter()
+            payloads = list(b.work.wait())
+            waited += time.perf_counter() - t0
+            mean, _ = combine(b.codec.codec, payloads, b.numel)
+            for r, pl in enumerate(payloads):
+                if r != rank and pl is not None:
+                    self.stats.count_send(r, b.payload.nbytes, 0)
+                    self.stats.count_recv(r, pl.nbytes, 0)
+            lr, use_sign = b.group["lr"], b.group["sign"]
+            off = 0
+            for p, lay in zip(b.params, b.layouts):
+                u = lay.inverse(mean[off : off + lay.numel]).to(p.device)
+                off += lay.numel
+                if use_sign:
+                    u.sign_()
+                self.state[p][_PENDING] = u.mul_(-lr)
+        with self.stats._lock:
+            self.stats.syncs += 1
+            self.stats.seconds_waited += waited
+            self.stats.seconds_in_comm += time.perf_counter() - ex.started
+        _add_transport(self.stats, ex.transport_before, _transport_counts(self.group))
+
+    def _apply_pending(self) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                if st and _PENDING in st:
+                    p.add_(st.pop(_PENDING).to(p.dtype))
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict; an exchange in flight is finished first so its update is saved."""
+        self._resolve()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping every saved buffer's dtype (torch would cast fp32 momentum to bf16)."""
+        self._resolve()
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, value in saved.get(i, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.detach().to(
+                        device=p.device, dtype=value.dtype, copy=True
+                    )
+        for g in self.param_groups:
+            _check(g)
+            g["codec"] = value_spec(g["codec"])
+
+
+def _transport_counts(group: Any) -> dict[int, tuple[int, int]]:
+    stats = getattr(group, "stats", None)
+    if stats is None:
+        return {}
+    with stats._lock:
+        return {
+            r: (s.transport_bytes_sent, s.transport_bytes_received)
+            for r, s in stats.per_peer.items()
+        }
+
+
+def _add_transport(
+    stats: CommStats, before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
+) -> None:
+    with stats._lock:
+        for r, (sent, recv) in after.items():
+            s0, r0 = before.get(r, (0, 0))
+            peer = stats.per_peer.get(r)
+            if peer is None:
+                continue
+            peer.transport_bytes_sent += sent - s0
+            peer.transport_bytes_received += recv - r0
+            stats.transport_bytes_sent += sent - s0
+            stats.transport_bytes_received += recv - r0
