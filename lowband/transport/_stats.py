@@ -58,6 +58,15 @@ class CommStats:
             p.transport_bytes_received += t
             p.messages_received += 1
 
+    def count_transport(self, peer: int, *, sent: int = 0, received: int = 0) -> None:
+        """Transport bytes that carry no payload and no message: heartbeats, acks, re-sends."""
+        with self._lock:
+            p = self.per_peer.setdefault(peer, PeerStats())
+            self.transport_bytes_sent += sent
+            self.transport_bytes_received += received
+            p.transport_bytes_sent += sent
+            p.transport_bytes_received += received
+
     def as_dict(self) -> dict[str, object]:
         with self._lock:
             return {

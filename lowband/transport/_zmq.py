@@ -1,0 +1,306 @@
+"""The ZeroMQ Carrier: parallel TCP streams, chunking, heartbeats, acks and re-sends.
+
+Each process binds two ROUTER sockets, one for data and one for heartbeats, and
+connects to every peer ``streams`` data DEALERs (``_zmq_link``) plus one
+heartbeat DEALER. Heartbeats ride their own connection so they never queue
+behind a large message (libzmq issue 2709). Chunks of a message are striped
+over the streams and reassembled by ``_zmq_recv`` from the frame header of
+``_wire``. One I/O thread owns every socket (ZeroMQ sockets are not thread-safe);
+``send`` only queues and wakes it through a pipe.
+
+A peer is declared lost after ``peer_timeout`` seconds with neither heartbeat
+nor progress (a data chunk or an ack from it): a slow transfer that moves is not
+a failure. Membership and the commit of participant sets go through the
+coordinator process (``coordinator.py``).
+
+Options of the ROUTER sockets, and why:
+
+- ``MAXMSGSIZE`` = chunk size + largest header: libzmq closes the connection of a
+  peer that sends a bigger message, before allocating it.
+- ``RCVHWM`` / ``SNDHWM`` finite: bounded memory for a flood.
+- ``ROUTER_MANDATORY=1``: an ack to a vanished connection raises EHOSTUNREACH
+  instead of being dropped silently (we then rely on the cumulative ack floor).
+- ``ROUTER_HANDOVER=1``: a stream that reconnects under the same routing id takes
+  over from its half-dead predecessor instead of being refused.
+- ``LINGER=0`` and TCP keepalive as for the DEALERs (see ``_zmq_link``).
+
+Frames from a routing id that breaks the wire rules (a bad header, a rank that
+does not match its connection, an inconsistent chunk, a memory cap) are logged
+and every later frame from that routing id is dropped unread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from lowband import WIRE_VERSION, __version__
+from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
+from lowband.transport._coord_client import CoordinatorClient
+from lowband.transport._stats import CommStats
+from lowband.transport._wire import MAX_FRAMES, chunk_spans
+from lowband.transport._zmq_io import IOLoop
+
+__all__ = ["ZmqCarrier", "default_streams", "open_carrier"]
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int, int]
+DEFAULT_CHUNK = 1 << 20
+#: Linux autotunes a socket's send buffer up to about this much on this kind of host.
+SNDBUF_CEILING = 4 << 20
+
+
+def default_streams(bandwidth: float = 1e9, rtt: float = 0.1) -> int:
+    """Streams needed to fill ``bandwidth`` bit/s at ``rtt`` s: the bandwidth-delay product
+    over the window one stream reaches (three quarters of the send-buffer ceiling), 1 to 16."""
+    bdp = bandwidth / 8 * rtt
+    return max(1, min(16, math.ceil(bdp / (0.75 * SNDBUF_CEILING))))
+
+
+class ZmqCarrier:
+    """A Carrier over ZeroMQ (see ``_carrier.py`` for the contract).
+
+    ``coordinator`` is the coordinator's ``HOST:PORT``. ``host`` is the address this
+    process binds and advertises. ``streams`` defaults to :func:`default_streams` of
+    ``bandwidth`` (bit/s) and ``rtt`` (s). ``rate_limit`` caps the upload (bytes/s).
+    ``config`` is compared across peers at join: any difference raises ConfigMismatch.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        *,
+        coordinator: str,
+        group: str = "lowband",
+        host: str = "127.0.0.1",
+        security: Any = None,
+        peer_timeout: float = 30.0,
+        streams: int | None = None,
+        bandwidth: float = 1e9,
+        rtt: float = 0.1,
+        chunk_size: int = DEFAULT_CHUNK,
+        max_message_bytes: int = 1 << 34,
+        rate_limit: float | None = None,
+        zero_copy_threshold: int = 1 << 16,
+        config: dict[str, Any] | None = None,
+        join_timeout: float = 300.0,
+    ) -> None:
+        if not 0 <= rank < world_size or world_size > 65535:
+            raise ConfigError(f"rank {rank} outside a group of {world_size}")
+        if peer_timeout <= 0:
+            raise ConfigError(f"peer_timeout must be > 0, got {peer_timeout}")
+        if not 4096 <= chunk_size <= 1 << 28:
+            raise ConfigError(f"chunk_size must be in [4 KiB, 256 MiB], got {chunk_size}")
+        if rate_limit is not None and rate_limit <= 0:
+            raise ConfigError(f"rate_limit must be > 0 bytes/s, got {rate_limit}")
+        n_streams = default_streams(bandwidth, rtt) if streams is None else streams
+        if not 1 <= n_streams <= 64:
+            raise ConfigError(f"streams must be in [1, 64], got {n_streams}")
+        from lowband.transport.security import warn_if_exposed
+
+        warn_if_exposed(host, security, f"rank {rank}")
+        self.rank, self.world_size = rank, world_size
+        self.stats = CommStats()
+        self.peer_timeout = peer_timeout
+        self.streams = n_streams
+        self.chunk_size = chunk_size
+        self.zero_copy_threshold = zero_copy_threshold
+        self.group_name = group
+        self.group_id = zlib.crc32(group.encode())
+        self.incarnation = secrets.randbits(63) or 1
+        self.security = security
+        self._cond = threading.Condition()
+        self._inbox: dict[tuple[int, Key], tuple[list[Any], int, int]] = {}
+        self._floor_epoch = 0
+        self._closed = False
+        self.ctx = zmq.Context(io_threads=max(1, min(4, n_streams)))
+        self._auth = security.start_authenticator(self.ctx) if security is not None else None
+        try:
+            self.io = IOLoop(
+                self, host=host, max_message_bytes=max_message_bytes, rate_limit=rate_limit
+            )
+            self.client = CoordinatorClient(self.ctx, coordinator, security=security)
+            view = self._join(dict(config or {}), join_timeout)
+        except BaseException:
+            self._teardown()
+            raise
+        self.io.start()
+        self._apply_view(view)
+
+    # -- membership ----------------------------------------------------------------------
+    def _join(self, config: dict[str, Any], timeout: float) -> dict[str, Any]:
+        req = {
+            "op": "join",
+            "group": self.group_name,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "data": self.io.data_endpoint,
+            "hb": self.io.hb_endpoint,
+            "incarnation": self.incarnation,
+            "pubkey": None if self.security is None else self.security.public_key.decode("ascii"),
+            "config": {"lowband": __version__, "wire": WIRE_VERSION, **config},
+        }
+        ids: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rep = self.client.ask(
+                req, timeout=min(2.0, max(0.01, deadline - time.monotonic())), ids=ids
+            )
+            if rep is not None:
+                return rep
+        raise CollectiveTimeout(
+            f"rank {self.rank}: the group did not assemble at {self.client.endpoint} within {timeout}s"
+        )
+
+    def _apply_view(self, view: dict[str, Any]) -> None:
+        """Connect to members we have no link to (or whose process restarted)."""
+        self.membership_epoch = int(view["epoch"])
+        self.members = tuple(int(r) for r in view["members"])
+        for key, info in view["peers"].items():
+            peer = int(key)
+            if peer == self.rank:
+                continue
+            server_key = None
+            if self.security is not None:
+                server_key = self.security.check_allowed(info.get("pubkey") or "", f"rank {peer}")
+            self.io.call("connect", peer, info, server_key)
+
+    # -- the Carrier contract ------------------------------------------------------------
+    def send(
+        self, peer: int, key: Key, frames: Sequence[bytes | memoryview], *, payload_bytes: int
+    ) -> None:
+        if self._closed:
+            raise TransportError(f"rank {self.rank}: carrier is closed")
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise ConfigError(f"rank {self.rank} cannot send to {peer}")
+        if not 1 <= len(frames) <= MAX_FRAMES:
+            raise ConfigError(f"a message has 1..{MAX_FRAMES} frames, got {len(frames)}")
+        views = [memoryview(f).cast("B") for f in frames]
+        lengths = tuple(len(v) for v in views)
+        chunks = [
+            (i, off, views[i][off : off + n])
+            for i, ln in enumerate(lengths)
+            for off, n in chunk_spans(ln, self.chunk_size)
+        ]
+        transport = self.io.build(peer, key, lengths, chunks, payload_bytes)
+        if transport is None:
+            raise PeerLost(f"rank {self.rank}: peer {peer} was lost", peers=(peer,))
+        self.stats.count_send(peer, payload_bytes, transport)
+
+    def recv(
+        self, peer: int, key: Key, *, timeout: float | None = None
+    ) -> list[bytes | memoryview]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise TransportError(f"rank {self.rank}: carrier is closed")
+                got = self._inbox.pop((peer, key), None)
+                if got is not None:
+                    frames, payload, transport = got
+                    break
+                if key[0] < self._floor_epoch:
+                    raise TransportError(f"rank {self.rank}: {key} belongs to a forgotten epoch")
+                if self.io.is_lost(peer):
+                    raise PeerLost(
+                        f"rank {self.rank}: peer {peer} sent neither heartbeat nor data for "
+                        f"{self.peer_timeout}s (waiting for {key})",
+                        peers=(peer,),
+                    )
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CollectiveTimeout(
+                        f"rank {self.rank}: no message {key} from {peer} in {timeout}s"
+                    )
+                self._cond.wait(0.1 if left is None else min(0.1, left))
+        self.stats.count_recv(peer, payload, transport)
+        return frames
+
+    def _deliver(
+        self, peer: int, key: Key, frames: list[Any], payload: int, transport: int
+    ) -> None:
+        """Called by the I/O thread with a complete message."""
+        with self._cond:
+            if key[0] >= self._floor_epoch:
+                self._inbox[(peer, key)] = (frames, payload, transport)
+                self._cond.notify_all()
+
+    def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
+        ids: set[int] = set()
+        deadline = time.monotonic() + max(60.0, 4 * self.peer_timeout)
+        while time.monotonic() < deadline:
+            proposal = sorted((set(alive) & self.alive()) | {self.rank})
+            req = {
+                "op": "commit",
+                "group": self.group_name,
+                "rank": self.rank,
+                "key": list(key),
+                "alive": proposal,
+            }
+            rep = self.client.ask(req, timeout=0.25, ids=ids)
+            if rep is not None:
+                self._apply_view(rep)
+                return tuple(int(r) for r in rep["participants"])
+        raise CollectiveTimeout(f"rank {self.rank}: commit {key} found no agreement")
+
+    def forget(self, epoch: int) -> None:
+        with self._cond:
+            self._floor_epoch = max(self._floor_epoch, epoch)
+            for k in [k for k in self._inbox if k[1][0] < epoch]:
+                del self._inbox[k]
+        self.io.call("forget", epoch)
+
+    def alive(self) -> set[int]:
+        return {self.rank} | {
+            p for p in range(self.world_size) if p != self.rank and not self.io.is_lost(p)
+        }
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        io = getattr(self, "io", None)
+        if io is not None:
+            io.stop()
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        if self._auth is not None:
+            self._auth.stop()
+        self.ctx.term()
+
+    def __enter__(self) -> ZmqCarrier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_carrier(
+    *,
+    rank: int,
+    world_size: int,
+    store: str,
+    security: Any = None,
+    peer_timeout: float = 30.0,
+    **options: Any,
+) -> ZmqCarrier:
+    """The backend entry point :func:`lowband.init_group` calls; ``store`` is the coordinator."""
+    return ZmqCarrier(
+        rank, world_size, coordinator=store, security=security, peer_timeout=peer_timeout, **options
+    )

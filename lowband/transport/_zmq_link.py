@@ -1,0 +1,178 @@
+"""Send side of the ZeroMQ carrier: one peer's parallel streams and its unacknowledged chunks.
+
+A message is cut into chunks (``_wire.chunk_spans``) and the chunks are striped
+round-robin over ``streams`` DEALER sockets, each its own TCP connection, so the
+sum of the streams' congestion windows, not one window, limits a long fat link
+(DESIGN.md: one stream at 100 ms round trip tops out near 300 Mbit/s here).
+
+A chunk stays in ``unacked`` from the moment it is handed to ZeroMQ until the
+peer acknowledges it. ZeroMQ drops what sits in a pipe when its connection
+breaks; when a stream's connection comes back (monitor event
+``HANDSHAKE_SUCCEEDED`` after ``DISCONNECTED``), every chunk still unacknowledged
+on it is queued again; the receiver drops the duplicates by sequence number.
+
+Socket options of every DEALER, and why:
+
+- ``IMMEDIATE=1``: queue only onto a live connection, so nothing waits in a pipe
+  that a reconnect would silently empty; our own queue holds it instead.
+- ``SNDHWM`` / ``RCVHWM`` finite (``hwm`` chunks): bounded memory per stream;
+  a full pipe makes ``send(NOBLOCK)`` fail with EAGAIN and the chunk waits here.
+- ``LINGER=0``: ``close()`` never blocks on unsent data (a dead peer would hang it).
+- ``TCP_KEEPALIVE`` 1, ``IDLE`` 20 s, ``INTVL`` 5 s, ``CNT`` 4: probes on an idle
+  link keep NAT and firewall mappings (commonly dropped after 30 s to 5 min of
+  silence) and detect a dead path.
+- ``HEARTBEAT_IVL`` / ``HEARTBEAT_TIMEOUT`` (ZMTP pings): a connection whose path
+  died silently is closed and reconnected. The timeout is generous (half of
+  ``peer_timeout``, at least 5 s) because a ping can queue behind a large chunk
+  (libzmq issue 2709); liveness of the *peer* is judged by our own heartbeats on
+  their own connection, not by this.
+- ``RECONNECT_IVL`` 100 ms, ``RECONNECT_IVL_MAX`` 5 s: reconnect at once, then
+  back off exponentially.
+- ``CONNECT_TIMEOUT`` 5 s: retry a connect that hangs instead of waiting for the
+  kernel's two-minute SYN timeout.
+- ``SNDBUF`` / ``RCVBUF`` are left alone: setting them disables Linux's buffer
+  autotuning, which is what lets one stream grow its window to 4 MiB.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+__all__ = ["Chunk", "Link", "identity", "parse_identity", "tune_dealer"]
+
+_IDENT = struct.Struct("<2sHBQ")
+HB_STREAM = 255
+
+
+def identity(rank: int, stream: int, incarnation: int) -> bytes:
+    """Routing id of a DEALER: who we are, which stream, which process incarnation."""
+    return _IDENT.pack(b"LB", rank, stream, incarnation)
+
+
+def parse_identity(ident: bytes) -> tuple[int, int, int] | None:
+    """``(rank, stream, incarnation)`` or None for a routing id that is not ours."""
+    if len(ident) != _IDENT.size:
+        return None
+    magic, rank, stream, inc = _IDENT.unpack(ident)
+    return (rank, stream, inc) if magic == b"LB" else None
+
+
+def tune_dealer(sock: zmq.Socket, *, hwm: int, peer_timeout: float, heartbeat: float) -> None:
+    sock.linger = 0
+    sock.immediate = 1
+    sock.sndhwm = sock.rcvhwm = hwm
+    sock.tcp_keepalive = 1
+    sock.tcp_keepalive_idle = 20
+    sock.tcp_keepalive_intvl = 5
+    sock.tcp_keepalive_cnt = 4
+    sock.heartbeat_ivl = max(100, int(heartbeat * 1000))
+    sock.heartbeat_timeout = max(5000, int(peer_timeout * 500))
+    sock.reconnect_ivl = 100
+    sock.reconnect_ivl_max = 5000
+    sock.connect_timeout = 5000
+
+
+@dataclass
+class Chunk:
+    link_seq: int
+    header: bytes
+    body: memoryview
+    stream: int
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + len(self.body)
+
+
+@dataclass
+class Stream:
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    queue: collections.deque[Chunk] = field(default_factory=collections.deque)
+    connected: bool = False
+    was_down: bool = False
+
+
+@dataclass
+class Link:
+    """Everything this process keeps about sending to one peer incarnation."""
+
+    peer: int
+    incarnation: int
+    streams: list[Stream]
+    hb: zmq.Socket
+    unacked: dict[int, Chunk] = field(default_factory=dict)
+    resent: int = 0
+    next_seq: int = 1
+
+    def assign(self, n: int) -> range:
+        first = self.next_seq
+        self.next_seq += n
+        return range(first, first + n)
+
+    def enqueue(self, chunk: Chunk) -> None:
+        self.streams[chunk.stream].queue.append(chunk)
+
+    def acked(self, floor: int, seqs: tuple[int, ...]) -> None:
+        for s in seqs:
+            self.unacked.pop(s, None)
+        if floor and self.unacked and min(self.unacked) <= floor:
+            for s in [s for s in self.unacked if s <= floor]:
+                del self.unacked[s]
+
+    def on_monitor(self, index: int, event: dict[str, Any]) -> None:
+        st = self.streams[index]
+        kind = event["event"]
+        if kind == zmq.EVENT_DISCONNECTED:
+            st.connected, st.was_down = False, True
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            st.connected = True
+            if st.was_down:
+                st.was_down = False
+                again = sorted(
+                    (c for c in self.unacked.values() if c.stream == index),
+                    key=lambda c: c.link_seq,
+                )
+                queued = {c.link_seq for c in st.queue}
+                again = [c for c in again if c.link_seq not in queued]
+                st.queue.extendleft(reversed(again))
+                self.resent += len(again)
+
+    def pending(self) -> bool:
+        return any(st.queue for st in self.streams)
+
+    def close(self) -> None:
+        for st in self.streams:
+            st.sock.disable_monitor()
+            st.monitor.close(0)
+            st.sock.close(0)
+        self.hb.close(0)
+        self.unacked.clear()
+
+
+class TokenBucket:
+    """Upload rate cap in bytes per second (``None``: no cap)."""
+
+    def __init__(self, rate: float | None, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+
+    def wait_time(self) -> float:
+        if self.rate is None:
+            return 0.0
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        return 0.0 if self.tokens > 0 else -self.tokens / self.rate
+
+    def spend(self, n: int) -> None:
+        if self.rate is not None:
+            self.tokens -= n

@@ -1,0 +1,136 @@
+"""Receive side of the ZeroMQ carrier: duplicate drop and reassembly of chunks.
+
+Pure bookkeeping, no sockets: :class:`Inbound` holds what one peer has sent us.
+Chunks arrive over several TCP streams in any order; each carries a link
+sequence number (for acknowledgements and duplicate drop: a chunk re-sent after a
+reconnect is recognised and dropped) and its place in its message (frame index,
+offset). A message is complete when every chunk of every frame is in; a frame
+that arrived as one chunk is handed over without a copy.
+
+Anything inconsistent (a chunk that contradicts its message's frame table, an
+offset seen twice under different sequence numbers, more buffered bytes than the
+cap) raises :class:`lowband.errors.TransportError`: the carrier then cuts the
+sender off. Memory for partial messages is bounded by ``max_pending_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lowband.errors import TransportError
+from lowband.transport._wire import Header, chunk_spans, expected_body
+
+__all__ = ["Completed", "Inbound"]
+
+Key = tuple[int, int, int]
+
+
+@dataclass
+class Completed:
+    key: Key
+    frames: list[bytes | memoryview]
+    payload_bytes: int
+    transport_bytes: int
+
+
+@dataclass
+class _Partial:
+    lengths: tuple[int, ...]
+    chunk_size: int
+    payload_bytes: int
+    remaining: int
+    frames: list[bytearray | memoryview | None]
+    seen: set[tuple[int, int]] = field(default_factory=set)
+    transport_bytes: int = 0
+
+
+class Inbound:
+    """What one peer (one process incarnation) has sent us."""
+
+    def __init__(self, peer: int, incarnation: int, *, max_pending_bytes: int) -> None:
+        self.peer = peer
+        self.incarnation = incarnation
+        self.max_pending_bytes = max_pending_bytes
+        self.floor = 0  # every link sequence number <= floor has arrived
+        self._above: set[int] = set()
+        self._partial: dict[Key, _Partial] = {}
+        self.pending_bytes = 0
+        self.min_epoch = 0
+
+    def seen(self, link_seq: int) -> bool:
+        return link_seq <= self.floor or link_seq in self._above
+
+    def _mark(self, link_seq: int) -> None:
+        self._above.add(link_seq)
+        while self.floor + 1 in self._above:
+            self.floor += 1
+            self._above.discard(self.floor)
+
+    def forget(self, epoch: int) -> None:
+        """Drop partial messages of epochs below ``epoch`` and ignore later ones."""
+        self.min_epoch = max(self.min_epoch, epoch)
+        for key in [k for k in self._partial if k[0] < epoch]:
+            self.pending_bytes -= sum(
+                len(f) for f in self._partial.pop(key).frames if isinstance(f, bytearray)
+            )
+
+    def accept(self, h: Header, head_len: int, body: memoryview) -> Completed | None:
+        """Take one DATA chunk (already header-validated). Returns the message it
+        completes, or None (incomplete, or a duplicate: check :meth:`seen` first)."""
+        if len(body) != expected_body(h):
+            raise TransportError(
+                f"peer {self.peer}: chunk body of {len(body)} bytes, header says {expected_body(h)}"
+            )
+        self._mark(h.link_seq)
+        if h.epoch < self.min_epoch:
+            return None  # an abandoned collective; acknowledged, then dropped
+        p = self._partial.get(h.key)
+        if p is None:
+            n_chunks = sum(len(chunk_spans(n, h.chunk_size)) for n in h.lengths)
+            p = _Partial(
+                h.lengths, h.chunk_size, h.payload_bytes, n_chunks, [None] * len(h.lengths)
+            )
+            self._partial[h.key] = p
+        elif (p.lengths, p.chunk_size, p.payload_bytes) != (
+            h.lengths,
+            h.chunk_size,
+            h.payload_bytes,
+        ):
+            raise TransportError(
+                f"peer {self.peer}: chunk of {h.key} contradicts its message's frame table"
+            )
+        where = (h.frame_idx, h.offset)
+        if where in p.seen:
+            raise TransportError(
+                f"peer {self.peer}: chunk {where} of {h.key} sent twice under new numbers"
+            )
+        p.seen.add(where)
+        p.remaining -= 1
+        p.transport_bytes += head_len + len(body)
+        flen = h.lengths[h.frame_idx]
+        if len(body) == flen:
+            p.frames[h.frame_idx] = body  # the whole frame in one chunk: no copy
+        else:
+            buf = p.frames[h.frame_idx]
+            if buf is None:
+                if self.pending_bytes + flen > self.max_pending_bytes:
+                    raise TransportError(
+                        f"peer {self.peer}: {self.pending_bytes + flen} bytes of unfinished messages "
+                        f"exceed the cap of {self.max_pending_bytes}"
+                    )
+                buf = p.frames[h.frame_idx] = bytearray(flen)
+                self.pending_bytes += flen
+            assert isinstance(buf, bytearray)
+            buf[h.offset : h.offset + len(body)] = body
+        if p.remaining:
+            return None
+        del self._partial[h.key]
+        frames: list[bytes | memoryview] = []
+        for f in p.frames:
+            if isinstance(f, bytearray):
+                self.pending_bytes -= len(f)
+                frames.append(memoryview(f))
+            else:
+                assert f is not None
+                frames.append(f)
+        return Completed(h.key, frames, p.payload_bytes, p.transport_bytes)

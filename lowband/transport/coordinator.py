@@ -1,0 +1,400 @@
+"""The coordinator: rendezvous, membership, epochs and the commit of participant sets.
+
+It runs in its own process (``lowband coordinator --bind HOST:PORT`` or
+:func:`start_coordinator`), never inside a trainer, so killing any trainer,
+rank 0 included, leaves the others able to agree and continue (DESIGN.md,
+"Faults and membership"). It only carries small JSON control messages over one
+ZeroMQ ROUTER socket; tensors never pass through it.
+
+Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
+``id``; any malformed request gets ``{"ok": false, "error": ...}``):
+
+- ``join``: a peer registers its endpoints, process incarnation, public key and
+  configuration. Until ``world_size`` ranks have joined, replies wait; then epoch
+  0 starts with every rank. A configuration that differs from the first joiner's
+  is refused with ``kind = "mismatch"`` naming the keys and values. A rank that
+  joins a running group (a restart or a late joiner) waits and enters at the
+  next commit, which starts a new epoch.
+- ``commit``: a member proposes the ranks it believes alive for one collective
+  ``key = (epoch, seq, phase)``. Members may re-propose a smaller set while they
+  wait. The decision is the intersection of the proposals, made once every rank
+  in that intersection has proposed; it is final and every asker gets the same
+  answer. If the set shrank or joiners wait, the group moves to a new epoch.
+
+All state lives in :class:`Membership`, a plain object with no I/O, so its rules
+are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from lowband.errors import ConfigError, TransportError
+
+__all__ = ["Coordinator", "CoordinatorProcess", "Membership", "main", "start_coordinator"]
+
+log = logging.getLogger(__name__)
+
+#: Control messages are small; anything larger is refused by libzmq (MAXMSGSIZE).
+MAX_REQUEST_BYTES = 1 << 20
+_KEEP_DECISIONS = 4096
+
+
+class RequestError(ValueError):
+    """A request the coordinator refuses; ``kind`` tells the client which error to raise."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _field(req: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
+    v = req.get(name)
+    if not isinstance(v, typ) or isinstance(v, bool) and typ is int:
+        raise RequestError(f"field {name!r} missing or not {typ}")
+    return v
+
+
+@dataclass
+class Group:
+    world_size: int
+    config: dict[str, Any]
+    config_rank: int
+    members_info: dict[int, dict[str, Any]] = field(default_factory=dict)
+    started: bool = False
+    epoch: int = 0
+    members: tuple[int, ...] = ()
+    joiners: dict[int, dict[str, Any]] = field(default_factory=dict)
+    proposals: dict[tuple[int, int, int], dict[int, frozenset[int]]] = field(default_factory=dict)
+    decisions: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
+
+
+class Membership:
+    """The coordinator's rules, free of sockets. Methods return a reply dict, or
+    ``None`` when the reply must wait; :meth:`ready` lists replies that became due."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, Group] = {}
+        self._due: list[tuple[Any, dict[str, Any]]] = []
+        self._waiting_join: dict[str, list[tuple[Any, int]]] = {}
+        self._waiting_commit: dict[tuple[str, tuple[int, int, int]], list[Any]] = {}
+
+    def ready(self) -> list[tuple[Any, dict[str, Any]]]:
+        out, self._due = self._due, []
+        return out
+
+    def _view(self, g: Group) -> dict[str, Any]:
+        return {
+            "epoch": g.epoch,
+            "members": list(g.members),
+            "peers": {str(r): g.members_info[r] for r in g.members},
+        }
+
+    # -- join ------------------------------------------------------------------------
+    def join(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
+        name = _field(req, "group", str)
+        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
+        if not 1 <= world <= 65535 or not 0 <= rank < world:
+            raise RequestError(f"rank {rank} outside a group of {world}")
+        info = {
+            "data": _field(req, "data", str),
+            "hb": _field(req, "hb", str),
+            "incarnation": _field(req, "incarnation", int),
+            "pubkey": req.get("pubkey"),
+        }
+        if info["pubkey"] is not None and not isinstance(info["pubkey"], str):
+            raise RequestError("field 'pubkey' not a string")
+        config = _field(req, "config", dict)
+        g = self.groups.get(name)
+        if g is None:
+            g = self.groups[name] = Group(world, config, rank)
+        if world != g.world_size:
+            raise RequestError(
+                f"rank {rank} says world_size={world}, the group has {g.world_size}", "mismatch"
+            )
+        diff = sorted(k for k in set(config) | set(g.config) if config.get(k) != g.config.get(k))
+        if diff:
+            parts = [
+                f"{k}: rank {rank} has {config.get(k)!r}, rank {g.config_rank} has {g.config.get(k)!r}"
+                for k in diff
+            ]
+            raise RequestError(
+                "configuration differs across peers; " + "; ".join(parts), "mismatch"
+            )
+        if not g.started:
+            g.members_info[rank] = info
+            self._waiting_join.setdefault(name, []).append((who, rank))
+            if len(g.members_info) == g.world_size:
+                g.started, g.members = True, tuple(range(g.world_size))
+                log.info("group %r started: epoch 0, %d members", name, g.world_size)
+                for w, _ in self._waiting_join.pop(name, []):
+                    self._due.append((w, self._view(g)))
+            return None
+        if rank in g.members and g.members_info[rank]["incarnation"] == info["incarnation"]:
+            return self._view(g)  # a retried join
+        g.joiners[rank] = info
+        self._waiting_join.setdefault(name, []).append((who, rank))
+        log.info("group %r: rank %d waits to join at the next commit", name, rank)
+        return None
+
+    # -- commit ----------------------------------------------------------------------
+    def commit(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
+        name = _field(req, "group", str)
+        g = self.groups.get(name)
+        if g is None or not g.started:
+            raise RequestError(f"group {name!r} has not started")
+        rank = _field(req, "rank", int)
+        key_l = _field(req, "key", list)
+        alive_l = _field(req, "alive", list)
+        if len(key_l) != 3 or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in key_l
+        ):
+            raise RequestError("field 'key' must be three integers")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in alive_l):
+            raise RequestError("field 'alive' must list integers")
+        key = (key_l[0], key_l[1], key_l[2])
+        if key in g.decisions:
+            return g.decisions[key]
+        if key[0] != g.epoch:
+            raise RequestError(
+                f"commit for epoch {key[0]}, the group is in epoch {g.epoch}", "stale"
+            )
+        if rank not in g.members:
+            raise RequestError(f"rank {rank} is not a member of epoch {g.epoch}", "stale")
+        alive = frozenset(alive_l) & frozenset(g.members)
+        if rank not in alive:
+            raise RequestError("a proposal must include the proposer")
+        props = g.proposals.setdefault(key, {})
+        old = props.get(rank)
+        props[rank] = alive if old is None else (old & alive)  # proposals only shrink
+        self._waiting_commit.setdefault((name, key), []).append(who)
+        agreed = frozenset.intersection(*props.values())
+        if not agreed <= props.keys():
+            return None
+        self._decide(name, g, key, tuple(sorted(agreed)))
+        return None
+
+    def _decide(
+        self, name: str, g: Group, key: tuple[int, int, int], parts: tuple[int, ...]
+    ) -> None:
+        g.proposals.pop(key, None)
+        new_epoch = parts != g.members or bool(g.joiners)
+        if new_epoch:
+            g.epoch += 1
+            for r, info in g.joiners.items():
+                g.members_info[r] = info
+            g.members = tuple(sorted(set(parts) | set(g.joiners)))
+            log.info(
+                "group %r: epoch %d with members %s (participants of %s: %s)",
+                name,
+                g.epoch,
+                g.members,
+                key,
+                parts,
+            )
+            joined, g.joiners = set(g.joiners), {}
+            view = self._view(g)
+            keep = []
+            for w, r in self._waiting_join.pop(name, []):
+                if r in joined:
+                    self._due.append((w, view))
+                else:
+                    keep.append((w, r))
+            if keep:
+                self._waiting_join[name] = keep
+        decision = {"participants": list(parts), **self._view(g)}
+        g.decisions[key] = decision
+        while len(g.decisions) > _KEEP_DECISIONS:
+            g.decisions.pop(next(iter(g.decisions)))
+        for w in self._waiting_commit.pop((name, key), []):
+            self._due.append((w, decision))
+
+
+class Coordinator:
+    """The coordinator's socket loop around a :class:`Membership`."""
+
+    def __init__(self, bind: str = "127.0.0.1:0", *, security: Any = None) -> None:
+        from lowband.transport.security import warn_if_exposed
+
+        host, _, port = bind.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"coordinator bind address must be HOST:PORT, got {bind!r}")
+        warn_if_exposed(host, security, "the coordinator")
+        self.ctx = zmq.Context()
+        self._auth = security.start_authenticator(self.ctx) if security is not None else None
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0  # never block shutdown on replies to dead peers
+        self.sock.maxmsgsize = MAX_REQUEST_BYTES  # libzmq drops a peer that sends more
+        self.sock.router_mandatory = 1  # a reply to a vanished client raises instead of vanishing
+        self.sock.sndhwm = self.sock.rcvhwm = 10000
+        if security is not None:
+            security.server(self.sock)
+        endpoint = f"tcp://{host}:{'*' if port == '0' else port}"
+        try:
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            raise TransportError(f"coordinator cannot bind {endpoint!r}: {e}") from e
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.address = self.endpoint.removeprefix("tcp://")
+        self.state = Membership()
+
+    def _reply(self, who: bytes, rid: Any, body: dict[str, Any]) -> None:
+        try:
+            self.sock.send_multipart([who, json.dumps({"id": rid, **body}).encode()])
+        except zmq.ZMQError as e:  # the client left; it retries if it still cares
+            log.debug("coordinator: reply dropped (%s)", e)
+
+    def handle(self, who: bytes, raw: bytes) -> None:
+        rid: Any = None
+        try:
+            req = json.loads(raw)
+            if not isinstance(req, dict):
+                raise RequestError("request is not a JSON object")
+            rid = req.get("id")
+            op = req.get("op")
+            if op == "join":
+                out = self.state.join((who, rid), req)
+            elif op == "commit":
+                out = self.state.commit((who, rid), req)
+            elif op == "ping":
+                out = {}
+            else:
+                raise RequestError(f"unknown op {op!r}")
+            if out is not None:
+                self._reply(who, rid, {"ok": True, **out})
+        except RequestError as e:
+            self._reply(who, rid, {"ok": False, "kind": e.kind, "error": str(e)})
+        except (ValueError, UnicodeDecodeError) as e:
+            self._reply(who, rid, {"ok": False, "kind": "error", "error": f"bad request: {e}"})
+        for (w, r), body in self.state.ready():
+            self._reply(w, r, {"ok": True, **body})
+
+    def serve(self, *, stop_after: float | None = None) -> None:
+        deadline = None if stop_after is None else time.monotonic() + stop_after
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                if not self.sock.poll(200):
+                    continue
+                msg = self.sock.recv_multipart()
+                if len(msg) != 2:
+                    log.warning("coordinator: dropped a request of %d frames", len(msg))
+                    continue
+                self.handle(msg[0], msg[1])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+        self.ctx.term()
+
+
+class CoordinatorProcess:
+    """A coordinator running in a child process; ``stop()`` (or ``with``) ends it."""
+
+    def __init__(self, proc: subprocess.Popen[str], address: str) -> None:
+        self.proc, self.address = proc, address
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> CoordinatorProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_coordinator(
+    bind: str = "127.0.0.1:0", *, args: list[str] | None = None, timeout: float = 60.0
+) -> CoordinatorProcess:
+    """Start ``lowband coordinator`` in a child process and return once it listens."""
+    cmd = [sys.executable, "-m", "lowband.transport.coordinator", "--bind", bind, *(args or [])]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sel.select(0.2):
+            line = proc.stdout.readline()
+            if line.startswith("listening on "):
+                return CoordinatorProcess(proc, line.split()[-1].removeprefix("tcp://"))
+            if not line:
+                break
+    proc.kill()
+    proc.wait(5)
+    raise TransportError(f"coordinator did not start (exit code {proc.poll()})")
+
+
+def main(argv: list[str]) -> int:
+    """``lowband coordinator --bind HOST:PORT [--curve-secret F --allow F...] [--torch-store-port P]``."""
+    ap = argparse.ArgumentParser(
+        prog="lowband coordinator", description="lowband rendezvous and membership service"
+    )
+    ap.add_argument(
+        "--bind", default="127.0.0.1:29500", help="HOST:PORT to listen on (port 0: any)"
+    )
+    ap.add_argument("--curve-secret", help="this coordinator's .key_secret file (turns CURVE on)")
+    ap.add_argument(
+        "--allow", action="append", default=[], help="allowed peer public key file or directory"
+    )
+    ap.add_argument("--torch-store-port", type=int, help="also host a torch TCPStore on this port")
+    ap.add_argument("--stop-after", type=float, help="exit after this many seconds (tests)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    security = None
+    if args.curve_secret:
+        from lowband.transport.security import Curve
+
+        security = Curve.from_files(args.curve_secret, allowed=args.allow)
+    store = None
+    if args.torch_store_port is not None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        host = args.bind.rpartition(":")[0]
+        store = dist.TCPStore(
+            host,
+            args.torch_store_port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=3600),
+        )
+    coord = Coordinator(args.bind, security=security)
+    print(f"listening on {coord.endpoint}", flush=True)
+    try:
+        coord.serve(stop_after=args.stop_after)
+    except KeyboardInterrupt:
+        pass
+    del store
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
