@@ -59,11 +59,11 @@ def table(n: int, repeats: int, specs: list[str]) -> list[dict[str, object]]:
         p = codec.encode(x)
         fns = {
             "copy": copy_baseline(x),
-            "encode": lambda: codec.encode(x).to_frames(),
-            "decode": lambda: codec.decode_into(Payload.from_frames(p.to_frames()), out, accumulate=False),
+            "encode": lambda c=codec: c.encode(x).to_frames(),
+            "decode": lambda c=codec, p=p: c.decode_into(Payload.from_frames(p.to_frames()), out, accumulate=False),
         }
         if ef is not None:
-            fns["encode+ef"] = lambda: ef.encode(x, key="x").to_frames()
+            fns["encode+ef"] = lambda e=ef: e.encode(x, key="x").to_frames()
         t = interleaved_best(fns, repeats=repeats)
         gb = x.numel() * 4 / 1e9
         rows.append({
