@@ -318,6 +318,10 @@ class DiLoCo(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Inner state plus ``"diloco"``: global copy, outer state, error feedback, schedule.
 
+        It also holds this peer's parameters (fp32 holds bf16 values exactly):
+        between syncs they differ from peer to peer, and building the optimizer
+        again may have broadcast rank 0's, so :meth:`load_state_dict` puts them back.
+
         Syncs still in flight are waited for and their averaged pseudo-gradients saved,
         so a resumed run applies them at the same step and continues bit-for-bit.
         """
@@ -340,6 +344,7 @@ class DiLoCo(torch.optim.Optimizer):
             "config": self._config(),
             "step": self._step_count,
             "global": [g.detach().clone() for g in self._global],
+            "local": [self._local_copy(b) for b in self._buckets],
             "outer": copy.deepcopy(self._outer.state_dict()),
             "error_feedback": self.error_feedback.state_dict()
             if self.error_feedback is not None
@@ -365,6 +370,9 @@ class DiLoCo(torch.optim.Optimizer):
                     f"global copy bucket is {saved.dtype}{tuple(saved.shape)}, expected {g.dtype}{tuple(g.shape)}"
                 )
             g.copy_(saved)
+        with torch.no_grad():
+            for b, saved in zip(self._buckets, mine["local"]):
+                scatter_from(b, saved)
         self._load_outer(mine["outer"])
         if (mine["error_feedback"] is None) != (self.error_feedback is None):
             raise ConfigMismatch("checkpoint and optimizer disagree on error feedback")
@@ -377,6 +385,12 @@ class DiLoCo(torch.optim.Optimizer):
             )
             for p in mine["pending"]
         ]
+
+    def _local_copy(self, bucket: Bucket) -> torch.Tensor:
+        # fp32 holds bf16 and fp16 values exactly, so the model comes back bit for bit
+        out = torch.empty(bucket.numel, dtype=torch.float32)
+        gather_into(bucket, out)
+        return out
 
     def _load_outer(self, saved: dict[str, Any]) -> None:
         # torch's loader casts state to each parameter's dtype and device; the outer
