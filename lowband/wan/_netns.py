@@ -1,0 +1,309 @@
+"""``netns`` mode: network namespaces, veth pairs, ``tc tbf`` and a TUN delay line.
+
+Layout for hosts ``0..n-1`` (names carry the prefix ``lbw<pid>x<k>`` so that runs never collide
+and ``lowband wan cleanup`` can find leftovers)::
+
+    host i (ns <prefix>h<i>)           core (ns <prefix>c)
+    eth0 10.77.i.2/24  <--veth-->  v<i> 10.77.i.1/24   egress tbf = i's downlink
+                                   t<i> (TUN)          egress tbf = i's uplink
+                                   lo   10.77.255.1    the hub (coordinator) address
+
+In the core, ``ip rule iif v<i> lookup 100+i`` sends everything host ``i`` sends to other hosts
+into ``t<i>``; the delay line holds it and writes it back, and the main table routes it to
+``v<dst>``. Traffic to the hub address is delivered in the core without delay or uplink limit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from lowband.errors import BackendUnavailable, ConfigError
+from lowband.wan.topology import Topology
+
+__all__ = ["NetnsLinks", "netns_available", "enter_namespace", "HUB_ADDRESS", "list_namespaces"]
+
+log = logging.getLogger(__name__)
+
+HUB_ADDRESS = "10.77.255.1"
+_CLONE_NEWNET = 0x40000000
+_counter = 0
+_counter_lock = threading.Lock()
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=30)
+
+
+def _run(argv: list[str]) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise BackendUnavailable(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
+
+
+def netns_available() -> tuple[bool, str]:
+    """Whether this process can build namespaces here; the reason when it cannot."""
+    if os.geteuid() != 0:
+        return False, "netns mode needs root (network namespaces, veth, tc, TUN)"
+    if not os.path.exists("/dev/net/tun"):
+        return False, "netns mode needs /dev/net/tun"
+    for tool in ("ip", "tc"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            return False, f"netns mode needs the {tool!r} command (iproute2)"
+    return True, ""
+
+
+def list_namespaces(prefix: str = "lbw") -> list[str]:
+    """Names of the network namespaces that start with ``prefix``."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+def enter_namespace(name: str) -> None:
+    """Move the calling process (all its threads' future sockets) into namespace ``name``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _next_prefix() -> str:
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        return f"lbw{os.getpid()}x{_counter}"
+
+
+class NetnsLinks:
+    """Builds the namespaces for a topology and tears them down; owns the delay line process."""
+
+    def __init__(self, topology: Topology, *, offload: bool = True, seed: int = 0) -> None:
+        ok, why = netns_available()
+        if not ok:
+            raise BackendUnavailable(why)
+        self.topology = topology
+        self.offload = offload
+        self.seed = seed
+        self.prefix = _next_prefix()
+        self.core = f"{self.prefix}c"
+        self.hosts = [f"{self.prefix}h{i}" for i in range(topology.n)]
+        self.delayline: subprocess.Popen | None = None
+        self._base: dict[int, dict[str, int]] = {}
+        self._lock = threading.Lock()
+
+    def host_address(self, i: int) -> str:
+        return f"10.77.{i}.2"
+
+    def start(self) -> None:
+        try:
+            self._build()
+        except BaseException:
+            self.stop()
+            raise
+        self._base = self._counters()
+
+    def _build(self) -> None:
+        topo, core = self.topology, self.core
+        for ns in (core, *self.hosts):
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ]
+            )
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                core,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ]
+        )
+        _run(["ip", "-n", core, "addr", "add", f"{HUB_ADDRESS}/32", "dev", "lo"])
+        for i, ns in enumerate(self.hosts):
+            _run(
+                [
+                    "ip",
+                    "-n",
+                    core,
+                    "link",
+                    "add",
+                    f"v{i}",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns,
+                ]
+            )
+            _run(["ip", "-n", core, "addr", "add", f"10.77.{i}.1/24", "dev", f"v{i}"])
+            _run(["ip", "-n", ns, "addr", "add", f"10.77.{i}.2/24", "dev", "eth0"])
+            _run(["ip", "-n", core, "link", "set", f"v{i}", "up"])
+            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            _run(["ip", "-n", ns, "route", "add", "default", "via", f"10.77.{i}.1"])
+        config = {
+            "tuns": [f"t{i}" for i in range(topo.n)],
+            "hosts": [self.host_address(i) for i in range(topo.n)],
+            "delay": [list(r) for r in topo.delay],
+            "jitter": [list(r) for r in topo.jitter],
+            "loss": topo.loss,
+            "offload": self.offload,
+            "seed": self.seed,
+        }
+        self.delayline = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                core,
+                sys.executable,
+                "-m",
+                "lowband.wan._delayline",
+                json.dumps(config),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        line = self.delayline.stdout.readline() if self.delayline.stdout else ""
+        if line.strip() != "ready":
+            raise BackendUnavailable(f"the delay line did not start (said {line!r})")
+        for i, link in enumerate(topo.hosts):
+            _run(["ip", "-n", core, "link", "set", f"t{i}", "up", "txqueuelen", "10000"])
+            _run(
+                ["ip", "-n", core, "route", "add", "default", "dev", f"t{i}", "table", str(100 + i)]
+            )
+            _run(
+                [
+                    "ip",
+                    "-n",
+                    core,
+                    "rule",
+                    "add",
+                    "iif",
+                    f"v{i}",
+                    "lookup",
+                    str(100 + i),
+                    "pref",
+                    str(1000 + i),
+                ]
+            )
+            for dev, bps in ((f"t{i}", link.up_bps), (f"v{i}", link.down_bps)):
+                # burst >= one 64 KiB GSO super-packet so tbf never splits one; a few ms at most.
+                burst = max(96 << 10, int(bps / 8 * 0.002))
+                _run(
+                    [
+                        "tc",
+                        "-n",
+                        core,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        f"{int(bps)}bit",
+                        "burst",
+                        str(burst),
+                        "limit",
+                        str(link.queue_bytes + burst),
+                    ]
+                )
+        log.info("netns link emulator %s up: %d hosts", self.prefix, topo.n)
+
+    def control(self, line: str) -> str | None:
+        with self._lock:
+            proc = self.delayline
+            if proc is None or proc.poll() is not None or proc.stdin is None or proc.stdout is None:
+                raise BackendUnavailable("the delay line is not running")
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+            return proc.stdout.readline().strip() if line.startswith("stats") else None
+
+    def cut(self, a: int, b: int) -> None:
+        self.control(f"cut {a} {b}")
+
+    def restore(self, a: int, b: int) -> None:
+        self.control(f"restore {a} {b}")
+
+    def stall(self, host: int, seconds: float) -> None:
+        self.control(f"stall {host} {seconds}")
+
+    def delayline_stats(self) -> dict[str, Any]:
+        return json.loads(self.control("stats") or "{}")
+
+    def _counters(self) -> dict[int, dict[str, int]]:
+        r = subprocess.run(
+            ["ip", "-j", "-s", "-n", self.core, "link", "show"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        out: dict[int, dict[str, int]] = {}
+        for dev in json.loads(r.stdout or "[]"):
+            name = dev.get("ifname", "")
+            if name.startswith("v") and name[1:].isdigit():
+                s = dev["stats64"]
+                # seen from the core: what the host sent (rx) and what it was sent (tx).
+                out[int(name[1:])] = {"up": s["rx"]["bytes"], "down": s["tx"]["bytes"]}
+        return out
+
+    def link_bytes(self) -> dict[int, dict[str, int]]:
+        now = self._counters()
+        return {
+            i: {k: v - self._base.get(i, {}).get(k, 0) for k, v in c.items()}
+            for i, c in sorted(now.items())
+        }
+
+    def command(self, host: int, argv: list[str]) -> list[str]:
+        if not 0 <= host < len(self.hosts) and host != -1:
+            raise ConfigError(f"no host {host}")
+        return ["ip", "netns", "exec", self.namespace(host), *argv]
+
+    def namespace(self, host: int) -> str:
+        return self.core if host == -1 else self.hosts[host]
+
+    def stop(self) -> None:
+        proc, self.delayline = self.delayline, None
+        if proc is not None:
+            try:
+                if proc.poll() is None and proc.stdin:
+                    proc.stdin.write("quit\n")
+                    proc.stdin.flush()
+                proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                proc.kill()
+                proc.wait(timeout=5)
+        for ns in (*self.hosts, self.core):
+            _ip("netns", "del", ns)
+        log.info("netns link emulator %s removed", self.prefix)

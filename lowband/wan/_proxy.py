@@ -1,0 +1,369 @@
+"""``proxy`` mode: a userspace TCP relay that emulates the links without root.
+
+A relay listener stands for one (source host, destination address) pair. The relay reads
+what the source writes and passes it through a model of the path: the source's uplink
+(a FIFO at the uplink rate, bounded queue), the one-way delay and jitter, the destination's
+downlink (a FIFO at its rate), then writes it to the destination. Rates count modelled wire
+bytes (payload plus 52 bytes of IP/TCP header per 1448-byte segment), as ``tc tbf`` does in
+``netns`` mode.
+
+A relay ends each TCP connection locally, so alone it would let one stream fill any link. The
+window model stops that: each direction of a connection may have at most ``cwnd`` bytes in
+flight, read but not yet acknowledged (an acknowledgement returns one reverse delay after
+delivery). ``cwnd`` starts at 10 segments and grows by the bytes acknowledged (slow start,
+doubling per round trip) up to ``window``, the in-flight bytes a real sender's socket buffer
+allows (calibrated against ``netns`` mode; see docs/wan.md). Data also waits one round trip for
+the handshake before the first byte leaves.
+
+Run as ``python -m lowband.wan._proxy CONFIG_JSON``; prints ``ready`` and serves a line
+protocol on the Unix socket ``config["control"]``: ``route SRC IP PORT`` -> ``IP PORT``,
+``cut A B``, ``restore A B``, ``stall H SECONDS``, ``bytes`` and ``stats`` -> one JSON line.
+It exits when its stdin closes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import random
+import select
+import socket
+import sys
+import time
+from collections import deque
+
+__all__ = ["main"]
+
+_MSS, _HDR = 1448, 52
+_CHUNK = 64 << 10
+_INIT_CWND = 10 * _MSS
+
+
+def _wire(n: int) -> int:
+    return n + -(-n // _MSS) * _HDR
+
+
+class _Link:
+    """One direction of an access link: a FIFO served at ``Bps`` bytes per second."""
+
+    def __init__(self, bps: float, queue: int) -> None:
+        self.Bps = bps / 8.0
+        self.queue = queue
+        self.free_at = 0.0
+        self.payload = 0
+
+    def backlog(self, now: float) -> float:
+        return max(0.0, self.free_at - now) * self.Bps
+
+    def send(self, now: float, nbytes: int) -> float:
+        self.free_at = max(now, self.free_at) + _wire(nbytes) / self.Bps
+        return self.free_at
+
+
+class _Flow:
+    """One direction of one relayed connection."""
+
+    def __init__(
+        self,
+        src: int,
+        dst: int,
+        rsock: socket.socket,
+        wsock: socket.socket,
+        window: int,
+        ready_at: float,
+    ) -> None:
+        self.src, self.dst, self.rsock, self.wsock = src, dst, rsock, wsock
+        self.window, self.cwnd, self.inflight = window, min(_INIT_CWND, window), 0
+        self.ready_at = ready_at
+        self.last_arrival = 0.0
+        self.out: deque[tuple[memoryview, float, int]] = deque()  # (bytes left, due, chunk size)
+        self.held: deque[bytes] = deque()
+        self.eof_read = False
+        self.eof_out = False  # the EOF reached the destination's side
+        self.done = False
+        self.peer: _Flow | None = None
+
+
+class Relay:
+    """The event loop: sockets, a heap of timed events, and the link model."""
+
+    def __init__(self, config: dict) -> None:
+        self.delay: list[list[float]] = config["delay"]
+        self.jitter: list[list[float]] = config["jitter"]
+        self.up = [_Link(h["up_bps"], h["queue_bytes"]) for h in config["hosts"]]
+        self.down = [_Link(h["down_bps"], h["queue_bytes"]) for h in config["hosts"]]
+        self.addresses: dict[str, int] = {ip: i for i, ip in enumerate(config["addresses"])}
+        self.window = int(config["window"])
+        self.rng = random.Random(config.get("seed", 0))
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.bind(config["control"])
+        self.control.listen(64)
+        self.listeners: dict[socket.socket, tuple[int, int, str, int]] = {}
+        self.routes: dict[tuple[int, str, int], tuple[str, int]] = {}
+        self.flows: list[_Flow] = []
+        self.by_rsock: dict[socket.socket, _Flow] = {}
+        self.by_wsock: dict[socket.socket, _Flow] = {}
+        self.events: list[tuple[float, int, int, _Flow, bytes]] = []
+        self.seq = 0
+        self.cut: set[tuple[int, int]] = set()
+        self.stall_until: dict[int, float] = {}
+        self.stats = {
+            "chunks": 0,
+            "late_max_s": 0.0,
+            "late_sum_s": 0.0,
+            "late_over_1ms": 0,
+            "connections": 0,
+        }
+
+    # -- control -----------------------------------------------------------------------------
+    def route(self, src: int, ip: str, port: int) -> tuple[str, int]:
+        dst = self.addresses.get(ip)
+        if dst is None or dst == src:
+            return ip, port  # not an emulated host (the hub), or the host itself: no link crossed
+        key = (src, ip, port)
+        if key not in self.routes:
+            lsock = socket.socket()
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(128)
+            lsock.setblocking(False)
+            self.listeners[lsock] = (src, dst, ip, port)
+            self.routes[key] = lsock.getsockname()[:2]
+        return self.routes[key]
+
+    def handle_control(self) -> None:
+        conn, _ = self.control.accept()
+        with conn:
+            conn.settimeout(2.0)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            reply = self.command(data.decode().split())
+            conn.sendall((reply + "\n").encode())
+
+    def command(self, parts: list[str]) -> str:
+        op = parts[0] if parts else ""
+        if op == "route":
+            ip, port = self.route(int(parts[1]), parts[2], int(parts[3]))
+            return f"{ip} {port}"
+        if op in ("cut", "restore"):
+            a, b = int(parts[1]), int(parts[2])
+            key = (min(a, b), max(a, b))
+            (self.cut.add if op == "cut" else self.cut.discard)(key)
+            return "ok"
+        if op == "stall":
+            self.stall_until[int(parts[1])] = time.monotonic() + float(parts[2])
+            return "ok"
+        if op == "bytes":
+            return json.dumps(
+                {
+                    i: {"up": u.payload, "down": d.payload}
+                    for i, (u, d) in enumerate(zip(self.up, self.down))
+                }
+            )
+        if op == "stats":
+            return json.dumps(self.stats)
+        return f"error unknown command {op!r}"
+
+    # -- connections -------------------------------------------------------------------------
+    def accept(self, lsock: socket.socket, now: float) -> None:
+        src, dst, ip, port = self.listeners[lsock]
+        try:
+            insock, _ = lsock.accept()
+        except BlockingIOError:
+            return
+        try:
+            outsock = socket.create_connection((ip, port), timeout=5.0)
+        except OSError:
+            insock.close()  # nothing listens there: the source sees the connection end
+            return
+        rtt = self.delay[src][dst] + self.delay[dst][src]
+        for s in (insock, outsock):
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, _CHUNK
+            )  # backpressure reaches the app
+        fwd = _Flow(src, dst, insock, outsock, self.window, now + rtt)
+        rev = _Flow(dst, src, outsock, insock, self.window, now + rtt)
+        fwd.peer, rev.peer = rev, fwd
+        for f in (fwd, rev):
+            self.flows.append(f)
+            self.by_rsock[f.rsock] = f
+            self.by_wsock[f.wsock] = f
+        self.stats["connections"] += 1
+
+    def close(self, flow: _Flow) -> None:
+        for f in (flow, flow.peer):
+            if f is None or f.done:
+                continue
+            f.done = True
+            self.flows.remove(f)
+            self.by_rsock.pop(f.rsock, None)
+            self.by_wsock.pop(f.wsock, None)
+        for s in (flow.rsock, flow.wsock):
+            s.close()
+
+    # -- the link model ----------------------------------------------------------------------
+    def _push(self, t: float, kind: int, flow: _Flow, data: bytes) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, flow, data))
+
+    def can_read(self, f: _Flow, now: float) -> float:
+        """0 when ``f`` may read now, else the time to look again (inf: an event will tell)."""
+        if f.eof_read or f.done:
+            return float("inf")
+        if now < f.ready_at:
+            return f.ready_at
+        if f.inflight >= f.cwnd:
+            return float("inf")
+        up = self.up[f.src]
+        if up.backlog(now) >= up.queue:
+            return up.free_at - up.queue / up.Bps
+        return 0.0
+
+    def read(self, f: _Flow, now: float) -> None:
+        try:
+            data = f.rsock.recv(min(_CHUNK, f.cwnd - f.inflight))
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close(f)
+            return
+        if not data:
+            f.eof_read = True
+        else:
+            f.inflight += len(data)
+            self.up[f.src].payload += len(data)
+        t = self.up[f.src].send(now, len(data)) if data else max(now, self.up[f.src].free_at)
+        j = self.jitter[f.src][f.dst]
+        t += self.delay[f.src][f.dst] + (self.rng.uniform(-j, j) if j else 0.0)
+        f.last_arrival = t = max(t, f.last_arrival)
+        self._push(t, 0, f, data)
+
+    def blocked(self, f: _Flow, now: float) -> bool:
+        key = (min(f.src, f.dst), max(f.src, f.dst))
+        return key in self.cut or now < max(
+            self.stall_until.get(f.src, 0.0), self.stall_until.get(f.dst, 0.0)
+        )
+
+    def arrive(self, f: _Flow, data: bytes, now: float) -> None:
+        if f.held or self.blocked(f, now):
+            f.held.append(data)
+            return
+        down = self.down[f.dst]
+        t = down.send(now, len(data)) if data else max(now, down.free_at)
+        self._push(t, 1, f, data)
+
+    def deliver(self, f: _Flow, data: bytes, t: float) -> None:
+        if f.done:
+            return
+        f.out.append((memoryview(data), t, len(data)))
+        self.flush(f, time.monotonic())
+
+    def flush(self, f: _Flow, now: float) -> None:
+        while f.out:
+            view, t, size = f.out[0]
+            if not len(view):  # the EOF marker
+                f.out.popleft()
+                f.eof_out = True
+                try:
+                    f.wsock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                if f.peer is not None and f.peer.eof_out:
+                    self.close(f)
+                return
+            try:
+                n = f.wsock.send(view)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close(f)
+                return
+            self.down[f.dst].payload += n
+            if n < len(view):
+                f.out[0] = (view[n:], t, size)
+                return
+            f.out.popleft()
+            late = now - t
+            st = self.stats
+            st["chunks"] += 1
+            st["late_sum_s"] += late
+            st["late_max_s"] = max(st["late_max_s"], late)
+            st["late_over_1ms"] += late > 1e-3
+            self._push(now + self.delay[f.dst][f.src], 2, f, b"%d" % size)
+
+    def ack(self, f: _Flow, chunk: int) -> None:
+        """The acknowledgement of ``chunk`` bytes reached the sender: slow start grows cwnd."""
+        f.inflight -= chunk
+        f.cwnd = min(f.window, f.cwnd + chunk)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        stdin = sys.stdin.fileno()
+        try:  # keep the schedule on a shared machine when allowed (root); else run as is
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+            self.stats["realtime"] = True
+        except (OSError, AttributeError):
+            self.stats["realtime"] = False
+        print("ready", flush=True)
+        while True:
+            now = time.monotonic()
+            while self.events and self.events[0][0] <= now:
+                t, _, kind, f, data = heapq.heappop(self.events)
+                if kind == 0:
+                    self.arrive(f, data, now)
+                elif kind == 1:
+                    self.deliver(f, data, t)
+                else:
+                    self.ack(f, int(data))
+                now = time.monotonic()
+            wake = self.events[0][0] if self.events else now + 1.0
+            rlist: list = [stdin, self.control, *self.listeners]
+            wlist: list = []
+            for f in list(self.flows):
+                if f.held and not self.blocked(f, now):
+                    held, f.held = f.held, deque()
+                    for data in held:
+                        self.arrive(f, data, now)
+                elif f.held:
+                    wake = min(wake, now + 0.01)
+                w = self.can_read(f, now)
+                if w == 0.0:
+                    rlist.append(f.rsock)
+                else:
+                    wake = min(wake, w)
+                if f.out:
+                    wlist.append(f.wsock)
+            ready_r, ready_w, _ = select.select(rlist, wlist, [], max(0.0, wake - time.monotonic()))
+            now = time.monotonic()
+            for s in ready_w:
+                f = self.by_wsock.get(s)
+                if f is not None:
+                    self.flush(f, now)
+            for s in ready_r:
+                if s == stdin:
+                    if not os.read(stdin, 4096):
+                        return
+                elif s is self.control:
+                    self.handle_control()
+                elif s in self.listeners:
+                    self.accept(s, now)
+                else:
+                    f = self.by_rsock.get(s)
+                    if f is not None and not f.done:
+                        self.read(f, now)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    Relay(json.loads(args[0])).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
