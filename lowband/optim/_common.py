@@ -4,6 +4,8 @@ per-optimizer byte counters, codec and error-feedback arguments, and GradScaler 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -11,9 +13,13 @@ from typing import Any, Protocol
 import torch
 
 from lowband.errors import ConfigError
+from lowband.optim._buckets import Bucket, gather_into, scatter_from
 from lowband.transport import CommStats, PeerStats
 
 __all__ = [
+    "agree_on_start",
+    "amp_found_inf",
+    "amp_unscale",
     "GroupLike",
     "WorkLike",
     "StatsMeter",
@@ -22,6 +28,8 @@ __all__ = [
     "resolve_error_feedback",
     "amp_skip_and_unscale",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class WorkLike(Protocol):
@@ -159,21 +167,71 @@ def resolve_error_feedback(error_feedback: Any, codec: Any) -> Any:
     )
 
 
-def amp_skip_and_unscale(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> bool:
-    """GradScaler support for optimizers with ``_step_supports_amp_scaling = True``.
-
-    ``torch.amp.GradScaler.step`` then always calls ``step()`` and sets
-    ``opt.found_inf`` and ``opt.grad_scale`` (the latter only while the gradients
-    are still scaled). Returns True when this peer found an inf or nan; otherwise
-    unscales the gradients in place, as ``GradScaler.unscale_`` would, and returns False.
-    """
+def amp_found_inf(opt: torch.optim.Optimizer) -> bool | None:
+    """With ``_step_supports_amp_scaling = True``, ``torch.amp.GradScaler.step`` always
+    calls ``step()`` and sets ``opt.found_inf`` (and ``opt.grad_scale`` while the
+    gradients are still scaled). None when no scaler drives this step."""
     found_inf = getattr(opt, "found_inf", None)
-    if found_inf is not None and bool(found_inf.item()):
-        return True
+    return None if found_inf is None else bool(found_inf.item())
+
+
+def amp_unscale(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
+    """Unscale gradients in place if GradScaler left them scaled, as ``unscale_`` would."""
     grad_scale = getattr(opt, "grad_scale", None)
     if grad_scale is not None:
         inv = grad_scale.double().reciprocal().float()
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(inv.to(p.grad.device))
+
+
+def amp_skip_and_unscale(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> bool:
+    """True when GradScaler found an inf or nan on this peer; else unscale and return False."""
+    if amp_found_inf(opt):
+        return True
+    amp_unscale(opt, params)
     return False
+
+
+def agree_on_start(
+    group: GroupLike, meter: StatsMeter, config: dict[str, Any], buckets: list[Bucket]
+) -> bool:
+    """Collective: check ``config`` against every peer (ConfigMismatch names the
+    difference), then compare a digest of the parameters with rank 0's and, if any
+    peer differs, broadcast rank 0's parameters bucket by bucket. Returns whether
+    parameters were broadcast. Nothing big is sent when the peers already agree.
+    """
+    if group.world_size == 1:
+        return False
+    meter.launched(1)
+    try:
+        group.verify(config)
+    finally:
+        meter.finished(1)
+    h = hashlib.sha256()
+    staging = torch.empty(max(b.numel for b in buckets), dtype=torch.float32)
+    for b in buckets:
+        gather_into(b, staging[: b.numel])
+        h.update(staging[: b.numel].numpy().tobytes())
+    digest = h.digest()
+    # 16 float32 values of 16 bits each: exact in fp32 and in any reduction
+    mine = torch.tensor(
+        [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 32, 2)], dtype=torch.float32
+    )
+    ref = mine.clone()
+    meter.launched(2)
+    group.broadcast(ref, src=0).wait()
+    flag = group.all_reduce(torch.tensor([float(not torch.equal(ref, mine))]), op="sum").wait()
+    meter.finished(2)
+    if float(flag[0]) == 0:
+        return False
+    logger.info("parameters differ between peers: broadcasting rank 0's (%d buckets)", len(buckets))
+    meter.launched(len(buckets))
+    with torch.no_grad():
+        for b in buckets:
+            buf = staging[: b.numel]
+            gather_into(b, buf)
+            group.broadcast(buf, src=0).wait()
+            scatter_from(b, buf)
+    meter.finished(len(buckets))
+    return True

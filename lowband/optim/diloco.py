@@ -20,7 +20,6 @@ stay in lockstep: each syncs fragment ``f`` when its count reaches
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from lowband.optim._common import (
     Ready,
     StatsMeter,
     WorkLike,
+    agree_on_start,
     amp_skip_and_unscale,
     resolve_codec,
     resolve_error_feedback,
@@ -171,7 +171,11 @@ class DiLoCo(torch.optim.Optimizer):
             self._outer = outer_optimizer(list(self._global))
             if not isinstance(self._outer, torch.optim.Optimizer):
                 raise ConfigError("outer_optimizer must return a torch.optim.Optimizer")
-        self._agree_on_start()
+        config = {"optimizer": "DiLoCo", **self._config()}
+        if agree_on_start(group, self._meter, config, self._buckets):
+            with torch.no_grad():
+                for b, g in zip(self._buckets, self._global):
+                    gather_into(b, g)
 
     # -- construction helpers -------------------------------------------------
 
@@ -188,38 +192,6 @@ class DiLoCo(torch.optim.Optimizer):
             "codec": str(self.codec) if self.codec is not None else None,
             "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
         }
-
-    def _agree_on_start(self) -> None:
-        """Check settings and shapes against the peers; broadcast rank 0's parameters if they differ."""
-        if self.group.world_size == 1:
-            return
-        self._meter.launched(1)
-        try:
-            self.group.verify({"optimizer": "DiLoCo", **self._config()})
-        finally:
-            self._meter.finished(1)
-        h = hashlib.sha256()
-        for g in self._global:
-            h.update(g.detach().cpu().numpy().tobytes())
-        mine = _digest_tensor(h.digest())
-        ref = mine.clone()
-        self._meter.launched(2)
-        self.group.broadcast(ref, src=0).wait()
-        differs = torch.tensor([float(not torch.equal(ref, mine))])
-        flag = self.group.all_reduce(differs, op="sum").wait()
-        self._meter.finished(2)
-        if float(flag[0]) > 0:
-            logger.info(
-                "parameters differ between peers: broadcasting rank 0's (%d buckets)",
-                len(self._global),
-            )
-            self._meter.launched(len(self._global))
-            for g in self._global:
-                self.group.broadcast(g, src=0).wait()
-            self._meter.finished(len(self._global))
-            with torch.no_grad():
-                for b, g in zip(self._buckets, self._global):
-                    scatter_from(b, g)
 
     # -- public surface ---------------------------------------------------------
 
@@ -402,9 +374,3 @@ class DiLoCo(torch.optim.Optimizer):
             for name, value in entry.items():
                 if isinstance(value, torch.Tensor):
                     live[name] = value.detach().clone().to(device=value.device, dtype=value.dtype)
-
-
-def _digest_tensor(digest: bytes) -> torch.Tensor:
-    """32 digest bytes as 16 float32 values of 16 bits each (exact in fp32 and in any reduction)."""
-    words = [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 32, 2)]
-    return torch.tensor(words, dtype=torch.float32)
