@@ -298,9 +298,11 @@ def open_carrier(
     store: str,
     security: Any = None,
     peer_timeout: float = 30.0,
+    group_name: str = "lowband",
     **options: Any,
 ) -> ZmqCarrier:
-    """The backend entry point :func:`lowband.init_group` calls; ``store`` is the coordinator."""
+    """The backend entry point :func:`lowband.init_group` calls; ``store`` is the coordinator's
+    ``HOST:PORT``; ``options`` are :class:`ZmqCarrier`'s keyword arguments."""
     return ZmqCarrier(
-        rank, world_size, coordinator=store, security=security, peer_timeout=peer_timeout, **options
+        rank, world_size, coordinator=store, group=group_name, security=security, peer_timeout=peer_timeout, **options
     )

@@ -17,9 +17,12 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   next commit, which starts a new epoch.
 - ``commit``: a member proposes the ranks it believes alive for one collective
   ``key = (epoch, seq, phase)``. Members may re-propose a smaller set while they
-  wait. The decision is the intersection of the proposals, made once every rank
+  wait. Members are the ranks of the previous decision (every rank before the
+  first). The decision is the intersection of the proposals, made once every rank
   in that intersection has proposed; it is final and every asker gets the same
-  answer. If the set shrank or joiners wait, the group moves to a new epoch.
+  answer. If the set shrank or joiners wait, the membership moves to a new epoch
+  (reported as ``epoch``; the collectives keep their own epoch count). A rank
+  that is no longer a member gets the current members, without itself.
 
 All state lives in :class:`Membership`, a plain object with no I/O, so its rules
 are unit-tested directly.
@@ -165,12 +168,8 @@ class Membership:
         key = (key_l[0], key_l[1], key_l[2])
         if key in g.decisions:
             return g.decisions[key]
-        if key[0] != g.epoch:
-            raise RequestError(
-                f"commit for epoch {key[0]}, the group is in epoch {g.epoch}", "stale"
-            )
-        if rank not in g.members:
-            raise RequestError(f"rank {rank} is not a member of epoch {g.epoch}", "stale")
+        if rank not in g.members:  # dropped earlier: the answer is a set without it
+            return {"participants": list(g.members), **self._view(g)}
         alive = frozenset(alive_l) & frozenset(g.members)
         if rank not in alive:
             raise RequestError("a proposal must include the proposer")

@@ -1,0 +1,106 @@
+"""The coordinator: membership rules (no I/O) and the real process behind a socket."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import zmq
+
+from lowband.errors import ConfigMismatch
+from lowband.transport._coord_client import CoordinatorClient
+from lowband.transport.coordinator import Membership, RequestError, start_coordinator
+
+
+def _join(m: Membership, rank: int, world: int = 3, **config) -> dict | None:
+    req = {"group": "g", "rank": rank, "world_size": world, "data": f"tcp://127.0.0.1:{1000 + rank}",
+           "hb": "tcp://127.0.0.1:1", "incarnation": 100 + rank, "config": config}
+    return m.join(("who", rank), req)
+
+
+def _commit(m: Membership, rank: int, alive: list[int], key=(0, 1, 9)) -> dict | None:
+    return m.commit(("c", rank), {"group": "g", "rank": rank, "key": list(key), "alive": alive})
+
+
+def test_join_waits_for_everyone_then_starts_epoch_0() -> None:
+    m = Membership()
+    assert _join(m, 0, codec="q4") is None and _join(m, 2, codec="q4") is None
+    assert m.ready() == []
+    assert _join(m, 1, codec="q4") is None
+    due = m.ready()
+    assert sorted(w[1] for w, _ in due) == [0, 1, 2]
+    assert all(v["epoch"] == 0 and v["members"] == [0, 1, 2] for _, v in due)
+
+
+def test_join_mismatch_names_the_difference() -> None:
+    m = Membership()
+    _join(m, 0, codec="q4", sync_every=100)
+    with pytest.raises(RequestError, match="sync_every: rank 1 has 50, rank 0 has 100") as e:
+        _join(m, 1, codec="q4", sync_every=50)
+    assert e.value.kind == "mismatch"
+    with pytest.raises(RequestError, match="world_size"):
+        _join(m, 1, world=4, codec="q4", sync_every=100)
+
+
+def test_commit_is_the_intersection_once_its_members_proposed() -> None:
+    m = Membership()
+    for r in range(3):
+        _join(m, r)
+    m.ready()
+    assert _commit(m, 0, [0, 1, 2]) is None
+    assert _commit(m, 1, [0, 1, 2]) is None
+    assert m.ready() == []  # rank 2 has not proposed and nobody lost it yet
+    assert _commit(m, 0, [0, 1]) is None  # rank 0 now sees rank 2 as lost: {0, 1} proposed, agreed
+    due = m.ready()
+    assert sorted(w for w, _ in due) == [("c", 0), ("c", 0), ("c", 1)]  # every asking answered
+    assert {tuple(v["participants"]) for _, v in due} == {(0, 1)}
+    assert all(v["epoch"] == 1 and v["members"] == [0, 1] for _, v in due)
+    # asking again gets the same, final answer; the dropped rank gets a set without itself
+    assert _commit(m, 1, [0, 1])["participants"] == [0, 1]
+    assert 2 not in _commit(m, 2, [0, 1, 2], key=(1, 2, 9))["participants"]
+
+
+def test_late_joiner_enters_at_the_next_commit() -> None:
+    m = Membership()
+    for r in range(2):
+        _join(m, r, world=2)
+    m.ready()
+    _commit(m, 0, [0], key=(0, 1, 9))  # rank 1 is gone; rank 0 alone decides
+    assert [v["participants"] for _, v in m.ready()] == [[0]]
+    req = {"group": "g", "rank": 1, "world_size": 2, "data": "tcp://x:1", "hb": "tcp://x:2",
+           "incarnation": 555, "config": {}}
+    assert m.join(("again", 1), req) is None
+    _commit(m, 0, [0], key=(1, 2, 9))
+    views = {w: v for w, v in m.ready()}
+    assert views[("again", 1)]["members"] == [0, 1]
+    assert views[("again", 1)]["peers"]["1"]["incarnation"] == 555
+
+
+def test_bad_requests_are_refused() -> None:
+    m = Membership()
+    with pytest.raises(RequestError):
+        m.join("x", {"group": "g", "rank": "zero"})
+    with pytest.raises(RequestError):
+        m.commit("x", {"group": "nope", "rank": 0, "key": [0, 0, 0], "alive": [0]})
+
+
+def test_coordinator_process_answers_and_survives_garbage() -> None:
+    ctx = zmq.Context()
+    with start_coordinator() as co:
+        raw = ctx.socket(zmq.DEALER)
+        raw.linger = 0
+        raw.connect(f"tcp://{co.address}")
+        for junk in (b"\xff\x00garbage", b"[1,2]", json.dumps({"op": "nope", "id": 3}).encode()):
+            raw.send(junk)
+            assert raw.poll(10_000)
+            assert json.loads(raw.recv())["ok"] is False
+        raw.close(0)
+        client = CoordinatorClient(ctx, co.address)
+        assert client.ask({"op": "ping"}, timeout=10) is not None
+        base = {"op": "join", "group": "t", "world_size": 2, "data": "tcp://a:1", "hb": "tcp://a:2",
+                "incarnation": 1}
+        assert client.ask({**base, "rank": 0, "config": {"codec": "q4"}}, timeout=0.2) is None
+        with pytest.raises(ConfigMismatch, match="codec"):
+            client.ask({**base, "rank": 1, "config": {"codec": "q8"}}, timeout=10)
+        client.close()
+    ctx.term()

@@ -1,0 +1,157 @@
+"""The transport frame header and chunk reassembly: round trips, strict parsing, fuzzing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowband.errors import TransportError
+from lowband.transport._wire import (
+    ACK,
+    DATA,
+    HEARTBEAT,
+    chunk_spans,
+    pack_header,
+    parse_ack,
+    parse_header,
+)
+from lowband.transport._zmq_recv import Inbound
+
+LIMITS = dict(world_size=4, group=7, max_message_bytes=1 << 20, max_chunk_size=4096)
+
+
+def _chunks(frames: list[bytes], chunk: int, *, sender: int = 1, key=(0, 5, 1), first_seq: int = 1):
+    lengths = tuple(len(f) for f in frames)
+    seq = first_seq
+    out = []
+    for i, f in enumerate(frames):
+        for off, n in chunk_spans(len(f), chunk):
+            head = pack_header(DATA, sender=sender, group=7, incarnation=9, key=key, lengths=lengths,
+                               frame_idx=i, link_seq=seq, chunk_size=chunk, offset=off, payload_bytes=sum(lengths))
+            out.append((head, f[off : off + n]))
+            seq += 1
+    return out
+
+
+def test_header_round_trip() -> None:
+    head = pack_header(DATA, sender=3, group=7, incarnation=11, key=(2, 99, 4), lengths=(10, 5000),
+                       frame_idx=1, link_seq=42, chunk_size=4096, offset=4096, payload_bytes=5000)
+    h = parse_header(head, **LIMITS)
+    assert (h.kind, h.sender, h.key, h.lengths, h.frame_idx, h.offset, h.link_seq) == (
+        DATA, 3, (2, 99, 4), (10, 5000), 1, 4096, 42)
+    hb = parse_header(pack_header(HEARTBEAT, sender=0, group=7, incarnation=1), **LIMITS)
+    assert hb.kind == HEARTBEAT and hb.lengths == ()
+
+
+@pytest.mark.parametrize(
+    "why, kw",
+    [
+        ("sender", dict(sender=4)),
+        ("group", dict(group=8)),
+        ("cap", dict(lengths=(1 << 21,))),
+        ("offset", dict(offset=100)),
+        ("chunk", dict(chunk_size=8192)),
+        ("seq", dict(link_seq=0)),
+        ("frame", dict(frame_idx=3)),
+    ],
+)
+def test_header_rejects(why: str, kw: dict) -> None:
+    base = dict(sender=1, group=7, incarnation=1, key=(0, 1, 0), lengths=(10000,), frame_idx=0,
+                link_seq=1, chunk_size=4096, offset=0, payload_bytes=10)
+    base.update(kw)
+    with pytest.raises(TransportError):
+        parse_header(pack_header(DATA, **base), **LIMITS)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=700))
+def test_random_bytes_raise_only_transport_error(data: bytes) -> None:
+    try:
+        parse_header(data, **LIMITS)
+    except TransportError:
+        pass
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.data())
+def test_mutated_headers_raise_only_transport_error(data: st.DataObject) -> None:
+    head = bytearray(_chunks([b"x" * 9000, b"y" * 3], 4096)[1][0])
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(head) - 1))
+        head[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(head)))
+    try:
+        h = parse_header(bytes(head[:cut]), **LIMITS)
+    except TransportError:
+        return
+    assert h.message_bytes <= LIMITS["max_message_bytes"]  # whatever parses respects the caps
+
+
+def test_ack_body() -> None:
+    assert parse_ack(b"".join(i.to_bytes(8, "little") for i in (3, 4))) == (3, 4)
+    with pytest.raises(TransportError):
+        parse_ack(b"\x00" * 7)
+
+
+def _feed(ib: Inbound, chunks) -> list:
+    done = []
+    for head, body in chunks:
+        h = parse_header(head, **LIMITS)
+        if ib.seen(h.link_seq):
+            continue
+        got = ib.accept(h, len(head), memoryview(body))
+        if got is not None:
+            done.append(got)
+    return done
+
+
+def test_reassembly_in_any_order_with_duplicates() -> None:
+    rng = random.Random(0)
+    frames = [b"h" * 7, rng.randbytes(50_000), b"", rng.randbytes(4096)]
+    chunks = _chunks(frames, 4096)
+    shuffled = chunks + chunks[:5]  # five re-sent duplicates
+    rng.shuffle(shuffled)
+    ib = Inbound(1, 9, max_pending_bytes=1 << 20)
+    done = _feed(ib, shuffled)
+    assert len(done) == 1
+    assert [bytes(f) for f in done[0].frames] == frames
+    assert done[0].key == (0, 5, 1) and done[0].payload_bytes == sum(map(len, frames))
+    assert ib.pending_bytes == 0 and ib.floor == len(chunks)
+
+
+def test_contradicting_chunks_are_rejected() -> None:
+    ib = Inbound(1, 9, max_pending_bytes=1 << 20)
+    a = _chunks([b"a" * 9000], 4096)
+    b = _chunks([b"a" * 9001], 4096, first_seq=10)
+    _feed(ib, a[:1])
+    with pytest.raises(TransportError, match="contradicts"):
+        _feed(ib, b[1:2])
+    ib2 = Inbound(1, 9, max_pending_bytes=1 << 20)
+    _feed(ib2, a[:1])
+    again = _chunks([b"a" * 9000], 4096, first_seq=50)[:1]  # same offset, new sequence number
+    with pytest.raises(TransportError, match="twice"):
+        _feed(ib2, again)
+    head, body = a[0]
+    with pytest.raises(TransportError, match="body"):
+        Inbound(1, 9, max_pending_bytes=1 << 20).accept(parse_header(head, **LIMITS), len(head), memoryview(body[:-1]))
+
+
+def test_pending_memory_is_capped() -> None:
+    ib = Inbound(1, 9, max_pending_bytes=100_000)
+    first = [_chunks([b"z" * 60_000], 4096, key=(0, k, 0), first_seq=1 + 100 * k)[0] for k in range(2)]
+    with pytest.raises(TransportError, match="cap"):
+        _feed(ib, first)
+    assert ib.pending_bytes <= 100_000
+
+
+def test_forget_drops_old_epochs() -> None:
+    ib = Inbound(1, 9, max_pending_bytes=1 << 20)
+    _feed(ib, _chunks([b"q" * 9000], 4096, key=(0, 1, 0))[:1])
+    assert ib.pending_bytes > 0
+    ib.forget(1)
+    assert ib.pending_bytes == 0
+    assert _feed(ib, _chunks([b"q" * 10], 4096, key=(0, 2, 0), first_seq=20)) == []
+    assert ACK != DATA
