@@ -18,21 +18,54 @@ returns the results by rank; with ``return_exceptions=True`` a rank's exception
 is returned in its place instead of raised. A rank still running after
 ``timeout`` seconds raises ``CollectiveTimeout``.
 
-Real processes (spawned, reused across tests): see :func:`spawn_group` and
-:class:`ProcessPool` below.
+Real processes, spawned once and reused across tests (each fresh process pays
+seconds of ``import torch``)::
+
+    from lowband.testing import spawn_group, start_store
+
+    def worker(rank, world_size, addr):      # module level, so a spawned process can import it
+        group = lowband.init_group(rank, world_size, store=addr, backend="torch")
+        try:
+            return group.all_reduce(torch.ones(4)).wait()
+        finally:
+            group.close()
+
+    store, addr = start_store()              # a real torch TCPStore, served from this process
+    results = spawn_group(4, worker, addr, timeout=60)   # ``fn(rank, world_size, *args)`` per process
+
+``spawn_group`` runs on the shared :class:`ProcessPool` (``default_pool()``; the
+``process_pool`` fixture of ``tests/conftest.py`` closes it at the end of the
+session, and an ``atexit`` hook does as well). A worker that dies (``kill_self()``
+is a real ``SIGKILL``) or overruns ``timeout`` is killed and replaced; its slot
+in the results holds a :class:`ProcessDied` (with ``return_exceptions=True``, as
+do errors raised by ``fn``) or the first error is raised.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing as mp
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 from lowband.errors import CollectiveTimeout
 from lowband.transport._local import LocalHub
 from lowband.transport.group import Group
 
-__all__ = ["ThreadGroup"]
+__all__ = [
+    "ProcessDied",
+    "ProcessPool",
+    "ThreadGroup",
+    "default_pool",
+    "kill_self",
+    "spawn_group",
+    "start_store",
+]
 
 
 class ThreadGroup:
@@ -103,3 +136,159 @@ class ThreadGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- real processes -----------------------------------------------------------------------------
+
+
+class ProcessDied(RuntimeError):
+    """A pool worker ended (killed, crashed, or stopped for overrunning its timeout)."""
+
+    def __init__(self, rank: int, exitcode: int | None) -> None:
+        super().__init__(f"rank {rank}: worker process ended with exit code {exitcode}")
+        self.rank = rank
+        self.exitcode = exitcode
+
+
+def kill_self() -> None:
+    """``kill -9`` the calling process: a real crash, no cleanup, no goodbye on any socket."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_main(conn: Connection) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the pool shares a few cores with the test process
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        fn, args, kwargs = task
+        try:
+            reply: tuple[str, Any] = ("ok", fn(*args, **kwargs))
+        except BaseException as e:  # sent back to the test, which re-raises it
+            reply = ("err", e)
+        try:
+            conn.send(reply)
+        except Exception as e:  # an unpicklable result or error: say so instead
+            conn.send(("err", RuntimeError(f"could not send the result back: {e!r}")))
+
+
+class _Worker:
+    def __init__(self, ctx: Any) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="lowband-pool")
+        self.proc.start()
+        child.close()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+        self.conn.close()
+
+
+class ProcessPool:
+    """Worker processes (spawn start method) that run one task each per :meth:`run`."""
+
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def run(
+        self,
+        n: int,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float = 120.0,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Call ``fn(rank, n, *args, **kwargs)`` in ``n`` worker processes; results by rank."""
+        with self._lock:
+            for i, w in enumerate(self._workers):
+                if not w.proc.is_alive():
+                    w.kill()
+                    self._workers[i] = _Worker(self._ctx)
+            while len(self._workers) < n:
+                self._workers.append(_Worker(self._ctx))
+            workers = self._workers[:n]
+            for r, w in enumerate(workers):
+                w.conn.send((fn, (r, n, *args), kwargs))
+            results: list[Any] = [None] * n
+            pending = set(range(n))
+            deadline = time.monotonic() + timeout
+            while pending and time.monotonic() < deadline:
+                for r in sorted(pending):
+                    w = workers[r]
+                    try:
+                        if w.conn.poll(0.05):
+                            status, value = w.conn.recv()
+                            results[r] = value if status == "ok" else _Raised(value)
+                            pending.discard(r)
+                    except (EOFError, OSError):
+                        w.proc.join(5)
+                        results[r] = ProcessDied(r, w.proc.exitcode)
+                        pending.discard(r)
+            for r in pending:  # overran the timeout: end it, and report it
+                workers[r].kill()
+                results[r] = ProcessDied(r, None)
+        if pending and not return_exceptions:
+            raise CollectiveTimeout(f"ranks {sorted(pending)} still running after {timeout}s (killed)")
+        errors = [(r, v) for r, v in enumerate(results) if isinstance(v, (_Raised, ProcessDied))]
+        if errors and not return_exceptions:
+            r, v = errors[0]
+            raise v.error if isinstance(v, _Raised) else v
+        return [v.error if isinstance(v, _Raised) else v for v in results]
+
+    def close(self) -> None:
+        """End every worker (politely, then SIGKILL after a few seconds)."""
+        with self._lock:
+            for w in self._workers:
+                try:
+                    w.conn.send(None)
+                except (OSError, ValueError):
+                    pass
+            for w in self._workers:
+                w.proc.join(5)
+                w.kill()
+            self._workers.clear()
+
+
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_pool: ProcessPool | None = None
+
+
+def default_pool() -> ProcessPool:
+    """The process-wide pool, created on first use and closed at exit."""
+    global _pool
+    if _pool is None:
+        _pool = ProcessPool()
+        atexit.register(_pool.close)
+    return _pool
+
+
+def spawn_group(n: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+    """``default_pool().run(n, fn, *args, **kwargs)``: ``fn(rank, n, *args)`` in ``n`` processes."""
+    return default_pool().run(n, fn, *args, **kwargs)
+
+
+def start_store(host: str = "127.0.0.1") -> tuple[Any, str]:
+    """A torch ``TCPStore`` served from this process on a free port: ``(store, "host:port")``.
+
+    Keep the returned store object alive for as long as the group needs it.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host, 0, None, True, datetime.timedelta(seconds=60), wait_for_workers=False)
+    return store, f"{host}:{store.port}"

@@ -201,10 +201,7 @@ class Group:
 
     def barrier(self, timeout: float | None = None) -> None:
         """Return once every participant has reached this barrier."""
-        from lowband.compress import Payload
-
-        empty = Payload(spec="fp32", dtype=torch.float32, shape=(0,), buffers=[])
-        self.all_gather(empty).wait(timeout)
+        self._submit(lambda rnd: C.exchange_blobs(rnd, b""), phases=(0,)).wait(timeout)
 
     def verify(self, config: Mapping[str, Any], *, timeout: float | None = None) -> None:
         """Check that every peer passes the same ``config``; ConfigMismatch names the difference.

@@ -1,0 +1,168 @@
+"""``lowband.init_group``: rendezvous, pick a backend's Carrier, and shake hands.
+
+``init_group()`` with no arguments reads the variables torchrun sets (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); explicit arguments win and
+nothing is read from the environment for an argument that was given. The
+handshake that ends it exchanges, between every pair of peers, the lowband and
+wire-format versions, the backend, ``on_failure`` and the caller's ``config``
+(codec, ``sync_every``, fragments, parameter shapes...), and raises
+``ConfigMismatch`` naming the first differences instead of deadlocking later.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from lowband.errors import BackendUnavailable, ConfigError
+from lowband.transport.group import Group
+
+__all__ = ["init_group", "parse_address"]
+
+log = logging.getLogger(__name__)
+BACKENDS = ("zmq", "torch")
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ConfigError if malformed."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"store address must be 'host:port', got {addr!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _from_env(name: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        raise ConfigError(f"init_group() without {name.lower()!r} reads ${name} (as torchrun sets it); it is not set")
+    return value
+
+
+def init_group(
+    rank: int | None = None,
+    world_size: int | None = None,
+    store: str | None = None,
+    backend: str = "zmq",
+    *,
+    security: Any = None,
+    peer_timeout: float = 30.0,
+    on_failure: str = "raise",
+    config: Mapping[str, Any] | None = None,
+    group_name: str = "default",
+    init_timeout: float = 300.0,
+    timeout: float | None = None,
+    **options: Any,
+) -> Group:
+    """Join a group of ``world_size`` peers as ``rank``; see DESIGN.md, "The public contract".
+
+    ``store`` is the rendezvous address ``"host:port"`` (the coordinator for
+    ``backend="zmq"``, a torch ``TCPStore`` for ``backend="torch"``).
+    ``config`` is checked against every peer's at the handshake. ``options`` go
+    to the backend's carrier (for ZeroMQ: streams per peer, rate cap, ...).
+    """
+    env = rank is None and world_size is None and store is None
+    if rank is None:
+        rank = _int("RANK", _from_env("RANK"))
+    if world_size is None:
+        world_size = _int("WORLD_SIZE", _from_env("WORLD_SIZE"))
+    if store is None:
+        store = f"{_from_env('MASTER_ADDR')}:{_from_env('MASTER_PORT')}"
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if peer_timeout <= 0:
+        raise ConfigError(f"peer_timeout must be > 0, got {peer_timeout}")
+    host, port = parse_address(store)
+
+    if backend == "torch":
+        if on_failure != "raise":
+            raise ConfigError(
+                "backend='torch' supports on_failure='raise' only (torch.distributed cannot continue "
+                "after a rank dies); use backend='zmq' for peers that come and go"
+            )
+        carrier = _torch_carrier(
+            rank, world_size, host, port, env=env, security=security, peer_timeout=peer_timeout,
+            group_name=group_name, init_timeout=init_timeout, options=options,
+        )
+    else:
+        try:
+            zmq_backend = importlib.import_module("lowband.transport._zmq")
+        except ModuleNotFoundError as e:
+            if e.name != "lowband.transport._zmq":
+                raise
+            raise BackendUnavailable("backend='zmq' is not built yet in this checkout; use backend='torch'") from None
+        carrier = zmq_backend.open_carrier(
+            rank=rank, world_size=world_size, store=store, security=security, peer_timeout=peer_timeout,
+            group_name=group_name, **options,
+        )
+    group = Group(carrier, on_failure=on_failure, timeout=timeout)
+    try:
+        group.verify(_handshake(backend, world_size, on_failure, config), timeout=init_timeout)
+    except BaseException:
+        group.close()
+        raise
+    log.info("rank %d/%d joined group %r over %s (store %s)", rank, world_size, group_name, backend, store)
+    return group
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name} must be an integer, got {value!r}") from None
+
+
+def _handshake(backend: str, world_size: int, on_failure: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    from lowband import WIRE_VERSION, __version__
+
+    return {
+        "lowband": __version__,
+        "wire_version": WIRE_VERSION,
+        "backend": backend,
+        "world_size": world_size,
+        "on_failure": on_failure,
+        "config": dict(config or {}),
+    }
+
+
+def _torch_carrier(
+    rank: int,
+    world_size: int,
+    host: str,
+    port: int,
+    *,
+    env: bool,
+    security: Any,
+    peer_timeout: float,
+    group_name: str,
+    init_timeout: float,
+    options: Mapping[str, Any],
+) -> Any:
+    import torch.distributed as dist
+
+    from lowband.transport import _torch
+
+    if options:
+        raise ConfigError(f"backend='torch' takes no options {sorted(options)}")
+    # torch's env:// convention: rank 0 hosts the store unless torchrun's agent already does.
+    is_master = env and rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        tcp = dist.TCPStore(
+            host, port, world_size if is_master else None, is_master,
+            datetime.timedelta(seconds=init_timeout), wait_for_workers=False,
+        )
+    except (RuntimeError, OSError) as e:
+        from lowband.errors import TransportError
+
+        raise TransportError(f"cannot reach the TCPStore at {host}:{port}: {e}") from None
+    return _torch.open_carrier(
+        rank=rank, world_size=world_size, store=tcp, store_host=host, security=security,
+        peer_timeout=peer_timeout, group_name=group_name,
+    )
