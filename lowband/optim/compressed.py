@@ -1,0 +1,172 @@
+"""Data parallelism with compressed gradients: every step, all-reduce compressed
+gradients (with error feedback), write them back, then run the inner step.
+
+Error feedback after Seide et al. 2014 ("1-bit SGD") and Karimireddy et al. 2019
+("Error Feedback Fixes SignSGD"): what the codec did not send this step is added to
+the next step's gradient, so nothing is lost for good.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lowband.errors import ConfigError
+from lowband.optim._buckets import Bucket, gather_into, plan_buckets
+from lowband.optim._common import (
+    GroupLike,
+    StatsMeter,
+    agree_on_start,
+    amp_found_inf,
+    amp_unscale,
+    resolve_codec,
+    resolve_error_feedback,
+)
+from lowband.transport import CommStats
+
+__all__ = ["CompressedGradients"]
+
+
+class CompressedGradients(torch.optim.Optimizer):
+    """Average gradients over ``group`` with ``codec`` before each inner step.
+
+    Args:
+        inner_optimizer: the user's optimizer; its ``param_groups`` and ``state`` are shared.
+        group: a ``lowband.init_group`` group.
+        codec: ``None`` (dense fp32), a ``lowband.compress`` spec string or codec.
+        error_feedback: ``True`` (decay 1, the default), ``False``, a decay in (0, 1],
+            or an ``ErrorFeedback``; off for ``codec=None``, which loses nothing.
+        bucket_bytes: fp32 bytes per bucket (one payload per bucket).
+
+    ``step()`` reduces the gradients unless :meth:`reduce_gradients` already ran
+    since the last step (call it yourself to clip the averaged gradients).
+    A parameter whose gradient is None on this peer sends zeros and receives the
+    average; it stays None only when the average is exactly zero (no peer had one).
+
+    With ``torch.amp.GradScaler``, ``scaler.step(opt)`` first agrees with the peers
+    (one small all-reduce of the found-inf flags): if any peer found an inf or nan,
+    every peer skips both the reduction and the inner step alike. (So with a scaler,
+    let ``step()`` do the reduction rather than :meth:`reduce_gradients`: an inf
+    must not reach the codec.)
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        inner_optimizer: torch.optim.Optimizer,
+        *,
+        group: GroupLike,
+        codec: Any,
+        error_feedback: Any = True,
+        bucket_bytes: int = 32 << 20,
+    ) -> None:
+        if not isinstance(inner_optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner_optimizer).__name__}"
+            )
+        super().__init__(inner_optimizer.param_groups, inner_optimizer.defaults)
+        self.param_groups = inner_optimizer.param_groups
+        self.state = inner_optimizer.state
+        self.inner = inner_optimizer
+        self.group = group
+        self.codec = resolve_codec(codec)
+        self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
+        self._meter = StatsMeter(group)
+        self._reduced = False
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._buckets: list[Bucket] = plan_buckets(params, bucket_bytes=bucket_bytes)
+        self._staging = [torch.zeros(b.numel, dtype=torch.float32) for b in self._buckets]
+        config = {
+            "optimizer": "CompressedGradients",
+            "codec": str(self.codec) if self.codec is not None else None,
+            "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
+        }
+        agree_on_start(group, self._meter, config, self._buckets)
+
+    @property
+    def stats(self) -> CommStats:
+        """Bytes and time of this optimizer's collectives."""
+        return self._meter.stats
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "inner"):
+            raise ConfigError(
+                "CompressedGradients cannot take parameters after it is built: build a new one"
+            )
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """All-reduce (mean) this peer's gradients with the peers' and write the average back."""
+        works = []
+        had: list[list[bool]] = []
+        self._meter.launched(len(self._buckets))
+        for b, buf in zip(self._buckets, self._staging):
+            had.append(gather_into(b, buf, grads=True))
+            works.append(
+                self.group.all_reduce(
+                    buf,
+                    codec=self.codec,
+                    op="mean",
+                    error_feedback=self.error_feedback,
+                    key=f"grads.{b.index}",
+                )
+            )
+        t0 = time.perf_counter()
+        results = [w.wait() for w in works]
+        self._meter.finished(len(works), waited=time.perf_counter() - t0)
+        self._meter.count_sync()
+        for b, avg, flags in zip(self._buckets, results, had):
+            for (p, start, stop), has in zip(b.slices(), flags):
+                part = avg[start:stop].view_as(p)
+                if has:
+                    p.grad.copy_(part)
+                elif bool(part.any()):
+                    p.grad = part.to(device=p.device, dtype=p.dtype)
+        self._reduced = True
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"]]
+        found_inf = amp_found_inf(self)
+        if found_inf is not None:
+            self._meter.launched(1)
+            flags = self.group.all_reduce(torch.tensor([float(found_inf)]), op="sum").wait()
+            self._meter.finished(1)
+            if float(flags[0]) > 0:
+                self._reduced = False
+                return loss  # some peer overflowed: every peer skips this step alike
+        amp_unscale(self, params)
+        if not self._reduced:
+            self.reduce_gradients()
+        self._reduced = False
+        self.inner.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """Inner state plus the error-feedback residuals under ``"compressed_gradients"``."""
+        state = self.inner.state_dict()
+        ef = self.error_feedback
+        state["compressed_gradients"] = {
+            "error_feedback": ef.state_dict() if ef is not None else None
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mine = state_dict.get("compressed_gradients")
+        if mine is None:
+            raise ConfigError(
+                "not a CompressedGradients state_dict (no 'compressed_gradients' entry)"
+            )
+        self.inner.load_state_dict(
+            {k: v for k, v in state_dict.items() if k != "compressed_gradients"}
+        )
+        if self.error_feedback is not None and mine["error_feedback"] is not None:
+            self.error_feedback.load_state_dict(mine["error_feedback"])

@@ -1,0 +1,196 @@
+"""A ``DistributedDataParallel`` communication hook that compresses gradient buckets.
+
+>>> hook = lowband.optim.ddp_comm_hook(group, "q4")        # doctest: +SKIP
+>>> ddp_model.register_comm_hook(None, hook)              # doctest: +SKIP
+
+``group`` is a ``lowband.init_group`` group (reduce-scatter/all-gather of the
+codec, DESIGN.md "Data flow") or a ``torch.distributed`` process group, for which
+each peer's payload is all-gathered as bytes and every peer decodes and averages
+them in rank order (so results are identical on every peer).
+
+Error feedback (Seide et al. 2014; Karimireddy et al. 2019) is kept per parameter,
+not per bucket index: DDP rebuilds its buckets after the first iteration (and on
+``static_graph`` changes), and the residual of every parameter moves with it into
+whichever bucket it lands in.
+"""
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lowband.errors import CodecError, ConfigError
+from lowband.optim._common import StatsMeter, resolve_codec, resolve_error_feedback
+from lowband.transport import CommStats
+
+__all__ = ["DDPCommHook", "ddp_comm_hook"]
+
+
+def ddp_comm_hook(
+    group_or_process_group: Any, codec: Any, *, error_feedback: Any = True
+) -> "DDPCommHook":
+    """A hook for ``DistributedDataParallel.register_comm_hook(None, hook)``; see :class:`DDPCommHook`."""
+    return DDPCommHook(group_or_process_group, codec, error_feedback=error_feedback)
+
+
+class DDPCommHook:
+    """Average each gradient bucket over the peers, compressed with ``codec``.
+
+    ``stats`` counts payload bytes. Over a lowband group they are the group's
+    counters while the hook's collectives run. Over a ``torch.distributed`` process
+    group the hook counts each peer's payload once per other peer (what an
+    all-gather delivers); torch's own length exchange and padding are not counted.
+    """
+
+    #: DDP's hook check reads ``hook.__name__``
+    __name__ = "lowband_ddp_comm_hook"
+
+    def __init__(self, group: Any, codec: Any, *, error_feedback: Any = True) -> None:
+        self.codec = resolve_codec(codec)
+        self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
+        self.group = group
+        self._torch = isinstance(group, dist.ProcessGroup)
+        if not self._torch and not hasattr(group, "all_reduce"):
+            raise ConfigError(
+                f"ddp_comm_hook needs a lowband group or a torch ProcessGroup, got {type(group).__name__}"
+            )
+        self._meter: Any = None if self._torch else StatsMeter(group)
+        self._stats = CommStats()
+        # id(param) -> (bucket key, start, stop): where each parameter's residual lives
+        self._where: dict[int, tuple[str, int, int]] = {}
+
+    @property
+    def stats(self) -> CommStats:
+        return self._stats if self._meter is None else self._meter.stats
+
+    # Annotations are evaluated (no ``from __future__ import annotations`` here): DDP
+    # compares them with ``dist.GradBucket`` and ``Future[Tensor]`` themselves.
+    def __call__(
+        self, state: object, bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
+        flat = bucket.buffer()
+        key = self._key(bucket, flat)
+        if self._torch:
+            avg = self._all_gather_mean(flat, key)
+        else:
+            meter = self._meter
+            meter.launched(1)
+            avg = self.group.all_reduce(
+                flat, codec=self.codec, op="mean", error_feedback=self.error_feedback, key=key
+            ).wait()
+            meter.finished(1)
+            meter.count_sync()
+        flat.copy_(avg.reshape(-1))
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(flat)
+        return fut
+
+    # -- error feedback keyed by parameters ------------------------------------------
+
+    def _key(self, bucket: dist.GradBucket, flat: torch.Tensor) -> str:
+        params = bucket.parameters()
+        key = "ddp." + hashlib.sha1(repr([id(p) for p in params]).encode()).hexdigest()[:16]
+        ef = self.error_feedback
+        if ef is None or key in ef.residuals:
+            return key
+        # A bucket not seen before (first iteration, or DDP rebuilt its buckets): move
+        # each parameter's residual from wherever it was into the new bucket's layout.
+        offsets = _offsets(bucket, flat)
+        fresh = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+        for p, start in zip(params, offsets):
+            old = self._where.get(id(p))
+            if old is not None and old[0] in ef.residuals:
+                fresh[start : start + p.numel()] = ef.residuals[old[0]][old[1] : old[2]]
+        for p, start in zip(params, offsets):
+            self._where[id(p)] = (key, start, start + p.numel())
+        live = {k for k, _, _ in self._where.values()}
+        for stale in [k for k in ef.residuals if k.startswith("ddp.") and k not in live]:
+            del ef.residuals[stale]
+        ef.residuals[key] = fresh
+        return key
+
+    # -- torch.distributed path ---------------------------------------------------------
+
+    def _all_gather_mean(self, flat: torch.Tensor, key: str) -> torch.Tensor:
+        world = dist.get_world_size(self.group)
+        rank = dist.get_rank(self.group)
+        x = flat.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+        if self.codec is None:
+            out = x.clone()
+            dist.all_reduce(out, group=self.group)
+            for peer in range(world):
+                if peer != rank:
+                    self._stats.count_send(peer, out.nbytes)
+                    self._stats.count_recv(peer, out.nbytes)
+            return out.div_(world).to(flat.device)
+        ef = self.error_feedback
+        payload = ef.encode(x, key=key) if ef is not None else self.codec.encode(x)
+        blob = _pack(payload.to_frames())
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([blob.numel()], dtype=torch.int64), group=self.group)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: blob.numel()] = blob
+        gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+        dist.all_gather(gathered, padded, group=self.group)
+        from lowband.compress import Payload
+
+        payloads = []
+        for peer, (data, size) in enumerate(zip(gathered, sizes)):
+            p = Payload.from_frames(
+                _unpack(data[: int(size.item())]), max_bytes=blob.numel() * 4 + (1 << 20)
+            )
+            if p.numel != x.numel():
+                raise CodecError(f"peer {peer} sent {p.numel} values for a bucket of {x.numel()}")
+            payloads.append(p)
+            if peer != rank:
+                self._stats.count_send(peer, payload.nbytes)
+                self._stats.count_recv(peer, p.nbytes)
+        out = torch.zeros(x.numel(), dtype=torch.float32)
+        for p in payloads:  # rank order: identical bits on every peer
+            self.codec.decode_into(p, out, accumulate=True)
+        with self._stats._lock:
+            self._stats.syncs += 1
+        return out.div_(world).to(flat.device)
+
+
+def _offsets(bucket: dist.GradBucket, flat: torch.Tensor) -> list[int]:
+    """Start of each parameter's gradient inside the bucket's flat buffer."""
+    grads = bucket.gradients()
+    size = flat.element_size()
+    offsets = [(g.data_ptr() - flat.data_ptr()) // size for g in grads]
+    params = bucket.parameters()
+    if any(o < 0 or o + p.numel() > flat.numel() for o, p in zip(offsets, params)):
+        raise ConfigError(
+            "DDP bucket gradients are not views of its buffer; cannot key error feedback"
+        )
+    return offsets
+
+
+def _pack(frames: list[Any]) -> torch.Tensor:
+    """Frames as one uint8 tensor: count, lengths (int64 each), then the bytes."""
+    parts = [bytes(memoryview(f)) for f in frames]
+    head = torch.tensor([len(parts), *(len(p) for p in parts)], dtype=torch.int64)
+    body = b"".join(parts)
+    return torch.cat([head.view(torch.uint8), torch.frombuffer(bytearray(body), dtype=torch.uint8)])
+
+
+def _unpack(data: torch.Tensor) -> list[bytes]:
+    raw = data.numpy().tobytes()
+    if len(raw) < 8:
+        raise CodecError("truncated gradient payload from a peer")
+    n = int.from_bytes(raw[:8], "little", signed=True)
+    if not 0 < n <= 64 or len(raw) < 8 * (n + 1):
+        raise CodecError(f"gradient payload from a peer announces {n} frames")
+    lengths = [
+        int.from_bytes(raw[8 * (i + 1) : 8 * (i + 2)], "little", signed=True) for i in range(n)
+    ]
+    pos = 8 * (n + 1)
+    if any(ln < 0 for ln in lengths) or pos + sum(lengths) != len(raw):
+        raise CodecError("gradient payload from a peer has inconsistent frame lengths")
+    frames = []
+    for ln in lengths:
+        frames.append(raw[pos : pos + ln])
+        pos += ln
+    return frames
