@@ -43,6 +43,7 @@ if sources:
             include_dirs=["csrc"],
             extra_compile_args=["-O3", "-std=c11", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
+            libraries=["m"],
             optional=True,
         )
     )

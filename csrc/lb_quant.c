@@ -308,8 +308,10 @@ LB_AVX2 static void dequant_avx2(const uint8_t *codes, const float *steps, int64
             if (bits == 8) {
                 u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
             } else {
-                uint32_t w = 0;
-                memcpy(&w, codes + (i * bits) / 8, (size_t)bits);
+                const uint8_t *q = codes + (i * bits) / 8;
+                uint32_t w = bits == 4 ? (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24
+                             : bits == 2 ? (uint32_t)q[0] | (uint32_t)q[1] << 8
+                                         : (uint32_t)q[0];
                 u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mask);
             }
             __m256 dec = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), h), st);
