@@ -1,0 +1,336 @@
+"""``lowband bench``: how many bytes each training method sends, how long it takes on
+emulated internet links, and what it costs in loss.
+
+Flags are parsed here and turned into a run of :mod:`lowband.bench.runner`; the results
+are printed as a table and written as JSON and two PNG plots into ``--out``. Presets
+size the run for a 2-core machine: ``default`` (< 10 min), ``quick`` (< 2 min) and
+``long`` (< 60 min, long enough for the loss comparison to mean something).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lowband.errors import ConfigError, LowbandError
+
+__all__ = ["main", "PRESETS", "Preset", "build_parser", "parse_args"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The size of a run: model, steps, batch and evaluation cadence."""
+
+    model: str
+    steps: int
+    batch_size: int
+    eval_every: int
+    eval_batches: int
+    eval_batch_size: int
+    lr: float
+    demo_lr: float
+    sparseloco_sync_every: int
+
+
+#: ``default`` sizes the model so that ddp's per-step all-reduce at 100 Mbit/s dominates its
+#: step (what the benchmark shows) while the whole run stays under 10 minutes on 2 cores;
+#: ``long`` trains a smaller model for many more steps so the losses separate meaningfully.
+PRESETS: dict[str, Preset] = {
+    "quick": Preset("tiny", 100, 8, 25, 2, 16, 3e-3, 3e-3, 10),
+    "default": Preset("base:block_size=64", 300, 2, 50, 4, 16, 2e-3, 1e-3, 10),
+    "long": Preset("small", 3000, 8, 100, 8, 32, 3e-3, 1e-3, 10),
+}
+
+DEFAULT_METHODS = "ddp,diloco,streaming-diloco-q4,sparseloco,demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="lowband bench",
+        description="Train the same small character-level transformer with each method on "
+        "emulated internet links; report bytes, time and loss against dense data parallelism.",
+    )
+    ap.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    ap.add_argument(
+        "--bandwidth", default="100mbit", help="each host's rate, up and down (default 100mbit)"
+    )
+    ap.add_argument("--delay", default="50ms", help="one-way delay between hosts (default 50ms)")
+    ap.add_argument(
+        "--jitter", default="2ms", help="delay jitter, never reordering a flow (default 2ms)"
+    )
+    ap.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated: ddp, diloco, streaming-diloco-q4, sparseloco, demo, grad:<codec spec> "
+        f"(default {DEFAULT_METHODS})",
+    )
+    ap.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="run size (default: default)"
+    )
+    ap.add_argument("--quick", action="store_true", help="the same as --preset quick (< 2 minutes)")
+    ap.add_argument("--steps", type=int, help="training steps per method (overrides the preset)")
+    ap.add_argument("--model", help="model preset tiny|small|base, with overrides: small:n_layer=3")
+    ap.add_argument(
+        "--batch-size", type=int, help="sequences per worker and step (overrides the preset)"
+    )
+    ap.add_argument("--data", help="a text file to train on instead of the standard-library corpus")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights and batches (default 0)"
+    )
+    ap.add_argument("--out", default="bench-out", help="directory for results.json and the plots")
+    ap.add_argument(
+        "--link-model",
+        action="store_true",
+        help="also print projections of each method's counted bytes on other links and model sizes",
+    )
+    ap.add_argument(
+        "--emulator",
+        choices=("auto", "netns", "proxy"),
+        default="auto",
+        help="link emulator mode: netns (faithful, root) or proxy; auto picks netns when it can",
+    )
+    ap.add_argument(
+        "--threads", type=int, help="torch threads per worker (default: cores / workers)"
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    return ap
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    """The validated flags."""
+
+    workers: int
+    bandwidth_bps: float
+    delay_s: float
+    jitter_s: float
+    methods: tuple[str, ...]
+    preset_name: str
+    preset: Preset
+    data: str | None
+    seed: int
+    out: Path
+    link_model: bool
+    emulator: str
+    threads: int
+    progress: bool
+    verbose: bool
+
+
+def parse_args(argv: list[str]) -> BenchArgs:
+    """Parse and validate; bad values raise :class:`ConfigError` with the reason."""
+    from lowband.bench._units import parse_duration, parse_rate
+    from lowband.bench.methods import parse_methods
+    from lowband.bench.model import model_config
+
+    ns = build_parser().parse_args(argv)
+    if ns.quick and ns.preset not in (None, "quick"):
+        raise ConfigError(f"--quick contradicts --preset {ns.preset}")
+    name = "quick" if ns.quick else (ns.preset or "default")
+    preset = PRESETS[name]
+    if ns.workers < 2:
+        raise ConfigError(
+            f"--workers must be at least 2 (got {ns.workers}): one worker sends nothing"
+        )
+    if ns.workers > 64:
+        raise ConfigError(f"--workers {ns.workers} is more than this benchmark supports (64)")
+    if ns.steps is not None:
+        if ns.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {ns.steps}")
+        preset = replace(preset, steps=ns.steps, eval_every=min(preset.eval_every, ns.steps))
+    if ns.batch_size is not None:
+        if ns.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {ns.batch_size}")
+        preset = replace(preset, batch_size=ns.batch_size)
+    if ns.model is not None:
+        model_config(ns.model)  # validates
+        preset = replace(preset, model=ns.model)
+    else:
+        model_config(preset.model)
+    jitter = parse_duration(ns.jitter)
+    delay = parse_duration(ns.delay)
+    if jitter > delay:
+        raise ConfigError(f"--jitter {ns.jitter} is larger than --delay {ns.delay}")
+    if ns.data is not None and not os.path.isfile(ns.data):
+        raise ConfigError(f"--data {ns.data!r} is not a file")
+    cores = os.cpu_count() or 1
+    threads = ns.threads if ns.threads is not None else max(1, cores // ns.workers)
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    return BenchArgs(
+        workers=ns.workers,
+        bandwidth_bps=parse_rate(ns.bandwidth),
+        delay_s=delay,
+        jitter_s=jitter,
+        methods=tuple(parse_methods(ns.methods)),
+        preset_name=name,
+        preset=preset,
+        data=ns.data,
+        seed=ns.seed,
+        out=Path(ns.out),
+        link_model=ns.link_model,
+        emulator=ns.emulator,
+        threads=threads,
+        progress=not ns.no_progress,
+        verbose=ns.verbose,
+    )
+
+
+def _train_config(args: BenchArgs) -> Any:
+    from lowband.bench.methods import TrainConfig
+
+    p = args.preset
+    return TrainConfig(
+        steps=p.steps,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        warmup=min(20, max(1, p.steps // 10)),
+        demo_lr=p.demo_lr,
+        sparseloco_sync_every=p.sparseloco_sync_every,
+    )
+
+
+def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
+    """Run the benchmark and write its files; returns the results dictionary."""
+    from lowband import __version__
+    from lowband.bench import report
+    from lowband.bench._units import format_rate
+    from lowband.bench.data import load_corpus
+    from lowband.bench.methods import describe_method
+    from lowband.bench.model import CharTransformer, model_config
+    from lowband.bench.runner import LinkSettings, run_workers
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(args.data)
+    mcfg = model_config(args.preset.model)
+    params = CharTransformer(mcfg).num_parameters()
+    train = _train_config(args)
+    print(
+        f"lowband bench ({args.preset_name}): {args.workers} workers, "
+        f"{format_rate(args.bandwidth_bps)} up/down, {args.delay_s * 1e3:g} ms one way "
+        f"(jitter {args.jitter_s * 1e3:g} ms); model {args.preset.model} ({params:,} params); "
+        f"{train.steps} steps x {train.batch_size} x {mcfg.block_size} bytes per worker\n"
+        f"corpus {corpus.name}: {corpus.nbytes:,} bytes, sha256 {corpus.sha256[:16]}...",
+        flush=True,
+    )
+    started = time.time()
+    out = run_workers(
+        {
+            "methods": args.methods,
+            "model": mcfg,
+            "train": train,
+            "seed": args.seed,
+            "data": args.data,
+            "threads": args.threads,
+            "eval_every": args.preset.eval_every,
+            "eval_batches": args.preset.eval_batches,
+            "eval_batch_size": args.preset.eval_batch_size,
+        },
+        workers=args.workers,
+        link=LinkSettings(args.bandwidth_bps, args.delay_s, args.jitter_s, mode=args.emulator),
+        progress=args.progress,
+    )
+    methods = {
+        m: report.summarize(m, out.results[m], out.curves.get(m, {}), out.link.get(m))
+        for m in args.methods
+    }
+    for m in methods:
+        methods[m]["settings"] = describe_method(m, train)
+    report.compare_to_baseline(methods)
+    settings = {
+        "preset": args.preset_name,
+        "workers": args.workers,
+        "bandwidth_bps": args.bandwidth_bps,
+        "bandwidth": format_rate(args.bandwidth_bps),
+        "delay_ms": args.delay_s * 1e3,
+        "jitter_ms": args.jitter_s * 1e3,
+        "emulator_mode": out.emulator_mode,
+        "emulator_note": "netns: real kernel TCP through namespaces, tc tbf and a delay line"
+        if out.emulator_mode == "netns"
+        else "proxy: userspace relay with a sender-window model (no root)",
+        "model": mcfg.as_dict(),
+        "model_spec": args.preset.model,
+        "params": params,
+        "train": asdict(train),
+        "eval": {
+            "every": args.preset.eval_every,
+            "batches": args.preset.eval_batches,
+            "batch_size": args.preset.eval_batch_size,
+        },
+        "seed": args.seed,
+        "threads_per_worker": args.threads,
+        "cpu_count": os.cpu_count(),
+    }
+    results: dict[str, Any] = {
+        "lowband_version": __version__,
+        "command": ["lowband", "bench", *argv],
+        "started_unix": started,
+        "elapsed_s": time.time() - started,
+        "settings": settings,
+        "corpus": corpus.describe(),
+        "byte_counters": "payload: frames of payloads (group.stats); transport: all bytes handed to "
+        "ZeroMQ; link: bytes counted by the link emulator on each host's access link. All per "
+        "worker (mean over workers), measured over the training steps only; setup traffic "
+        "(identical-start checks) is reported separately per worker.",
+        "methods": methods,
+        "targets": report.targets(methods, args.preset_name),
+    }
+    if args.link_model:
+        results["projections"] = report.link_projections(
+            methods, measured_bps=args.bandwidth_bps, measured_delay=args.delay_s, params=params
+        )
+    report.write_json(args.out / "results.json", results)
+    from lowband.bench.plots import plot_loss_vs_bytes, plot_loss_vs_time
+
+    plot_loss_vs_bytes(methods, settings, args.out / "loss_vs_bytes.png")
+    plot_loss_vs_time(methods, settings, args.out / "loss_vs_time.png")
+
+    print(f"\nlink emulator: {out.emulator_mode} mode ({settings['emulator_note']})")
+    print(
+        "bytes are per worker (mean over workers); wall time is the slowest worker's, without evaluation\n"
+    )
+    print(report.format_table(methods))
+    print()
+    print(report.format_targets(results["targets"]))
+    if args.link_model:
+        print()
+        print(report.format_projections(results["projections"]))
+    print(
+        f"\nwrote {args.out / 'results.json'}, {args.out / 'loss_vs_bytes.png'}, {args.out / 'loss_vs_time.png'}"
+    )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lowband bench [flags]``; returns an exit code (2: bad flags, 130: interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"lowband bench: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: --help, or a flag it rejected itself
+        return int(e.code or 0)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        run(args, argv=argv)
+    except KeyboardInterrupt:
+        print(
+            "\nlowband bench: interrupted; workers, coordinator and link emulator stopped",
+            file=sys.stderr,
+        )
+        return 130
+    except LowbandError as e:
+        print(f"lowband bench: error: {e}", file=sys.stderr)
+        return 1
+    return 0

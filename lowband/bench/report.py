@@ -1,0 +1,312 @@
+"""Turning the workers' counters and clocks into the benchmark's results: table, JSON, projections.
+
+Every figure here is computed from what the run counted: payload and transport bytes
+from each worker's ``group.stats``, link bytes from the link emulator, wall time from
+each worker's clock (evaluation pauses excluded). The only estimates are the link
+projections of :func:`link_projections`, and they are marked as such wherever shown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lowband.bench._units import format_bytes, format_rate
+
+__all__ = [
+    "summarize",
+    "compare_to_baseline",
+    "format_table",
+    "link_projections",
+    "format_projections",
+    "write_json",
+]
+
+#: Other links the projections consider: (label, bits per second, one-way delay in seconds or None
+#: for the measured run's delay).
+PROJECTED_LINKS: tuple[tuple[str, float | None, float | None], ...] = (
+    ("1 Gbit/s", 1e9, None),
+    ("10 Mbit/s", 1e7, None),
+    ("200 ms one way", None, 0.2),
+)
+PROJECTED_MODELS: tuple[tuple[str, float], ...] = (("1B params", 1e9), ("10B params", 1e10))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(
+    name: str,
+    results: dict[int, dict[str, Any]],
+    curves: dict[int, list[dict[str, float]]],
+    link: dict[int, dict[str, int]] | None,
+) -> dict[str, Any]:
+    """One method's figures from its per-worker results, eval records and link byte deltas."""
+    ranks = sorted(results)
+    per_worker = []
+    for r in ranks:
+        c = results[r]["comm"]
+        row = {
+            "rank": r,
+            "payload_bytes_sent": int(c["bytes_sent"]),
+            "payload_bytes_received": int(c["bytes_received"]),
+            "transport_bytes_sent": int(c["transport_bytes_sent"]),
+            "transport_bytes_received": int(c["transport_bytes_received"]),
+            "messages": int(c["messages"]),
+            "syncs": int(c["syncs"]),
+            "seconds_in_comm": c["seconds_in_comm"],
+            "seconds_waited": c["seconds_waited"],
+            "setup_payload_bytes_sent": int(results[r]["setup"]["bytes_sent"]),
+            "wall_s": results[r]["wall_s"],
+            "eval_s": results[r]["eval_s"],
+            "final_train_loss": results[r]["final_train_loss"],
+            "final_val_loss": results[r]["final_val_loss"],
+        }
+        if link is not None and r in link:
+            row["link_bytes_sent"] = int(link[r]["up"])
+            row["link_bytes_received"] = int(link[r]["down"])
+        per_worker.append(row)
+
+    # The curve: at each evaluation step, mean loss and bytes over workers, slowest clock.
+    steps = sorted({rec["step"] for r in ranks for rec in curves.get(r, [])})
+    curve = []
+    for s in steps:
+        recs = [rec for r in ranks for rec in curves.get(r, []) if rec["step"] == s]
+        curve.append(
+            {
+                "step": int(s),
+                "train_loss": _mean([x["train_loss"] for x in recs]),
+                "val_loss": _mean([x["val_loss"] for x in recs]),
+                "bytes_sent": _mean([x["bytes_sent"] for x in recs]),
+                "wall_s": max(x["wall_s"] for x in recs),
+            }
+        )
+
+    def avg(key: str) -> float:
+        return _mean([w[key] for w in per_worker if key in w])
+
+    out: dict[str, Any] = {
+        "method": name,
+        "payload_bytes_sent": avg("payload_bytes_sent"),
+        "payload_bytes_received": avg("payload_bytes_received"),
+        "transport_bytes_sent": avg("transport_bytes_sent"),
+        "transport_bytes_received": avg("transport_bytes_received"),
+        "link_bytes_sent": avg("link_bytes_sent") if link is not None else None,
+        "link_bytes_received": avg("link_bytes_received") if link is not None else None,
+        "collectives": avg("syncs"),
+        "wall_s": max(w["wall_s"] for w in per_worker),
+        "comm_s": avg("seconds_in_comm"),
+        "waited_s": avg("seconds_waited"),
+        "initial_val_loss": curve[0]["val_loss"] if curve else float("nan"),
+        "final_train_loss": avg("final_train_loss"),
+        "final_val_loss": avg("final_val_loss"),
+        "per_worker": per_worker,
+        "curve": curve,
+    }
+    return out
+
+
+def compare_to_baseline(methods: dict[str, dict[str, Any]], baseline: str = "ddp") -> None:
+    """Add compression ratio, speed-up and loss gap against ``baseline`` to each method, in place."""
+    base = methods.get(baseline)
+    for m in methods.values():
+        if base is None:
+            m["compression_vs_ddp"] = m["speedup_vs_ddp"] = m["loss_gap_to_ddp"] = None
+            m["gap_fraction_of_ddp_drop"] = None
+            continue
+        sent = m["payload_bytes_sent"]
+        m["compression_vs_ddp"] = base["payload_bytes_sent"] / sent if sent > 0 else math.inf
+        m["speedup_vs_ddp"] = base["wall_s"] / m["wall_s"] if m["wall_s"] > 0 else math.inf
+        m["loss_gap_to_ddp"] = m["final_val_loss"] - base["final_val_loss"]
+        drop = base["initial_val_loss"] - base["final_val_loss"]
+        m["gap_fraction_of_ddp_drop"] = m["loss_gap_to_ddp"] / drop if drop > 0 else None
+
+
+def targets(methods: dict[str, dict[str, Any]], preset: str) -> list[dict[str, Any]]:
+    """The issue's "done when" checks that this run's figures can answer, evaluated on them.
+
+    Default preset: sparseloco and demo send >= 300x fewer payload bytes per worker than ddp
+    and finish >= 5x sooner. Long preset: ddp's validation loss ends below 40% of its initial
+    value; sparseloco's gap to ddp <= 10% of ddp's drop, demo's <= 15%.
+    """
+    out: list[dict[str, Any]] = []
+    if "ddp" not in methods:
+        return out
+
+    def check(what: str, value: float | None, op: str, bound: float) -> None:
+        ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out.append({"check": what, "value": value, "op": op, "bound": bound, "met": ok})
+
+    if preset == "default":
+        for m in ("sparseloco", "demo"):
+            if m in methods:
+                check(
+                    f"{m}: payload bytes, ddp / {m}", methods[m]["compression_vs_ddp"], ">=", 300.0
+                )
+                check(f"{m}: wall time, ddp / {m}", methods[m]["speedup_vs_ddp"], ">=", 5.0)
+    if preset == "long":
+        ddp = methods["ddp"]
+        init = ddp["initial_val_loss"]
+        check(
+            "ddp: final / initial validation loss",
+            ddp["final_val_loss"] / init if init else None,
+            "<=",
+            0.4,
+        )
+        for m, bound in (("sparseloco", 0.10), ("demo", 0.15)):
+            if m in methods:
+                check(
+                    f"{m}: loss gap to ddp / ddp's drop",
+                    methods[m]["gap_fraction_of_ddp_drop"],
+                    "<=",
+                    bound,
+                )
+    return out
+
+
+def format_targets(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "targets: none apply to this preset and method list"
+    lines = ["targets (from this run's counters and clocks):"]
+    for r in rows:
+        v = "n/a" if r["value"] is None else f"{r['value']:,.3f}"
+        mark = {True: "met", False: "NOT MET", None: "n/a"}[r["met"]]
+        lines.append(f"  {r['check']:<45} {v:>12} (target {r['op']} {r['bound']:g}): {mark}")
+    return "\n".join(lines)
+
+
+def _fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.2f}x"
+
+
+def format_table(methods: dict[str, dict[str, Any]]) -> str:
+    """The per-method table (bytes are per worker, means over workers)."""
+    head = (
+        "method",
+        "payload sent",
+        "payload recv",
+        "link sent",
+        "link recv",
+        "vs ddp",
+        "wall",
+        "speed-up",
+        "in comm",
+        "train loss",
+        "val loss",
+        "gap to ddp",
+    )
+    rows = [head]
+    for m in methods.values():
+        gap = m.get("loss_gap_to_ddp")
+        frac = m.get("gap_fraction_of_ddp_drop")
+        gap_txt = (
+            "-" if gap is None else f"{gap:+.3f}" + (f" ({frac:.0%})" if frac is not None else "")
+        )
+        lb = m.get("link_bytes_sent")
+        rows.append(
+            (
+                m["method"],
+                format_bytes(m["payload_bytes_sent"]),
+                format_bytes(m["payload_bytes_received"]),
+                "-" if lb is None else format_bytes(lb),
+                "-" if lb is None else format_bytes(m["link_bytes_received"]),
+                _fmt_ratio(m.get("compression_vs_ddp")),
+                f"{m['wall_s']:.1f} s",
+                _fmt_ratio(m.get("speedup_vs_ddp")),
+                f"{m['comm_s']:.1f} s",
+                f"{m['final_train_loss']:.3f}",
+                f"{m['final_val_loss']:.3f}",
+                gap_txt,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def link_projections(
+    methods: dict[str, dict[str, Any]],
+    *,
+    measured_bps: float,
+    measured_delay: float,
+    params: int,
+) -> list[dict[str, Any]]:
+    """PROJECTIONS, not measurements: each method's counted bytes and collectives on other links.
+
+    Model: communication time = collectives x 2 x one-way delay + max(payload sent, received)
+    per worker x 8 / rate (no overlap with compute, no TCP ramp-up: a lower bound on what a
+    link adds). For the 1B and 10B rows, bytes are scaled by parameter count and the number
+    of collectives is kept. Compute time is left out: it depends on hardware this run did not use.
+    """
+    links = [("measured link " + format_rate(measured_bps), measured_bps, measured_delay)]
+    for label, bps, delay in PROJECTED_LINKS:
+        links.append((label, bps or measured_bps, measured_delay if delay is None else delay))
+    models = [(f"this model ({params:,} params)", 1.0)] + [
+        (label, n / params) for label, n in PROJECTED_MODELS
+    ]
+    out = []
+    for name, m in methods.items():
+        volume = max(m["payload_bytes_sent"], m["payload_bytes_received"])
+        for model_label, scale in models:
+            for link_label, bps, delay in links:
+                comm = m["collectives"] * 2 * delay + volume * scale * 8 / bps
+                out.append(
+                    {
+                        "method": name,
+                        "model": model_label,
+                        "link": link_label,
+                        "bandwidth_bps": bps,
+                        "one_way_delay_s": delay,
+                        "payload_bytes_per_worker": volume * scale,
+                        "projected_comm_s": comm,
+                        "projection": True,
+                    }
+                )
+    return out
+
+
+def format_projections(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "PROJECTIONS (not measured): communication time from this run's counted bytes and",
+        "collectives, = collectives x 2 x one-way delay + bytes x 8 / rate; compute excluded.",
+    ]
+    last = None
+    for r in rows:
+        if (r["method"], r["model"]) != last:
+            last = (r["method"], r["model"])
+            lines.append(
+                f"  {r['method']} / {r['model']}: {format_bytes(r['payload_bytes_per_worker'])} per worker"
+            )
+        lines.append(
+            f"      {r['link']:<28} {r['one_way_delay_s'] * 1e3:5.0f} ms  ~{r['projected_comm_s']:,.1f} s (projection)"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Write ``results`` (NaN and infinity as null, so any JSON reader accepts the file)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean(results), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
