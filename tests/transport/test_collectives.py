@@ -245,3 +245,25 @@ def test_malformed_bytes_from_a_peer_raise_codec_error():
     with ThreadGroup(2) as tg:
         results = tg.run(fn, return_exceptions=True, timeout=30)
     assert isinstance(results[0], CodecError) and "peer 1" in str(results[0])
+
+
+@pytest.mark.parametrize("op", ["median", "trimmed_mean", "norm_clip"])
+@pytest.mark.parametrize("codec", [None, "q8"])
+def test_robust_rules_resist_one_hostile_peer_of_eight(op, codec):
+    n = 2 * SHARD_ALIGN
+    truth = torch.linspace(-1, 1, n)
+
+    def fn(group, op):
+        noise = torch.randn(n, generator=torch.Generator().manual_seed(group.rank)) * 0.05
+        x = truth + noise
+        if group.rank == 3:
+            x = -100 * x  # scaled and flipped
+        return group.all_reduce(x, codec=codec, op=op).wait()
+
+    with ThreadGroup(8) as tg:
+        robust = tg.run(fn, op)
+        plain = tg.run(fn, "mean")
+    assert_identical(robust)
+    assert float((plain[0] - truth).abs().max()) > 5  # the plain mean is ruined
+    tol = 0.2 if op != "norm_clip" else 0.4  # norm_clip still admits one clipped (flipped) peer
+    assert float((robust[0] - truth).abs().max()) < tol, op
