@@ -27,6 +27,8 @@ import struct
 import sys
 import time
 
+from lowband.wan._schedule import PairClock
+
 __all__ = ["main", "open_tun"]
 
 _TUNSETIFF = 0x400454CA
@@ -56,18 +58,17 @@ class DelayLine:
     def __init__(self, config: dict) -> None:
         self.offload = bool(config["offload"])
         self.hdr = _VNET_HDR if self.offload else 0
-        self.delay: list[list[float]] = config["delay"]
-        self.jitter: list[list[float]] = config["jitter"]
+        self.clock = PairClock(config["delay"], config["jitter"], seed=int(config.get("seed", 0)))
+        self.unknown_last = 0.0
         self.loss = float(config["loss"])
         self.host_of: dict[bytes, int] = {
             bytes(map(int, ip.split("."))): i for i, ip in enumerate(config["hosts"])
         }
         self.fds = [open_tun(name, offload=self.offload) for name in config["tuns"]]
         self.heap: list[tuple[float, int, int, bytes]] = []
-        self.last: dict[tuple[int, int], float] = {}
         self.cut: set[tuple[int, int]] = set()
         self.stall_until: dict[int, float] = {}
-        self.rng = random.Random(config.get("seed", 0))
+        self.rng = random.Random(int(config.get("seed", 0)) + 1)
         self.seq = 0
         self.stats = {
             "packets": 0,
@@ -91,10 +92,10 @@ class DelayLine:
 
     def take(self, fd: int, pkt: bytes, now: float) -> None:
         pair = self._pair(pkt)
-        if pair is None:
+        if pair is None:  # not between two hosts (e.g. to the hub): pass it on in order
             self.stats["unknown"] += 1
-            release = now
-            pair = (-1, -1)
+            release = max(now, self.unknown_last)
+            self.unknown_last = release
         else:
             a, b = pair
             if (min(a, b), max(a, b)) in self.cut:
@@ -103,11 +104,8 @@ class DelayLine:
             if self.loss and self.rng.random() < self.loss:
                 self.stats["dropped_loss"] += 1
                 return
-            j = self.jitter[a][b]
-            release = now + self.delay[a][b] + (self.rng.uniform(-j, j) if j else 0.0)
-            release = max(release, self.stall_until.get(a, 0.0), self.stall_until.get(b, 0.0))
-        release = max(release, self.last.get(pair, 0.0))
-        self.last[pair] = release
+            hold = max(self.stall_until.get(a, 0.0), self.stall_until.get(b, 0.0))
+            release = self.clock.release(a, b, now, not_before=hold)
         self.seq += 1
         heapq.heappush(self.heap, (release, self.seq, fd, pkt))
         self.stats["max_held"] = max(self.stats["max_held"], len(self.heap))

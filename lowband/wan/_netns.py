@@ -218,26 +218,12 @@ class NetnsLinks:
                 ]
             )
             for dev, bps in ((f"t{i}", link.up_bps), (f"v{i}", link.down_bps)):
-                # burst >= one 64 KiB GSO super-packet so tbf never splits one; a few ms at most.
+                # burst >= one 64 KiB GSO super-packet so tbf never splits one (a few ms at most);
+                # the queue holds at least one, or tbf would drop every super-packet.
                 burst = max(96 << 10, int(bps / 8 * 0.002))
+                qdisc = f"qdisc add dev {dev} root tbf rate {int(bps)}bit burst {burst}"
                 _run(
-                    [
-                        "tc",
-                        "-n",
-                        core,
-                        "qdisc",
-                        "add",
-                        "dev",
-                        dev,
-                        "root",
-                        "tbf",
-                        "rate",
-                        f"{int(bps)}bit",
-                        "burst",
-                        str(burst),
-                        "limit",
-                        str(link.queue_bytes + burst),
-                    ]
+                    ["tc", "-n", core, *qdisc.split(), "limit", str(max(link.queue_bytes, 70_000))]
                 )
         log.info("netns link emulator %s up: %d hosts", self.prefix, topo.n)
 

@@ -26,18 +26,20 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import random
 import select
 import socket
 import sys
 import time
 from collections import deque
 
+from lowband.wan._schedule import PairClock
+
 __all__ = ["main"]
 
 _MSS, _HDR = 1448, 52
 _CHUNK = 64 << 10
 _INIT_CWND = 10 * _MSS
+_MIN_READ = 16 << 10
 
 
 def _wire(n: int) -> int:
@@ -57,7 +59,14 @@ class _Link:
         return max(0.0, self.free_at - now) * self.Bps
 
     def send(self, now: float, nbytes: int) -> float:
+        """Queue ``nbytes`` that are all here at ``now``; the time their last byte leaves."""
         self.free_at = max(now, self.free_at) + _wire(nbytes) / self.Bps
+        return self.free_at
+
+    def forward(self, last: float, spread: float, nbytes: int) -> float:
+        """Queue bytes that arrive over ``[last - spread, last]`` (cut-through, as packets do)."""
+        start = max(last - spread, self.free_at)
+        self.free_at = max(last, start + _wire(nbytes) / self.Bps)
         return self.free_at
 
 
@@ -76,7 +85,6 @@ class _Flow:
         self.src, self.dst, self.rsock, self.wsock = src, dst, rsock, wsock
         self.window, self.cwnd, self.inflight = window, min(_INIT_CWND, window), 0
         self.ready_at = ready_at
-        self.last_arrival = 0.0
         self.out: deque[tuple[memoryview, float, int]] = deque()  # (bytes left, due, chunk size)
         self.held: deque[bytes] = deque()
         self.eof_read = False
@@ -90,12 +98,11 @@ class Relay:
 
     def __init__(self, config: dict) -> None:
         self.delay: list[list[float]] = config["delay"]
-        self.jitter: list[list[float]] = config["jitter"]
+        self.clock = PairClock(config["delay"], config["jitter"], seed=int(config.get("seed", 0)))
         self.up = [_Link(h["up_bps"], h["queue_bytes"]) for h in config["hosts"]]
         self.down = [_Link(h["down_bps"], h["queue_bytes"]) for h in config["hosts"]]
         self.addresses: dict[str, int] = {ip: i for i, ip in enumerate(config["addresses"])}
         self.window = int(config["window"])
-        self.rng = random.Random(config.get("seed", 0))
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.control.bind(config["control"])
         self.control.listen(64)
@@ -201,6 +208,7 @@ class Relay:
             if f is None or f.done:
                 continue
             f.done = True
+            self.clock.forget(id(f))
             self.flows.remove(f)
             self.by_rsock.pop(f.rsock, None)
             self.by_wsock.pop(f.wsock, None)
@@ -221,13 +229,18 @@ class Relay:
         if f.inflight >= f.cwnd:
             return float("inf")
         up = self.up[f.src]
-        if up.backlog(now) >= up.queue:
-            return up.free_at - up.queue / up.Bps
+        need = min(_MIN_READ, up.queue // 2)  # read in pieces worth a system call
+        if up.backlog(now) > up.queue - need:
+            return up.free_at - (up.queue - need) / up.Bps
         return 0.0
 
     def read(self, f: _Flow, now: float) -> None:
         try:
-            data = f.rsock.recv(min(_CHUNK, f.cwnd - f.inflight))
+            up = self.up[f.src]
+            room = (
+                int(up.queue - up.backlog(now)) * _MSS // (_MSS + _HDR)
+            )  # never past the queue bound
+            data = f.rsock.recv(max(1, min(_CHUNK, f.cwnd - f.inflight, room)))
         except BlockingIOError:
             return
         except OSError:
@@ -239,9 +252,7 @@ class Relay:
             f.inflight += len(data)
             self.up[f.src].payload += len(data)
         t = self.up[f.src].send(now, len(data)) if data else max(now, self.up[f.src].free_at)
-        j = self.jitter[f.src][f.dst]
-        t += self.delay[f.src][f.dst] + (self.rng.uniform(-j, j) if j else 0.0)
-        f.last_arrival = t = max(t, f.last_arrival)
+        t = self.clock.release(f.src, f.dst, t, key=id(f))
         self._push(t, 0, f, data)
 
     def blocked(self, f: _Flow, now: float) -> bool:
@@ -251,11 +262,13 @@ class Relay:
         )
 
     def arrive(self, f: _Flow, data: bytes, now: float) -> None:
+        """``data`` reaches ``f.dst``'s downlink at ``now`` (its scheduled time, not the loop's)."""
         if f.held or self.blocked(f, now):
             f.held.append(data)
             return
         down = self.down[f.dst]
-        t = down.send(now, len(data)) if data else max(now, down.free_at)
+        spread = _wire(len(data)) / self.up[f.src].Bps  # the chunk left the uplink over this long
+        t = down.forward(now, spread, len(data)) if data else max(now, down.free_at)
         self._push(t, 1, f, data)
 
     def deliver(self, f: _Flow, data: bytes, t: float) -> None:
@@ -316,7 +329,7 @@ class Relay:
             while self.events and self.events[0][0] <= now:
                 t, _, kind, f, data = heapq.heappop(self.events)
                 if kind == 0:
-                    self.arrive(f, data, now)
+                    self.arrive(f, data, t)
                 elif kind == 1:
                     self.deliver(f, data, t)
                 else:

@@ -50,7 +50,8 @@ def sink(port: int, connections: int, report: Any, *, digest: bool = False) -> N
         h = hashlib.blake2b(digest_size=16) if digest else None
         buf = bytearray(_BLOCK)
         view = memoryview(buf)
-        total, first = 0, None
+        total, first, marked = 0, None, 0
+        samples: list[tuple[float, int]] = []  # (time, bytes since the last sample), every >= 1 MiB
         with conn:
             conn.settimeout(_DEADLINE)
             while True:
@@ -60,14 +61,19 @@ def sink(port: int, connections: int, report: Any, *, digest: bool = False) -> N
                 if first is None:
                     first = time.monotonic()
                 total += n
+                if total - marked >= _BLOCK:
+                    samples.append((time.monotonic(), total - marked))
+                    marked = total
                 if h is not None:
                     h.update(view[:n])
             last = time.monotonic()
+            samples.append((last, total - marked))
             conn.sendall(b"k")  # tells the source that everything arrived
         results[k] = {
             "bytes": total,
             "first": first,
             "last": last,
+            "samples": samples,
             "digest": h.hexdigest() if h else None,
         }
 
@@ -156,9 +162,13 @@ def echo_server(port: int, report: Any) -> None:
 
 
 def ping(ip: str, port: int, count: int, interval: float, report: Any) -> None:
-    """Send one byte and wait for its echo, ``count`` times; report the round trips (s)."""
+    """Send one byte and wait for its echo, ``count`` times; report the round trips (s).
+
+    Reports ``("ready", None)`` once connected, then ``("done", round_trips)``.
+    """
     with socket.create_connection(connect_address(ip, port), timeout=_DEADLINE) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        report.send(("ready", None))
         rtts = []
         for _ in range(count):
             t = time.monotonic()
@@ -194,7 +204,9 @@ def transfer(
     """Send ``nbytes`` from host ``src`` to host ``dst`` over ``streams`` TCP connections.
 
     Returns ``seconds`` (first byte sent to last byte received), ``bytes`` received, ``mbps``
-    (payload megabits per second) and, with ``digest``, whether every stream arrived intact.
+    (payload megabits per second over ``seconds``), ``steady_mbps`` (payload rate from the moment
+    a quarter of the bytes had arrived to the end: slow start left out) and, with ``digest``,
+    whether every stream arrived intact.
     """
     import multiprocessing
 
@@ -221,7 +233,23 @@ def transfer(
     intact = None
     if digest:
         intact = sorted(r["digest"] for r in got) == sorted(sent["digests"]) and total == nbytes
-    return {"seconds": seconds, "bytes": total, "mbps": total * 8 / seconds / 1e6, "intact": intact}
+    marks = sorted(m for r in got for m in r["samples"])
+    acc, t_quarter, at_quarter = 0, marks[-1][0], total
+    for t, n in marks:
+        acc += n
+        if acc >= total / 4:
+            t_quarter, at_quarter = t, acc
+            break
+    steady = (
+        (total - at_quarter) * 8 / (last - t_quarter) / 1e6 if last > t_quarter else float("nan")
+    )
+    return {
+        "seconds": seconds,
+        "bytes": total,
+        "mbps": total * 8 / seconds / 1e6,
+        "steady_mbps": steady,
+        "intact": intact,
+    }
 
 
 def round_trips(
@@ -242,6 +270,7 @@ def round_trips(
     try:
         port = _expect(srv_end, "ready", 120.0)
         net.spawn(src, ping, args=(net.host_address(dst), port, count, interval, ping_rep))
+        _expect(ping_end, "ready", 120.0)
         return list(_expect(ping_end, "done", 120.0 + count * (interval + 5.0)))
     finally:
         p_srv.terminate()

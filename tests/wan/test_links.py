@@ -1,0 +1,129 @@
+"""What the emulated links do to real TCP, in both modes (netns skips without root).
+
+Sizes are small so the directory stays fast; the full calibration is benchmarks/wan_calibration.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+
+import pytest
+
+from lowband.wan import LinkEmulator, Topology
+from lowband.wan.probes import echo_server, ping, round_trips, source, transfer
+
+pytestmark = pytest.mark.slow
+
+WIRE = 1500 / 1448  # rates count IP packets: 52 bytes of IP/TCP header per 1448-byte segment
+
+
+def test_rate_within_2_percent_at_100mbit(mode: str) -> None:
+    with LinkEmulator(Topology.uniform(2, rate="100mbit", rtt="20ms"), mode=mode) as net:
+        r = transfer(net, 0, 1, 24 << 20)
+    assert r["bytes"] == 24 << 20
+    wire_mbps = r["steady_mbps"] * WIRE
+    assert wire_mbps == pytest.approx(100.0, rel=0.02), r
+
+
+def test_round_trip_within_2ms_of_twice_the_delay(mode: str) -> None:
+    with LinkEmulator(Topology.uniform(2, rate="100mbit", rtt="100ms"), mode=mode) as net:
+        rtts = round_trips(net, 0, 1, count=8, interval=0.02)
+    assert len(rtts) == 8
+    # the first exchange also pays for connection set-up (ARP, or the relay's handshake model)
+    assert statistics.median(rtts[1:]) == pytest.approx(0.100, abs=0.002), rtts
+
+
+def test_ping_waits_behind_a_bulk_upload(mode: str) -> None:
+    topo = Topology.uniform(2, rate="20mbit", rtt="40ms", queue="250KiB")  # a full queue: 100 ms
+    with LinkEmulator(topo, mode=mode) as net:
+        idle = statistics.median(round_trips(net, 0, 1, count=4, interval=0.02)[1:])
+        ctx = multiprocessing.get_context("spawn")
+        srv_end, srv_rep = ctx.Pipe(duplex=False)
+        bulk_end, bulk_rep = ctx.Pipe(duplex=False)
+        ping_end, ping_rep = ctx.Pipe(duplex=False)
+        sink_port = _start(net, ctx, srv_end, srv_rep)
+        # loss-based congestion control keeps the bottleneck queue full, as a bulk upload does
+        net.spawn(
+            0,
+            source,
+            args=(net.host_address(1), sink_port, 12 << 20, bulk_rep),
+            kwargs={"congestion": "cubic"},
+        )
+        time.sleep(2.0)
+        echo_end, echo_rep = ctx.Pipe(duplex=False)
+        net.spawn(1, echo_server, args=(0, echo_rep))
+        assert echo_end.poll(60)
+        port = echo_end.recv()[1]
+        net.spawn(0, ping, args=(net.host_address(1), port, 6, 0.05, ping_rep))
+        assert ping_end.poll(60) and ping_end.recv()[0] == "ready"
+        assert ping_end.poll(60), "ping did not finish"
+        busy = statistics.median(ping_end.recv()[1][1:])
+        assert bulk_end.poll(120), "bulk upload did not finish"
+    assert idle == pytest.approx(0.040, abs=0.003)
+    assert busy > idle + 0.030, (idle, busy)  # it queued behind the upload (up to 100 ms)
+    assert busy < idle + 0.100 + 0.030  # and the queue is bounded
+
+
+def _start(net: LinkEmulator, ctx, end, rep) -> int:  # noqa: ANN001
+    from lowband.wan.probes import sink
+
+    net.spawn(1, sink, args=(0, 1, rep))
+    assert end.poll(60), "sink did not start"
+    return end.recv()[1]
+
+
+def test_no_byte_lost_or_reordered_with_jitter_and_four_streams(mode: str) -> None:
+    loss = 0.01 if mode == "netns" else 0.0  # netns mode can also drop packets: TCP repairs it
+    topo = Topology.uniform(2, rate="50mbit", rtt="30ms", jitter="5ms", loss=loss)
+    with LinkEmulator(topo, mode=mode) as net:
+        r = transfer(net, 0, 1, (6 << 20) + 12345, streams=4, digest=True)
+        stats = net.line_stats()
+    assert r["intact"] is True, r
+    if mode == "netns":
+        assert stats["dropped_loss"] > 0  # loss was really applied
+
+
+def test_link_bytes_count_what_crossed(mode: str) -> None:
+    with LinkEmulator(Topology.uniform(3, rate="100mbit", rtt="10ms"), mode=mode) as net:
+        before = net.link_bytes()
+        transfer(net, 0, 2, 4 << 20)
+        after = net.link_bytes()
+    sent_up = after[0]["up"] - before[0]["up"]
+    got_down = after[2]["down"] - before[2]["down"]
+    assert 4 << 20 <= sent_up < (4 << 20) * 1.10
+    assert 4 << 20 <= got_down < (4 << 20) * 1.10
+    assert after[1]["up"] - before[1]["up"] < 4096  # host 1 took no part
+
+
+def test_cut_restore_and_stall(mode: str) -> None:
+    with LinkEmulator(Topology.uniform(2, rate="10mbit", rtt="20ms"), mode=mode) as net:
+        ctx = multiprocessing.get_context("spawn")
+        echo_end, echo_rep = ctx.Pipe(duplex=False)
+        net.spawn(1, echo_server, args=(0, echo_rep))
+        assert echo_end.poll(60)
+        port = echo_end.recv()[1]
+
+        ping_end, ping_rep = ctx.Pipe(duplex=False)
+        net.spawn(0, ping, args=(net.host_address(1), port, 10, 0.05, ping_rep))
+        assert ping_end.poll(60) and ping_end.recv()[0] == "ready"
+        net.stall(1, 0.6)
+        assert ping_end.poll(30)
+        stalled = ping_end.recv()[1]
+        assert len(stalled) == 10
+        assert max(stalled) >= 0.5, stalled  # one ping waited out the stall
+        assert min(stalled) < 0.1, stalled  # and the others did not
+
+        ping_end, ping_rep = ctx.Pipe(duplex=False)
+        net.spawn(0, ping, args=(net.host_address(1), port, 10, 0.05, ping_rep))
+        assert ping_end.poll(60) and ping_end.recv()[0] == "ready"
+        time.sleep(0.1)
+        net.cut(0, 1)
+        time.sleep(1.2)
+        net.restore(0, 1)
+        # netns: TCP retransmits with back-off (about 1 s, then 2 s); proxy: held bytes move on
+        assert ping_end.poll(20), "no ping after the link was restored"
+        cut = ping_end.recv()[1]
+        assert len(cut) == 10
+        assert max(cut) >= 1.0, cut  # no ping crossed while the link was cut
