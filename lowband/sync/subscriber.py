@@ -1,0 +1,443 @@
+"""``WeightSubscriber``: a rollout worker's side of the RL weight sync.
+
+The subscriber asks the publisher's ROUTER for the manifest, checks it against
+its own model (names, shapes, dtypes), subscribes to the update streams, then
+fetches a snapshot chunk by chunk and replays the buffered versions onto it
+(the "Clone" pattern; see :mod:`lowband.sync.publisher`). After that each
+:meth:`WeightSubscriber.update` applies every complete version in sequence and
+checks the fingerprint. A gap in the sequence (a late join, a dropped message,
+a queue that overflowed) or a fingerprint mismatch starts a new snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from lowband.compress import Codec, parse
+from lowband.errors import CodecError, CollectiveTimeout, ConfigError, ConfigMismatch
+from lowband.sync._delta import Op, apply_op, chunk_sum, decode_op, fingerprint
+from lowband.sync._model import named_tensors
+from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint, to_key
+from lowband.sync._staging import Pending, Snapshot
+from lowband.sync._wire import (
+    CHUNK,
+    COMMIT,
+    HELLO,
+    MANIFEST,
+    SNAP_REP,
+    SNAP_REQ,
+    Header,
+    Manifest,
+    pack,
+    parse_header,
+)
+from lowband.transport.security import Curve
+
+__all__ = ["WeightSubscriber"]
+
+log = logging.getLogger(__name__)
+
+_MAX_DRAIN = 100_000  # messages read per poll round, so one call stays bounded
+
+
+class WeightSubscriber:
+    """Keep ``model`` equal to a :class:`~lowband.sync.WeightPublisher`'s weights.
+
+    Args:
+        model: an ``nn.Module`` or name -> tensor mapping with the publisher's names and
+            shapes; each dtype is the published one, or float32 for bf16/fp16 weights.
+        connect: the publisher's :attr:`~lowband.sync.WeightPublisher.address`.
+        security: this subscriber's :class:`lowband.transport.Curve` key pair.
+        server_key: the publisher's public CURVE key (required with ``security``).
+        max_pending: versions buffered before the oldest is dropped (which forces a resync).
+        window: snapshot chunks requested at once.
+        retry_s: seconds before an unanswered request is sent again.
+        max_message_bytes: largest message frame accepted from the publisher.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | dict[str, torch.Tensor],
+        *,
+        connect: str,
+        security: Curve | None = None,
+        server_key: bytes | str | None = None,
+        max_pending: int = 64,
+        window: int = 8,
+        retry_s: float = 5.0,
+        max_message_bytes: int = 1 << 33,
+    ) -> None:
+        if max_pending < 1 or window < 1 or retry_s <= 0:
+            raise ConfigError("max_pending and window must be >= 1, retry_s > 0")
+        self._tensors = dict(named_tensors(model))
+        self._ep = parse_endpoint(connect, "WeightSubscriber connect")
+        self._security, self._server_key = security, to_key(server_key)
+        if security is not None and self._server_key is None:
+            raise ConfigError("security is set: pass server_key, the publisher's public CURVE key")
+        self.max_pending, self.window, self.retry_s = max_pending, window, retry_s
+        self._max_msg = int(max_message_bytes)
+        self._ctx = zmq.Context()
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.linger = 0
+        self._dealer.maxmsgsize = self._max_msg
+        self._watch = AuthWatch(self._dealer) if security is not None else None
+        self._subs: list[zmq.Socket] = []
+        self._poller = zmq.Poller()
+        try:
+            connect_socket(
+                self._dealer,
+                self._ep.url(),
+                ipv6=self._ep.ipv6,
+                security=security,
+                server_key=self._server_key,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._manifest: Manifest | None = None
+        self._codec: Codec | None = None
+        self._targets: list[torch.Tensor] = []
+        self._sums: list[np.ndarray] = []
+        self._pending: dict[int, Pending] = {}
+        self._snap: Snapshot | None = None
+        self._waiting_first = False
+        self._seq = 0
+        self._version: int | None = None
+        self._finger: int | None = None
+        #: Snapshots started (the first one included) and versions applied so far.
+        self.snapshots = 0
+        self.versions_applied = 0
+        #: Bytes of every frame received from the publisher.
+        self.bytes_received = 0
+        self._send_hello()
+
+    # -- public state ----------------------------------------------------------------------
+
+    @property
+    def version(self) -> int | None:
+        """The version label of the weights in the model (None before the first)."""
+        return self._version
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def fingerprint(self) -> int | None:
+        """Fingerprint of the weights in the model, as checked against the publisher's."""
+        return self._finger
+
+    def update(self, *, block: bool = False, timeout: float | None = None) -> int | None:
+        """Apply the newest complete version available; its version label, or None.
+
+        With ``block=True`` wait (up to ``timeout`` seconds, forever if None) until a
+        newer version is applied; raises :class:`CollectiveTimeout` when it is not.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._pump(50 if block else 0)
+            v = self._advance()
+            if v is not None or not block:
+                return v
+            if deadline is not None and time.monotonic() > deadline:
+                raise CollectiveTimeout(
+                    f"no new weight version from {self._ep.url()} within {timeout} s"
+                )
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _send_hello(self) -> None:
+        self._hello_at = time.monotonic()
+        self._dealer.send(pack(Header(HELLO)))
+
+    def _pump(self, wait_ms: int) -> None:
+        if self._watch is not None:
+            self._watch.check()
+        events = dict(self._poller.poll(wait_ms))
+        if self._watch is not None and not events:
+            self._watch.check()
+        n = 0
+        for sock in [self._dealer, *self._subs]:
+            while n < _MAX_DRAIN:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                n += 1
+                self.bytes_received += sum(len(f) for f in frames)
+                body = [f.buffer for f in frames]
+                try:
+                    if sock is self._dealer:
+                        self._on_reply(body)
+                    else:
+                        self._on_update(body)
+                except CodecError as e:
+                    log.warning("WeightSubscriber: dropped a malformed message: %s", e)
+        self._retry()
+
+    def _retry(self) -> None:
+        if self._manifest is None and time.monotonic() - self._hello_at > self.retry_s:
+            self._send_hello()
+        if self._snap is not None:
+            for key in self._snap.overdue(self.retry_s):
+                self._request(*key)
+
+    def _request(self, t: int, c: int) -> None:
+        self._dealer.send(pack(Header(SNAP_REQ, tensor=t, chunk=c)))
+
+    def _on_reply(self, body: list) -> None:
+        h = parse_header(body, expect=(MANIFEST, SNAP_REP))
+        if h.kind == MANIFEST:
+            if self._manifest is None:
+                self._bind(Manifest.from_bytes(body[1], max_elems=self._max_msg))
+                self._start_snapshot() if h.seq > 0 else self._wait_first()
+            return
+        if self._snap is None:
+            return
+        if h.tensor >= len(self._snap.staged) or h.chunk >= len(self._snap.chunk_seq[h.tensor]):
+            raise CodecError(
+                f"snapshot reply for chunk {h.chunk} of tensor {h.tensor}: no such chunk"
+            )
+        if h.seq == 0:
+            self._wait_first()
+            return
+        if self._snap.fill(h, memoryview(body[1]).cast("B")):
+            self._send_requests()
+
+    def _on_update(self, body: list) -> None:
+        m = self._manifest
+        assert m is not None
+        h = parse_header(body, expect=(CHUNK, COMMIT))
+        if h.seq <= self._seq or h.seq >= 1 << 62:
+            return
+        limit = sum(m.chunks(i) for i in range(len(m.tensors)))
+        if h.kind == CHUNK and (h.tensor >= len(m.tensors) or h.chunk >= m.chunks(h.tensor)):
+            raise CodecError(f"update for chunk {h.chunk} of tensor {h.tensor}: no such chunk")
+        p = self._pending.get(h.seq)
+        if p is None:
+            p = self._pending[h.seq] = Pending(h.seq, len(m.ports))
+            while len(self._pending) > self.max_pending:  # the oldest goes; the gap forces a resync
+                del self._pending[min(self._pending)]
+        if h.kind == CHUNK:
+            p.add_chunk(h, body[1:], limit)
+        else:
+            p.add_commit(h, limit)
+            if self._waiting_first:
+                self._start_snapshot()
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _bind(self, m: Manifest) -> None:
+        """Check the manifest against the model, then subscribe to the update streams."""
+        names = [t.name for t in m.tensors]
+        if set(names) != set(self._tensors):
+            missing, extra = set(names) - set(self._tensors), set(self._tensors) - set(names)
+            raise ConfigMismatch(
+                f"publisher and subscriber models differ: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
+            )
+        for spec in m.tensors:
+            t = self._tensors[spec.name]
+            if tuple(t.shape) != spec.shape:
+                raise ConfigMismatch(
+                    f"{spec.name!r}: publisher shape {spec.shape}, subscriber {tuple(t.shape)}"
+                )
+            if t.dtype != spec.dtype and not (
+                t.dtype == torch.float32 and spec.dtype in (torch.bfloat16, torch.float16)
+            ):
+                raise ConfigMismatch(
+                    f"{spec.name!r}: published as {spec.dtype}, subscriber holds {t.dtype}"
+                )
+        try:
+            self._codec = None if m.codec == "exact" else parse(m.codec)
+        except ValueError as e:
+            raise ConfigMismatch(f"publisher uses codec {m.codec!r}, unknown here: {e}") from None
+        self._manifest = m
+        self._targets = [self._tensors[s.name].detach().view(-1) for s in m.tensors]
+        self._sums = [np.zeros(m.chunks(i), dtype=np.uint64) for i in range(len(m.tensors))]
+        for port in m.ports:
+            s = self._ctx.socket(zmq.SUB)
+            s.linger = 0
+            s.rcvhwm = (
+                0  # the publisher's hwm bounds the queue; dropping here would only force resyncs
+            )
+            s.maxmsgsize = min(self._max_msg, 16 * m.chunk_elems + (1 << 16))
+            connect_socket(
+                s,
+                self._ep.url(port),
+                ipv6=self._ep.ipv6,
+                security=self._security,
+                server_key=self._server_key,
+            )
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+            self._subs.append(s)
+            self._poller.register(s, zmq.POLLIN)
+
+    def _wait_first(self) -> None:
+        self._snap = None
+        self._waiting_first = True
+
+    def _start_snapshot(self) -> None:
+        assert self._manifest is not None
+        self._waiting_first = False
+        self.snapshots += 1
+        self._snap = Snapshot(self._manifest, window=self.window)
+        self._send_requests()
+
+    def _send_requests(self) -> None:
+        assert self._snap is not None
+        for key in self._snap.next_requests():
+            self._request(*key)
+
+    # -- applying --------------------------------------------------------------------------
+
+    def _complete(self, seq: int) -> bool:
+        p = self._pending.get(seq)
+        return p is not None and p.complete
+
+    def _decode(self, seqs: list[int]) -> list[tuple[int, Op]]:
+        m = self._manifest
+        assert m is not None
+        ops = []
+        for s in seqs:
+            for h, frames in self._pending[s].ordered():
+                lo, hi = m.chunk_range(h.tensor, h.chunk)
+                spec = m.tensors[h.tensor]
+                ops.append((s, decode_op(h, frames, spec, spec.dtype, hi - lo, self._codec)))
+        return ops
+
+    def _advance(self) -> int | None:
+        if self._snap is not None:
+            return self._advance_snapshot()
+        if self._seq == 0:
+            return None
+        seqs = []
+        while self._complete(self._seq + len(seqs) + 1):
+            seqs.append(self._seq + len(seqs) + 1)
+        if not seqs:
+            if any(s > self._seq + 1 and p.complete for s, p in self._pending.items()) or any(
+                p.bad for p in self._pending.values()
+            ):
+                log.info(
+                    "WeightSubscriber: missed version %d; resyncing by snapshot", self._seq + 1
+                )
+                self._start_snapshot()
+            return None
+        try:
+            ops = self._decode(seqs)
+        except CodecError as e:
+            log.warning(
+                "WeightSubscriber: version %d does not decode (%s); resyncing by snapshot",
+                seqs[0],
+                e,
+            )
+            self._start_snapshot()
+            return None
+        m = self._manifest
+        assert m is not None
+        touched: set[tuple[int, int]] = set()
+        with torch.no_grad():
+            for _, op in ops:
+                lo, hi = m.chunk_range(op.tensor, op.chunk)
+                apply_op(
+                    op, self._targets[op.tensor][lo:hi], m.tensors[op.tensor].dtype, self._codec
+                )
+                touched.add((op.tensor, op.chunk))
+        for t, c in touched:
+            lo, hi = m.chunk_range(t, c)
+            self._sums[t][c] = chunk_sum(self._targets[t][lo:hi].to(m.tensors[t].dtype))
+        last = self._pending[seqs[-1]]
+        return self._commit(seqs[-1], last.version, last.finger, fingerprint(m.tensors, self._sums))
+
+    def _commit(self, seq: int, version: int, expected: int, got: int) -> int | None:
+        for s in [s for s in self._pending if s <= seq]:
+            del self._pending[s]
+        if got != expected:
+            log.warning(
+                "WeightSubscriber: fingerprint mismatch at version %d (%#x != %#x); resyncing",
+                version,
+                got,
+                expected,
+            )
+            self._seq, self._version, self._finger = seq, None, None
+            self._start_snapshot()
+            return None
+        self._seq, self._version, self._finger = seq, version, got
+        self.versions_applied += 1
+        return version
+
+    def _advance_snapshot(self) -> int | None:
+        snap, m = self._snap, self._manifest
+        assert snap is not None and m is not None
+        if not snap.received:
+            return None
+        lo_seq = snap.min_seq()
+        missing = [s for s in range(lo_seq + 1, snap.s_max + 1) if not self._complete(s)]
+        if missing:  # lost or not yet here: ask again for the chunks that need it
+            n = snap.redo_older_than(max(missing))
+            log.debug(
+                "WeightSubscriber: snapshot needs version(s) %s; refetching %d chunk(s)",
+                missing[:4],
+                n,
+            )
+            self._send_requests()
+            return None
+        target = snap.s_max
+        while self._complete(target + 1):
+            target += 1
+        try:
+            ops = self._decode(list(range(lo_seq + 1, target + 1)))
+        except CodecError as e:
+            log.warning(
+                "WeightSubscriber: buffered update does not decode (%s); restarting the snapshot", e
+            )
+            self._start_snapshot()
+            return None
+        for s, op in ops:
+            if snap.chunk_seq[op.tensor][op.chunk] < s:
+                a, b = m.chunk_range(op.tensor, op.chunk)
+                apply_op(op, snap.staged[op.tensor][a:b], m.tensors[op.tensor].dtype, self._codec)
+        for i in range(len(m.tensors)):
+            for c in range(m.chunks(i)):
+                a, b = m.chunk_range(i, c)
+                self._sums[i][c] = chunk_sum(snap.staged[i][a:b])
+        if target in self._pending:
+            version, expected = self._pending[target].version, self._pending[target].finger
+        else:
+            version, expected = snap.fingers[target]
+        got = fingerprint(m.tensors, self._sums)
+        if got != expected:  # the model still holds the last good version; fetch again
+            log.warning(
+                "WeightSubscriber: snapshot fingerprint mismatch at version %d; fetching again",
+                version,
+            )
+            self._start_snapshot()
+            return None
+        self._snap = None
+        with torch.no_grad():
+            for dst, src in zip(self._targets, snap.staged):
+                dst.copy_(src)
+        return self._commit(target, version, expected, got)
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every socket (idempotent)."""
+        if self._ctx.closed:
+            return
+        if self._watch is not None:
+            self._watch.close()
+        for s in [self._dealer, *self._subs]:
+            s.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> WeightSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
