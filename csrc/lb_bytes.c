@@ -45,12 +45,10 @@ uint64_t lb_checksum(const uint8_t *p, int64_t n, int nthreads) {
     uint64_t acc = 0;
     int nt = nthreads < 1 ? 1 : nthreads;
     if (n < (1 << 20)) nt = 1;
-#pragma omp parallel num_threads(nt) reduction(+ : acc)
-    {
-        int64_t lo, hi;
-        lb_split(m, nt, LB_TID(), &lo, &hi);
-        acc += mix_range(p, lo, hi);
-    }
+    const int64_t per = 1 << 15; /* words per dynamically scheduled chunk (256 KiB) */
+    int64_t chunks = (m + per - 1) / per;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(+ : acc)
+    for (int64_t ch = 0; ch < chunks; ch++) acc += mix_range(p, ch * per, (ch + 1) * per < m ? (ch + 1) * per : m);
     if (n % 8) {
         uint64_t w = 0;
         memcpy(&w, p + 8 * m, (size_t)(n % 8));

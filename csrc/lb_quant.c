@@ -243,6 +243,12 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
 }
 #endif
 
+/* Units of 8 blocks per dynamically scheduled chunk: about 64 Ki elements. */
+static int64_t lb_chunk_units(int64_t block) {
+    int64_t u = 65536 / (8 * block);
+    return u < 1 ? 1 : u;
+}
+
 int lb_quantize(const void *x, int dtype, float *res, float decay, int64_t n, int bits, int64_t block, int sign,
                 int stochastic, uint32_t seedmix, uint8_t *codes, float *steps, int nthreads) {
     if (!(bits == 1 || bits == 2 || bits == 4 || bits == 8) || block < 1 || (sign && bits != 1) || n < 0)
@@ -261,12 +267,14 @@ int lb_quantize(const void *x, int dtype, float *res, float decay, int64_t n, in
     vec = lb_has_avx2() && block % 32 == 0;
 #endif
     int bad = 0;
-#pragma omp parallel num_threads(nt) reduction(| : bad)
-    {
-        int64_t ulo, uhi;
-lb_split(units, nt, LB_TID(), &ulo, &uhi);
-        int64_t b0 = ulo * 8, b1 = uhi * 8 < nb ? uhi * 8 : nb;
-        if (b0 < b1) {
+    /* Chunks of about 64 Ki elements (a multiple of 8 blocks, so each starts a byte),
+     * handed out dynamically: on a busy machine a descheduled thread holds up no one. */
+    int64_t per = lb_chunk_units(block);
+    int64_t chunks = (units + per - 1) / per;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : bad)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        int64_t b0 = ch * per * 8, b1 = (ch + 1) * per * 8 < nb ? (ch + 1) * per * 8 : nb;
+        {
 #if LB_X86
             if (vec)
                 bad |= quant_blocks_avx2(&c, b0, b1);
@@ -337,12 +345,12 @@ int lb_dequantize(const uint8_t *codes, const float *steps, int64_t n, int bits,
 #if LB_X86
     vec = lb_has_avx2() && block % 8 == 0;
 #endif
-#pragma omp parallel num_threads(nt)
-    {
-        int64_t ulo, uhi;
-lb_split(units, nt, LB_TID(), &ulo, &uhi);
-        int64_t b0 = ulo * 8, b1 = uhi * 8 < nb ? uhi * 8 : nb;
-        if (b0 < b1) {
+    int64_t per = lb_chunk_units(block);
+    int64_t chunks = (units + per - 1) / per;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        int64_t b0 = ch * per * 8, b1 = (ch + 1) * per * 8 < nb ? (ch + 1) * per * 8 : nb;
+        {
 #if LB_X86
             if (vec)
                 dequant_avx2(codes, steps, n, b0, b1, bits, block, h, out, accumulate);

@@ -302,22 +302,22 @@ int lb_topk_tiles(const void *x, int dtype, float *res, float decay, int64_t n, 
     int bad = 0, nomem = 0;
 #pragma omp parallel num_threads(nt) reduction(| : bad, nomem)
     {
-        int64_t t0, t1;
-        lb_split(ntiles, nt, LB_TID(), &t0, &t1);
         size_t tl = (size_t)tile + 8;
         scratch s = {malloc(4 * tl), malloc(4 * tl), malloc(8 * tl), malloc(8 * tl), malloc(4 * tl),
                      malloc(sizeof(uint32_t) << LB_HBITS), malloc(4 * ((size_t)kk + 8)), malloc(4 * ((size_t)kk + 8)),
                      0, 0};
-        if (!s.vals || !s.keys || !s.cand || !s.tmp || !s.cidx || !s.hist || !s.sel_i || !s.sel_v) {
-            nomem = 1;
-        } else if (k == 0) {
-            /* nothing selected, but the residual still takes v */
-            for (int64_t t = t0; t < t1; t++) {
+        int ok = s.vals && s.keys && s.cand && s.tmp && s.cidx && s.hist && s.sel_i && s.sel_v;
+        if (!ok) nomem = 1;
+        /* dynamic: on a busy machine a descheduled thread holds up no one */
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t t = 0; t < ntiles; t++) {
+            if (!ok) continue;
+            if (k > 0) {
+                topk_tile(&c, t, &s, &bad);
+            } else { /* nothing selected, but the residual still takes v */
                 int64_t lo = t * tile, len = n - lo < tile ? n - lo : tile;
                 bad |= tile_load(&c, lo, len, s.vals, s.keys);
             }
-        } else {
-            for (int64_t t = t0; t < t1; t++) topk_tile(&c, t, &s, &bad);
         }
         free(s.vals);
         free(s.keys);
