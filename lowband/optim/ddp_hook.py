@@ -43,10 +43,9 @@ class DDPCommHook:
     all-gather delivers); torch's own length exchange and padding are not counted.
     """
 
-    #: DDP's hook check reads ``hook.__name__``
-    __name__ = "lowband_ddp_comm_hook"
-
     def __init__(self, group: Any, codec: Any, *, error_feedback: Any = True) -> None:
+        # DDP reads a hook's ``__name__`` and ``__qualname__``, as if it were a function
+        self.__name__ = self.__qualname__ = "lowband_ddp_comm_hook"
         self.codec = resolve_codec(codec)
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
         self.group = group
