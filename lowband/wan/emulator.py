@@ -10,6 +10,8 @@ with :meth:`spawn`/:meth:`popen`) is removed on ``__exit__``, on SIGTERM and at 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import functools
 import json
 import logging
 import multiprocessing
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 #: is the core namespace (no delay or uplink limit on the way in); in proxy mode the normal one.
 HUB = -1
 
+_PR_SET_PDEATHSIG = 1
 _live: set[LinkEmulator] = set()
 _live_lock = threading.Lock()
 _hooks_installed = False
@@ -64,7 +67,16 @@ def _install_hooks() -> None:
         _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this process when its parent dies (even by SIGKILL): nothing outlives a run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _run_on_host(
+    parent: int,
     namespace: str | None,
     env: dict[str, str],
     target: Callable[..., Any],
@@ -72,6 +84,7 @@ def _run_on_host(
     kwargs: dict[str, Any],
 ) -> Any:
     """Child side of :meth:`LinkEmulator.spawn`: join the host's namespace, then run ``target``."""
+    _die_with_parent(parent)
     if namespace is not None:
         enter_namespace(namespace)
     os.environ.update(env)
@@ -206,7 +219,7 @@ class LinkEmulator:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=_run_on_host,
-            args=(namespace, self.env(host), target, tuple(args), kwargs or {}),
+            args=(os.getpid(), namespace, self.env(host), target, tuple(args), kwargs or {}),
             name=name or f"wan-host{host}",
             daemon=daemon,
         )
@@ -225,6 +238,7 @@ class LinkEmulator:
     def popen(self, host: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """``subprocess.Popen`` of ``argv`` on ``host``, with :meth:`env` added to its environment."""
         env = {**(kwargs.pop("env", None) or os.environ), **self.env(host)}
+        kwargs.setdefault("preexec_fn", functools.partial(_die_with_parent, os.getpid()))
         proc = subprocess.Popen(self.command(host, argv), env=env, **kwargs)
         with self._lock:
             self._procs.append(proc)
