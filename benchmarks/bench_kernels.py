@@ -68,15 +68,17 @@ def cases(n: int, device: str, backend: str | None) -> dict[str, Callable[[], ob
     for bits in (8, 2):
         codes, steps = kernels.quantize(x, bits=bits)
         acc = torch.zeros(n, device=device)
-        out[f"q{bits} dequantize-accumulate"] = (
-            lambda c=codes, s=steps, a=acc, b=bits: kernels.dequantize(c, s, bits=b, n=n, out=a, accumulate=True, **kw)
+        out[f"q{bits} dequantize-accumulate"] = lambda c=codes, s=steps, a=acc, b=bits: (
+            kernels.dequantize(c, s, bits=b, n=n, out=a, accumulate=True, **kw)
         )
     m = kernels.topk_count(n, k=64, tile=4096)
     tk_out = (torch.empty(m, dtype=torch.int32, device=device), torch.empty(m, device=device))
     tko = {"out": tk_out} if backend != "torch" else {}
     out["top-k tile 4096 k 64"] = lambda: kernels.topk_tiles(x, k=64, tile=4096, **tko, **kw)
     r2 = res.clone()
-    out["EF + top-k tile 4096 k 64"] = lambda: kernels.topk_tiles(x, k=64, tile=4096, residual=r2, **tko, **kw)
+    out["EF + top-k tile 4096 k 64"] = lambda: kernels.topk_tiles(
+        x, k=64, tile=4096, residual=r2, **tko, **kw
+    )
     if device == "cpu":
         raw = x.view(torch.uint8).numpy()
         out["checksum lb64"] = lambda: kernels.checksum(raw, **kw)
@@ -87,7 +89,9 @@ def cases(n: int, device: str, backend: str | None) -> dict[str, Callable[[], ob
         else:
             if backend in (None, "native"):
                 ef = ErrorFeedback("q8")
-                out["codec.encode q8 + EF + payload + checksum"] = lambda: ef.encode(x, key="b").to_frames()
+                out["codec.encode q8 + EF + payload + checksum"] = lambda: ef.encode(
+                    x, key="b"
+                ).to_frames()
     return out
 
 
@@ -107,7 +111,9 @@ def _time_cuda(fn: Callable[[], object], launches: int = 100) -> float:
     return start.elapsed_time(end) / 1000.0 / launches
 
 
-def measure(n: int, reps: int, device: str, backend: str | None, only: list[str] | None = None) -> list[tuple[str, float, float]]:
+def measure(
+    n: int, reps: int, device: str, backend: str | None, only: list[str] | None = None
+) -> list[tuple[str, float, float]]:
     """Rows of (name, best kernel seconds, best copy seconds measured alongside it)."""
     todo = cases(n, device, backend)
     if only:
@@ -132,7 +138,9 @@ def measure(n: int, reps: int, device: str, backend: str | None, only: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=None, help="elements (default 16M on CPU, 256M on CUDA)")
+    ap.add_argument(
+        "--n", type=int, default=None, help="elements (default 16M on CPU, 256M on CUDA)"
+    )
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default=None, choices=["torch", "native", "triton"])
@@ -140,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     n = a.n or ((256 << 20) if a.device == "cuda" else (16 << 20))
     backend = a.backend or kernels.available_backends(a.device)[0]
-    print(f"{n} fp32 elements on {a.device}, backend {backend}, {torch.get_num_threads()} threads, best of {a.reps}")
+    print(
+        f"{n} fp32 elements on {a.device}, backend {backend}, {torch.get_num_threads()} threads, best of {a.reps}"
+    )
     print(f"{'kernel':44s} {'ms':>8s} {'copy ms':>8s} {'x copy':>7s} {'target':>7s}")
     for name, tk, tc in measure(n, a.reps, a.device, backend, a.only):
         target = TARGETS.get(name)

@@ -38,10 +38,10 @@ static inline float q_value(const qctx *c, int64_t i) {
 }
 
 /* Per-block scale: returns step, sets *inv. */
-static inline float q_scale(const qctx *c, float amax, float sum, int64_t len, float *inv) {
+static inline float q_scale(const qctx *c, float amax, double sum, int64_t len, float *inv) {
     if (c->sign) {
         *inv = 0.0f;
-        return (sum / (float)len) * 2.0f;
+        return ((float)sum / (float)len) * 2.0f;
     }
     *inv = amax > 0.0f ? c->h / amax : 0.0f;
     return amax / c->h;
@@ -67,7 +67,8 @@ static int quant_blocks_scalar(const qctx *c, int64_t b0, int64_t b1, int64_t lo
         int64_t lo = b * c->block, hi = lo + c->block;
         if (lo < lo_el) lo = lo_el;
         if (hi > c->n) hi = c->n;
-        float amax = 0.0f, sum = 0.0f;
+        float amax = 0.0f;
+        double sum = 0.0;
         for (int64_t i = lo; i < hi; i++) {
             float v = q_value(c, i);
             if (!lb_finite(v)) bad = 1;
@@ -170,7 +171,7 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
         if (hi > c->n) hi = c->n;
         int64_t vend = lo + ((hi - lo) & ~(int64_t)31);
         __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
         int64_t i = lo;
         for (; i + 16 <= hi; i += 16) {
             __m256 a0 = _mm256_and_ps(q_value8(c, i), absmask);
@@ -179,19 +180,20 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
             badv = _mm256_or_ps(badv, _mm256_cmp_ps(a1, fmax, _CMP_NLE_UQ));
             m0 = _mm256_max_ps(m0, a0);
             m1 = _mm256_max_ps(m1, a1);
-            if (c->sign) {
-                s0 = _mm256_add_ps(s0, a0);
-                s1 = _mm256_add_ps(s1, a1);
+            if (c->sign) { /* the mean |v| in double: the sign scale lands within an ulp or two of torch's */
+                s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(a0)));
+                s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(a0, 1)));
+                s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(a1)));
+                s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(a1, 1)));
             }
         }
-        float lm[8], ls[8];
+        float lm[8];
+        double ls[4];
         _mm256_storeu_ps(lm, _mm256_max_ps(m0, m1));
-        _mm256_storeu_ps(ls, _mm256_add_ps(s0, s1));
-        float amax = 0.0f, sum = 0.0f;
-        for (int j = 0; j < 8; j++) {
-            amax = lm[j] > amax ? lm[j] : amax;
-            sum += ls[j];
-        }
+        _mm256_storeu_pd(ls, _mm256_add_pd(s0, s1));
+        float amax = 0.0f;
+        double sum = (ls[0] + ls[1]) + (ls[2] + ls[3]);
+        for (int j = 0; j < 8; j++) amax = lm[j] > amax ? lm[j] : amax;
         for (; i < hi; i++) {
             float v = q_value(c, i);
             if (!lb_finite(v)) bad = 1;

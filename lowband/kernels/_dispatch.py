@@ -97,7 +97,9 @@ def _announce(op: str, chosen: str, device: torch.device) -> None:
             _native.missing_reason(),
         )
     elif device.type == "cuda" and chosen == "torch":
-        log.warning("lowband.kernels: %s runs on the torch reference on CUDA: triton is not importable", op)
+        log.warning(
+            "lowband.kernels: %s runs on the torch reference on CUDA: triton is not importable", op
+        )
     else:
         log.info("lowband.kernels: %s uses the %s backend on %s", op, chosen, device.type)
 
@@ -109,12 +111,18 @@ def _impl(op: str, backend: str | None, device: torch.device) -> Any:
             if fn is not None:
                 _announce(op, chosen, device)
                 return fn
-        raise BackendUnavailable(f"no kernel backend runs {op} on {device.type}")  # pragma: no cover
+        raise BackendUnavailable(
+            f"no kernel backend runs {op} on {device.type}"
+        )  # pragma: no cover
     if backend not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
     if backend not in available_backends(device):
-        why = f": {_native.missing_reason()}" if backend == "native" and device.type == "cpu" else ""
-        raise BackendUnavailable(f"kernel backend {backend!r} cannot run on {device.type} here{why}")
+        why = (
+            f": {_native.missing_reason()}" if backend == "native" and device.type == "cpu" else ""
+        )
+        raise BackendUnavailable(
+            f"kernel backend {backend!r} cannot run on {device.type} here{why}"
+        )
     fn = getattr(_module(backend), op, None)
     if fn is None:
         raise BackendUnavailable(f"kernel backend {backend!r} has no {op} kernel")
@@ -124,12 +132,16 @@ def _impl(op: str, backend: str | None, device: torch.device) -> Any:
 _CPU = torch.device("cpu")
 
 
-def quantize(x: torch.Tensor, *, backend: str | None = None, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, *, backend: str | None = None, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused error feedback + blockwise quantize + bit pack (see ``_ref.quantize``)."""
     return _impl("quantize", backend, x.device)(x, **kw)
 
 
-def dequantize(codes: torch.Tensor, steps: torch.Tensor, *, backend: str | None = None, **kw: Any) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, steps: torch.Tensor, *, backend: str | None = None, **kw: Any
+) -> torch.Tensor:
     """Unpack + decode, optionally accumulating into fp32 (see ``_ref.dequantize``)."""
     return _impl("dequantize", backend, codes.device)(codes, steps, **kw)
 
@@ -139,24 +151,34 @@ def pack_bits(u: torch.Tensor, bits: int, *, backend: str | None = None) -> torc
     return _impl("pack_bits", backend, u.device)(u, bits)
 
 
-def unpack_bits(data: torch.Tensor, bits: int, n: int, *, backend: str | None = None) -> torch.Tensor:
+def unpack_bits(
+    data: torch.Tensor, bits: int, n: int, *, backend: str | None = None
+) -> torch.Tensor:
     """Inverse of :func:`pack_bits` (see ``_ref.unpack_bits``)."""
     return _impl("unpack_bits", backend, data.device)(data, bits, n)
 
 
-def topk_tiles(x: torch.Tensor, *, backend: str | None = None, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_tiles(
+    x: torch.Tensor, *, backend: str | None = None, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tile top-k by magnitude (see ``_ref.topk_tiles``)."""
     return _impl("topk_tiles", backend, x.device)(x, **kw)
 
 
 def scatter_accumulate(
-    out: torch.Tensor, indices: list[torch.Tensor], values: list[torch.Tensor], *, backend: str | None = None
+    out: torch.Tensor,
+    indices: list[torch.Tensor],
+    values: list[torch.Tensor],
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``out[idx] += val`` list after list (see ``_ref.scatter_accumulate``)."""
     return _impl("scatter_accumulate", backend, out.device)(out, indices, values)
 
 
-def dct_tiles(x: torch.Tensor, *, inverse: bool = False, backend: str | None = None) -> torch.Tensor:
+def dct_tiles(
+    x: torch.Tensor, *, inverse: bool = False, backend: str | None = None
+) -> torch.Tensor:
     """Tiled DCT-II or its inverse (see ``_ref.dct_tiles``)."""
     return _impl("dct_tiles", backend, x.device)(x, inverse=inverse)
 

@@ -57,7 +57,10 @@ _i32 = ctypes.c_int
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lb_abi_version": (_i32, []),
     "lb_vector_isa": (_i32, []),
-    "lb_quantize": (_i32, [_p, _i32, _p, ctypes.c_float, _i64, _i32, _i64, _i32, _i32, ctypes.c_uint32, _p, _p, _i32]),
+    "lb_quantize": (
+        _i32,
+        [_p, _i32, _p, ctypes.c_float, _i64, _i32, _i64, _i32, _i32, ctypes.c_uint32, _p, _p, _i32],
+    ),
     "lb_dequantize": (_i32, [_p, _p, _i64, _i32, _i64, _p, _i32, _i32]),
     "lb_topk_tiles": (_i32, [_p, _i32, _p, ctypes.c_float, _i64, _i64, _i64, _p, _p, _i32]),
     "lb_scatter_accumulate": (_i32, [_p, _i64, _i32, _p, _p, _p, _p, _i32]),
@@ -89,12 +92,16 @@ def _load() -> ctypes.CDLL | None:
             fn.restype = res
             fn.argtypes = args
         if lib.lb_abi_version() != _ABI:
-            raise OSError(f"ABI version {lib.lb_abi_version()}, expected {_ABI}: rebuild with `pip install -e .`")
+            raise OSError(
+                f"ABI version {lib.lb_abi_version()}, expected {_ABI}: rebuild with `pip install -e .`"
+            )
     except (OSError, AttributeError) as e:
         _error = f"{path} could not be loaded: {e}"
         return None
     _lib = lib
-    log.debug("lowband native kernels loaded from %s (AVX2 paths: %s)", path, bool(lib.lb_vector_isa()))
+    log.debug(
+        "lowband native kernels loaded from %s (AVX2 paths: %s)", path, bool(lib.lb_vector_isa())
+    )
     return _lib
 
 
@@ -178,11 +185,24 @@ def quantize(
     codes, steps = _outputs(out, packed_size(n, bits), nb)
     r, copy_back = (None, False) if residual is None else _fp32_buffer(residual, n, "residual")
     rc = _L().lb_quantize(
-        v.data_ptr(), _DTYPES[v.dtype], None if r is None else r.data_ptr(), float(decay), n, bits, block,
-        int(sign), int(stochastic), _seedmix(seed), codes.data_ptr(), steps.data_ptr(), _threads(),
+        v.data_ptr(),
+        _DTYPES[v.dtype],
+        None if r is None else r.data_ptr(),
+        float(decay),
+        n,
+        bits,
+        block,
+        int(sign),
+        int(stochastic),
+        _seedmix(seed),
+        codes.data_ptr(),
+        steps.data_ptr(),
+        _threads(),
     )
     if rc == _NONFINITE:
-        raise CodecError("input holds NaN or Inf: quantizers, sign and top-k accept finite values only")
+        raise CodecError(
+            "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
+        )
     if rc != _OK:
         raise ConfigError(f"native quantize rejected its arguments (status {rc})")
     if copy_back and residual is not None and r is not None:
@@ -190,13 +210,25 @@ def quantize(
     return codes, steps
 
 
-def _outputs(out: tuple[torch.Tensor, torch.Tensor] | None, ncodes: int, nsteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs(
+    out: tuple[torch.Tensor, torch.Tensor] | None, ncodes: int, nsteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     if out is None:
         return torch.empty(ncodes, dtype=torch.uint8), torch.empty(nsteps, dtype=torch.float32)
     codes, steps = out
-    if codes.dtype != torch.uint8 or codes.numel() != ncodes or not codes.is_contiguous() or codes.device.type != "cpu":
+    if (
+        codes.dtype != torch.uint8
+        or codes.numel() != ncodes
+        or not codes.is_contiguous()
+        or codes.device.type != "cpu"
+    ):
         raise ConfigError(f"out codes must be a contiguous CPU uint8 tensor of {ncodes} bytes")
-    if steps.dtype != torch.float32 or steps.numel() != nsteps or not steps.is_contiguous() or steps.device.type != "cpu":
+    if (
+        steps.dtype != torch.float32
+        or steps.numel() != nsteps
+        or not steps.is_contiguous()
+        or steps.device.type != "cpu"
+    ):
         raise ConfigError(f"out steps must be a contiguous CPU fp32 tensor of {nsteps} elements")
     return codes.view(-1), steps.view(-1)
 
@@ -220,9 +252,13 @@ def dequantize(
     _cpu(steps, "steps")
     c = codes.reshape(-1)
     if c.numel() != packed_size(n, bits):
-        raise CodecError(f"packed buffer has {c.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits")
+        raise CodecError(
+            f"packed buffer has {c.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits"
+        )
     if steps.numel() != -(-n // block):
-        raise CodecError(f"{steps.numel()} block steps for {n} values in blocks of {block}, {-(-n // block)} expected")
+        raise CodecError(
+            f"{steps.numel()} block steps for {n} values in blocks of {block}, {-(-n // block)} expected"
+        )
     c = c.to(torch.uint8).contiguous()
     s = steps.reshape(-1).to(torch.float32).contiguous()
     if out is None:
@@ -230,7 +266,9 @@ def dequantize(
     else:
         o, copy_back = _fp32_buffer(out, n, "out")
         acc = bool(accumulate)
-    _L().lb_dequantize(c.data_ptr(), s.data_ptr(), n, bits, block, o.data_ptr(), int(acc), _threads())
+    _L().lb_dequantize(
+        c.data_ptr(), s.data_ptr(), n, bits, block, o.data_ptr(), int(acc), _threads()
+    )
     if out is None:
         return o
     if copy_back:
@@ -256,7 +294,9 @@ def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _cpu(data, "data")
     d = data.reshape(-1)
     if d.numel() != packed_size(n, bits):
-        raise CodecError(f"packed buffer has {d.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits")
+        raise CodecError(
+            f"packed buffer has {d.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits"
+        )
     if bits == 8:
         return d.clone()
     if bits not in (1, 2, 4, 12, 16):
@@ -288,19 +328,34 @@ def topk_tiles(
         local, vals = torch.empty(m, dtype=torch.int32), torch.empty(m, dtype=torch.float32)
     else:
         local, vals = out
-        if local.dtype != torch.int32 or vals.dtype != torch.float32 or local.numel() != m or vals.numel() != m:
+        if (
+            local.dtype != torch.int32
+            or vals.dtype != torch.float32
+            or local.numel() != m
+            or vals.numel() != m
+        ):
             raise ConfigError(f"out must be (int32, fp32) tensors of {m} elements")
         if not (local.is_contiguous() and vals.is_contiguous()):
             raise ConfigError("out tensors must be contiguous")
     r, copy_back = (None, False) if residual is None else _fp32_buffer(residual, n, "residual")
     rc = _L().lb_topk_tiles(
-        v.data_ptr(), _DTYPES[v.dtype], None if r is None else r.data_ptr(), float(decay), n, k, tile,
-        local.data_ptr(), vals.data_ptr(), _threads(),
+        v.data_ptr(),
+        _DTYPES[v.dtype],
+        None if r is None else r.data_ptr(),
+        float(decay),
+        n,
+        k,
+        tile,
+        local.data_ptr(),
+        vals.data_ptr(),
+        _threads(),
     )
     if copy_back and residual is not None and r is not None:
         residual.view(-1).copy_(r)
     if rc == _NONFINITE and k > 0:
-        raise CodecError("input holds NaN or Inf: quantizers, sign and top-k accept finite values only")
+        raise CodecError(
+            "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
+        )
     if rc == _NOMEM:
         raise MemoryError("native top-k could not allocate its tile buffers")
     if rc not in (_OK, _NONFINITE):
@@ -308,7 +363,9 @@ def topk_tiles(
     return local, vals
 
 
-def scatter_accumulate(out: torch.Tensor, indices: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+def scatter_accumulate(
+    out: torch.Tensor, indices: list[torch.Tensor], values: list[torch.Tensor]
+) -> torch.Tensor:
     """See :func:`lowband.kernels._ref.scatter_accumulate`; an index out of range raises CodecError."""
     _cpu(out, "out")
     if out.dtype != torch.float32 or not out.is_contiguous():
@@ -333,7 +390,9 @@ def scatter_accumulate(out: torch.Tensor, indices: list[torch.Tensor], values: l
     is64 = (ctypes.c_int * max(k, 1))(*[int(i.dtype == torch.int64) for i in idx])
     vptrs = (ctypes.c_void_p * max(k, 1))(*[v.data_ptr() for v in vals])
     counts = (ctypes.c_int64 * max(k, 1))(*[i.numel() for i in idx])
-    rc = _L().lb_scatter_accumulate(out.data_ptr(), out.numel(), k, ptrs, is64, vptrs, counts, _threads())
+    rc = _L().lb_scatter_accumulate(
+        out.data_ptr(), out.numel(), k, ptrs, is64, vptrs, counts, _threads()
+    )
     if rc == _OUTOFRANGE:
         raise CodecError(f"scatter index out of range for {out.numel()} positions")
     return out
@@ -371,9 +430,13 @@ def decode_gaps(data: bytes | memoryview | np.ndarray, count: int, limit: int) -
     if count > buf.size:
         raise CodecError(f"index stream of {buf.size} bytes cannot hold {count} positions")
     out = torch.empty(count, dtype=torch.int64)
-    rc = _L().lb_decode_gaps(buf.ctypes.data, buf.size, count, min(int(limit), _I64_MAX), out.data_ptr())
+    rc = _L().lb_decode_gaps(
+        buf.ctypes.data, buf.size, count, min(int(limit), _I64_MAX), out.data_ptr()
+    )
     if rc == _BADSTREAM:
-        raise CodecError(f"malformed index stream: truncated or overlong varint, or not exactly {count} positions")
+        raise CodecError(
+            f"malformed index stream: truncated or overlong varint, or not exactly {count} positions"
+        )
     if rc == _OUTOFRANGE:
         raise CodecError(f"position out of range (limit {limit})")
     return out

@@ -137,7 +137,9 @@ def quantize(
         absmax = vb.abs().amax(1)
         step = absmax / h
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        inv = torch.where(absmax > 0, h / safe, torch.zeros_like(absmax))
+        # torch.full_like(...) / safe, not h / safe: `float / tensor` is reciprocal(tensor) * float
+        # in torch, two roundings, which is not the IEEE division h / absmax this spec states.
+        inv = torch.where(absmax > 0, torch.full_like(safe, h) / safe, torch.zeros_like(absmax))
         t = vb * inv[:, None] + h
         if stochastic:
             idx = torch.arange(vb.numel(), device=v.device).view_as(vb)
