@@ -21,16 +21,18 @@ combined by lb64 over (name, dtype, shape, chunk sums) of every tensor.
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from lowband.compress import Codec, Payload, _lz4
 from lowband.errors import CodecError
-from lowband.kernels import checksum, decode_gaps, encode_gaps
+from lowband.kernels import _dispatch
 from lowband.sync._wire import (
     CODEC,
     DENSE,
@@ -54,8 +56,37 @@ __all__ = [
     "fingerprint",
 ]
 
+_NP_INT = {
+    torch.float32: np.int32,
+    torch.float16: np.int16,
+    torch.bfloat16: np.int16,
+    torch.float64: np.int64,
+}
+
 #: Longest LEB128 varint of a position below 2**63.
 _VARINT_MAX = 9
+
+
+@functools.cache
+def _kernel(op: str) -> Callable[..., Any]:
+    """The CPU kernel that ``lowband.kernels.<op>`` dispatches to, resolved once.
+
+    The public wrappers look the backend up on every call (tens of microseconds);
+    a sync makes a few calls per chunk, hundreds per version.
+    """
+    return _dispatch._impl(op, None, torch.device("cpu"))
+
+
+def checksum(data: Any) -> int:
+    return _kernel("checksum")(data)
+
+
+def encode_gaps(idx: torch.Tensor) -> bytes:
+    return _kernel("encode_gaps")(idx)
+
+
+def decode_gaps(data: Any, count: int, limit: int) -> torch.Tensor:
+    return _kernel("decode_gaps")(data, count, limit)
 
 
 @dataclass
@@ -150,13 +181,16 @@ def _add_into(codec: Codec, p: Payload, target: torch.Tensor, m32: torch.Tensor)
 
 @dataclass
 class Op:
-    """A decoded chunk update, ready to apply: set ``values`` at ``pos`` (all if None), or a payload."""
+    """A decoded chunk, ready to apply: set the bits ``values`` at ``pos`` (all if None), or a payload."""
 
     tensor: int
     chunk: int
-    pos: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    pos: np.ndarray | None = None
+    values: np.ndarray | None = None
     payload: Payload | None = None
+    #: The chunk's lb64 once applied on top of sequence number ``base`` (precomputed), if known.
+    sum_after: int | None = None
+    base: int = -1
 
 
 def decode_op(
@@ -177,8 +211,8 @@ def decode_op(
         if len(g) != raw_len:
             raise CodecError(f"gap stream of {len(g)} bytes, header says {raw_len}")
         pos = decode_gaps(g, k, n)
-        vals = torch.frombuffer(bytearray(data[1]), dtype=INT_VIEW[wire]).view(wire)
-        return Op(h.tensor, h.chunk, pos=pos, values=vals)
+        vals = np.frombuffer(data[1], dtype=_NP_INT[wire])
+        return Op(h.tensor, h.chunk, pos=pos.numpy(), values=vals)
     if h.enc == DENSE:
         if codec is not None or len(data) != 1 or data[0].nbytes != n * item:
             raise CodecError(
@@ -187,7 +221,7 @@ def decode_op(
         return Op(
             h.tensor,
             h.chunk,
-            values=torch.frombuffer(bytearray(data[0]), dtype=INT_VIEW[wire]).view(wire),
+            values=np.frombuffer(data[0], dtype=_NP_INT[wire]),
         )
     if h.enc == CODEC:
         if codec is None or len(data) != h.b:
@@ -211,9 +245,14 @@ def apply_op(op: Op, target: torch.Tensor, wire: torch.dtype, codec: Codec | Non
             target.copy_(cur)
         return
     assert op.values is not None
+    if target.dtype == wire:  # numpy: single-threaded, no thread-pool wake-ups for small chunks
+        if op.pos is None:
+            np.copyto(bits(target), op.values)
+        else:
+            bits(target)[op.pos] = op.values
+        return
+    vals = torch.from_numpy(op.values.copy()).view(wire).to(target.dtype)
     if op.pos is None:
-        target.copy_(op.values)
-    elif target.dtype == wire:
-        bits(target)[op.pos.numpy()] = bits(op.values)
+        target.copy_(vals)
     else:
-        target[op.pos] = op.values.to(target.dtype)
+        target[torch.from_numpy(op.pos)] = vals

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lowband.errors import CodecError
+from lowband.sync._delta import Op
 from lowband.sync._wire import Header, Manifest
 
 __all__ = ["Pending", "Snapshot"]
@@ -26,20 +27,20 @@ class Pending:
 
     seq: int
     streams: int
-    chunks: dict[int, tuple[Header, list]] = field(default_factory=dict)
+    chunks: dict[int, Op] = field(default_factory=dict)
     commits: set[int] = field(default_factory=set)
     count: int | None = None
     version: int = 0
     finger: int = 0
     bad: bool = False
 
-    def add_chunk(self, h: Header, frames: list, limit: int) -> None:
+    def add_chunk(self, h: Header, op: Op, limit: int) -> None:
         if h.a >= limit or h.a in self.chunks or (self.count is not None and h.a >= self.count):
             self.bad = (
                 True  # a duplicate or impossible message index: this version cannot be trusted
             )
             return
-        self.chunks[h.a] = (h, frames)
+        self.chunks[h.a] = op
 
     def add_commit(self, h: Header, limit: int) -> None:
         if h.c != self.streams or h.b >= self.streams or h.a > limit:
@@ -64,7 +65,7 @@ class Pending:
             and len(self.chunks) == self.count
         )
 
-    def ordered(self) -> list[tuple[Header, list]]:
+    def ordered(self) -> list[Op]:
         return [self.chunks[i] for i in range(len(self.chunks))]
 
 
@@ -121,7 +122,7 @@ class Snapshot:
                 f"snapshot chunk of {data.nbytes} bytes, {dst.numel() * dst.element_size()} expected"
             )
         del self.outstanding[key]
-        dst.view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        np.copyto(dst.view(torch.uint8).numpy(), np.frombuffer(data, dtype=np.uint8))
         self.chunk_seq[h.tensor][h.chunk] = h.seq
         self.fingers[h.seq] = (h.version, h.finger)
         self.s_max = max(self.s_max, h.seq)

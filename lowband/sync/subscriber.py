@@ -20,7 +20,7 @@ import zmq
 
 from lowband.compress import Codec, parse
 from lowband.errors import CodecError, CollectiveTimeout, ConfigError, ConfigMismatch
-from lowband.sync._delta import Op, apply_op, chunk_sum, decode_op, fingerprint
+from lowband.sync._delta import Op, apply_op, bits, chunk_sum, decode_op, fingerprint
 from lowband.sync._model import named_tensors
 from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint, to_key
 from lowband.sync._staging import Pending, Snapshot
@@ -216,7 +216,6 @@ class WeightSubscriber:
         h = parse_header(body, expect=(CHUNK, COMMIT))
         if h.seq <= self._seq or h.seq >= 1 << 62:
             return
-        limit = sum(m.chunks(i) for i in range(len(m.tensors)))
         if h.kind == CHUNK and (h.tensor >= len(m.tensors) or h.chunk >= m.chunks(h.tensor)):
             raise CodecError(f"update for chunk {h.chunk} of tensor {h.tensor}: no such chunk")
         p = self._pending.get(h.seq)
@@ -224,12 +223,43 @@ class WeightSubscriber:
             p = self._pending[h.seq] = Pending(h.seq, len(m.ports))
             while len(self._pending) > self.max_pending:  # the oldest goes; the gap forces a resync
                 del self._pending[min(self._pending)]
-        if h.kind == CHUNK:
-            p.add_chunk(h, body[1:], limit)
-        else:
-            p.add_commit(h, limit)
+        if h.kind == COMMIT:
+            p.add_commit(h, self._limit)
             if self._waiting_first:
                 self._start_snapshot()
+            return
+        lo, hi = m.chunk_range(h.tensor, h.chunk)
+        spec = m.tensors[h.tensor]
+        try:
+            op = decode_op(h, body[1:], spec, spec.dtype, hi - lo, self._codec)
+        except CodecError:
+            p.bad = True
+            raise
+        if self._snap is None and self._seq > 0 and h.seq == self._seq + 1:
+            self._presum(op)
+        p.add_chunk(h, op, self._limit)
+
+    def _presum(self, op: Op) -> None:
+        """The chunk's checksum once ``op`` is applied, worked out now on a scratch copy.
+
+        Done while the rest of the version is still arriving, so the commit only has
+        to apply; the scratch copy is one chunk, dropped at once.
+        """
+        m = self._manifest
+        assert m is not None
+        lo, hi = m.chunk_range(op.tensor, op.chunk)
+        wire = m.tensors[op.tensor].dtype
+        buf = self._scratch.get(wire)
+        if buf is None:
+            buf = self._scratch[wire] = torch.empty(m.chunk_elems, dtype=wire)
+        scratch = buf[: hi - lo]
+        src = self._targets[op.tensor][lo:hi]
+        if src.dtype == wire:
+            np.copyto(bits(scratch), bits(src))
+        else:
+            scratch.copy_(src)
+        apply_op(op, scratch, wire, self._codec)
+        op.sum_after, op.base = chunk_sum(scratch), self._seq
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -258,6 +288,8 @@ class WeightSubscriber:
         except ValueError as e:
             raise ConfigMismatch(f"publisher uses codec {m.codec!r}, unknown here: {e}") from None
         self._manifest = m
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        self._limit = sum(m.chunks(i) for i in range(len(m.tensors)))
         self._targets = [self._tensors[s.name].detach().view(-1) for s in m.tensors]
         self._sums = [np.zeros(m.chunks(i), dtype=np.uint64) for i in range(len(m.tensors))]
         for port in m.ports:
@@ -300,16 +332,8 @@ class WeightSubscriber:
         p = self._pending.get(seq)
         return p is not None and p.complete
 
-    def _decode(self, seqs: list[int]) -> list[tuple[int, Op]]:
-        m = self._manifest
-        assert m is not None
-        ops = []
-        for s in seqs:
-            for h, frames in self._pending[s].ordered():
-                lo, hi = m.chunk_range(h.tensor, h.chunk)
-                spec = m.tensors[h.tensor]
-                ops.append((s, decode_op(h, frames, spec, spec.dtype, hi - lo, self._codec)))
-        return ops
+    def _ops(self, seqs: list[int]) -> list[tuple[int, Op]]:
+        return [(s, op) for s in seqs for op in self._pending[s].ordered()]
 
     def _advance(self) -> int | None:
         if self._snap is not None:
@@ -328,29 +352,22 @@ class WeightSubscriber:
                 )
                 self._start_snapshot()
             return None
-        try:
-            ops = self._decode(seqs)
-        except CodecError as e:
-            log.warning(
-                "WeightSubscriber: version %d does not decode (%s); resyncing by snapshot",
-                seqs[0],
-                e,
-            )
-            self._start_snapshot()
-            return None
         m = self._manifest
         assert m is not None
-        touched: set[tuple[int, int]] = set()
+        touched: dict[tuple[int, int], list[Op]] = {}
         with torch.no_grad():
-            for _, op in ops:
+            for _, op in self._ops(seqs):
                 lo, hi = m.chunk_range(op.tensor, op.chunk)
-                apply_op(
-                    op, self._targets[op.tensor][lo:hi], m.tensors[op.tensor].dtype, self._codec
-                )
-                touched.add((op.tensor, op.chunk))
-        for t, c in touched:
-            lo, hi = m.chunk_range(t, c)
-            self._sums[t][c] = chunk_sum(self._targets[t][lo:hi].to(m.tensors[t].dtype))
+                target = self._targets[op.tensor][lo:hi]
+                apply_op(op, target, m.tensors[op.tensor].dtype, self._codec)
+                touched.setdefault((op.tensor, op.chunk), []).append(op)
+        for (t, c), chunk_ops in touched.items():
+            op = chunk_ops[0]
+            if len(chunk_ops) == 1 and op.sum_after is not None and op.base == self._seq:
+                self._sums[t][c] = op.sum_after
+            else:
+                lo, hi = m.chunk_range(t, c)
+                self._sums[t][c] = chunk_sum(self._targets[t][lo:hi].to(m.tensors[t].dtype))
         last = self._pending[seqs[-1]]
         return self._commit(seqs[-1], last.version, last.finger, fingerprint(m.tensors, self._sums))
 
@@ -390,14 +407,7 @@ class WeightSubscriber:
         target = snap.s_max
         while self._complete(target + 1):
             target += 1
-        try:
-            ops = self._decode(list(range(lo_seq + 1, target + 1)))
-        except CodecError as e:
-            log.warning(
-                "WeightSubscriber: buffered update does not decode (%s); restarting the snapshot", e
-            )
-            self._start_snapshot()
-            return None
+        ops = self._ops(list(range(lo_seq + 1, target + 1)))
         for s, op in ops:
             if snap.chunk_seq[op.tensor][op.chunk] < s:
                 a, b = m.chunk_range(op.tensor, op.chunk)
@@ -421,7 +431,10 @@ class WeightSubscriber:
         self._snap = None
         with torch.no_grad():
             for dst, src in zip(self._targets, snap.staged):
-                dst.copy_(src)
+                if dst.dtype == src.dtype:
+                    np.copyto(bits(dst), bits(src))
+                else:
+                    dst.copy_(src)
         return self._commit(target, version, expected, got)
 
     # -- teardown --------------------------------------------------------------------------
