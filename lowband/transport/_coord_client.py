@@ -62,8 +62,14 @@ class CoordinatorClient:
             if ids is not None:
                 ids.add(rid)
             accept = ids if ids is not None else {rid}
-            self.sock.send(json.dumps({**req, "id": rid}).encode())
             deadline = time.monotonic() + timeout
+            # no connection yet (or CURVE refused us): the request waits at most `timeout`
+            if not self.sock.poll(max(1, int(timeout * 1000)), zmq.POLLOUT):
+                return None
+            try:
+                self.sock.send(json.dumps({**req, "id": rid}).encode(), zmq.NOBLOCK)
+            except zmq.Again:
+                return None
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):

@@ -75,19 +75,25 @@ def test_random_bytes_raise_only_transport_error(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=2000, deadline=None)
-@given(st.data())
-def test_mutated_headers_raise_only_transport_error(data: st.DataObject) -> None:
-    head = bytearray(_chunks([b"x" * 9000, b"y" * 3], 4096)[1][0])
-    for _ in range(data.draw(st.integers(1, 6))):
-        i = data.draw(st.integers(0, len(head) - 1))
-        head[i] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(head)))
-    try:
-        h = parse_header(bytes(head[:cut]), **LIMITS)
-    except TransportError:
-        return
-    assert h.message_bytes <= LIMITS["max_message_bytes"]  # whatever parses respects the caps
+_VALID = _chunks([b"x" * 9000, b"y" * 3], 4096)[1][0]
+
+
+def test_mutated_headers_raise_only_transport_error() -> None:
+    rng = random.Random(2024)  # 2,000 seeded mutations of a valid header: bytes changed, then cut
+    valid = _chunks([b"x" * 9000, b"y" * 3], 4096)[1][0]
+    parsed = 0
+    for _ in range(2000):
+        head = bytearray(valid)
+        for _ in range(rng.randint(1, 6)):
+            head[rng.randrange(len(head))] = rng.randrange(256)
+        cut = len(head) if rng.random() < 0.7 else rng.randrange(len(head))
+        try:
+            h = parse_header(bytes(head[:cut]), **LIMITS)
+        except TransportError:
+            continue
+        parsed += 1
+        assert h.message_bytes <= LIMITS["max_message_bytes"]  # whatever parses respects the caps
+    assert 0 < parsed < 2000  # some mutations land in free fields, most are caught
 
 
 def test_ack_body() -> None:
