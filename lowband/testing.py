@@ -253,8 +253,9 @@ class ProcessPool:
                     w.conn.send(None)
                 except (OSError, ValueError):
                     pass
+            deadline = time.monotonic() + 5.0
             for w in self._workers:
-                w.proc.join(5)
+                w.proc.join(max(0.0, deadline - time.monotonic()))
                 w.kill()
             self._workers.clear()
 

@@ -25,6 +25,7 @@ import datetime
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ _TAG = 0
 #: Largest message a peer may announce (frames plus lengths), 16 GiB.
 MAX_MESSAGE_BYTES = 1 << 34
 MAX_FRAMES = 64
+#: At close, how long queued sends may take to reach live peers.
+CLOSE_FLUSH_SECONDS = 3.0
 
 
 class TorchCarrier:
@@ -63,7 +66,7 @@ class TorchCarrier:
         else:
             opts._devices = [dist.ProcessGroupGloo.create_default_device()]
         self.pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
-        self._pending: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[Any, int, torch.Tensor, torch.Tensor]] = []
         self._inbox: dict[tuple[int, Key], tuple[int, list[Frame]]] = {}
         self._floor = 0
         self._lost: set[int] = set()
@@ -92,9 +95,9 @@ class TorchCarrier:
             except RuntimeError as e:
                 self._lost.add(peer)
                 raise PeerLost(f"peer {peer}: {e}", peers=(peer,)) from None
-            self._pending.append((w1, head, data))
+            self._pending.append((w1, peer, head, data))
             if w2 is not None:
-                self._pending.append((w2, head, data))
+                self._pending.append((w2, peer, head, data))
         self.stats.count_send(peer, payload_bytes, 8 * _HEAD + data.numel())
 
     def _reap(self) -> None:
@@ -167,13 +170,17 @@ class TorchCarrier:
         if self._closed:
             return
         self._closed = True
-        # Let queued sends reach their peers (a peer may still be reading them), bounded.
+        # Let queued sends reach live peers (one may still be reading them), for a bounded time.
+        deadline = time.monotonic() + min(self.peer_timeout, CLOSE_FLUSH_SECONDS)
         with self._lock:
-            for work, _, _ in self._pending:
+            for work, peer, _, _ in self._pending:
+                left = deadline - time.monotonic()
+                if peer in self._lost or left <= 0:
+                    continue
                 try:
-                    work.wait(datetime.timedelta(seconds=self.peer_timeout))
+                    work.wait(datetime.timedelta(seconds=left))
                 except RuntimeError:
-                    pass  # that peer is gone; nothing more to deliver
+                    self._lost.add(peer)  # that peer is gone; nothing more to deliver
             self._pending.clear()
         self._inbox.clear()
 
