@@ -193,9 +193,7 @@ class Op:
     base: int = -1
 
 
-def decode_op(
-    h: Header, frames: list, spec: TensorSpec, wire: torch.dtype, n: int, codec: Codec | None
-) -> Op:
+def decode_op(h: Header, frames: list, wire: torch.dtype, n: int, codec: Codec | None) -> Op:
     """Validate and decode one CHUNK message for a chunk of ``n`` values of dtype ``wire``."""
     item = torch.empty(0, dtype=wire).element_size()
     data = [memoryview(f).cast("B") for f in frames]

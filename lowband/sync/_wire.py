@@ -4,7 +4,7 @@ Every message starts with one fixed 64-byte header frame (little-endian)::
 
     magic     4s   b"LBSY"
     proto     u8   PROTO
-    kind      u8   HELLO, MANIFEST, CHUNK, COMMIT, SNAP_REQ, SNAP_REP
+    kind      u8   HELLO, MANIFEST, CHUNK, COMMIT, SNAP_REQ, SNAP_REP, HEARTBEAT
     enc       u8   CHUNK: SPARSE, DENSE or CODEC
     flags     u8   CHUNK: bit 0 = the gap stream is lz4-compressed
     tensor    u32  tensor index in the manifest
@@ -12,7 +12,7 @@ Every message starts with one fixed 64-byte header frame (little-endian)::
     seq       u64  publish sequence number (consecutive from 1)
     version   u64  the user's version label of that sequence number
     a, b, c   u64  kind-specific fields (documented at each ``pack_*``)
-    finger    u64  fingerprint of the weights at ``seq`` (COMMIT, SNAP_REP, MANIFEST)
+    finger    u64  fingerprint of the weights at ``seq`` (COMMIT, SNAP_REP, MANIFEST, HEARTBEAT)
 
 followed by raw data frames. The bytes come from the network, so they are
 untrusted: :func:`parse_header` checks magic, protocol, kind and frame count, and
@@ -34,6 +34,7 @@ __all__ = [
     "COMMIT",
     "DENSE",
     "CODEC",
+    "HEARTBEAT",
     "HELLO",
     "MANIFEST",
     "SNAP_REP",
@@ -51,7 +52,7 @@ PROTO = 1
 _HEAD = struct.Struct("<4sBBBBIIQQQQQQ")
 HEADER_SIZE = _HEAD.size
 
-HELLO, MANIFEST, CHUNK, COMMIT, SNAP_REQ, SNAP_REP = range(1, 7)
+HELLO, MANIFEST, CHUNK, COMMIT, SNAP_REQ, SNAP_REP, HEARTBEAT = range(1, 8)
 SPARSE, DENSE, CODEC = range(1, 4)
 FLAG_LZ4 = 1
 

@@ -36,6 +36,7 @@ from lowband.sync._net import bind_socket, parse_endpoint
 from lowband.sync._wire import (
     CHUNK,
     COMMIT,
+    HEARTBEAT,
     HELLO,
     MANIFEST,
     MAX_STREAMS,
@@ -89,6 +90,8 @@ class WeightPublisher:
         chunk_elems: values per chunk (the unit of encoding, sending and snapshot).
         hwm: messages a PUB socket queues per subscriber before it drops (which makes
             that subscriber resync).
+        heartbeat_s: how often every stream repeats the latest sequence number (so a
+            subscriber that lost the last version's messages resyncs without waiting).
     """
 
     def __init__(
@@ -102,11 +105,15 @@ class WeightPublisher:
         streams: int = 1,
         chunk_elems: int = 1 << 22,
         hwm: int = 100_000,
+        heartbeat_s: float = 0.5,
     ) -> None:
         if dtype is not None and dtype not in _WIRE_DTYPES:
             raise ConfigError(f"dtype must be one of {_WIRE_DTYPES} or None, got {dtype}")
         if not 1 <= streams <= MAX_STREAMS:
             raise ConfigError(f"streams must be in 1..{MAX_STREAMS}, got {streams}")
+        if not 0.01 <= heartbeat_s <= 3600:
+            raise ConfigError(f"heartbeat_s must be in [0.01, 3600], got {heartbeat_s}")
+        self.heartbeat_s = float(heartbeat_s)
         if not 1 <= chunk_elems <= 1 << 30:
             raise ConfigError(f"chunk_elems must be in 1..2**30, got {chunk_elems}")
         self.codec: Codec | None = None if codec == "exact" else parse(codec)
@@ -293,12 +300,33 @@ class WeightPublisher:
 
     # -- snapshot service ------------------------------------------------------------------
 
+    def _heartbeat(self) -> None:
+        """Tell every stream the latest sequence number, so a subscriber that lost the
+        last version's messages notices without waiting for the next version."""
+        with self._lock:
+            if self._seq == 0:
+                return
+            for s, sock in enumerate(self._pubs):
+                h = Header(
+                    HEARTBEAT,
+                    seq=self._seq,
+                    version=self._version,
+                    b=s,
+                    c=len(self._pubs),
+                    finger=self._finger,
+                )
+                sock.send(pack(h))
+
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        beat = time.monotonic()
         while not self._closed.is_set():
             try:
-                if not poller.poll(100):
+                if time.monotonic() - beat >= self.heartbeat_s:
+                    self._heartbeat()
+                    beat = time.monotonic()
+                if not poller.poll(min(100, int(self.heartbeat_s * 1000))):
                     continue
                 frames = self._router.recv_multipart(copy=False)
             except zmq.ZMQError:

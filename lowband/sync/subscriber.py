@@ -27,6 +27,7 @@ from lowband.sync._staging import Pending, Snapshot
 from lowband.sync._wire import (
     CHUNK,
     COMMIT,
+    HEARTBEAT,
     HELLO,
     MANIFEST,
     SNAP_REP,
@@ -213,8 +214,11 @@ class WeightSubscriber:
     def _on_update(self, body: list) -> None:
         m = self._manifest
         assert m is not None
-        h = parse_header(body, expect=(CHUNK, COMMIT))
+        h = parse_header(body, expect=(CHUNK, COMMIT, HEARTBEAT))
         if h.seq <= self._seq or h.seq >= 1 << 62:
+            return
+        if h.kind == HEARTBEAT:
+            self._on_heartbeat(h, len(m.ports))
             return
         if h.kind == CHUNK and (h.tensor >= len(m.tensors) or h.chunk >= m.chunks(h.tensor)):
             raise CodecError(f"update for chunk {h.chunk} of tensor {h.tensor}: no such chunk")
@@ -231,13 +235,26 @@ class WeightSubscriber:
         lo, hi = m.chunk_range(h.tensor, h.chunk)
         spec = m.tensors[h.tensor]
         try:
-            op = decode_op(h, body[1:], spec, spec.dtype, hi - lo, self._codec)
+            op = decode_op(h, body[1:], spec.dtype, hi - lo, self._codec)
         except CodecError:
             p.bad = True
             raise
         if self._snap is None and self._seq > 0 and h.seq == self._seq + 1:
             self._presum(op)
         p.add_chunk(h, op, self._limit)
+
+    def _on_heartbeat(self, h: Header, streams: int) -> None:
+        """Stream ``h.b`` has sent everything up to ``h.seq``: anything still missing from it is lost."""
+        if h.c != streams or h.b >= streams:
+            raise CodecError(f"heartbeat for stream {h.b} of {h.c} (streams {streams})")
+        for q in range(self._seq + 1, h.seq + 1):
+            p = self._pending.get(q)
+            if p is None:
+                if q > self._seq + self.max_pending:
+                    break
+                p = self._pending[q] = Pending(q, streams)
+            if h.b not in p.commits or (len(p.commits) == streams and not p.complete):
+                p.bad = True
 
     def _presum(self, op: Op) -> None:
         """The chunk's checksum once ``op`` is applied, worked out now on a scratch copy.
