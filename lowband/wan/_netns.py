@@ -249,19 +249,18 @@ class NetnsLinks:
         return json.loads(self.control("stats") or "{}")
 
     def _counters(self) -> dict[int, dict[str, int]]:
-        r = subprocess.run(
-            ["ip", "-j", "-s", "-n", self.core, "link", "show"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        out: dict[int, dict[str, int]] = {}
-        for dev in json.loads(r.stdout or "[]"):
-            name = dev.get("ifname", "")
-            if name.startswith("v") and name[1:].isdigit():
-                s = dev["stats64"]
-                # seen from the core: what the host sent (rx) and what it was sent (tx).
-                out[int(name[1:])] = {"up": s["rx"]["bytes"], "down": s["tx"]["bytes"]}
+        """Bytes the access links' rate limiters passed: ``t<i>`` is i's uplink, ``v<i>`` its downlink.
+
+        ``tbf`` counts every segment of a GSO super-packet with its IP and TCP headers, so these
+        are the IP bytes that crossed each link (what the rate is charged for).
+        """
+        argv = ["tc", "-s", "-j", "-n", self.core, "qdisc", "show"]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        out: dict[int, dict[str, int]] = {i: {"up": 0, "down": 0} for i in range(self.topology.n)}
+        for q in json.loads(r.stdout or "[]"):
+            dev = q.get("dev", "")
+            if q.get("kind") == "tbf" and dev[:1] in "tv" and dev[1:].isdigit():
+                out[int(dev[1:])]["up" if dev[0] == "t" else "down"] = int(q["bytes"])
         return out
 
     def link_bytes(self) -> dict[int, dict[str, int]]:
