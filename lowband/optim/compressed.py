@@ -123,7 +123,7 @@ class CompressedGradients(torch.optim.Optimizer):
         for b, avg, flags in zip(self._buckets, results, had):
             for (p, start, stop), has in zip(b.slices(), flags):
                 part = avg[start:stop].view_as(p)
-                if has:
+                if has and p.grad is not None:
                     p.grad.copy_(part)
                 elif bool(part.any()):
                     p.grad = part.to(device=p.device, dtype=p.dtype)

@@ -163,6 +163,7 @@ class DiLoCo(torch.optim.Optimizer):
         with torch.no_grad():
             for b, g in zip(self._buckets, self._global):
                 gather_into(b, g)
+        self._outer: torch.optim.Optimizer
         if outer_optimizer is None:
             self._outer = torch.optim.SGD(
                 self._global, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov

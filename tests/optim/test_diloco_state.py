@@ -181,3 +181,26 @@ def test_sparseloco_recipe_sets_its_parts() -> None:
     assert isinstance(outer, torch.optim.SGD)
     assert outer.param_groups[0]["lr"] == 1.0 and outer.param_groups[0]["momentum"] == 0.0
     assert opt.sync_every == 50
+
+
+def test_grad_scaler_inf_on_every_peer_skips_every_inner_step_alike() -> None:
+    def run(group):
+        model = make_model()
+        inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+        opt = DiLoCo(inner, group=group, sync_every=3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for t in range(6):
+            x, y = batch(group.rank, t)
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if t in (1, 4):
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        p = next(model.parameters())
+        return int(inner.state[p]["step"]), opt.stats.syncs, p.detach().clone()
+
+    (s0, y0, p0), (s1, y1, p1) = run_ranks(2, run)
+    assert s0 == s1 == 4  # two of six inner steps skipped on both peers
+    assert y0 == y1 == 2
+    assert torch.equal(p0, p1)
