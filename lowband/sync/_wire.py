@@ -64,6 +64,7 @@ _FRAMES = {
     COMMIT: (0, 0),
     SNAP_REQ: (0, 0),
     SNAP_REP: (1, 1),
+    HEARTBEAT: (0, 0),
 }
 
 #: dtype codes of the manifest, and the integer view used to compare bit patterns.

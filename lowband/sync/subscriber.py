@@ -433,7 +433,7 @@ class WeightSubscriber:
             for c in range(m.chunks(i)):
                 a, b = m.chunk_range(i, c)
                 self._sums[i][c] = chunk_sum(snap.staged[i][a:b])
-        if target in self._pending:
+        if self._complete(target):
             version, expected = self._pending[target].version, self._pending[target].finger
         else:
             version, expected = snap.fingers[target]
