@@ -9,6 +9,7 @@
 """
 
 from lowband.sync.publisher import PublishStats, WeightPublisher
+from lowband.sync.rollouts import Rollout, RolloutChannel
 from lowband.sync.subscriber import WeightSubscriber
 
-__all__ = ["PublishStats", "WeightPublisher", "WeightSubscriber"]
+__all__ = ["PublishStats", "Rollout", "RolloutChannel", "WeightPublisher", "WeightSubscriber"]

@@ -1,0 +1,288 @@
+"""``RolloutChannel``: rollouts from workers to the learner, tagged with the policy that made them.
+
+A learner (or any hub) binds; workers connect and :meth:`~RolloutChannel.push`
+rollouts (nested dict/list/tuple of tensors, numbers and strings, in the strict
+format of :mod:`lowband.sync._tree`, never pickled) tagged with the policy
+version and its fingerprint. :meth:`~RolloutChannel.pull` keeps those made by a
+known policy (same fingerprint as published for that version) no more than
+``max_lag`` versions old, and counts the rest per worker: ``stale``, ``unknown``
+(a fingerprint the hub never published: forged, or from another run) and
+``malformed``. Workers created with ``share=True`` also receive every rollout the
+hub accepts from the others (swarm sharing as in SAPO: peers learn from each
+other's rollouts) through :meth:`~RolloutChannel.shared`.
+
+Message: a header frame (``b"LBRO"``, protocol, kind, version u64, fingerprint u64,
+lb64 of the structure frame, frame count u32, worker name), then the rollout frames.
+The worker name is what the worker declares; with CURVE only holders of an
+allowed key can send at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from lowband.errors import CodecError, ConfigError
+from lowband.kernels import checksum
+from lowband.sync._net import AuthWatch, bind_socket, connect_socket, parse_endpoint, to_key
+from lowband.sync._tree import MAX_FRAMES, dumps, loads
+from lowband.transport.security import Curve
+
+__all__ = ["Rollout", "RolloutChannel"]
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"LBRO"
+_PROTO = 1
+_HEAD = struct.Struct("<4sBBHQQQI")
+_PUSH, _SHARE, _HELLO = 1, 2, 3
+_MAX_NAME = 256
+_OUTCOMES = ("accepted", "stale", "unknown", "malformed")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One rollout: who made it, with which policy version and fingerprint, and its data."""
+
+    worker: str
+    version: int
+    fingerprint: int
+    data: Any
+    shared: bool = False
+
+
+def _pack(kind: int, worker: str, version: int, finger: int, body: list) -> list:
+    name = worker.encode("utf-8")
+    head = _HEAD.pack(
+        _MAGIC,
+        _PROTO,
+        kind,
+        len(name),
+        version,
+        finger,
+        checksum(body[0]) if body else 0,
+        len(body),
+    )
+    return [head + name, *body]
+
+
+def _unpack(frames: list, *, max_bytes: int) -> tuple[int, Rollout | None]:
+    head = memoryview(frames[0]).cast("B") if frames else memoryview(b"")
+    if head.nbytes < _HEAD.size:
+        raise CodecError("rollout header too short")
+    magic, proto, kind, nlen, version, finger, ssum, nframes = _HEAD.unpack_from(head, 0)
+    if magic != _MAGIC or proto != _PROTO or kind not in (_PUSH, _SHARE, _HELLO):
+        raise CodecError(
+            f"not a lowband rollout message (magic {bytes(magic)!r}, protocol {proto}, kind {kind})"
+        )
+    if (
+        nlen > _MAX_NAME
+        or head.nbytes != _HEAD.size + nlen
+        or nframes != len(frames) - 1
+        or nframes > MAX_FRAMES + 1
+    ):
+        raise CodecError("rollout header lengths do not match the message")
+    try:
+        worker = bytes(head[_HEAD.size :]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError("worker name is not UTF-8") from None
+    if kind == _HELLO:
+        return kind, None
+    if nframes < 1 or checksum(frames[1]) != ssum:
+        raise CodecError("rollout structure checksum mismatch: corrupted or tampered")
+    data = loads(list(frames[1:]), max_bytes=max_bytes)
+    return kind, Rollout(worker, version, finger, data, shared=kind == _SHARE)
+
+
+class RolloutChannel:
+    """Either the hub (``bind=``) or a worker (``connect=``) of a rollout channel.
+
+    Args:
+        bind / connect: ``host:port`` (exactly one of them).
+        name: this worker's name (workers only; default ``"worker"``).
+        max_lag: hub only: oldest accepted policy is ``latest - max_lag``.
+        share: worker only: also receive the rollouts the hub accepts from the others.
+        security / server_key: CURVE as for :class:`~lowband.sync.WeightPublisher`.
+        max_bytes: largest rollout accepted.
+        history: how many published versions the hub remembers.
+    """
+
+    def __init__(
+        self,
+        *,
+        bind: str | None = None,
+        connect: str | None = None,
+        name: str = "worker",
+        max_lag: int = 1,
+        share: bool = False,
+        security: Curve | None = None,
+        server_key: bytes | str | None = None,
+        max_bytes: int = 1 << 30,
+        history: int = 1024,
+    ) -> None:
+        if (bind is None) == (connect is None):
+            raise ConfigError(
+                "RolloutChannel needs exactly one of bind= (the hub) or connect= (a worker)"
+            )
+        if max_lag < 0 or history < 1 or max_bytes < 1:
+            raise ConfigError("max_lag must be >= 0, history and max_bytes >= 1")
+        if len(name.encode("utf-8")) > _MAX_NAME:
+            raise ConfigError(f"worker name longer than {_MAX_NAME} bytes")
+        self.is_hub = bind is not None
+        self.name, self.max_lag, self.max_bytes, self.history = name, max_lag, max_bytes, history
+        self._known: dict[int, int] = {}
+        self._latest: int | None = None
+        self._peers: dict[bytes, str] = {}
+        self._counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_OUTCOMES, 0))
+        self._ctx = zmq.Context()
+        self._watch: AuthWatch | None = None
+        self._auth = (
+            security.start_authenticator(self._ctx)
+            if (security is not None and self.is_hub)
+            else None
+        )
+        self._sock = self._ctx.socket(zmq.ROUTER if self.is_hub else zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.maxmsgsize = max_bytes + (1 << 16)
+        try:
+            if bind is not None:
+                ep = parse_endpoint(bind, "RolloutChannel bind")
+                self.address = ep.url(bind_socket(self._sock, ep, security, "RolloutChannel"))
+            else:
+                assert connect is not None
+                ep = parse_endpoint(connect, "RolloutChannel connect")
+                if security is not None:
+                    self._watch = AuthWatch(self._sock)
+                connect_socket(
+                    self._sock,
+                    ep.url(),
+                    ipv6=ep.ipv6,
+                    security=security,
+                    server_key=to_key(server_key),
+                )
+                self.address = ep.url()
+                if share:
+                    self._sock.send_multipart(_pack(_HELLO, name, 0, 0, []))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the hub's side --------------------------------------------------------------------
+
+    def policy(self, version: int, fingerprint: int) -> None:
+        """Record a published policy version (the hub accepts rollouts made with it)."""
+        self._need(hub=True)
+        self._known[int(version)] = int(fingerprint)
+        self._latest = max(int(version), self._latest or 0)
+        while len(self._known) > self.history:
+            del self._known[min(self._known)]
+
+    def _judge(self, r: Rollout) -> str:
+        if self._known.get(r.version) != r.fingerprint:
+            if self._latest is not None and r.version < self._latest - self.max_lag:
+                return "stale"
+            return "unknown"
+        assert self._latest is not None
+        return "stale" if r.version < self._latest - self.max_lag else "accepted"
+
+    def pull(self, max_items: int | None = None, *, timeout: float = 0.0) -> list[Rollout]:
+        """Accepted rollouts received so far (waiting up to ``timeout`` s for the first)."""
+        self._need(hub=True)
+        out: list[Rollout] = []
+        deadline = time.monotonic() + timeout
+        while max_items is None or len(out) < max_items:
+            wait = max(0.0, deadline - time.monotonic()) if not out else 0.0
+            if not self._sock.poll(int(wait * 1000)):
+                break
+            frames = self._sock.recv_multipart(copy=False)
+            peer, body = frames[0].bytes, [f.buffer for f in frames[1:]]
+            try:
+                kind, r = _unpack(body, max_bytes=self.max_bytes)
+            except CodecError as e:
+                self._counts[self._peers.get(peer, f"peer-{peer.hex()}")]["malformed"] += 1
+                log.warning("RolloutChannel: dropped a malformed rollout: %s", e)
+                continue
+            if kind == _HELLO or r is None:
+                self._peers[peer] = f"peer-{peer.hex()}"
+                continue
+            verdict = self._judge(r) if kind == _PUSH else "malformed"
+            self._counts[r.worker][verdict] += 1
+            if verdict != "accepted":
+                continue
+            out.append(r)
+            for p in self._peers:
+                if p != peer:
+                    self._sock.send_multipart(
+                        [p, *_pack(_SHARE, r.worker, r.version, r.fingerprint, body[1:])],
+                        copy=False,
+                    )
+        return out
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per worker: rollouts accepted, stale, unknown (fingerprint) and malformed."""
+        return {k: dict(v) for k, v in self._counts.items()}
+
+    # -- a worker's side -------------------------------------------------------------------
+
+    def push(self, data: Any, *, version: int, fingerprint: int) -> int:
+        """Send a rollout made with policy ``version`` (``fingerprint``); the bytes sent."""
+        self._need(hub=False)
+        if self._watch is not None:
+            self._watch.check()
+        frames = _pack(_PUSH, self.name, int(version), int(fingerprint), dumps(data))
+        self._sock.send_multipart(frames, copy=False)
+        return sum(memoryview(f).nbytes for f in frames)
+
+    def shared(self, max_items: int | None = None, *, timeout: float = 0.0) -> list[Rollout]:
+        """Rollouts of other workers that the hub accepted and passed on (``share=True``)."""
+        self._need(hub=False)
+        if self._watch is not None:
+            self._watch.check()
+        out: list[Rollout] = []
+        deadline = time.monotonic() + timeout
+        while max_items is None or len(out) < max_items:
+            wait = max(0.0, deadline - time.monotonic()) if not out else 0.0
+            if not self._sock.poll(int(wait * 1000)):
+                break
+            body = [f.buffer for f in self._sock.recv_multipart(copy=False)]
+            try:
+                kind, r = _unpack(body, max_bytes=self.max_bytes)
+            except CodecError as e:
+                log.warning("RolloutChannel: dropped a malformed shared rollout: %s", e)
+                continue
+            if kind == _SHARE and r is not None:
+                out.append(r)
+        return out
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def _need(self, *, hub: bool) -> None:
+        if self._ctx.closed:
+            raise ConfigError("the RolloutChannel is closed")
+        if hub != self.is_hub:
+            raise ConfigError(
+                f"this is a {'hub' if self.is_hub else 'worker'}: that call belongs to the other side"
+            )
+
+    def close(self) -> None:
+        if self._ctx.closed:
+            return
+        if self._watch is not None:
+            self._watch.close()
+        self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+
+    def __enter__(self) -> RolloutChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
