@@ -37,11 +37,9 @@ _counter = 0
 _counter_lock = threading.Lock()
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=30)
-
-
-def _run(argv: list[str]) -> None:
+def _run(cmd: str | list[str]) -> None:
+    """Run one iproute2 command (a string is split on spaces: names here never hold one)."""
+    argv = cmd.split() if isinstance(cmd, str) else cmd
     r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
         raise BackendUnavailable(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -115,59 +113,42 @@ class NetnsLinks:
     def _build(self) -> None:
         topo, core = self.topology, self.core
         for ns in (core, *self.hosts):
-            _run(["ip", "netns", "add", ns])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(f"ip netns add {ns}")
+            _run(f"ip -n {ns} link set lo up")
             _run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ]
+                f"ip netns exec {ns} sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 "
+                "net.ipv6.conf.default.disable_ipv6=1"
             )
         _run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                core,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ]
+            f"ip netns exec {core} sysctl -q -w net.ipv4.ip_forward=1 "
+            "net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
         )
-        _run(["ip", "-n", core, "addr", "add", f"{HUB_ADDRESS}/32", "dev", "lo"])
+        _run(f"ip -n {core} addr add {HUB_ADDRESS}/32 dev lo")
         for i, ns in enumerate(self.hosts):
-            _run(
-                [
-                    "ip",
-                    "-n",
-                    core,
-                    "link",
-                    "add",
-                    f"v{i}",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    ns,
-                ]
-            )
-            _run(["ip", "-n", core, "addr", "add", f"10.77.{i}.1/24", "dev", f"v{i}"])
-            _run(["ip", "-n", ns, "addr", "add", f"10.77.{i}.2/24", "dev", "eth0"])
-            _run(["ip", "-n", core, "link", "set", f"v{i}", "up"])
-            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-            _run(["ip", "-n", ns, "route", "add", "default", "via", f"10.77.{i}.1"])
+            _run(f"ip -n {core} link add v{i} type veth peer name eth0 netns {ns}")
+            _run(f"ip -n {core} addr add 10.77.{i}.1/24 dev v{i}")
+            _run(f"ip -n {ns} addr add {self.host_address(i)}/24 dev eth0")
+            _run(f"ip -n {core} link set v{i} up")
+            _run(f"ip -n {ns} link set eth0 up")
+            _run(f"ip -n {ns} route add default via 10.77.{i}.1")
+        self._start_delayline()
+        for i, link in enumerate(topo.hosts):
+            _run(f"ip -n {core} link set t{i} up txqueuelen 10000")
+            _run(f"ip -n {core} route add default dev t{i} table {100 + i}")
+            _run(f"ip -n {core} rule add iif v{i} lookup {100 + i} pref {1000 + i}")
+            for dev, bps in ((f"t{i}", link.up_bps), (f"v{i}", link.down_bps)):
+                # burst >= one 64 KiB GSO super-packet so tbf never splits one (a few ms at most);
+                # the queue holds at least one, or tbf would drop every super-packet.
+                burst = max(96 << 10, int(bps / 8 * 0.002))
+                limit = max(link.queue_bytes, 70_000)
+                _run(
+                    f"tc -n {core} qdisc add dev {dev} root tbf rate {int(bps)}bit burst {burst} limit {limit}"
+                )
+        log.info("netns link emulator %s up: %d hosts", self.prefix, topo.n)
+
+    def _start_delayline(self) -> None:
+        """Start the delay line in the core; it creates the TUN devices ``t<i>`` and says ready."""
+        topo = self.topology
         config = {
             "tuns": [f"t{i}" for i in range(topo.n)],
             "hosts": [self.host_address(i) for i in range(topo.n)],
@@ -177,17 +158,9 @@ class NetnsLinks:
             "offload": self.offload,
             "seed": self.seed,
         }
+        argv = ["ip", "netns", "exec", self.core, sys.executable, "-m", "lowband.wan._delayline"]
         self.delayline = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                core,
-                sys.executable,
-                "-m",
-                "lowband.wan._delayline",
-                json.dumps(config),
-            ],
+            [*argv, json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -197,35 +170,6 @@ class NetnsLinks:
         line = self.delayline.stdout.readline() if self.delayline.stdout else ""
         if line.strip() != "ready":
             raise BackendUnavailable(f"the delay line did not start (said {line!r})")
-        for i, link in enumerate(topo.hosts):
-            _run(["ip", "-n", core, "link", "set", f"t{i}", "up", "txqueuelen", "10000"])
-            _run(
-                ["ip", "-n", core, "route", "add", "default", "dev", f"t{i}", "table", str(100 + i)]
-            )
-            _run(
-                [
-                    "ip",
-                    "-n",
-                    core,
-                    "rule",
-                    "add",
-                    "iif",
-                    f"v{i}",
-                    "lookup",
-                    str(100 + i),
-                    "pref",
-                    str(1000 + i),
-                ]
-            )
-            for dev, bps in ((f"t{i}", link.up_bps), (f"v{i}", link.down_bps)):
-                # burst >= one 64 KiB GSO super-packet so tbf never splits one (a few ms at most);
-                # the queue holds at least one, or tbf would drop every super-packet.
-                burst = max(96 << 10, int(bps / 8 * 0.002))
-                qdisc = f"qdisc add dev {dev} root tbf rate {int(bps)}bit burst {burst}"
-                _run(
-                    ["tc", "-n", core, *qdisc.split(), "limit", str(max(link.queue_bytes, 70_000))]
-                )
-        log.info("netns link emulator %s up: %d hosts", self.prefix, topo.n)
 
     def control(self, line: str) -> str | None:
         with self._lock:
@@ -289,6 +233,6 @@ class NetnsLinks:
             except (OSError, subprocess.TimeoutExpired, ValueError):
                 proc.kill()
                 proc.wait(timeout=5)
-        for ns in (*self.hosts, self.core):
-            _ip("netns", "del", ns)
+        for ns in (*self.hosts, self.core):  # a name that was never added fails quietly
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         log.info("netns link emulator %s removed", self.prefix)

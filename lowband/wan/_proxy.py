@@ -325,51 +325,60 @@ class Relay:
             self.stats["realtime"] = False
         print("ready", flush=True)
         while True:
+            self._run_due_events()
+            rlist, wlist, wake = self._interest(time.monotonic())
+            watch: list[socket.socket | int] = [stdin, self.control, *self.listeners, *rlist]
+            ready_r, ready_w, _ = select.select(watch, wlist, [], max(0.0, wake - time.monotonic()))
             now = time.monotonic()
-            while self.events and self.events[0][0] <= now:
-                t, _, kind, f, data = heapq.heappop(self.events)
-                if kind == 0:
-                    self.arrive(f, data, t)
-                elif kind == 1:
-                    self.deliver(f, data, t)
-                else:
-                    self.ack(f, int(data))
-                now = time.monotonic()
-            wake = self.events[0][0] if self.events else now + 1.0
-            rlist: list = [stdin, self.control, *self.listeners]
-            wlist: list = []
-            for f in list(self.flows):
-                if f.held and not self.blocked(f, now):
-                    held, f.held = f.held, deque()
-                    for data in held:
-                        self.arrive(f, data, now)
-                elif f.held:
-                    wake = min(wake, now + 0.01)
-                w = self.can_read(f, now)
-                if w == 0.0:
-                    rlist.append(f.rsock)
-                else:
-                    wake = min(wake, w)
-                if f.out:
-                    wlist.append(f.wsock)
-            ready_r, ready_w, _ = select.select(rlist, wlist, [], max(0.0, wake - time.monotonic()))
-            now = time.monotonic()
-            for s in ready_w:
-                f = self.by_wsock.get(s)
-                if f is not None:
-                    self.flush(f, now)
-            for s in ready_r:
-                if s == stdin:
-                    if not os.read(stdin, 4096):
+            for ws in ready_w:
+                flow = self.by_wsock.get(ws)
+                if flow is not None:
+                    self.flush(flow, now)
+            for r in ready_r:
+                if isinstance(r, int):  # stdin: the parent closed it
+                    if not os.read(r, 4096):
                         return
-                elif s is self.control:
+                elif r is self.control:
                     self.handle_control()
-                elif s in self.listeners:
-                    self.accept(s, now)
+                elif r in self.listeners:
+                    self.accept(r, now)
                 else:
-                    f = self.by_rsock.get(s)
-                    if f is not None and not f.done:
-                        self.read(f, now)
+                    flow = self.by_rsock.get(r)
+                    if flow is not None and not flow.done:
+                        self.read(flow, now)
+
+    def _run_due_events(self) -> None:
+        now = time.monotonic()
+        while self.events and self.events[0][0] <= now:
+            t, _, kind, f, data = heapq.heappop(self.events)
+            if kind == 0:
+                self.arrive(f, data, t)
+            elif kind == 1:
+                self.deliver(f, data, t)
+            else:
+                self.ack(f, int(data))
+            now = time.monotonic()
+
+    def _interest(self, now: float) -> tuple[list[socket.socket], list[socket.socket], float]:
+        """Sockets to read and to write now, and when to look again at the latest."""
+        wake = self.events[0][0] if self.events else now + 1.0
+        rlist: list[socket.socket] = []
+        wlist: list[socket.socket] = []
+        for f in list(self.flows):
+            if f.held and not self.blocked(f, now):  # a cut was restored or a stall ended
+                held, f.held = f.held, deque()
+                for data in held:
+                    self.arrive(f, data, now)
+            elif f.held:
+                wake = min(wake, now + 0.01)
+            w = self.can_read(f, now)
+            if w == 0.0:
+                rlist.append(f.rsock)
+            else:
+                wake = min(wake, w)
+            if f.out:
+                wlist.append(f.wsock)
+        return rlist, wlist, wake
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _watched_parent() -> int:
+    """This pid if children may die with it, else 0.
+
+    Linux sends the parent-death signal when the *thread* that started the child ends, so only
+    children started from the main thread (which lives as long as the process) ask for it.
+    """
+    return os.getpid() if threading.current_thread() is threading.main_thread() else 0
+
+
 def _run_on_host(
     parent: int,
     namespace: str | None,
@@ -84,7 +93,8 @@ def _run_on_host(
     kwargs: dict[str, Any],
 ) -> Any:
     """Child side of :meth:`LinkEmulator.spawn`: join the host's namespace, then run ``target``."""
-    _die_with_parent(parent)
+    if parent:
+        _die_with_parent(parent)
     if namespace is not None:
         enter_namespace(namespace)
     os.environ.update(env)
@@ -219,7 +229,7 @@ class LinkEmulator:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=_run_on_host,
-            args=(os.getpid(), namespace, self.env(host), target, tuple(args), kwargs or {}),
+            args=(_watched_parent(), namespace, self.env(host), target, tuple(args), kwargs or {}),
             name=name or f"wan-host{host}",
             daemon=daemon,
         )
@@ -238,7 +248,8 @@ class LinkEmulator:
     def popen(self, host: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """``subprocess.Popen`` of ``argv`` on ``host``, with :meth:`env` added to its environment."""
         env = {**(kwargs.pop("env", None) or os.environ), **self.env(host)}
-        kwargs.setdefault("preexec_fn", functools.partial(_die_with_parent, os.getpid()))
+        if _watched_parent():
+            kwargs.setdefault("preexec_fn", functools.partial(_die_with_parent, os.getpid()))
         proc = subprocess.Popen(self.command(host, argv), env=env, **kwargs)
         with self._lock:
             self._procs.append(proc)
