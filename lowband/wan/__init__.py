@@ -34,7 +34,7 @@ host reaches it without the emulated delay.
 standard library (and ``lowband.errors``).
 """
 
-from lowband.wan.addressing import connect_address, current_host, local_address
+from lowband.wan.addressing import connect_address, connect_endpoint, current_host, local_address
 from lowband.wan.emulator import HUB, LinkEmulator
 from lowband.wan.topology import HostLink, Topology, parse_bytes, parse_rate, parse_seconds
 
@@ -45,6 +45,7 @@ __all__ = [
     "HUB",
     "local_address",
     "connect_address",
+    "connect_endpoint",
     "current_host",
     "parse_rate",
     "parse_seconds",

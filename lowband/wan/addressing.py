@@ -5,7 +5,8 @@ environment. Code that binds and connects (the transport, ``lowband bench``) cal
 
 - :func:`local_address` for the IP to bind and to advertise to peers (``None`` when the
   process does not run on an emulated host: bind as usual);
-- :func:`connect_address` on every (ip, port) it is about to connect to. In ``netns`` mode it
+- :func:`connect_address` on every (ip, port) it is about to connect to
+  (:func:`connect_endpoint` for a ZeroMQ ``tcp://ip:port`` endpoint). In ``netns`` mode it
   returns its argument (the kernel routes through the emulated links); in ``proxy`` mode it
   returns the relay that carries this host's traffic to that address. Addresses that are not
   emulated hosts (the hub, anything else) come back unchanged.
@@ -19,7 +20,14 @@ import socket
 
 from lowband.errors import ConfigError, TransportError
 
-__all__ = ["ENV_VAR", "local_address", "connect_address", "current_host", "control_request"]
+__all__ = [
+    "ENV_VAR",
+    "local_address",
+    "connect_address",
+    "connect_endpoint",
+    "current_host",
+    "control_request",
+]
 
 ENV_VAR = "LOWBAND_WAN"
 
@@ -81,3 +89,14 @@ def connect_address(ip: str, port: int) -> tuple[str, int]:
         info["control"], f"route {int(info['host'])} {ip} {int(port)}"
     ).split()
     return host, int(port_)
+
+
+def connect_endpoint(endpoint: str) -> str:
+    """:func:`connect_address` for a ZeroMQ ``tcp://ip:port`` endpoint; others come back as is."""
+    if not endpoint.startswith("tcp://") or _info() is None:
+        return endpoint
+    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not port.isdigit() or host.startswith("["):
+        return endpoint  # not ip:port (an interface name, IPv6): not an emulated host
+    ip, port_ = connect_address(host, int(port))
+    return f"tcp://{ip}:{port_}"

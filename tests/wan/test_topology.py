@@ -1,4 +1,4 @@
-"""Topology, parsing, the pair clock and addressing: no namespaces, no processes."""
+"""Topology, parsing, the pair clock and addressing (no namespaces; one proxy relay at most)."""
 
 from __future__ import annotations
 
@@ -92,3 +92,23 @@ def test_addressing_outside_an_emulator(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(ENV_VAR, json.dumps({"mode": "carrier-pigeon"}))
     with pytest.raises(ConfigError):
         local_address()
+
+
+def test_connect_endpoint_goes_through_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowband.wan import connect_endpoint
+    from lowband.wan.emulator import LinkEmulator as Emulator
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert connect_endpoint("tcp://10.0.0.1:5") == "tcp://10.0.0.1:5"
+    with Emulator(Topology.uniform(2, rate="10mbit", rtt="10ms"), mode="proxy") as net:
+        for key, value in net.env(0).items():
+            monkeypatch.setenv(key, value)
+        peer = f"tcp://{net.host_address(1)}:4567"
+        relayed = connect_endpoint(peer)
+        assert relayed != peer and relayed.startswith("tcp://127.0.0.1:")
+        assert connect_endpoint(peer) == relayed  # one relay per (source, destination)
+        assert connect_endpoint("tcp://127.0.0.1:99") == "tcp://127.0.0.1:99"  # the hub: direct
+        assert connect_endpoint("ipc:///tmp/x") == "ipc:///tmp/x"
+        assert net.connect_address(0, net.host_address(1), 4567) == tuple(
+            [relayed[6:].split(":")[0], int(relayed.rsplit(":", 1)[1])]
+        )
