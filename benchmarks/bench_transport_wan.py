@@ -160,6 +160,8 @@ def bench_link(args: argparse.Namespace) -> int:
             print(f"  round {r}: 1 TCP stream {size * 8 / t / 1e6:8.1f} Mbit/s ({t:.2f} s, link bytes "
                   f"{tcp_link / 2**20:.0f} MiB) | lowband {streams} streams {size * 8 / tz / 1e6:8.1f} Mbit/s "
                   f"({tz:.2f} s, link bytes {zmq_link / 2**20:.0f} MiB, verified)")
+        line = net.line_stats()
+    print(f"delay line schedule: {line}")
     for k, v in best.items():
         good = size * 8 / v
         print(f"{k:>4}: best {v:.2f} s  goodput {good / 1e6:.1f} Mbit/s = {100 * good / rate:.1f}% of the "
@@ -228,6 +230,7 @@ def bench_allreduce(args: argparse.Namespace) -> int:
                 return 1
         for p in procs:
             p.join(120)
+        print(f"delay line schedule: {net.line_stats()}")
     print(f"best {best:.2f} s = {best / bound:.2f}x the bound (target <= 1.3x)")
     return 0
 

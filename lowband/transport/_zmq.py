@@ -60,10 +60,13 @@ SNDBUF_CEILING = 4 << 20
 
 
 def default_streams(bandwidth: float = 1e9, rtt: float = 0.1) -> int:
-    """Streams needed to fill ``bandwidth`` bit/s at ``rtt`` s: the bandwidth-delay product
-    over the window one stream reaches (three quarters of the send-buffer ceiling), 1 to 16."""
+    """Streams needed to fill ``bandwidth`` bit/s at ``rtt`` s: the bandwidth-delay product over
+    half the send-buffer ceiling, 1 to 16. Half, because a stream's window in flight is a part of
+    its buffer (about 0.7 of it, see docs/wan.md) and a loss halves it: 1 Gbit/s at 100 ms -> 6."""
+    if bandwidth <= 0 or rtt < 0:
+        raise ConfigError(f"bandwidth must be > 0 and rtt >= 0, got {bandwidth}, {rtt}")
     bdp = bandwidth / 8 * rtt
-    return max(1, min(16, math.ceil(bdp / (0.75 * SNDBUF_CEILING))))
+    return max(1, min(16, math.ceil(bdp / (0.5 * SNDBUF_CEILING))))
 
 
 class ZmqCarrier:

@@ -14,10 +14,10 @@ import time
 import pytest
 import zmq
 
-from lowband.errors import PeerLost
+from lowband.errors import ConfigError, PeerLost
 from lowband.testing import spawn_group
 from lowband.transport._wire import DATA, pack_header
-from lowband.transport._zmq import ZmqCarrier
+from lowband.transport._zmq import ZmqCarrier, default_streams
 from lowband.transport._zmq_link import identity
 from lowband.transport.coordinator import start_coordinator
 
@@ -274,3 +274,15 @@ def test_hostile_frames_are_rejected_and_the_sender_cut_off(coordinator: str) ->
             s.close(0)
         ctx.term()
         _close(cs)
+
+
+def test_stream_count_follows_the_bandwidth_delay_product() -> None:
+    assert default_streams(1e9, 0.1) == 6
+    assert default_streams(1e8, 0.1) == 1
+    assert default_streams(1e10, 0.3) == 16
+    with pytest.raises(ConfigError):
+        default_streams(0, 0.1)
+    with pytest.raises(ConfigError):
+        ZmqCarrier(0, 2, coordinator="127.0.0.1:1", streams=0)
+    with pytest.raises(ConfigError):
+        ZmqCarrier(2, 2, coordinator="127.0.0.1:1")
