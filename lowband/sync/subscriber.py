@@ -114,6 +114,8 @@ class WeightSubscriber:
         #: Snapshots started (the first one included) and versions applied so far.
         self.snapshots = 0
         self.versions_applied = 0
+        #: Applied versions (or snapshots) whose fingerprint did not match the publisher's.
+        self.fingerprint_mismatches = 0
         #: Bytes of every frame received from the publisher.
         self.bytes_received = 0
         self._send_hello()
@@ -398,6 +400,7 @@ class WeightSubscriber:
                 got,
                 expected,
             )
+            self.fingerprint_mismatches += 1
             self._seq, self._version, self._finger = seq, None, None
             self._start_snapshot()
             return None
@@ -439,6 +442,7 @@ class WeightSubscriber:
             version, expected = snap.fingers[target]
         got = fingerprint(m.tensors, self._sums)
         if got != expected:  # the model still holds the last good version; fetch again
+            self.fingerprint_mismatches += 1
             log.warning(
                 "WeightSubscriber: snapshot fingerprint mismatch at version %d; fetching again",
                 version,

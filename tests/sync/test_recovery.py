@@ -112,7 +112,7 @@ def test_fingerprint_mismatch_triggers_resync() -> None:
         model["a"][0] += 1.0
         v = pub.publish().version
         assert sub.update(block=True, timeout=TIMEOUT) == v  # mismatch, resync, then the version
-        assert sub.snapshots == 2
+        assert sub.snapshots == 2 and sub.fingerprint_mismatches == 1
         assert same_bits(model, replica)
 
 
