@@ -6,7 +6,7 @@
 
 Every row sends ``size`` bytes from host 0 to host 1 over 1 or 4 TCP streams (default buffers,
 the kernel's congestion control) and times first byte sent -> last byte received. ``ideal`` is
-size / rate + one-way delay; ``wire ideal`` counts the 52 header bytes per 1448-byte segment that
+size / rate + one-way delay; ``wire ideal`` counts the 66 header bytes per 1448-byte segment that
 the rate limiter also counts. ``netns`` is the faithful mode (the measuring stick); ``proxy/netns``
 is the ratio of the two modes' times; ``line`` says whether the delay line kept its schedule
 (mean lateness < 0.5 ms and < 1% of packets over 1 ms late). Needs root for ``netns`` mode.
@@ -28,7 +28,7 @@ from lowband.wan._netns import netns_available  # noqa: E402
 from lowband.wan.probes import transfer  # noqa: E402
 from lowband.wan.topology import parse_bytes, parse_rate, parse_seconds  # noqa: E402
 
-WIRE = 1500 / 1448
+WIRE = 1514 / 1448
 
 FULL = [
     # (rate, rtt, size) x streams (1, 4)

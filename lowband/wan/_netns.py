@@ -32,6 +32,8 @@ __all__ = ["NetnsLinks", "netns_available", "enter_namespace", "HUB_ADDRESS", "l
 log = logging.getLogger(__name__)
 
 HUB_ADDRESS = "10.77.255.1"
+_IP_MTU, _ETH_HDR = 1500, 14
+_FRAME = _IP_MTU + _ETH_HDR
 _CLONE_NEWNET = 0x40000000
 _counter = 0
 _counter_lock = threading.Lock()
@@ -136,7 +138,10 @@ class NetnsLinks:
             _run(f"ip -n {core} link set t{i} up txqueuelen 10000")
             _run(f"ip -n {core} route add default dev t{i} table {100 + i}")
             _run(f"ip -n {core} rule add iif v{i} lookup {100 + i} pref {1000 + i}")
-            for dev, bps in ((f"t{i}", link.up_bps), (f"v{i}", link.down_bps)):
+            # Rates count Ethernet frames. v<i> (a veth) sees them; t<i> (a TUN) sees IP packets,
+            # 14 bytes shorter, so its rate is scaled to give full-size packets the same time.
+            up_ip_bps = link.up_bps * _IP_MTU / _FRAME
+            for dev, bps in ((f"t{i}", up_ip_bps), (f"v{i}", link.down_bps)):
                 # burst >= one 64 KiB GSO super-packet so tbf never splits one (a few ms at most);
                 # the queue holds at least one, or tbf would drop every super-packet.
                 burst = max(96 << 10, int(bps / 8 * 0.002))
@@ -193,10 +198,11 @@ class NetnsLinks:
         return json.loads(self.control("stats") or "{}")
 
     def _counters(self) -> dict[int, dict[str, int]]:
-        """Bytes the access links' rate limiters passed: ``t<i>`` is i's uplink, ``v<i>`` its downlink.
+        """Ethernet frame bytes the access links' rate limiters passed, per host and direction.
 
-        ``tbf`` counts every segment of a GSO super-packet with its IP and TCP headers, so these
-        are the IP bytes that crossed each link (what the rate is charged for).
+        ``tbf`` counts every segment of a GSO super-packet with its headers. On ``v<i>`` (i's
+        downlink) that is whole frames; on ``t<i>`` (i's uplink, a TUN) IP packets, one per
+        counted packet, so 14 bytes per packet make them frames too.
         """
         argv = ["tc", "-s", "-j", "-n", self.core, "qdisc", "show"]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -204,7 +210,10 @@ class NetnsLinks:
         for q in json.loads(r.stdout or "[]"):
             dev = q.get("dev", "")
             if q.get("kind") == "tbf" and dev[:1] in "tv" and dev[1:].isdigit():
-                out[int(dev[1:])]["up" if dev[0] == "t" else "down"] = int(q["bytes"])
+                if dev[0] == "t":
+                    out[int(dev[1:])]["up"] = int(q["bytes"]) + _ETH_HDR * int(q["packets"])
+                else:
+                    out[int(dev[1:])]["down"] = int(q["bytes"])
         return out
 
     def link_bytes(self) -> dict[int, dict[str, int]]:

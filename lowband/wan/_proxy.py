@@ -4,8 +4,8 @@ A relay listener stands for one (source host, destination address) pair. The rel
 what the source writes and passes it through a model of the path: the source's uplink
 (a FIFO at the uplink rate, bounded queue), the one-way delay and jitter, the destination's
 downlink (a FIFO at its rate), then writes it to the destination. Rates count modelled wire
-bytes (payload plus 52 bytes of IP/TCP header per 1448-byte segment), as ``tc tbf`` does in
-``netns`` mode.
+bytes (payload plus 66 bytes of Ethernet/IP/TCP header per 1448-byte segment), as the rate limiters
+do in ``netns`` mode.
 
 A relay ends each TCP connection locally, so alone it would let one stream fill any link. The
 window model stops that: each direction of a connection may have at most ``cwnd`` bytes in
@@ -36,7 +36,7 @@ from lowband.wan._schedule import PairClock
 
 __all__ = ["main"]
 
-_MSS, _HDR = 1448, 52
+_MSS, _HDR = 1448, 66  # a full segment is a 1514-byte Ethernet frame
 _CHUNK = 64 << 10
 _INIT_CWND = 10 * _MSS
 _MIN_READ = 16 << 10

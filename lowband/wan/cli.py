@@ -88,7 +88,9 @@ def _run(args: argparse.Namespace) -> int:
         procs = []
         for host, cmd in args.on:
             h = HUB if host == "hub" else int(host)
-            procs.append(net.popen(h, ["sh", "-c", cmd.format(**names)]))
+            for key, value in names.items():
+                cmd = cmd.replace("{" + key + "}", value)
+            procs.append(net.popen(h, ["sh", "-c", cmd]))
             time.sleep(args.stagger)
         codes = [p.wait() for p in procs]
         print(json.dumps({"link_bytes": net.link_bytes()}))
