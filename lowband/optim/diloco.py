@@ -8,8 +8,9 @@ run in the background for ``tau`` inner steps before it is applied.
 
 The global copy of the parameters and the outer optimizer's state live in flat fp32
 buckets on the CPU by default (pinned when CUDA is present), so accelerator memory
-does not grow. Host memory: the global copy, the outer momentum and one staging
-buffer for the pseudo-gradient, about 3x an fp32 model (4x with error feedback).
+does not grow. Host memory: the global copy and the outer momentum, 2x an fp32 model,
+kept; during a sync, the group's copies of the fragment's pseudo-gradients and their
+averaged results, up to 2x more (2/F with F fragments); error feedback adds 1x.
 
 Schedule: ``step()`` counts every call that reached it, including calls whose inner
 step GradScaler asked to skip (inf or nan in this peer's gradients). Peers therefore
@@ -159,7 +160,11 @@ class DiLoCo(torch.optim.Optimizer):
             )
         self._buckets = [b for run in self._fragment_buckets for b in run]
         self._global = [self._buffer(b) for b in self._buckets]
-        self._staging = [self._buffer(b) for b in self._buckets]
+        # One staging buffer for every bucket: the group snapshots its input when a
+        # collective is launched, so the pseudo-gradient need not outlive the call.
+        self._staging = torch.zeros(
+            max(b.numel for b in self._buckets), dtype=torch.float32, device=self._global[0].device
+        )
         with torch.no_grad():
             for b, g in zip(self._buckets, self._global):
                 gather_into(b, g)
@@ -251,7 +256,7 @@ class DiLoCo(torch.optim.Optimizer):
         works: list[WorkLike] = []
         self._meter.launched(len(buckets))
         for b in buckets:
-            delta = self._staging[b.index]
+            delta = self._staging[: b.numel]
             gather_into(b, delta)
             torch.sub(self._global[b.index], delta, out=delta)  # pseudo-gradient: global - local
             works.append(
