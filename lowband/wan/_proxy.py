@@ -191,9 +191,8 @@ class Relay:
         for s in (insock, outsock):
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVBUF, _CHUNK
-            )  # backpressure reaches the app
+            # a small receive buffer: backpressure reaches the application's own socket soon
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _CHUNK)
         fwd = _Flow(src, dst, insock, outsock, self.window, now + rtt)
         rev = _Flow(dst, src, outsock, insock, self.window, now + rtt)
         fwd.peer, rev.peer = rev, fwd
@@ -235,11 +234,9 @@ class Relay:
         return 0.0
 
     def read(self, f: _Flow, now: float) -> None:
+        up = self.up[f.src]
+        room = int(up.queue - up.backlog(now)) * _MSS // (_MSS + _HDR)  # stay within the queue
         try:
-            up = self.up[f.src]
-            room = (
-                int(up.queue - up.backlog(now)) * _MSS // (_MSS + _HDR)
-            )  # never past the queue bound
             data = f.rsock.recv(max(1, min(_CHUNK, f.cwnd - f.inflight, room)))
         except BlockingIOError:
             return
@@ -250,8 +247,8 @@ class Relay:
             f.eof_read = True
         else:
             f.inflight += len(data)
-            self.up[f.src].payload += len(data)
-        t = self.up[f.src].send(now, len(data)) if data else max(now, self.up[f.src].free_at)
+            up.payload += len(data)
+        t = up.send(now, len(data)) if data else max(now, up.free_at)
         t = self.clock.release(f.src, f.dst, t, key=id(f))
         self._push(t, 0, f, data)
 
