@@ -38,9 +38,10 @@ def _model(params: int, tensors: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _subscriber(addr: str, params: int, tensors: int, conn: Connection) -> None:
+def _subscriber(addr: str, params: int, tensors: int, threads: int, conn: Connection) -> None:
     from lowband.sync import WeightSubscriber
 
+    torch.set_num_threads(threads)
     model = {k: torch.zeros_like(v) for k, v in _model(params, tensors).items()}
     with WeightSubscriber(model, connect=addr) as sub:
         while True:
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per process (two processes)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     from lowband.sync import WeightPublisher
 
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parent, child = ctx.Pipe()
     with WeightPublisher(model, codec="exact", streams=args.streams) as pub:
         proc = ctx.Process(
-            target=_subscriber, args=(pub.address, args.params, args.tensors, child), daemon=True
+            target=_subscriber, args=(pub.address, args.params, args.tensors, args.threads, child), daemon=True
         )
         proc.start()
         try:
