@@ -1,0 +1,462 @@
+"""The Triton backend (CUDA; on CPU tensors under ``TRITON_INTERPRET=1`` for tests).
+
+Same signatures and results as :mod:`lowband.kernels._ref`: codes, indices and packed
+bytes bit for bit. Three things make a GPU agree with the reference: every load is
+cast to fp32 first (the interpreter also gets bf16 arithmetic wrong otherwise), the
+division ``h / absmax`` and ``absmax / h`` use ``tl.div_rn`` (correctly rounded; the
+plain ``/`` of Triton on a GPU is approximate), and kernels launch with
+``enable_fp_fusion=False`` so ``v * inv + h`` is not contracted into an FMA.
+
+Where it differs: the ``sign`` scale is a float sum in tree order (last bits may
+differ); ``scatter_accumulate`` adds with atomics, one launch per list, so lists are
+summed in order but a list that repeats an index sums its own duplicates in an
+unspecified order. Sub-byte codes are packed in the quantize kernel when the block
+is a multiple of the codes per byte, by a second light pass otherwise. ``dct_tiles``
+runs on torch's matmul (cuBLAS), which is what a Triton ``tl.dot`` would reimplement.
+The byte-stream ops (varints, lb64) are host-side only and have no Triton kernel.
+
+triton is imported by this module only, and this module only when a Triton kernel is
+first asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowband.errors import CodecError, ConfigError
+from lowband.kernels import _ref
+from lowband.kernels._ref import HALF_RANGE, packed_size, topk_count
+
+__all__ = [
+    "quantize",
+    "dequantize",
+    "pack_bits",
+    "unpack_bits",
+    "topk_tiles",
+    "scatter_accumulate",
+    "dct_tiles",
+]
+
+_NOFMA = {"enable_fp_fusion": False}
+_CHUNK = 1024
+
+
+@triton.jit
+def _uniform(idx, seedmix):
+    # every operand uint32 so products wrap mod 2**32 (a large Python int would be int64)
+    h = idx.to(tl.uint32) + seedmix.to(tl.uint32)
+    h = h ^ (h >> 16)
+    h = h * tl.full((), 0x7FEB352D, tl.uint32)
+    h = h ^ (h >> 15)
+    h = h * tl.full((), 0x846CA68B, tl.uint32)
+    h = h ^ (h >> 16)
+    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, r_ptr, codes_ptr, steps_ptr, bad_ptr, n, block, decay, seedmix,
+    H: tl.constexpr, TOP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr, HAS_R: tl.constexpr,
+    USE_DECAY: tl.constexpr, SIGN: tl.constexpr, STOCH: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    j = tl.arange(0, BLOCK)
+    start = b.to(tl.int64) * block
+    offs = start + j
+    m = (j < block) & (offs < n)
+    v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_R:
+        r = tl.load(r_ptr + offs, mask=m, other=0.0)
+        if USE_DECAY:
+            r = r * decay
+        v = v + r
+    a = tl.abs(v)
+    bad = tl.max(((a > 3.4028234663852886e38) | (v != v)).to(tl.int32), axis=0)
+    tl.store(bad_ptr + b, bad)
+    if SIGN:
+        cnt = tl.minimum(n - start, block).to(tl.float32)
+        step = tl.div_rn(tl.sum(a, axis=0), cnt) * 2.0
+        u = tl.where(v >= 0.0, 1.0, 0.0)
+    else:
+        amax = tl.max(a, axis=0)
+        step = tl.div_rn(amax, H)
+        inv = tl.where(
+            amax > 0.0, tl.div_rn(tl.full((), H, tl.float32), tl.where(amax > 0.0, amax, 1.0)), 0.0
+        )
+        t = v * inv + H
+        if STOCH:
+            t = t + _uniform(offs, seedmix)
+        else:
+            t = t + 0.5
+        u = tl.minimum(tl.maximum(tl.floor(t), 0.0), TOP)
+    u = tl.where(m, u, 0.0)
+    tl.store(steps_ptr + b, step)
+    if HAS_R:
+        tl.store(r_ptr + offs, v - (u - H) * step, mask=m)
+    c = u.to(tl.int32)
+    if BITS == 8:
+        tl.store(codes_ptr + offs, c.to(tl.uint8), mask=m)
+    elif PACK:
+        PER: tl.constexpr = 8 // BITS
+        shifts = (tl.arange(0, PER) * BITS)[None, :]
+        byte = tl.sum(tl.reshape(c, (BLOCK // PER, PER)) << shifts, axis=1)
+        k = tl.arange(0, BLOCK // PER)
+        nbytes = (tl.minimum(n - start, block) + PER - 1) // PER
+        tl.store(codes_ptr + start // PER + k, byte.to(tl.uint8), mask=k < nbytes)
+    else:
+        tl.store(codes_ptr + offs, c.to(tl.uint8), mask=m)  # one code a byte; packed after
+
+
+@triton.jit
+def _pack_kernel(u_ptr, out_ptr, n, nbytes, BITS: tl.constexpr, BYTES: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    if BITS == 16:
+        # out[2i + s] = u[i] >> 8s
+        i = o // 2
+        u = tl.load(u_ptr + i, mask=o < nbytes, other=0).to(tl.int32)
+        byte = (u >> ((o % 2) * 8).to(tl.int32)) & 0xFF
+    elif BITS == 12:
+        # 3 bytes per pair: v = u0 | u1 << 12, byte s = v >> 8s
+        p = o // 3
+        s = (o % 3).to(tl.int32)
+        u0 = tl.load(u_ptr + 2 * p, mask=(o < nbytes) & (2 * p < n), other=0).to(tl.int32)
+        u1 = tl.load(u_ptr + 2 * p + 1, mask=(o < nbytes) & (2 * p + 1 < n), other=0).to(tl.int32)
+        v = (u0 & 0xFFF) | ((u1 & 0xFFF) << 12)
+        byte = (v >> (8 * s)) & 0xFF
+    else:
+        PER: tl.constexpr = 8 // BITS
+        j = tl.arange(0, PER)
+        i = o[:, None] * PER + j[None, :]
+        u = tl.load(u_ptr + i, mask=i < n, other=0).to(tl.int32) & ((1 << BITS) - 1)
+        byte = tl.sum(u << (j * BITS)[None, :], axis=1)
+    tl.store(out_ptr + o, byte.to(tl.uint8), mask=o < nbytes)
+
+
+@triton.jit
+def _unpack_kernel(d_ptr, out_ptr, n, BITS: tl.constexpr, CHUNK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    m = i < n
+    if BITS == 16:
+        lo = tl.load(d_ptr + 2 * i, mask=m, other=0).to(tl.int32)
+        hi = tl.load(d_ptr + 2 * i + 1, mask=m, other=0).to(tl.int32)
+        u = lo | (hi << 8)
+    elif BITS == 12:
+        p = i // 2
+        b0 = tl.load(d_ptr + 3 * p, mask=m, other=0).to(tl.int32)
+        b1 = tl.load(d_ptr + 3 * p + 1, mask=m, other=0).to(tl.int32)
+        b2 = tl.load(d_ptr + 3 * p + 2, mask=m, other=0).to(tl.int32)
+        v = b0 | (b1 << 8) | (b2 << 16)
+        u = (v >> ((i % 2) * 12).to(tl.int32)) & 0xFFF
+    else:
+        byte = tl.load(d_ptr + (i * BITS) // 8, mask=m, other=0).to(tl.int32)
+        u = (byte >> ((i * BITS) % 8).to(tl.int32)) & ((1 << BITS) - 1)
+    tl.store(out_ptr + i, u, mask=m)
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, steps_ptr, out_ptr, n, block, H: tl.constexpr, BITS: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr
+):  # fmt: skip
+    i = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    m = i < n
+    if BITS == 8:
+        u = tl.load(codes_ptr + i, mask=m, other=0).to(tl.int32)
+    else:
+        byte = tl.load(codes_ptr + (i * BITS) // 8, mask=m, other=0).to(tl.int32)
+        u = (byte >> ((i * BITS) % 8).to(tl.int32)) & ((1 << BITS) - 1)
+    step = tl.load(steps_ptr + i // block, mask=m, other=0.0)
+    dec = (u.to(tl.float32) - H) * step
+    if ACC:
+        dec = tl.load(out_ptr + i, mask=m, other=0.0) + dec
+    tl.store(out_ptr + i, dec, mask=m)
+
+
+@triton.jit
+def _topk_kernel(
+    x_ptr, r_ptr, idx_ptr, val_ptr, bad_ptr, n, k, tile, decay,
+    HAS_R: tl.constexpr, USE_DECAY: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    j = tl.arange(0, TILE)
+    start = t.to(tl.int64) * tile
+    offs = start + j
+    m = (j < tile) & (offs < n)
+    v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_R:
+        r = tl.load(r_ptr + offs, mask=m, other=0.0)
+        if USE_DECAY:
+            r = r * decay
+        v = v + r
+        tl.store(r_ptr + offs, v, mask=m)
+    key = (v.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    tl.store(bad_ptr + t, tl.max(tl.where(m, key >= 0x7F800000, 0).to(tl.int32), axis=0))
+    # unique composite key: larger |v| first, then the lower index (the reference's tie rule)
+    comp = tl.where(m, (key << 16) | (tile - 1 - j).to(tl.int64), -1)
+    length = tl.minimum(n - start, tile)
+    want = tl.minimum(k, length)
+    # the want-th largest composite key, one bit at a time from the top (keys < 2**47)
+    thr = tl.zeros((), tl.int64)
+    for bit in tl.static_range(46, -1, -1):
+        cand = thr | (1 << bit)
+        cnt = tl.sum((comp >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= want, cand, thr)
+    sel = comp >= thr
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    base = t.to(tl.int64) * tl.minimum(k, tile)
+    tl.store(idx_ptr + base + pos, j, mask=sel)
+    tl.store(val_ptr + base + pos, v, mask=sel)
+
+
+@triton.jit
+def _scatter_kernel(out_ptr, idx_ptr, val_ptr, count, CHUNK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    m = i < count
+    p = tl.load(idx_ptr + i, mask=m, other=0).to(tl.int64)
+    v = tl.load(val_ptr + i, mask=m, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + p, v, mask=m)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    v = x.reshape(-1)
+    if v.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        v = v.to(torch.float32)
+    return v.contiguous()
+
+
+def _seedmix(seed: int) -> int:
+    return (int(seed) * 0x9E3779B9) & 0xFFFFFFFF
+
+
+def _residual(
+    residual: torch.Tensor | None, n: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    if residual is None:
+        return None, False
+    if residual.numel() != n:
+        raise ConfigError(f"residual has {residual.numel()} elements, {n} expected")
+    if residual.device != device:
+        raise ConfigError(f"residual is on {residual.device}, input on {device}")
+    if residual.dtype == torch.float32 and residual.is_contiguous():
+        return residual.view(-1), False
+    return residual.reshape(-1).to(torch.float32).contiguous(), True
+
+
+def quantize(
+    x: torch.Tensor,
+    *,
+    bits: int,
+    block: int = 256,
+    sign: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
+    residual: torch.Tensor | None = None,
+    decay: float = 1.0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`lowband.kernels._ref.quantize`; ``out=(codes, steps)`` reuses buffers."""
+    if bits not in HALF_RANGE:
+        raise CodecError(f"unsupported bit width {bits}")
+    if block < 1:
+        raise ConfigError(f"block must be >= 1, got {block}")
+    if sign and bits != 1:
+        raise ConfigError("the sign grid uses 1-bit codes")
+    v = _flat(x)
+    n = v.numel()
+    nb = -(-n // block)
+    if out is None:
+        codes = torch.empty(packed_size(n, bits), dtype=torch.uint8, device=v.device)
+        steps = torch.empty(nb, dtype=torch.float32, device=v.device)
+    else:
+        codes, steps = out[0].view(-1), out[1].view(-1)
+        if codes.numel() != packed_size(n, bits) or steps.numel() != nb:
+            raise ConfigError(f"out must hold {packed_size(n, bits)} code bytes and {nb} steps")
+    if n == 0:
+        return codes, steps
+    r, copy_back = _residual(residual, n, v.device)
+    per = 8 // bits
+    pack = bits == 8 or block % per == 0
+    target = codes if pack else torch.empty(n, dtype=torch.uint8, device=v.device)
+    bad = torch.empty(nb, dtype=torch.int32, device=v.device)
+    h = HALF_RANGE[bits]
+    _quantize_kernel[(nb,)](
+        v, r if r is not None else v, target, steps, bad, n, block, float(decay), _seedmix(seed),
+        H=h, TOP=2 * h, BITS=bits, PACK=pack, HAS_R=r is not None, USE_DECAY=decay != 1.0,
+        SIGN=sign, STOCH=stochastic, BLOCK=triton.next_power_of_2(block), **_NOFMA,
+    )  # fmt: skip
+    if bool(bad.any()):
+        raise CodecError(
+            "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
+        )
+    if not pack:
+        _pack_into(target, bits, codes)
+    if copy_back and residual is not None and r is not None:
+        residual.view(-1).copy_(r)
+    return codes, steps
+
+
+def _pack_into(u: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    nbytes = out.numel()
+    if nbytes:
+        _pack_kernel[(triton.cdiv(nbytes, _CHUNK),)](
+            u, out, u.numel(), nbytes, BITS=bits, BYTES=_CHUNK
+        )
+
+
+def pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """See :func:`lowband.kernels._ref.pack_bits` (codes must fit their width)."""
+    if bits == 8:
+        return u.reshape(-1).to(torch.uint8).clone()
+    if bits not in (1, 2, 4, 12, 16):
+        raise CodecError(f"unsupported bit width {bits}")
+    w = u.reshape(-1).to(torch.int32).contiguous()
+    out = torch.empty(packed_size(w.numel(), bits), dtype=torch.uint8, device=u.device)
+    _pack_into(w, bits, out)
+    return out
+
+
+def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """See :func:`lowband.kernels._ref.unpack_bits`."""
+    d = data.reshape(-1)
+    if d.numel() != packed_size(n, bits):
+        raise CodecError(
+            f"packed buffer has {d.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits"
+        )
+    if bits == 8:
+        return d.clone()
+    if bits not in (1, 2, 4, 12, 16):
+        raise CodecError(f"unsupported bit width {bits}")
+    out = torch.empty(n, dtype=torch.int32, device=d.device)
+    if n:
+        _unpack_kernel[(triton.cdiv(n, _CHUNK),)](d.contiguous(), out, n, BITS=bits, CHUNK=_CHUNK)
+    return out
+
+
+def dequantize(
+    codes: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    bits: int,
+    n: int,
+    block: int = 256,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """See :func:`lowband.kernels._ref.dequantize`."""
+    if bits not in HALF_RANGE:
+        raise CodecError(f"unsupported bit width {bits}")
+    c = codes.reshape(-1)
+    if c.numel() != packed_size(n, bits):
+        raise CodecError(
+            f"packed buffer has {c.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits"
+        )
+    if steps.numel() != -(-n // block):
+        raise CodecError(f"{steps.numel()} block steps for {n} values in blocks of {block}")
+    s = steps.reshape(-1).to(torch.float32).contiguous()
+    if out is None:
+        o, copy_back, acc = torch.empty(n, dtype=torch.float32, device=c.device), False, False
+    else:
+        if out.numel() != n:
+            raise ConfigError(f"out has {out.numel()} elements, {n} expected")
+        ok = out.dtype == torch.float32 and out.is_contiguous()
+        o, copy_back, acc = (
+            (out.view(-1) if ok else out.reshape(-1).float().contiguous()),
+            not ok,
+            bool(accumulate),
+        )
+    if n:
+        _dequantize_kernel[(triton.cdiv(n, _CHUNK),)](
+            c.contiguous(),
+            s,
+            o,
+            n,
+            block,
+            H=HALF_RANGE[bits],
+            BITS=bits,
+            ACC=acc,
+            CHUNK=_CHUNK,
+            **_NOFMA,
+        )
+    if out is None:
+        return o
+    if copy_back:
+        out.view(-1).copy_(o)
+    return out
+
+
+def topk_tiles(
+    x: torch.Tensor,
+    *,
+    k: int,
+    tile: int,
+    residual: torch.Tensor | None = None,
+    decay: float = 1.0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`lowband.kernels._ref.topk_tiles`; ``out=(local, values)`` reuses buffers."""
+    if not 1 <= tile <= 65536:
+        raise CodecError(f"tile {tile} must be in 1..65536")
+    if k < 0:
+        raise ConfigError(f"k must be >= 0, got {k}")
+    v = _flat(x)
+    n = v.numel()
+    m = topk_count(n, k=k, tile=tile)
+    if out is None:
+        local = torch.empty(m, dtype=torch.int32, device=v.device)
+        vals = torch.empty(m, dtype=torch.float32, device=v.device)
+    else:
+        local, vals = out[0].view(-1), out[1].view(-1)
+        if local.numel() != m or vals.numel() != m:
+            raise ConfigError(f"out must be (int32, fp32) tensors of {m} elements")
+    if n == 0:
+        return local, vals
+    r, copy_back = _residual(residual, n, v.device)
+    if k == 0:  # nothing to select; the residual still takes v
+        if r is not None:
+            r.copy_(v.to(torch.float32) + (r * decay if decay != 1.0 else r))
+    else:
+        ntiles = -(-n // tile)
+        bad = torch.empty(ntiles, dtype=torch.int32, device=v.device)
+        _topk_kernel[(ntiles,)](
+            v, r if r is not None else v, local, vals, bad, n, k, tile, float(decay),
+            HAS_R=r is not None, USE_DECAY=decay != 1.0, TILE=triton.next_power_of_2(tile), **_NOFMA,
+        )  # fmt: skip
+        if bool(bad.any()):
+            if copy_back and residual is not None and r is not None:
+                residual.view(-1).copy_(r)
+            raise CodecError(
+                "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
+            )
+    if copy_back and residual is not None and r is not None:
+        residual.view(-1).copy_(r)
+    return local, vals
+
+
+def scatter_accumulate(
+    out: torch.Tensor, indices: list[torch.Tensor], values: list[torch.Tensor]
+) -> torch.Tensor:
+    """See :func:`lowband.kernels._ref.scatter_accumulate` (atomics: see the module docstring)."""
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ConfigError("scatter_accumulate needs a contiguous fp32 out")
+    if len(indices) != len(values):
+        raise ConfigError(f"{len(indices)} index lists but {len(values)} value lists")
+    n = out.numel()
+    for idx, val in zip(indices, values):
+        i = idx.reshape(-1).contiguous()
+        v = val.reshape(-1).contiguous()
+        if i.numel() != v.numel():
+            raise ConfigError(f"{i.numel()} indices but {v.numel()} values")
+        if i.numel() and (int(i.min()) < 0 or int(i.max()) >= n):
+            raise CodecError(f"scatter index out of range for {n} positions")
+    for idx, val in zip(indices, values):
+        i = idx.reshape(-1).contiguous()
+        v = val.reshape(-1).contiguous()
+        if i.numel():
+            _scatter_kernel[(triton.cdiv(i.numel(), _CHUNK),)](out, i, v, i.numel(), CHUNK=_CHUNK)
+    return out
+
+
+def dct_tiles(x: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Torch's matmul (cuBLAS on a GPU): see the module docstring."""
+    return _ref.dct_tiles(x, inverse=inverse)
