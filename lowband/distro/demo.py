@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from lowband.compress import Payload
+from lowband.distro._start import agree_on_start
 from lowband.distro._tiling import TileLayout
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
 from lowband.errors import ConfigError
@@ -148,6 +149,9 @@ class DeMo(torch.optim.Optimizer):
         self.stats = CommStats()
         self._inflight: _Exchange | None = None
         super().__init__(params, defaults)
+        agree_on_start(
+            group, self._handshake(), [p for g in self.param_groups for p in g["params"]]
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -157,6 +161,15 @@ class DeMo(torch.optim.Optimizer):
         for p in g["params"]:
             if p.is_complex() or not p.is_floating_point():
                 raise ConfigError(f"DeMo optimizes real floating-point parameters, got {p.dtype}")
+
+    def _handshake(self) -> dict[str, Any]:
+        """What every peer must agree on: settings, and each parameter's shape and dtype."""
+        groups = []
+        for g in self.param_groups:
+            hyper = {k: g[k] for k in self.defaults}
+            hyper["params"] = [[list(p.shape), str(p.dtype)] for p in g["params"]]
+            groups.append(hyper)
+        return {"optimizer": "lowband.DeMo", "overlap": self.overlap, "param_groups": groups}
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import torch
 from _demo_util import batch, flat_params, make_mlp, train_step
 
 from lowband.distro import DeMo
+from lowband.errors import ConfigMismatch
 from lowband.testing import ThreadGroup
 
 
@@ -56,12 +57,13 @@ def test_stats_count_the_payload_bytes_each_peer_sends() -> None:
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 128))
         opt = DeMo(m.parameters(), lr=1e-3, group=group, topk=8)
+        handshake = group.stats.bytes_sent
         for _ in range(n_steps):
             opt.zero_grad()
             m(torch.randn(4, 256)).square().mean().backward()
             opt.step()
         dense = sum(p.numel() for p in m.parameters()) * 4
-        return opt.stats.as_dict(), group.stats.bytes_sent, dense
+        return opt.stats.as_dict(), group.stats.bytes_sent - handshake, dense
 
     with ThreadGroup(3) as tg:
         out = tg.run(body)
@@ -92,3 +94,29 @@ def test_two_peers_converge() -> None:
     with ThreadGroup(2) as tg:
         for start, end in tg.run(body):
             assert end < 0.35 * start, (start, end)
+
+
+def test_peers_start_from_rank_0_parameters() -> None:
+    def body(group):
+        m = make_mlp(seed=group.rank)  # seeded differently on purpose
+        DeMo(m.parameters(), lr=1e-3, group=group)
+        return flat_params(m)
+
+    with ThreadGroup(3) as tg:
+        out = tg.run(body)
+    assert torch.equal(out[0], flat_params(make_mlp(seed=0)))
+    assert all(torch.equal(o, out[0]) for o in out[1:])
+
+
+def test_peers_with_other_settings_or_shapes_fail_clearly() -> None:
+    def settings(group):
+        DeMo(make_mlp().parameters(), lr=1e-3, group=group, topk=8 if group.rank else 16)
+
+    def shapes(group):
+        m = make_mlp() if group.rank else torch.nn.Linear(16, 4)
+        DeMo(m.parameters(), lr=1e-3, group=group)
+
+    for fn in (settings, shapes):
+        with ThreadGroup(2) as tg:
+            errors = tg.run(fn, return_exceptions=True)
+        assert all(isinstance(e, ConfigMismatch) for e in errors), errors
