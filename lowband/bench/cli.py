@@ -210,6 +210,11 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(args.data)
     mcfg = model_config(args.preset.model)
+    if min(corpus.train.numel(), corpus.val.numel()) <= mcfg.block_size + 1:
+        raise ConfigError(
+            f"corpus {corpus.name!r} is too short for the model's context of {mcfg.block_size} bytes "
+            f"(validation split: {corpus.val.numel()} bytes)"
+        )
     params = CharTransformer(mcfg).num_parameters()
     train = _train_config(args)
     print(
@@ -324,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         run(args, argv=argv)
+    except ConfigError as e:  # found before any process started (corpus, model)
+        print(f"lowband bench: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "\nlowband bench: interrupted; workers, coordinator and link emulator stopped",

@@ -52,7 +52,7 @@ class TrainConfig:
     demo_lr: float = 1e-3
     demo_topk: int = 8
     demo_chunk: int = 64
-    bucket_bytes: int = 256 * 1024  # ddp
+    bucket_bytes: int = 25 << 20  # ddp: torch DDP's default bucket cap
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up then cosine decay; ``step`` counts from 0."""

@@ -49,6 +49,8 @@ def plot_loss_vs_bytes(
             initial = m["curve"][0]["val_loss"]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name)
+        else:  # nothing sent (e.g. fewer steps than one sync): say so rather than drop the name
+            ax.plot([], [], marker="o", markersize=3, label=f"{name} (sent 0 bytes)")
     if initial is not None:
         ax.axhline(initial, color="grey", linestyle=":", linewidth=1, label="initial loss")
     ax.set_xscale("log")

@@ -63,6 +63,7 @@ def summarize(
             "setup_payload_bytes_sent": int(results[r]["setup"]["bytes_sent"]),
             "wall_s": results[r]["wall_s"],
             "eval_s": results[r]["eval_s"],
+            "setup_s": results[r].get("setup_s"),
             "final_train_loss": results[r]["final_train_loss"],
             "final_val_loss": results[r]["final_val_loss"],
         }

@@ -140,7 +140,9 @@ def run_workers(
     bars = _Progress(methods, spec_kwargs["train"].steps, workers, progress)
     with LinkEmulator(topo, mode=link.mode) as net:
         out = RunOutput(emulator_mode=net.mode)
+        log.info("link emulator up (%s mode)", net.mode)
         coord, address = _start_coordinator(net)
+        log.info("coordinator listening on %s", address)
         spec = WorkerSpec(
             world_size=workers,
             store=address,
@@ -168,6 +170,7 @@ def run_workers(
             for p in procs:
                 p.join(timeout=10)
             coord.terminate()
+        log.info("workers ended")
         edges.join(timeout=5)
         out.link = edges.deltas
         return out
@@ -229,6 +232,8 @@ def _collect(
                 )
             continue
         kind, rank = ev[0], ev[1]
+        if kind != "progress":
+            log.info("event %s from rank %d after %.1f s", kind, rank, time.monotonic() - t_start)
         if kind == "ready":
             ready.add(rank)
         elif kind == "progress":

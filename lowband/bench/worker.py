@@ -82,7 +82,9 @@ def _train_one(
     model = CharTransformer(spec.model)
     gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + rank)
     before_setup = _snapshot(group.stats)
+    t_setup = time.perf_counter()
     stepper = build_method(name, model, group, spec.train)
+    setup_s = time.perf_counter() - t_setup
     try:
         at_start = _snapshot(group.stats)
         barrier.wait()  # the launcher reads the link counters between these two waits
@@ -127,6 +129,7 @@ def _train_one(
         result = {
             "wall_s": wall,
             "eval_s": eval_seconds,
+            "setup_s": setup_s,
             "final_train_loss": tr,
             "final_val_loss": va,
             "setup": {k: at_start[k] - before_setup[k] for k in _STAT_FIELDS},
