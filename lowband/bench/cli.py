@@ -43,8 +43,8 @@ class Preset:
 #: ``long`` trains a smaller model for many more steps so the losses separate meaningfully.
 PRESETS: dict[str, Preset] = {
     "quick": Preset("tiny", 100, 8, 25, 2, 16, 3e-3, 3e-3, 10),
-    "default": Preset("base:block_size=64", 300, 2, 50, 4, 16, 2e-3, 1e-3, 10),
-    "long": Preset("small", 3000, 8, 100, 8, 32, 3e-3, 1e-3, 10),
+    "default": Preset("base:block_size=64", 150, 2, 30, 2, 16, 2e-3, 1e-3, 10),
+    "long": Preset("small", 1200, 8, 100, 4, 32, 3e-3, 1e-3, 10),
 }
 
 DEFAULT_METHODS = "ddp,diloco,streaming-diloco-q4,sparseloco,demo"
@@ -226,6 +226,7 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
         flush=True,
     )
     started = time.time()
+    load_at_start = list(os.getloadavg())  # other work on the machine slows every method
     out = run_workers(
         {
             "methods": args.methods,
@@ -272,6 +273,8 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
         "seed": args.seed,
         "threads_per_worker": args.threads,
         "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": list(os.getloadavg()),
     }
     results: dict[str, Any] = {
         "lowband_version": __version__,
