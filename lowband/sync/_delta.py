@@ -54,6 +54,7 @@ __all__ = [
     "encode_exact",
     "encode_lossy",
     "fingerprint",
+    "presum",
 ]
 
 _NP_INT = {
@@ -254,3 +255,20 @@ def apply_op(op: Op, target: torch.Tensor, wire: torch.dtype, codec: Codec | Non
         target.copy_(vals)
     else:
         target[torch.from_numpy(op.pos)] = vals
+
+
+def presum(
+    op: Op, src: torch.Tensor, scratch: torch.Tensor, wire: torch.dtype, codec: Codec | None
+) -> None:
+    """Set ``op.sum_after``: the lb64 ``src`` (a chunk) will have once ``op`` is applied.
+
+    Works on a copy in ``scratch`` (at least the chunk's length, dtype ``wire``), so
+    ``src`` is untouched until the whole version is in.
+    """
+    out = scratch[: src.numel()]
+    if src.dtype == wire:
+        np.copyto(bits(out), bits(src))
+    else:
+        out.copy_(src)
+    apply_op(op, out, wire, codec)
+    op.sum_after = chunk_sum(out)

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 
 import torch
 
-from lowband.errors import ConfigError
+from lowband.errors import ConfigError, ConfigMismatch
+from lowband.sync._wire import Manifest
 
-__all__ = ["named_tensors"]
+__all__ = ["check_manifest", "named_tensors"]
 
 
 def named_tensors(
@@ -46,3 +47,28 @@ def named_tensors(
     if not out:
         raise ConfigError("the model has no floating-point tensors to sync")
     return out
+
+
+def check_manifest(m: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
+    """ConfigMismatch unless the subscriber's tensors match what the publisher serves.
+
+    Names and shapes must be equal; each dtype must be the published one, or float32
+    for bf16/fp16 weights (which it holds exactly).
+    """
+    names = {t.name for t in m.tensors}
+    if names != set(tensors):
+        missing, extra = sorted(names - set(tensors))[:5], sorted(set(tensors) - names)[:5]
+        raise ConfigMismatch(
+            f"publisher and subscriber models differ: missing {missing}, extra {extra}"
+        )
+    for spec in m.tensors:
+        t = tensors[spec.name]
+        if tuple(t.shape) != spec.shape:
+            raise ConfigMismatch(
+                f"{spec.name!r}: publisher shape {spec.shape}, subscriber {tuple(t.shape)}"
+            )
+        widened = t.dtype == torch.float32 and spec.dtype in (torch.bfloat16, torch.float16)
+        if t.dtype != spec.dtype and not widened:
+            raise ConfigMismatch(
+                f"{spec.name!r}: published as {spec.dtype}, subscriber holds {t.dtype}"
+            )

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lowband.compress import Codec
 from lowband.errors import CodecError
-from lowband.sync._delta import Op
+from lowband.sync._delta import Op, apply_op, chunk_sum
 from lowband.sync._wire import Header, Manifest
 
-__all__ = ["Pending", "Snapshot"]
+__all__ = ["Pending", "Snapshot", "mark_lost"]
 
 
 @dataclass
@@ -67,6 +68,21 @@ class Pending:
 
     def ordered(self) -> list[Op]:
         return [self.chunks[i] for i in range(len(self.chunks))]
+
+
+def mark_lost(
+    pending: dict[int, Pending], h: Header, seq: int, streams: int, max_pending: int
+) -> None:
+    """A heartbeat: stream ``h.b`` has sent everything up to ``h.seq``, so any version
+    after ``seq`` that still lacks its commit on that stream (or its chunks) is lost."""
+    if h.c != streams or h.b >= streams:
+        raise CodecError(f"heartbeat for stream {h.b} of {h.c} (streams {streams})")
+    for q in range(seq + 1, min(h.seq, seq + max_pending) + 1):
+        p = pending.get(q)
+        if p is None:
+            p = pending[q] = Pending(q, streams)
+        if h.b not in p.commits or (len(p.commits) == streams and not p.complete):
+            p.bad = True
 
 
 class Snapshot:
@@ -143,3 +159,20 @@ class Snapshot:
         self.todo.extend(redo)
         self.rounds += 1
         return len(redo)
+
+    def replay(self, ops: list[tuple[int, Op]], codec: Codec | None) -> None:
+        """Apply each buffered version's chunks onto the snapshot chunks older than it."""
+        for s, op in ops:
+            if self.chunk_seq[op.tensor][op.chunk] < s:
+                a, b = self.manifest.chunk_range(op.tensor, op.chunk)
+                apply_op(
+                    op, self.staged[op.tensor][a:b], self.manifest.tensors[op.tensor].dtype, codec
+                )
+
+    def sums(self) -> list[np.ndarray]:
+        """lb64 of every staged chunk."""
+        out = []
+        for i, t in enumerate(self.staged):
+            ranges = (self.manifest.chunk_range(i, c) for c in range(self.manifest.chunks(i)))
+            out.append(np.array([chunk_sum(t[a:b]) for a, b in ranges], dtype=np.uint64))
+        return out

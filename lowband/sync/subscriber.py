@@ -20,10 +20,10 @@ import zmq
 
 from lowband.compress import Codec, parse
 from lowband.errors import CodecError, CollectiveTimeout, ConfigError, ConfigMismatch
-from lowband.sync._delta import Op, apply_op, bits, chunk_sum, decode_op, fingerprint
-from lowband.sync._model import named_tensors
+from lowband.sync._delta import Op, apply_op, bits, chunk_sum, decode_op, fingerprint, presum
+from lowband.sync._model import check_manifest, named_tensors
 from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint, to_key
-from lowband.sync._staging import Pending, Snapshot
+from lowband.sync._staging import Pending, Snapshot, mark_lost
 from lowband.sync._wire import (
     CHUNK,
     COMMIT,
@@ -220,7 +220,7 @@ class WeightSubscriber:
         if h.seq <= self._seq or h.seq >= 1 << 62:
             return
         if h.kind == HEARTBEAT:
-            self._on_heartbeat(h, len(m.ports))
+            mark_lost(self._pending, h, self._seq, len(m.ports), self.max_pending)
             return
         if h.kind == CHUNK and (h.tensor >= len(m.tensors) or h.chunk >= m.chunks(h.tensor)):
             raise CodecError(f"update for chunk {h.chunk} of tensor {h.tensor}: no such chunk")
@@ -245,63 +245,23 @@ class WeightSubscriber:
             self._presum(op)
         p.add_chunk(h, op, self._limit)
 
-    def _on_heartbeat(self, h: Header, streams: int) -> None:
-        """Stream ``h.b`` has sent everything up to ``h.seq``: anything still missing from it is lost."""
-        if h.c != streams or h.b >= streams:
-            raise CodecError(f"heartbeat for stream {h.b} of {h.c} (streams {streams})")
-        for q in range(self._seq + 1, h.seq + 1):
-            p = self._pending.get(q)
-            if p is None:
-                if q > self._seq + self.max_pending:
-                    break
-                p = self._pending[q] = Pending(q, streams)
-            if h.b not in p.commits or (len(p.commits) == streams and not p.complete):
-                p.bad = True
-
     def _presum(self, op: Op) -> None:
-        """The chunk's checksum once ``op`` is applied, worked out now on a scratch copy.
-
-        Done while the rest of the version is still arriving, so the commit only has
-        to apply; the scratch copy is one chunk, dropped at once.
-        """
+        """Work out the chunk's checksum after ``op`` now, while the rest of the version
+        is still arriving, so the commit only has to apply (see :func:`presum`)."""
         m = self._manifest
         assert m is not None
         lo, hi = m.chunk_range(op.tensor, op.chunk)
         wire = m.tensors[op.tensor].dtype
-        buf = self._scratch.get(wire)
-        if buf is None:
-            buf = self._scratch[wire] = torch.empty(m.chunk_elems, dtype=wire)
-        scratch = buf[: hi - lo]
-        src = self._targets[op.tensor][lo:hi]
-        if src.dtype == wire:
-            np.copyto(bits(scratch), bits(src))
-        else:
-            scratch.copy_(src)
-        apply_op(op, scratch, wire, self._codec)
-        op.sum_after, op.base = chunk_sum(scratch), self._seq
+        if wire not in self._scratch:
+            self._scratch[wire] = torch.empty(m.chunk_elems, dtype=wire)
+        presum(op, self._targets[op.tensor][lo:hi], self._scratch[wire], wire, self._codec)
+        op.base = self._seq
 
     # -- set-up ----------------------------------------------------------------------------
 
     def _bind(self, m: Manifest) -> None:
         """Check the manifest against the model, then subscribe to the update streams."""
-        names = [t.name for t in m.tensors]
-        if set(names) != set(self._tensors):
-            missing, extra = set(names) - set(self._tensors), set(self._tensors) - set(names)
-            raise ConfigMismatch(
-                f"publisher and subscriber models differ: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
-            )
-        for spec in m.tensors:
-            t = self._tensors[spec.name]
-            if tuple(t.shape) != spec.shape:
-                raise ConfigMismatch(
-                    f"{spec.name!r}: publisher shape {spec.shape}, subscriber {tuple(t.shape)}"
-                )
-            if t.dtype != spec.dtype and not (
-                t.dtype == torch.float32 and spec.dtype in (torch.bfloat16, torch.float16)
-            ):
-                raise ConfigMismatch(
-                    f"{spec.name!r}: published as {spec.dtype}, subscriber holds {t.dtype}"
-                )
+        check_manifest(m, self._tensors)
         try:
             self._codec = None if m.codec == "exact" else parse(m.codec)
         except ValueError as e:
@@ -428,14 +388,9 @@ class WeightSubscriber:
         while self._complete(target + 1):
             target += 1
         ops = self._ops(list(range(lo_seq + 1, target + 1)))
-        for s, op in ops:
-            if snap.chunk_seq[op.tensor][op.chunk] < s:
-                a, b = m.chunk_range(op.tensor, op.chunk)
-                apply_op(op, snap.staged[op.tensor][a:b], m.tensors[op.tensor].dtype, self._codec)
-        for i in range(len(m.tensors)):
-            for c in range(m.chunks(i)):
-                a, b = m.chunk_range(i, c)
-                self._sums[i][c] = chunk_sum(snap.staged[i][a:b])
+        snap.replay(ops, self._codec)
+        for i, sums in enumerate(snap.sums()):
+            self._sums[i][:] = sums
         if self._complete(target):
             version, expected = self._pending[target].version, self._pending[target].finger
         else:

@@ -90,7 +90,7 @@ def test_lost_last_version_noticed_by_heartbeat() -> None:
 def test_queue_overflow_recovers_by_snapshot() -> None:
     model = _model()
     replica = zeros_like(model)
-    with pair(model, replica, max_pending=1, heartbeat_s=60) as (pub, sub):
+    with pair(model, replica, max_pending=1, heartbeat_s=0.2) as (pub, sub):
         for step in range(4):  # the subscriber falls behind by four versions; it buffers one
             model["a"][step] += 1
             pub.publish()
