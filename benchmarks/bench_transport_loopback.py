@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ inputs = [torch.randn(n, generator=torch.Generator().manual_seed(7 + r)) for r i
 expected = torch.stack(inputs).mean(0)
 t = inputs[rank].clone()
 avg = DecentralizedAverager([t], dht=dht, prefix="bench", target_group_size=world, min_group_size=world,
-                            start=True, min_matchmaking_time=2.0, request_timeout=30.0)
+                            start=True, min_matchmaking_time=5.0, request_timeout=3.0)
 for k in range(rounds):
     with avg.get_tensors() as ts:
         ts[0].copy_(inputs[rank])
@@ -103,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             script = Path("/tmp/lowband_hivemind_peer.py")
             script.write_text(HIVEMIND_PEER)
             first = subprocess.Popen([args.hivemind, str(script), "0", str(WORLD), str(n), str(args.repeat)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True)
             maddrs = json.loads(first.stdout.readline())["maddrs"]  # type: ignore[union-attr]
             hm = [first] + [subprocess.Popen([args.hivemind, str(script), str(r), str(WORLD), str(n),
                                               str(args.repeat), *maddrs],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                             start_new_session=True)
                             for r in range(1, WORLD)]
             time.sleep(5)
         try:
@@ -134,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 p.join(60)
                 if p.is_alive():
                     p.kill()
-            for p in hm:
-                p.kill()
+            for p in hm:  # each peer and its p2pd daemon share a session: end them together
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 p.wait(10)
     print(f"lowband best {best['lowband']:.3f} s")
     if hm:

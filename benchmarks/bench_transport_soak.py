@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             procs = {r: net.spawn(r, peer, args=(q, r, coord, gen, args.rounds - done_rounds)) for r in range(WORLD)}
             live = set(range(WORLD))
             reports: dict[int, dict[int, tuple]] = {}
-            next_fault = time.monotonic() + 10 + rng.expovariate(1 / args.fault_every)
-            last_progress = time.monotonic()
+            next_fault = float("inf")  # faults start once the group has settled its first round
+            last_progress = time.monotonic() + 300  # start-up (spawn, import torch, join) gets 5 min
             restore: list[tuple[float, int, int]] = []
             finished_k = -1
             while len(live) >= 2 and time.monotonic() < stop_at and done_rounds < args.rounds:
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         divergent += 1
                         print(f"DIVERGENT: generation {gen} round {finished_k}: {rows}")
                     done_rounds += 1
+                    if next_fault == float("inf"):
+                        next_fault = time.monotonic() + rng.expovariate(1 / args.fault_every)
             for a_, b_ in [(x[1], x[2]) for x in restore]:
                 net.restore(a_, b_)
             for p in procs.values():
