@@ -138,6 +138,9 @@ class ZmqCarrier:
             self._teardown()
             raise
         self.io.start()
+        at = view.get("joined_at")
+        #: for a rank that entered a running group, the commit key that admitted it (see _carrier.py)
+        self.joined_at: tuple[int, int, int] | None = None if at is None else (int(at[0]), int(at[1]), int(at[2]))
         self._apply_view(view)
 
     # -- membership ----------------------------------------------------------------------

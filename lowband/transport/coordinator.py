@@ -14,7 +14,8 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   0 starts with every rank. A configuration that differs from the first joiner's
   is refused with ``kind = "mismatch"`` naming the keys and values. A rank that
   joins a running group (a restart or a late joiner) waits and enters at the
-  next commit, which starts a new epoch.
+  next commit, which starts a new epoch; its reply names that commit's key as
+  ``joined_at`` (``None`` for the ranks present from the start).
 - ``commit``: a member proposes the ranks it believes alive for one collective
   ``key = (epoch, seq, phase)``. Members may re-propose a smaller set while they
   wait. Members are the ranks of the previous decision (every rank before the
@@ -80,6 +81,7 @@ class Group:
     joiners: dict[int, dict[str, Any]] = field(default_factory=dict)
     proposals: dict[tuple[int, int, int], dict[int, frozenset[int]]] = field(default_factory=dict)
     decisions: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
+    joined_at: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
 
 class Membership:
@@ -141,10 +143,11 @@ class Membership:
                 g.started, g.members = True, tuple(range(g.world_size))
                 log.info("group %r started: epoch 0, %d members", name, g.world_size)
                 for w, _ in self._waiting_join.pop(name, []):
-                    self._due.append((w, self._view(g)))
+                    self._due.append((w, {**self._view(g), "joined_at": None}))
             return None
         if rank in g.members and g.members_info[rank]["incarnation"] == info["incarnation"]:
-            return self._view(g)  # a retried join
+            at = g.joined_at.get(rank)  # a retried join
+            return {**self._view(g), "joined_at": None if at is None else list(at)}
         g.joiners[rank] = info
         self._waiting_join.setdefault(name, []).append((who, rank))
         log.info("group %r: rank %d waits to join at the next commit", name, rank)
@@ -202,11 +205,13 @@ class Membership:
                 parts,
             )
             joined, g.joiners = set(g.joiners), {}
+            for r in joined:
+                g.joined_at[r] = key
             view = self._view(g)
             keep = []
             for w, r in self._waiting_join.pop(name, []):
                 if r in joined:
-                    self._due.append((w, view))
+                    self._due.append((w, {**view, "joined_at": list(key)}))
                 else:
                     keep.append((w, r))
             if keep:

@@ -29,7 +29,7 @@ def test_join_waits_for_everyone_then_starts_epoch_0() -> None:
     assert _join(m, 1, codec="q4") is None
     due = m.ready()
     assert sorted(w[1] for w, _ in due) == [0, 1, 2]
-    assert all(v["epoch"] == 0 and v["members"] == [0, 1, 2] for _, v in due)
+    assert all(v["epoch"] == 0 and v["members"] == [0, 1, 2] and v["joined_at"] is None for _, v in due)
 
 
 def test_join_mismatch_names_the_difference() -> None:
@@ -73,6 +73,7 @@ def test_late_joiner_enters_at_the_next_commit() -> None:
     _commit(m, 0, [0], key=(1, 2, 9))
     views = {w: v for w, v in m.ready()}
     assert views[("again", 1)]["members"] == [0, 1]
+    assert views[("again", 1)]["joined_at"] == [1, 2, 9]
     assert views[("again", 1)]["peers"]["1"]["incarnation"] == 555
 
 
