@@ -30,7 +30,7 @@ import zmq
 
 from lowband.compress import Codec, parse
 from lowband.errors import CodecError, ConfigError
-from lowband.sync._delta import bits, chunk_sum, encode_exact, encode_lossy, fingerprint
+from lowband.sync._delta import Encoded, bits, chunk_sum, encode_exact, encode_lossy, fingerprint
 from lowband.sync._model import named_tensors
 from lowband.sync._net import bind_socket, parse_endpoint
 from lowband.sync._wire import (
@@ -291,7 +291,7 @@ class WeightPublisher:
             self._finger,
         )
 
-    def _encode_chunk(self, src: torch.Tensor, mirror: torch.Tensor) -> tuple[object, bool]:
+    def _encode_chunk(self, src: torch.Tensor, mirror: torch.Tensor) -> tuple[Encoded | None, bool]:
         if self.codec is not None:
             return encode_lossy(self.codec, src, mirror)
         new = src if src.dtype == mirror.dtype else src.to(mirror.dtype)
