@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--streams", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per process (two processes)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch/OpenMP threads per process (two processes)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parent, child = ctx.Pipe()
     with WeightPublisher(model, codec="exact", streams=args.streams) as pub:
         proc = ctx.Process(
-            target=_subscriber, args=(pub.address, args.params, args.tensors, args.threads, child), daemon=True
+            target=_subscriber,
+            args=(pub.address, args.params, args.tensors, args.threads, child),
+            daemon=True,
         )
         proc.start()
         try:
