@@ -197,6 +197,27 @@ def _train_config(args: BenchArgs) -> Any:
     )
 
 
+def _check_links_carried(method: dict[str, Any], mode: str) -> None:
+    """Refuse figures from traffic that went around the link emulator.
+
+    Every payload byte crosses the sender's emulated uplink, so the link counter must be at
+    least the payload counter. If it is not, peers reached each other some other way (for
+    instance a transport that does not connect through ``lowband.wan.connect_address`` in
+    proxy mode) and the times would flatter every method.
+    """
+    from lowband.errors import TransportError
+
+    for w in method["per_worker"]:
+        link = w.get("link_bytes_sent")
+        if link is not None and link < w["payload_bytes_sent"]:
+            raise TransportError(
+                f"{method['method']}: worker {w['rank']} sent {w['payload_bytes_sent']} payload bytes "
+                f"but its emulated link carried only {link}: the traffic bypassed the link emulator "
+                f"({mode} mode), so its times would flatter. Use netns mode (root) or a transport that "
+                "connects through lowband.wan.connect_address."
+            )
+
+
 def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     """Run the benchmark and write its files; returns the results dictionary."""
     from lowband import __version__
@@ -249,6 +270,7 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     }
     for m in methods:
         methods[m]["settings"] = describe_method(m, train)
+        _check_links_carried(methods[m], out.emulator_mode)
     report.compare_to_baseline(methods)
     settings = {
         "preset": args.preset_name,
