@@ -179,7 +179,7 @@ class ZmqCarrier:
             server_key = None
             if self.security is not None:
                 server_key = self.security.check_allowed(info.get("pubkey") or "", f"rank {peer}")
-            self.io.call("connect", peer, info, server_key)
+            self.io.expect(peer, info, server_key)
 
     # -- the Carrier contract ------------------------------------------------------------
     def send(

@@ -72,6 +72,7 @@ class IOLoop:
         self.last_alive: dict[int, float] = {}
         self.lost: set[int] = set()
         self.banned: set[bytes] = set()
+        self._known: dict[int, int] = {}  # peer -> incarnation we connect to
         self.rejected = 0  # frames refused as malformed or hostile (tests read it)
         self._cmds: collections.deque[tuple[Any, ...]] = collections.deque()
         self._stop = False
@@ -119,6 +120,17 @@ class IOLoop:
             os.write(self._wpipe, b"x")
         except BlockingIOError:
             pass  # the pipe is full: the loop is awake anyway
+
+    def expect(self, peer: int, info: dict[str, Any], server_key: bytes | None) -> None:
+        """Connect to ``peer`` as ``info`` describes it, unless already connected to that process.
+        A new incarnation (a restarted peer) is alive from now on, before the I/O thread connects."""
+        inc = int(info["incarnation"])
+        if self._known.get(peer) == inc:
+            return
+        self._known[peer] = inc
+        self.last_alive[peer] = time.monotonic()
+        self.lost.discard(peer)
+        self.call("connect", peer, info, server_key)
 
     def build(
         self,

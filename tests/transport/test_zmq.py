@@ -286,3 +286,48 @@ def test_stream_count_follows_the_bandwidth_delay_product() -> None:
         ZmqCarrier(0, 2, coordinator="127.0.0.1:1", streams=0)
     with pytest.raises(ConfigError):
         ZmqCarrier(2, 2, coordinator="127.0.0.1:1")
+
+
+def test_restarted_peer_rejoins_at_the_next_commit(coordinator: str) -> None:
+    cs = _carriers(coordinator, 3, streams=2, peer_timeout=1.0)
+    joiner: list[ZmqCarrier] = []
+    try:
+        cs[2].close()  # rank 2 dies
+        with pytest.raises(PeerLost):
+            cs[0].recv(2, (0, 1, 0), timeout=30)
+        with pytest.raises(PeerLost):
+            cs[1].recv(2, (0, 1, 0), timeout=30)
+        out: dict[int, tuple[int, ...]] = {}
+
+        def commit(r: int, key: tuple[int, int, int]) -> None:
+            out[r] = cs[r].commit(key, [0, 1, 2])
+
+        ts = [threading.Thread(target=commit, args=(r, (0, 1, 9))) for r in (0, 1)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert out == {0: (0, 1), 1: (0, 1)} and cs[0].membership_epoch == 1
+
+        # a fresh process for rank 2 joins the running group and waits for the next commit
+        t = threading.Thread(target=lambda: joiner.append(
+            ZmqCarrier(2, 3, coordinator=coordinator, group=cs[0].group_name, streams=2, peer_timeout=1.0,
+                       join_timeout=60)))
+        t.start()
+        time.sleep(1.0)
+        ts = [threading.Thread(target=commit, args=(r, (1, 2, 9))) for r in (0, 1)]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join(60)
+        t.join(60)
+        assert out == {0: (0, 1), 1: (0, 1)}  # the joiner takes part from the next collective on
+        assert joiner and joiner[0].joined_at == (1, 2, 9) and joiner[0].members == (0, 1, 2)
+        assert cs[0].members == (0, 1, 2) and cs[0].membership_epoch == 2
+        cs[0].send(2, (2, 3, 0), [b"welcome back"], payload_bytes=12)
+        joiner[0].send(1, (2, 3, 0), [b"hello"], payload_bytes=5)
+        assert bytes(joiner[0].recv(0, (2, 3, 0), timeout=30)[0]) == b"welcome back"
+        assert bytes(cs[1].recv(2, (2, 3, 0), timeout=30)[0]) == b"hello"
+        assert cs[0].alive() == {0, 1, 2}
+    finally:
+        _close(cs[:2] + joiner)
