@@ -18,13 +18,18 @@ def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_one_peer_sync_every_step_equals_plain_training() -> None:
+@pytest.mark.parametrize("offload", ["cpu", "device"])
+def test_one_peer_sync_every_step_equals_plain_training(offload: str) -> None:
     def run(group):
         ref = make_model()
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
         model = make_model()
         opt = DiLoCo(
-            torch.optim.AdamW(model.parameters(), lr=1e-2), group=group, sync_every=1, **PLAIN
+            torch.optim.AdamW(model.parameters(), lr=1e-2),
+            group=group,
+            sync_every=1,
+            offload=offload,
+            **PLAIN,
         )
         for t in range(10):
             train_step(ref, ref_opt, 0, t)
