@@ -20,6 +20,7 @@ at 256M elements, against the device's own copy.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -101,6 +102,13 @@ def _time_cpu(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+def _time_thread_cpu(fn: Callable[[], object]) -> float:
+    """CPU seconds of this thread: with one thread, immune to being descheduled on a busy machine."""
+    t = time.thread_time()
+    fn()
+    return time.thread_time() - t
+
+
 def _time_cuda(fn: Callable[[], object], launches: int = 100) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -112,16 +120,27 @@ def _time_cuda(fn: Callable[[], object], launches: int = 100) -> float:
 
 
 def measure(
-    n: int, reps: int, device: str, backend: str | None, only: list[str] | None = None
+    n: int,
+    reps: int,
+    device: str,
+    backend: str | None,
+    only: list[str] | None = None,
+    *,
+    thread_cpu: bool = False,
+    budget: float = 0.0,
 ) -> list[tuple[str, float, float]]:
-    """Rows of (name, best kernel seconds, best copy seconds measured alongside it)."""
+    """Rows of (name, best kernel seconds, best copy seconds measured alongside it).
+
+    Each kernel runs at least ``reps`` times, and on until ``budget`` seconds were spent
+    on it and its copies (more samples find the quiet moments of a shared machine).
+    """
     todo = cases(n, device, backend)
     if only:
         todo = {k: v for k, v in todo.items() if any(o in k for o in only)}
     x = torch.randn(n, device=device)
     y = torch.empty_like(x)
     copy = lambda: y.copy_(x)  # noqa: E731
-    timer = _time_cuda if device == "cuda" else _time_cpu
+    timer = _time_cuda if device == "cuda" else (_time_thread_cpu if thread_cpu else _time_cpu)
     for fn in [copy, *todo.values()]:  # warm up: page faults, thread pools, lazy loads
         fn()
     if device == "cuda":
@@ -129,9 +148,11 @@ def measure(
     rows = []
     for name, fn in todo.items():
         best_k = best_c = float("inf")
-        for _ in range(reps):
+        t0, done = time.perf_counter(), 0
+        while done < reps or time.perf_counter() - t0 < budget:
             best_c = min(best_c, timer(copy))
             best_k = min(best_k, timer(fn))
+            done += 1
         rows.append((name, best_k, best_c))
     return rows
 
@@ -145,14 +166,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default=None, choices=["torch", "native", "triton"])
     ap.add_argument("--only", nargs="*", help="substrings of the kernel names to run")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch (and kernel) threads, both sides"
+    )
+    ap.add_argument(
+        "--budget", type=float, default=0.0, help="seconds per kernel: keep sampling until spent"
+    )
+    ap.add_argument(
+        "--thread-cpu",
+        action="store_true",
+        help="one thread, timed by its CPU time (time.thread_time): robust on a shared, busy machine",
+    )
     a = ap.parse_args(argv)
+    if a.thread_cpu:
+        a.threads = 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
     n = a.n or ((256 << 20) if a.device == "cuda" else (16 << 20))
     backend = a.backend or kernels.available_backends(a.device)[0]
+    clock = (
+        "thread CPU time"
+        if a.thread_cpu
+        else ("CUDA events" if a.device == "cuda" else "wall clock")
+    )
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
-        f"{n} fp32 elements on {a.device}, backend {backend}, {torch.get_num_threads()} threads, best of {a.reps}"
+        f"{n} fp32 elements on {a.device}, backend {backend}, {torch.get_num_threads()} threads, "
+        f"best of >= {a.reps} ({clock}), load average {load}"
     )
     print(f"{'kernel':44s} {'ms':>8s} {'copy ms':>8s} {'x copy':>7s} {'target':>7s}")
-    for name, tk, tc in measure(n, a.reps, a.device, backend, a.only):
+    rows = measure(n, a.reps, a.device, backend, a.only, thread_cpu=a.thread_cpu, budget=a.budget)
+    for name, tk, tc in rows:
         target = TARGETS.get(name)
         mark = "" if target is None else f"{target:7.2f} {'met' if tc / tk >= target else 'MISSED'}"
         print(f"{name:44s} {tk * 1e3:8.2f} {tc * 1e3:8.2f} {tc / tk:7.2f} {mark}")

@@ -13,6 +13,11 @@
 
 #include "lb_common.h"
 
+/* elements ahead of the pass-1 sweep to prefetch (x and residual) */
+#ifndef LB_PREFETCH
+#define LB_PREFETCH 1024
+#endif
+
 typedef struct {
     const void *x;
     int dtype;
@@ -174,6 +179,9 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
         __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
         int64_t i = lo;
         for (; i + 16 <= hi; i += 16) {
+            /* one core keeps more lines in flight when told the stream ahead */
+            if (LB_PREFETCH && c->dtype == LB_F32) _mm_prefetch((const char *)((const float *)c->x + i + LB_PREFETCH), _MM_HINT_T0);
+            if (LB_PREFETCH && c->res) _mm_prefetch((const char *)(c->res + i + LB_PREFETCH), _MM_HINT_T0);
             __m256 a0 = _mm256_and_ps(q_value8(c, i), absmask);
             __m256 a1 = _mm256_and_ps(q_value8(c, i + 8), absmask);
             badv = _mm256_or_ps(badv, _mm256_cmp_ps(a0, fmax, _CMP_NLE_UQ));
