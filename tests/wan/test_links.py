@@ -12,66 +12,90 @@ import time
 import pytest
 
 from lowband.wan import LinkEmulator, Topology
-from lowband.wan.probes import echo_server, ping, round_trips, source, transfer
+from lowband.wan.probes import echo_server, ping, round_trips, sink, source, transfer
 
 pytestmark = pytest.mark.slow
 
 WIRE = 1514 / 1448  # rates count Ethernet frames: 66 header bytes per 1448-byte segment
 
 
+def _bulk(net: LinkEmulator, src: int, dst: int, nbytes: int, **kwargs: object) -> object:
+    """Start a sink on ``dst`` and a source on ``src``; returns the source's report pipe."""
+    ctx = multiprocessing.get_context("spawn")
+    sink_end, sink_rep = ctx.Pipe(duplex=False)
+    src_end, src_rep = ctx.Pipe(duplex=False)
+    net.spawn(dst, sink, args=(0, 1, sink_rep))
+    assert sink_end.poll(60), "sink did not start"
+    port = sink_end.recv()[1]
+    net.spawn(src, source, args=(net.host_address(dst), port, nbytes, src_rep), kwargs=kwargs)
+    return src_end
+
+
+def _wire_bytes(net: LinkEmulator, mode: str) -> tuple[float, int, int]:
+    """(time, host 0's uplink bytes, host 1's downlink bytes), as frames in both modes."""
+    t = time.monotonic()
+    b = net.link_bytes()
+    scale = WIRE if mode == "proxy" else 1.0  # the relay counts payload
+    return t, int(b[0]["up"] * scale), int(b[1]["down"] * scale)
+
+
 def test_rate_within_2_percent_at_100mbit(mode: str) -> None:
+    """The link's own rate, read from the link-byte counters in the middle of a bulk transfer
+    (slow start left out; the sender's 4 MiB buffer keeps the queue fed through scheduling
+    hiccups of the endpoints on a busy machine)."""
+    total = 40 << 20
     with LinkEmulator(Topology.uniform(2, rate="100mbit", rtt="20ms"), mode=mode) as net:
-        r = transfer(net, 0, 1, 24 << 20)
-    assert r["bytes"] == 24 << 20
-    wire_mbps = r["steady_mbps"] * WIRE
-    assert wire_mbps == pytest.approx(100.0, rel=0.02), r
+        done = _bulk(net, 0, 1, total)
+        deadline = time.monotonic() + 60
+        while _wire_bytes(net, mode)[1] < 6 << 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t1, up1, down1 = _wire_bytes(net, mode)
+        time.sleep(1.5)
+        t2, up2, down2 = _wire_bytes(net, mode)
+        assert not done.poll(0), "the transfer ended inside the window: the rate is unmeasured"
+        assert up2 < total, "the window reached past the transfer"
+    up_mbps = (up2 - up1) * 8 / (t2 - t1) / 1e6
+    down_mbps = (down2 - down1) * 8 / (t2 - t1) / 1e6
+    assert up_mbps == pytest.approx(100.0, rel=0.02)
+    assert down_mbps == pytest.approx(100.0, rel=0.02)
 
 
 def test_round_trip_within_2ms_of_twice_the_delay(mode: str) -> None:
     with LinkEmulator(Topology.uniform(2, rate="100mbit", rtt="100ms"), mode=mode) as net:
         rtts = round_trips(net, 0, 1, count=8, interval=0.02)
     assert len(rtts) == 8
-    # the first exchange also pays for connection set-up (ARP, or the relay's handshake model)
-    assert statistics.median(rtts[1:]) == pytest.approx(0.100, abs=0.002), rtts
+    # The first exchange also pays for connection set-up (ARP, or the relay's handshake model).
+    # The endpoints' scheduling on a busy machine only adds delay, so the least of the others
+    # is the path's round trip.
+    assert min(rtts[1:]) == pytest.approx(0.100, abs=0.002), rtts
+    assert statistics.median(rtts[1:]) < 0.100 + 0.010, rtts
 
 
 def test_ping_waits_behind_a_bulk_upload(mode: str) -> None:
     topo = Topology.uniform(2, rate="20mbit", rtt="40ms", queue="250KiB")  # a full queue: 100 ms
     with LinkEmulator(topo, mode=mode) as net:
-        idle = statistics.median(round_trips(net, 0, 1, count=4, interval=0.02)[1:])
         ctx = multiprocessing.get_context("spawn")
-        srv_end, srv_rep = ctx.Pipe(duplex=False)
-        bulk_end, bulk_rep = ctx.Pipe(duplex=False)
-        ping_end, ping_rep = ctx.Pipe(duplex=False)
-        sink_port = _start(net, ctx, srv_end, srv_rep)
-        # loss-based congestion control keeps the bottleneck queue full, as a bulk upload does
-        net.spawn(
-            0,
-            source,
-            args=(net.host_address(1), sink_port, 12 << 20, bulk_rep),
-            kwargs={"congestion": "cubic"},
-        )
-        time.sleep(1.0)  # cubic fills the queue within a few round trips
         echo_end, echo_rep = ctx.Pipe(duplex=False)
         net.spawn(1, echo_server, args=(0, echo_rep))
         assert echo_end.poll(60)
         port = echo_end.recv()[1]
-        net.spawn(0, ping, args=(net.host_address(1), port, 6, 0.05, ping_rep))
-        assert ping_end.poll(60) and ping_end.recv()[0] == "ready"
-        assert ping_end.poll(60), "ping did not finish"
-        busy = statistics.median(ping_end.recv()[1][1:])
-        assert not bulk_end.poll(0), "the upload ended before the pings: nothing to queue behind"
-    assert idle == pytest.approx(0.040, abs=0.003)
+
+        def pings(count: int) -> list[float]:
+            end, rep = ctx.Pipe(duplex=False)
+            net.spawn(0, ping, args=(net.host_address(1), port, count, 0.05, rep))
+            assert end.poll(60) and end.recv()[0] == "ready"
+            assert end.poll(60), "ping did not finish"
+            return end.recv()[1][1:]
+
+        idle = min(pings(4))
+        # loss-based congestion control keeps the bottleneck queue full, as a bulk upload does
+        done = _bulk(net, 0, 1, 32 << 20, congestion="cubic")  # ends with the emulator
+        time.sleep(1.0)  # cubic fills the queue within a few round trips
+        busy = statistics.median(pings(6))
+        assert not done.poll(0), "the upload ended before the pings: nothing to queue behind"
+    assert idle == pytest.approx(0.040, abs=0.002)
     assert busy > idle + 0.030, (idle, busy)  # it queued behind the upload (up to 100 ms)
-    assert busy < idle + 0.100 + 0.030  # and the queue is bounded
-
-
-def _start(net: LinkEmulator, ctx, end, rep) -> int:  # noqa: ANN001
-    from lowband.wan.probes import sink
-
-    net.spawn(1, sink, args=(0, 1, rep))
-    assert end.poll(60), "sink did not start"
-    return end.recv()[1]
+    assert busy < idle + 0.100 + 0.030, (idle, busy)  # and the queue is bounded
 
 
 def test_no_byte_lost_or_reordered_with_jitter_and_four_streams(mode: str) -> None:
