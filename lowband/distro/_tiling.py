@@ -32,7 +32,7 @@ import torch
 from lowband import kernels
 from lowband.errors import ConfigError
 
-__all__ = ["TileLayout"]
+__all__ = ["TileLayout", "dct2"]
 
 
 @dataclass(frozen=True)
@@ -78,27 +78,38 @@ class TileLayout:
         """Number of coefficients (the padded size)."""
         return self.ntiles * self.tile_numel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """DCT-II coefficients of ``x`` (fp32), shape ``(ntiles, tile_numel)``."""
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        return self.tile_rows, self.tile_cols
+
+    def tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` zero-padded and cut into tiles (fp32), shape ``(ntiles, tile_rows, tile_cols)``."""
         tr, tc = self.tile_rows, self.tile_cols
         gr, gc = self.grid
         m = x.detach().reshape(self.rows, self.cols).to(torch.float32)
         pr, pc = gr * tr - self.rows, gc * tc - self.cols
         if pr or pc:
             m = torch.nn.functional.pad(m, (0, pc, 0, pr))
-        t = m.reshape(gr, tr, gc, tc).permute(0, 2, 1, 3).reshape(gr * gc, tr, tc)
-        return _dct2(t, inverse=False).reshape(gr * gc, tr * tc)
+        return m.reshape(gr, tr, gc, tc).permute(0, 2, 1, 3).reshape(gr * gc, tr, tc)
 
-    def inverse(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`forward`, cropped to the parameter's shape (fp32)."""
+    def untile(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`tiles`: the tiles put back in place, cropped to the parameter's shape."""
         tr, tc = self.tile_rows, self.tile_cols
         gr, gc = self.grid
-        t = _dct2(coeffs.reshape(gr * gc, tr, tc).to(torch.float32), inverse=True)
         m = t.reshape(gr, gc, tr, tc).permute(0, 2, 1, 3).reshape(gr * tr, gc * tc)
         return m[: self.rows, : self.cols].reshape(self.shape)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DCT-II coefficients of ``x`` (fp32), shape ``(ntiles, tile_numel)``."""
+        return dct2(self.tiles(x), inverse=False).reshape(self.ntiles, self.tile_numel)
 
-def _dct2(t: torch.Tensor, *, inverse: bool) -> torch.Tensor:
+    def inverse(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`forward`, cropped to the parameter's shape (fp32)."""
+        t = coeffs.reshape(self.ntiles, self.tile_rows, self.tile_cols).to(torch.float32)
+        return self.untile(dct2(t, inverse=True))
+
+
+def dct2(t: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
     """Separable 2-D DCT-II (or inverse) of a batch of ``(n, tr, tc)`` tiles."""
     n, tr, tc = t.shape
     if tr == tc and tr > 1:

@@ -36,7 +36,7 @@ import torch
 
 from lowband.compress import Payload
 from lowband.distro._start import agree_on_start
-from lowband.distro._tiling import TileLayout
+from lowband.distro._tiling import TileLayout, dct2
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
 from lowband.errors import ConfigError
 from lowband.transport._stats import CommStats
@@ -194,7 +194,7 @@ class DeMo(torch.optim.Optimizer):
         """Update momenta, encode and subtract what is sent, start the all-gathers."""
         ex = _Exchange()
         for g in self.param_groups:
-            by_tile: dict[int, list[tuple[torch.Tensor, TileLayout]]] = {}
+            by_tile: dict[tuple[int, int], list[tuple[torch.Tensor, TileLayout]]] = {}
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -207,21 +207,18 @@ class DeMo(torch.optim.Optimizer):
                     p.mul_(1.0 - g["lr"] * g["weight_decay"])
                 st["momentum"].mul_(g["decay"]).add_(p.grad, alpha=g["lr"])
                 layout = TileLayout.for_shape(p.shape, g["chunk"])
-                by_tile.setdefault(layout.tile_numel, []).append((p, layout))
-            for tile, items in by_tile.items():
-                bc = bucket_codec(tile, topk=g["topk"], value=g["codec"])
+                by_tile.setdefault(layout.tile_shape, []).append((p, layout))
+            for (tr, tc), items in by_tile.items():
+                bc = bucket_codec(tr * tc, topk=g["topk"], value=g["codec"])
                 params = [p for p, _ in items]
                 layouts = [layout for _, layout in items]
-                coeffs = torch.cat(
-                    [lay.forward(self.state[p]["momentum"]).reshape(-1) for p, lay in items]
-                )
-                payload = bc.codec.encode(coeffs)
-                sent = bc.codec.decode(payload)
-                off = 0
-                for p, lay in items:
+                # One transform per bucket: every parameter's tiles side by side.
+                tiles = torch.cat([lay.tiles(self.state[p]["momentum"]) for p, lay in items])
+                payload = bc.codec.encode(dct2(tiles).reshape(-1))
+                sent = dct2(bc.codec.decode(payload).view(-1, tr, tc), inverse=True)
+                for p, part in zip(params, _untile(sent, layouts)):
                     m = self.state[p]["momentum"]
-                    m.sub_(lay.inverse(sent[off : off + lay.numel]).to(m.device))
-                    off += lay.numel
+                    m.sub_(part.to(m.device))
                 ex.buckets.append(_Bucket(g, bc, params, layouts, payload))
         ex.transport_before = _transport_counts(self.group)
         ex.started = time.perf_counter()
@@ -246,10 +243,10 @@ class DeMo(torch.optim.Optimizer):
                     self.stats.count_send(r, b.payload.nbytes, 0)
                     self.stats.count_recv(r, pl.nbytes, 0)
             lr, use_sign = b.group["lr"], b.group["sign"]
-            off = 0
-            for p, lay in zip(b.params, b.layouts):
-                u = lay.inverse(mean[off : off + lay.numel]).to(p.device)
-                off += lay.numel
+            lay0 = b.layouts[0]
+            update = dct2(mean.view(-1, lay0.tile_rows, lay0.tile_cols), inverse=True)
+            for p, part in zip(b.params, _untile(update, b.layouts)):
+                u = part.to(device=p.device, copy=True)
                 if use_sign:
                     u.sign_()
                 self.state[p][_PENDING] = u.mul_(-lr)
@@ -289,6 +286,15 @@ class DeMo(torch.optim.Optimizer):
         for g in self.param_groups:
             _check(g)
             g["codec"] = value_spec(g["codec"])
+
+
+def _untile(tiles: torch.Tensor, layouts: list[TileLayout]) -> list[torch.Tensor]:
+    """Split a bucket's tiles back into its parameters (each cropped to its shape)."""
+    out, at = [], 0
+    for lay in layouts:
+        out.append(lay.untile(tiles[at : at + lay.ntiles]))
+        at += lay.ntiles
+    return out
 
 
 def _transport_counts(group: Any) -> dict[int, tuple[int, int]]:
