@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import time
 from multiprocessing.connection import Connection
 
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model: {args.params / 1e6:.0f}M bf16 values in {args.tensors} tensors ({dense_bytes / 1e6:.1f} MB); "
         f"{sizes['positions']} positions changed ({sizes['positions'] / args.params:.2%}); "
-        f"torch threads {torch.get_num_threads()}; best of {args.repeats}"
+        f"torch threads {torch.get_num_threads()}; best of {args.repeats}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"{'sync':>10} {'payload MB':>11} {'% dense':>8} {'seconds':>8} {'publish s':>10}")
     for kind in ("sparse", "dense"):
