@@ -22,9 +22,9 @@ from tests.kernels.conftest import needs_native
 
 pytestmark = needs_native
 
-SIZES = [0, 1, 7, 8, 31, 33, 255, 256, 257, 1000, 4097, 70001]
+SIZES = [0, 1, 7, 33, 256, 257, 4097, 70001]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _data(n: int, kind: str, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
