@@ -11,6 +11,7 @@ In-process, fast (threads, no sockets)::
         results = tg.run(step, torch.ones(10))   # list indexed by rank; re-raises a rank's error
         tg.groups[0].stats                   # each rank's Group (real Group, real collectives)
         tg.kill(2)                           # rank 2 "crashes": the others see PeerLost
+        tg.rejoin(2)                         # ...and comes back at the next commit (drop mode)
 
 ``tg.run(fn, *args, timeout=120, return_exceptions=False, ranks=None)`` calls
 ``fn(group, *args)`` on one thread per rank (``ranks`` to run a subset) and
@@ -81,9 +82,16 @@ class ThreadGroup:
     ) -> None:
         self.hub = LocalHub(world_size, peer_timeout=peer_timeout)
         self.world_size = world_size
+        self._group_args = {"on_failure": on_failure, "timeout": timeout}
         self.groups = [
             Group(self.hub.carrier(r), on_failure=on_failure, timeout=timeout) for r in range(world_size)
         ]
+
+    def rejoin(self, rank: int, *, timeout: float = 60.0) -> Group:
+        """A "restarted" ``rank`` rejoins: blocks until the others' next commit admits it,
+        then returns its new Group (also stored in ``groups[rank]``)."""
+        self.groups[rank] = Group(self.hub.join(rank, timeout=timeout), **self._group_args)
+        return self.groups[rank]
 
     def kill(self, rank: int) -> None:
         """Simulate a crash of ``rank``: the others' waits on it raise PeerLost."""

@@ -46,6 +46,14 @@ Semantics every Carrier honours (the collectives rely on them):
 ``close()``
     Releases sockets and threads; idempotent; never blocks on unsent data.
 
+Membership (optional; a carrier without these attributes gives a group that only
+shrinks): ``members`` (the ranks of the current membership, joiners included
+after the commit that admitted them), ``membership_epoch`` (the epoch the
+membership service counts, the same on every member) and ``joined_at`` (for a
+rank that entered a running group: the commit key that admitted it; None for a
+rank present from the start). A joiner's first collective is ``joined_at[1] + 1``
+at epoch ``membership_epoch``.
+
 A backend module offers ``open_carrier(*, rank, world_size, store, security,
 peer_timeout, **options) -> Carrier``; :func:`lowband.init_group` calls it.
 """

@@ -26,6 +26,7 @@ Reductions (DESIGN.md, "Data flow"):
 from __future__ import annotations
 
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -149,10 +150,15 @@ def _bad(peer: int, message: str) -> CodecError:
 
 
 def _raw_tensor(frames: Sequence[Frame], numel: int, peer: int) -> torch.Tensor:
-    if len(frames) != 1 or len(frames[0]) != 4 * numel:
-        got = [len(f) for f in frames]
+    """A read-only fp32 view of a received frame (no copy); callers only read it."""
+    if len(frames) != 1 or memoryview(frames[0]).nbytes != 4 * numel:
+        got = [memoryview(f).nbytes for f in frames]
         raise _bad(peer, f"fp32 frames of {got} bytes, expected one of {4 * numel}")
-    return torch.frombuffer(bytearray(frames[0]), dtype=torch.float32) if numel else torch.zeros(0)
+    if not numel:
+        return torch.zeros(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": it is only read
+        return torch.frombuffer(frames[0], dtype=torch.float32)
 
 
 def _payload(frames: Sequence[Frame], max_bytes: int, peer: int) -> Payload:
@@ -338,10 +344,10 @@ def _reduce_shard(
 ) -> torch.Tensor:
     if robust is None:
         acc = torch.zeros(n, dtype=torch.float32)
-        for r in P:
+        for i, r in enumerate(P):
             c = contrib[r]
             if isinstance(c, torch.Tensor):
-                acc.add_(c)
+                acc.copy_(c) if i == 0 else acc.add_(c)
             else:
                 _check(c, codec, n, r)
                 codec.decode_into(c, acc)  # type: ignore[union-attr]

@@ -104,7 +104,10 @@ def init_group(
         )
     group = Group(carrier, on_failure=on_failure, timeout=timeout)
     try:
-        group.verify(_handshake(backend, world_size, on_failure, config), timeout=init_timeout)
+        # A late joiner cannot shake hands (the others are mid-run); the coordinator checked
+        # its versions when it joined.
+        if group.joined_at is None:
+            group.verify(_handshake(backend, world_size, on_failure, config), timeout=init_timeout)
     except BaseException:
         group.close()
         raise

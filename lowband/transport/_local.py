@@ -4,7 +4,8 @@
 ``LocalCarrier`` on it. Frames are copied on send, as a socket would, so a
 sender may reuse its buffers. ``LocalHub.kill(rank)`` simulates a crashed peer:
 its messages stop, and every ``recv`` waiting on it raises ``PeerLost``, which
-lets the drop/raise paths of the collectives run without processes.
+lets the drop/raise paths of the collectives run without processes, and
+``LocalHub.join(rank)`` lets a "restarted" rank rejoin at the next commit.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class LocalHub:
         self._members: tuple[int, ...] = tuple(range(world_size))
         self._proposals: dict[Key, dict[int, frozenset[int]]] = {}
         self._commits: dict[Key, tuple[int, ...]] = {}
+        self._joiners: set[int] = set()
+        self._joined_at: dict[int, Key] = {}
+        self.epoch = 0  # membership epoch, as the coordinator counts it
         self._shut = False
 
     def carrier(self, rank: int) -> LocalCarrier:
@@ -78,7 +82,8 @@ class LocalHub:
                 got = self._mail.pop((src, dst, key), None)
                 if got is not None:
                     return got
-                if src in self._dead:
+                if src in self._dead or src in self._joiners or key[0] < self._floor[src]:
+                    # dead, or restarted: the process this key was waiting on is gone
                     raise PeerLost(f"peer {src} was lost (waiting for {key})", peers=(src,))
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -92,30 +97,68 @@ class LocalHub:
                 del self._mail[k]
 
     def _commit(self, rank: int, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
+        """The intersection of the proposals, decided once every rank in it has proposed
+        (the coordinator's rule); a new epoch when the set shrank or joiners enter."""
         deadline = time.monotonic() + self.peer_timeout
         with self._cond:
-            self._proposals.setdefault(key, {})[rank] = frozenset(alive)
-            self._cond.notify_all()
+            if rank not in self._members and key not in self._commits:
+                return tuple(self._members)  # dropped earlier: the answer is a set without it
+            if key not in self._commits:
+                props = self._proposals.setdefault(key, {})
+                mine = frozenset(alive) & frozenset(self._members)
+                props[rank] = mine if rank not in props else props[rank] & mine
+                self._cond.notify_all()
             while key not in self._commits:
                 if self._shut:
                     raise TransportError("the in-process group was shut down")
-                waiting = [r for r in self._members if r not in self._dead]
-                got = self._proposals[key]
-                if all(r in got for r in waiting):
-                    agreed = set(waiting)
-                    for r in waiting:
-                        agreed &= got[r]
-                    result = tuple(sorted(agreed))
-                    self._commits[key] = result
-                    self._members = result
-                    self._cond.notify_all()
+                props = self._proposals[key]
+                agreed = frozenset.intersection(*props.values()) - self._dead
+                if agreed <= props.keys():
+                    self._decide(key, tuple(sorted(agreed)))
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    missing = [r for r in waiting if r not in got]
+                    missing = sorted(agreed - props.keys())
                     raise CollectiveTimeout(f"commit {key}: no proposal from ranks {missing}")
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.05))
             return self._commits[key]
+
+    def _decide(self, key: Key, parts: tuple[int, ...]) -> None:
+        self._proposals.pop(key, None)
+        if parts != self._members:
+            # the set shrank: the survivors run this collective again among ``parts``;
+            # joiners wait for a decision that completes a collective (else they would be
+            # admitted by a decision that the retry then undoes)
+            self.epoch += 1
+            self._members = parts
+        elif self._joiners:
+            self.epoch += 1
+            self._members = tuple(sorted(set(parts) | self._joiners))
+            for r in self._joiners:
+                self._joined_at[r] = key
+            self._joiners.clear()
+        self._commits[key] = parts
+        self._cond.notify_all()
+
+    def join(self, rank: int, *, timeout: float = 60.0) -> LocalCarrier:
+        """A restarted ``rank`` asks to rejoin; returns its carrier once a commit admits it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._dead.discard(rank)
+            self._joined_at.pop(rank, None)
+            for k in [k for k in self._mail if rank in (k[0], k[1])]:
+                del self._mail[k]
+            self._floor[rank] = self.epoch + 1
+            self._joiners.add(rank)
+            while rank not in self._joined_at:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._shut:
+                    self._joiners.discard(rank)
+                    raise CollectiveTimeout(f"rank {rank} was not admitted within {timeout}s")
+                self._cond.wait(min(left, 0.05))
+            carrier = LocalCarrier(self, rank)
+            carrier.joined_at = self._joined_at[rank]
+            return carrier
 
 
 class LocalCarrier:
@@ -128,7 +171,16 @@ class LocalCarrier:
         self.rank = rank
         self.world_size = hub.world_size
         self.stats = CommStats()
+        self.joined_at: Key | None = None
         self._closed = False
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self.hub._members
+
+    @property
+    def membership_epoch(self) -> int:
+        return self.hub.epoch
 
     def send(self, peer: int, key: Key, frames: Sequence[Frame], *, payload_bytes: int) -> None:
         if self._closed:

@@ -6,13 +6,14 @@ agent, by ``lowband coordinator`` or by :func:`lowband.testing.start_store`),
 under a per-group ``PrefixStore`` so several groups can share one store.
 
 The collectives stay the ones in ``_collectives.py``: this module only moves
-messages. Each message is two gloo sends on the same tag, which gloo delivers in
-order per peer: a fixed header ``int64[6] = (epoch, seq, phase, n_frames,
-data_bytes, payload_bytes)`` and one ``uint8`` buffer holding the frame lengths
-(``int64`` each) followed by the frames. A receiver reads messages from a peer in
-order and buffers the ones for other keys. Payload bytes are always staged on the
-CPU, so the same code serves CPU and CUDA tensors; collectives on CUDA tensors
-return their results on the tensor's device (the bytes cross gloo, not nccl).
+messages. Each message is a run of gloo sends on one tag, which gloo delivers in
+order per peer: a fixed header ``int64[5 + 64] = (epoch, seq, phase, n_frames,
+payload_bytes, frame lengths...)`` then one ``uint8`` tensor per non-empty frame,
+sent without a copy when the frame is writable (payload buffers are). A receiver
+reads messages from a peer in order and buffers the ones for other keys. Payload
+bytes are always staged on the CPU, so the same code serves CPU and CUDA tensors;
+collectives on CUDA tensors return their results on the tensor's device (the
+bytes cross gloo, not nccl).
 
 torch.distributed cannot continue after a rank dies, so this backend supports
 ``on_failure="raise"`` only: a closed connection raises ``PeerLost`` naming the
@@ -40,7 +41,7 @@ from lowband.transport._stats import CommStats
 __all__ = ["TorchCarrier", "open_carrier"]
 
 log = logging.getLogger(__name__)
-_HEAD = 6
+_HEAD = 5  # epoch, seq, phase, n_frames, payload_bytes; then MAX_FRAMES frame lengths
 _TAG = 0
 #: Largest message a peer may announce (frames plus lengths), 16 GiB.
 MAX_MESSAGE_BYTES = 1 << 34
@@ -66,7 +67,7 @@ class TorchCarrier:
         else:
             opts._devices = [dist.ProcessGroupGloo.create_default_device()]
         self.pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
-        self._pending: list[tuple[Any, int, torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[Any, int, torch.Tensor]] = []
         self._inbox: dict[tuple[int, Key], tuple[int, list[Frame]]] = {}
         self._floor = 0
         self._lost: set[int] = set()
@@ -77,28 +78,23 @@ class TorchCarrier:
         self._check(peer)
         if peer in self._lost:
             raise PeerLost(f"peer {peer} was lost", peers=(peer,))
-        views = [np.frombuffer(f, dtype=np.uint8) for f in frames]
-        lengths = [v.size for v in views]
-        data = torch.empty(8 * len(lengths) + sum(lengths), dtype=torch.uint8)
-        raw = data.numpy()
-        raw[: 8 * len(lengths)] = np.asarray(lengths, dtype="<i8").view(np.uint8)
-        off = 8 * len(lengths)
-        for v in views:
-            raw[off : off + v.size] = v
-            off += v.size
-        head = torch.tensor([*key, len(lengths), data.numel(), payload_bytes], dtype=torch.int64)
+        if len(frames) > MAX_FRAMES:
+            raise TransportError(f"a message has at most {MAX_FRAMES} frames, got {len(frames)}")
+        tensors = [_as_tensor(f) for f in frames]
+        head = torch.zeros(_HEAD + MAX_FRAMES, dtype=torch.int64)
+        head[:_HEAD] = torch.tensor([*key, len(tensors), payload_bytes], dtype=torch.int64)
+        head[_HEAD : _HEAD + len(tensors)] = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
         with self._lock:
             self._reap()
             try:
-                w1 = self.pg.send([head], peer, _TAG)
-                w2 = self.pg.send([data], peer, _TAG) if data.numel() else None
+                self._pending.append((self.pg.send([head], peer, _TAG), peer, head))
+                for t in tensors:
+                    if t.numel():
+                        self._pending.append((self.pg.send([t], peer, _TAG), peer, t))
             except RuntimeError as e:
                 self._lost.add(peer)
                 raise PeerLost(f"peer {peer}: {e}", peers=(peer,)) from None
-            self._pending.append((w1, peer, head, data))
-            if w2 is not None:
-                self._pending.append((w2, peer, head, data))
-        self.stats.count_send(peer, payload_bytes, 8 * _HEAD + data.numel())
+        self.stats.count_send(peer, payload_bytes, head.nbytes + sum(t.numel() for t in tensors))
 
     def _reap(self) -> None:
         self._pending = [p for p in self._pending if not p[0].is_completed()]
@@ -130,26 +126,22 @@ class TorchCarrier:
             raise PeerLost(f"peer {peer}: {e}", peers=(peer,)) from None
 
     def _read(self, peer: int, timeout: float | None) -> tuple[Key, int, list[Frame]]:
-        head = torch.empty(_HEAD, dtype=torch.int64)
+        head = torch.empty(_HEAD + MAX_FRAMES, dtype=torch.int64)
         self._wait(self.pg.recv([head], peer, _TAG), peer, timeout)
-        epoch, seq, phase, nframes, nbytes, payload_bytes = (int(v) for v in head.tolist())
-        if not (0 <= nframes <= MAX_FRAMES and 8 * nframes <= nbytes <= MAX_MESSAGE_BYTES and payload_bytes >= 0):
+        values = head.tolist()
+        epoch, seq, phase, nframes, payload_bytes = values[:_HEAD]
+        lengths = values[_HEAD : _HEAD + max(0, min(nframes, MAX_FRAMES))]
+        if not (0 <= nframes <= MAX_FRAMES and payload_bytes >= 0 and min(lengths, default=0) >= 0
+                and sum(lengths) <= MAX_MESSAGE_BYTES):
             self._lost.add(peer)
-            raise TransportError(f"peer {peer} sent a malformed header {head.tolist()}")
-        data = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            self._wait(self.pg.recv([data], peer, _TAG), peer, timeout)
-        lengths = data[: 8 * nframes].view(torch.int64).tolist() if nframes else []
-        if any(n < 0 for n in lengths) or 8 * nframes + sum(lengths) != nbytes:
-            self._lost.add(peer)
-            raise TransportError(f"peer {peer} sent frame lengths {lengths} that do not add up to {nbytes}")
-        view = memoryview(data.numpy())
+            raise TransportError(f"peer {peer} sent a malformed header {values[:_HEAD]}, lengths {lengths}")
         frames: list[Frame] = []
-        off = 8 * nframes
         for n in lengths:
-            frames.append(view[off : off + n])
-            off += n
-        self.stats.count_recv(peer, payload_bytes, 8 * _HEAD + nbytes)
+            t = torch.empty(n, dtype=torch.uint8)
+            if n:
+                self._wait(self.pg.recv([t], peer, _TAG), peer, timeout)
+            frames.append(memoryview(t.numpy()))
+        self.stats.count_recv(peer, payload_bytes, head.nbytes + sum(lengths))
         return (epoch, seq, phase), payload_bytes, frames
 
     def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
@@ -173,7 +165,7 @@ class TorchCarrier:
         # Let queued sends reach live peers (one may still be reading them), for a bounded time.
         deadline = time.monotonic() + min(self.peer_timeout, CLOSE_FLUSH_SECONDS)
         with self._lock:
-            for work, peer, _, _ in self._pending:
+            for work, peer, _ in self._pending:
                 left = deadline - time.monotonic()
                 if peer in self._lost or left <= 0:
                     continue
@@ -189,6 +181,14 @@ class TorchCarrier:
             raise TransportError("the carrier is closed")
         if not 0 <= peer < self.world_size or peer == self.rank:
             raise ConfigError(f"peer {peer} is not another rank of a group of {self.world_size}")
+
+
+def _as_tensor(frame: Frame) -> torch.Tensor:
+    """A uint8 tensor over the frame's bytes: zero-copy when writable, else a copy."""
+    mv = memoryview(frame).cast("B")
+    if mv.readonly:
+        return torch.from_numpy(np.frombuffer(mv, dtype=np.uint8).copy())
+    return torch.from_numpy(np.frombuffer(mv, dtype=np.uint8))
 
 
 def _is_loopback(host: str) -> bool:

@@ -110,6 +110,12 @@ class Group:
         self.epoch = 0
         self.participants: tuple[int, ...] = tuple(range(carrier.world_size))
         self._seq = 0
+        #: The commit key that admitted this rank into a running group (None: there from the start).
+        self.joined_at = getattr(carrier, "joined_at", None)
+        if self.joined_at is not None:
+            self.epoch = int(carrier.membership_epoch)  # type: ignore[attr-defined]
+            self._seq = int(self.joined_at[1])
+            self.participants = tuple(carrier.members)  # type: ignore[attr-defined]
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -317,15 +323,28 @@ class Group:
             committed = tuple(self.carrier.commit((self.epoch, seq, COMMIT_PHASE), sorted(alive)))
             if self.rank not in committed:
                 raise PeerLost(f"rank {self.rank} was dropped from the group at epoch {self.epoch}", peers=(self.rank,))
-            if committed == rnd.participants and ok:
-                return result, committed
-            if committed == rnd.participants:
+            changed = committed != rnd.participants
+            members = tuple(getattr(self.carrier, "members", committed))
+            epoch = getattr(self.carrier, "membership_epoch", None)
+            if epoch is None:  # a carrier without membership: count epochs here
+                epoch = self.epoch
+            if changed:  # a retry never reuses the keys of the attempt it replaces
+                epoch = max(int(epoch), self.epoch + 1)
+            if ok and not changed:
+                self._enter(int(epoch), members)
+                return result, committed  # type: ignore[return-value]
+            if not changed:
                 raise TransportError(f"collective {seq} failed but the participant set did not change")
             lost = sorted(set(rnd.participants) - set(committed))
-            log.warning("rank %d: dropping ranks %s, epoch %d -> %d", self.rank, lost, self.epoch, self.epoch + 1)
-            self.epoch += 1
-            self.participants = committed
-            self.carrier.forget(self.epoch)
+            log.warning("rank %d: dropping ranks %s, collective %d runs again at epoch %d", self.rank, lost, seq, epoch)
+            self._enter(int(epoch), committed)
+
+    def _enter(self, epoch: int, participants: tuple[int, ...]) -> None:
+        if participants != self.participants:
+            log.info("rank %d: epoch %d, participants %s", self.rank, epoch, participants)
+        if epoch != self.epoch:
+            self.carrier.forget(epoch)
+        self.epoch, self.participants = epoch, participants
 
 
 def _resolve_codec(codec: Codec | str | None, ef: ErrorFeedback | None) -> Codec | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -267,3 +269,24 @@ def test_robust_rules_resist_one_hostile_peer_of_eight(op, codec):
     assert float((plain[0] - truth).abs().max()) > 5  # the plain mean is ruined
     tol = 0.2 if op != "norm_clip" else 0.4  # norm_clip still admits one clipped (flipped) peer
     assert float((robust[0] - truth).abs().max()) < tol, op
+
+
+def test_restarted_peer_rejoins_at_the_next_epoch():
+    def fn(group, tg):
+        if group.rank == 3:  # restarted: no state but its rank
+            g = tg.rejoin(3)
+            return g.all_reduce(torch.full((8,), 4.0), op="sum").wait(), g.participants, g.epoch
+        for _ in range(500):  # the survivors keep training until the joiner is admitted
+            group.all_reduce(torch.ones(8)).wait()
+            if 3 in group.participants:
+                break
+            time.sleep(0.01)
+        out = group.all_reduce(torch.full((8,), float(group.rank + 1)), op="sum").wait()
+        return out, group.participants, group.epoch
+
+    with ThreadGroup(4, on_failure="drop") as tg:
+        tg.kill(3)
+        results = tg.run(fn, tg, timeout=60)
+    for out, participants, epoch in results:
+        assert torch.equal(out, torch.full((8,), 10.0))
+        assert participants == (0, 1, 2, 3) and epoch == results[0][2] == 2
