@@ -54,7 +54,8 @@ __all__ = [
     "encode_exact",
     "encode_lossy",
     "fingerprint",
-    "presum",
+    "apply_with_undo",
+    "undo_op",
 ]
 
 _NP_INT = {
@@ -189,9 +190,10 @@ class Op:
     pos: np.ndarray | None = None
     values: np.ndarray | None = None
     payload: Payload | None = None
-    #: The chunk's lb64 once applied on top of sequence number ``base`` (precomputed), if known.
+    #: Set while the op is applied ahead of its commit: the chunk's lb64 after it, and
+    #: what it overwrote (old bits at ``pos``, or the whole old chunk).
     sum_after: int | None = None
-    base: int = -1
+    undo: np.ndarray | torch.Tensor | None = None
 
 
 def decode_op(h: Header, frames: list, wire: torch.dtype, n: int, codec: Codec | None) -> Op:
@@ -257,18 +259,26 @@ def apply_op(op: Op, target: torch.Tensor, wire: torch.dtype, codec: Codec | Non
         target[torch.from_numpy(op.pos)] = vals
 
 
-def presum(
-    op: Op, src: torch.Tensor, scratch: torch.Tensor, wire: torch.dtype, codec: Codec | None
-) -> None:
-    """Set ``op.sum_after``: the lb64 ``src`` (a chunk) will have once ``op`` is applied.
+def apply_with_undo(op: Op, target: torch.Tensor, wire: torch.dtype, codec: Codec | None) -> int:
+    """Apply ``op`` to ``target`` now, keeping what it overwrote; the bytes kept.
 
-    Works on a copy in ``scratch`` (at least the chunk's length, dtype ``wire``), so
-    ``src`` is untouched until the whole version is in.
+    Sets ``op.sum_after`` (the chunk's lb64 afterwards) so that committing the version
+    costs nothing more; :func:`undo_op` puts the chunk back if the version never
+    completes.
     """
-    out = scratch[: src.numel()]
-    if src.dtype == wire:
-        np.copyto(bits(out), bits(src))
+    if op.pos is not None and target.dtype == wire:
+        op.undo = bits(target)[op.pos]  # fancy indexing copies
     else:
-        out.copy_(src)
-    apply_op(op, out, wire, codec)
-    op.sum_after = chunk_sum(out)
+        op.undo = target.clone()
+    apply_op(op, target, wire, codec)
+    op.sum_after = chunk_sum(target if target.dtype == wire else target.to(wire))
+    return int(op.undo.nbytes)
+
+
+def undo_op(op: Op, target: torch.Tensor) -> None:
+    """Restore what :func:`apply_with_undo` overwrote."""
+    if isinstance(op.undo, np.ndarray):
+        bits(target)[op.pos] = op.undo
+    elif op.undo is not None:
+        target.copy_(op.undo)
+    op.undo, op.sum_after = None, None

@@ -34,6 +34,9 @@ class Pending:
     version: int = 0
     finger: int = 0
     bad: bool = False
+    #: Ops applied to the model ahead of the commit (in order), and the bytes their undo keeps.
+    applied: list[Op] = field(default_factory=list)
+    undo_bytes: int = 0
 
     def add_chunk(self, h: Header, op: Op, limit: int) -> None:
         if h.a >= limit or h.a in self.chunks or (self.count is not None and h.a >= self.count):

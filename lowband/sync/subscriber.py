@@ -20,7 +20,16 @@ import zmq
 
 from lowband.compress import Codec, parse
 from lowband.errors import CodecError, CollectiveTimeout, ConfigError, ConfigMismatch
-from lowband.sync._delta import Op, apply_op, bits, chunk_sum, decode_op, fingerprint, presum
+from lowband.sync._delta import (
+    Op,
+    apply_op,
+    apply_with_undo,
+    bits,
+    chunk_sum,
+    decode_op,
+    fingerprint,
+    undo_op,
+)
 from lowband.sync._model import check_manifest, named_tensors
 from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint, to_key
 from lowband.sync._staging import Pending, Snapshot, mark_lost
@@ -59,6 +68,8 @@ class WeightSubscriber:
         window: snapshot chunks requested at once.
         retry_s: seconds before an unanswered request is sent again.
         max_message_bytes: largest message frame accepted from the publisher.
+        undo_budget: bytes of overwritten values kept per version while it is applied
+            ahead of its commit; chunks past it are applied at the commit instead.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class WeightSubscriber:
         window: int = 8,
         retry_s: float = 5.0,
         max_message_bytes: int = 1 << 33,
+        undo_budget: int = 1 << 28,
     ) -> None:
         if max_pending < 1 or window < 1 or retry_s <= 0:
             raise ConfigError("max_pending and window must be >= 1, retry_s > 0")
@@ -81,6 +93,7 @@ class WeightSubscriber:
         if security is not None and self._server_key is None:
             raise ConfigError("security is set: pass server_key, the publisher's public CURVE key")
         self.max_pending, self.window, self.retry_s = max_pending, window, retry_s
+        self.undo_budget = int(undo_budget)
         self._max_msg = int(max_message_bytes)
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
@@ -116,6 +129,8 @@ class WeightSubscriber:
         self.versions_applied = 0
         #: Applied versions (or snapshots) whose fingerprint did not match the publisher's.
         self.fingerprint_mismatches = 0
+        #: Chunks applied ahead of their version's commit and then undone (it was incomplete).
+        self.rolled_back = 0
         #: Bytes of every frame received from the publisher.
         self.bytes_received = 0
         self._send_hello()
@@ -143,15 +158,18 @@ class WeightSubscriber:
         newer version is applied; raises :class:`CollectiveTimeout` when it is not.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._pump(50 if block else 0)
-            v = self._advance()
-            if v is not None or not block:
-                return v
-            if deadline is not None and time.monotonic() > deadline:
-                raise CollectiveTimeout(
-                    f"no new weight version from {self._ep.url()} within {timeout} s"
-                )
+        try:
+            while True:
+                self._pump(50 if block else 0)
+                v = self._advance()
+                if v is not None or not block:
+                    return v
+                if deadline is not None and time.monotonic() > deadline:
+                    raise CollectiveTimeout(
+                        f"no new weight version from {self._ep.url()} within {timeout} s"
+                    )
+        finally:
+            self._rollback()  # a version still in flight leaves the model as it was
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -228,6 +246,7 @@ class WeightSubscriber:
         if p is None:
             p = self._pending[h.seq] = Pending(h.seq, len(m.ports))
             while len(self._pending) > self.max_pending:  # the oldest goes; the gap forces a resync
+                self._rollback(min(self._pending))
                 del self._pending[min(self._pending)]
         if h.kind == COMMIT:
             p.add_commit(h, self._limit)
@@ -241,21 +260,32 @@ class WeightSubscriber:
         except CodecError:
             p.bad = True
             raise
-        if self._snap is None and self._seq > 0 and h.seq == self._seq + 1:
-            self._presum(op)
         p.add_chunk(h, op, self._limit)
+        ahead = self._snap is None and self._seq > 0 and h.seq == self._seq + 1
+        if ahead and not p.bad and p.chunks.get(h.a) is op and p.undo_bytes < self.undo_budget:
+            # Apply now, while the rest of the version is still arriving, keeping what it
+            # overwrote: the commit then costs nothing, and update() undoes it if the
+            # version is still incomplete when it returns.
+            with torch.no_grad():
+                p.undo_bytes += apply_with_undo(
+                    op, self._targets[h.tensor][lo:hi], spec.dtype, self._codec
+                )
+            p.applied.append(op)
 
-    def _presum(self, op: Op) -> None:
-        """Work out the chunk's checksum after ``op`` now, while the rest of the version
-        is still arriving, so the commit only has to apply (see :func:`presum`)."""
+    def _rollback(self, seq: int | None = None) -> None:
+        """Undo the ops applied ahead of version ``seq`` (default: the next one)."""
+        p = self._pending.get(self._seq + 1 if seq is None else seq)
+        if p is None or not p.applied:
+            return
         m = self._manifest
         assert m is not None
-        lo, hi = m.chunk_range(op.tensor, op.chunk)
-        wire = m.tensors[op.tensor].dtype
-        if wire not in self._scratch:
-            self._scratch[wire] = torch.empty(m.chunk_elems, dtype=wire)
-        presum(op, self._targets[op.tensor][lo:hi], self._scratch[wire], wire, self._codec)
-        op.base = self._seq
+        with torch.no_grad():
+            for op in reversed(p.applied):
+                lo, hi = m.chunk_range(op.tensor, op.chunk)
+                undo_op(op, self._targets[op.tensor][lo:hi])
+        self.rolled_back += len(p.applied)
+        p.applied.clear()
+        p.undo_bytes = 0
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -267,7 +297,6 @@ class WeightSubscriber:
         except ValueError as e:
             raise ConfigMismatch(f"publisher uses codec {m.codec!r}, unknown here: {e}") from None
         self._manifest = m
-        self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._limit = sum(m.chunks(i) for i in range(len(m.tensors)))
         self._targets = [self._tensors[s.name].detach().view(-1) for s in m.tensors]
         self._sums = [np.zeros(m.chunks(i), dtype=np.uint64) for i in range(len(m.tensors))]
@@ -295,6 +324,7 @@ class WeightSubscriber:
 
     def _start_snapshot(self) -> None:
         assert self._manifest is not None
+        self._rollback()
         self._waiting_first = False
         self.snapshots += 1
         self._snap = Snapshot(self._manifest, window=self.window)
@@ -336,13 +366,14 @@ class WeightSubscriber:
         touched: dict[tuple[int, int], list[Op]] = {}
         with torch.no_grad():
             for _, op in self._ops(seqs):
-                lo, hi = m.chunk_range(op.tensor, op.chunk)
-                target = self._targets[op.tensor][lo:hi]
-                apply_op(op, target, m.tensors[op.tensor].dtype, self._codec)
+                if op.undo is None:  # not applied ahead
+                    lo, hi = m.chunk_range(op.tensor, op.chunk)
+                    target = self._targets[op.tensor][lo:hi]
+                    apply_op(op, target, m.tensors[op.tensor].dtype, self._codec)
                 touched.setdefault((op.tensor, op.chunk), []).append(op)
         for (t, c), chunk_ops in touched.items():
             op = chunk_ops[0]
-            if len(chunk_ops) == 1 and op.sum_after is not None and op.base == self._seq:
+            if len(chunk_ops) == 1 and op.sum_after is not None:
                 self._sums[t][c] = op.sum_after
             else:
                 lo, hi = m.chunk_range(t, c)

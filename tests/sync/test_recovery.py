@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 import torch
@@ -71,6 +72,29 @@ def test_dropped_message_recovers_by_snapshot() -> None:
         assert same_bits(model, replica)
         assert sub.snapshots == snaps + 1
         assert sub.fingerprint == pub.fingerprint
+
+
+def test_incomplete_version_is_never_half_applied() -> None:
+    model = {f"t{i}": torch.randn(256) for i in range(4)}
+    replica = zeros_like(model)
+    with pair(model, replica, streams=2, chunk_elems=64, heartbeat_s=60) as (pub, sub):
+        before = {k: v.clone() for k, v in replica.items()}
+        sub._subs[1].setsockopt(zmq.UNSUBSCRIBE, b"")  # half of every version now goes missing
+        for t in model.values():
+            t.add_(1.0)
+        pub.publish()
+        for _ in range(20):  # stream 0's chunks arrive and are applied ahead, then undone
+            assert sub.update() is None
+            assert same_bits(before, replica)
+            if sub.rolled_back:
+                break
+            time.sleep(0.05)
+        assert sub.rolled_back > 0
+        sub._subs[1].setsockopt(zmq.SUBSCRIBE, b"")
+        model["t0"][0] = 5.0
+        v = pub.publish().version  # the gap is seen: snapshot
+        assert sub.update(block=True, timeout=TIMEOUT) == v
+        assert same_bits(model, replica)
 
 
 def test_lost_last_version_noticed_by_heartbeat() -> None:
