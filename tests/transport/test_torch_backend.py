@@ -138,7 +138,8 @@ def test_handshake_mismatch_fails_clearly(process_pool, tcp_store):
         assert "config.shapes" in str(e) and "[9]" in str(e)
 
 
-@pytest.mark.parametrize("victim", [0, 2])
+# rank 0 is the interesting victim (nothing may depend on it); the ZeroMQ tests kill others.
+@pytest.mark.parametrize("victim", [0])
 def test_kill_9_mid_collective_raises_peer_lost(process_pool, tcp_store, victim):
     _, addr = tcp_store
     results = process_pool.run(3, killed_mid_collective, addr, victim, timeout=90, return_exceptions=True)
