@@ -142,8 +142,8 @@ class Group:
         self,
         tensor: torch.Tensor,
         codec: Codec | str | None = None,
-        op: str = "mean",
         *,
+        op: str = "mean",
         error_feedback: ErrorFeedback | None = None,
         key: str = "",
     ) -> Work[torch.Tensor]:
