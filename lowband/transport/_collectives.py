@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowband.errors import CodecError, PeerLost, TransportError
+from lowband.errors import CodecError, CollectiveTimeout, PeerLost, TransportError
 from lowband.transport._carrier import Carrier, Frame
 
 if TYPE_CHECKING:
@@ -98,7 +98,11 @@ class Round:
 
     def recv(self, peer: int, phase: int) -> tuple[bytes, list[Frame]]:
         """The control bytes after the kind byte, and the payload frames."""
-        frames = self.carrier.recv(peer, (self.epoch, self.seq, phase), timeout=self.timeout)
+        try:
+            frames = self.carrier.recv(peer, (self.epoch, self.seq, phase), timeout=self.timeout)
+        except CollectiveTimeout:
+            # alive but silent past the group's timeout: a stalled or hostile peer; treat it as lost
+            raise PeerLost(f"peer {peer} sent nothing for {self.timeout}s", peers=(peer,)) from None
         if not frames or len(frames[0]) < 1:
             raise TransportError(f"peer {peer} sent a message without its control frame")
         head = bytes(frames[0])

@@ -89,7 +89,8 @@ class Group:
     """A set of ranks that run collectives together over one :class:`Carrier`.
 
     Build one with :func:`lowband.init_group` (or ``lowband.testing.ThreadGroup``).
-    ``timeout`` bounds each receive (None: rely on the carrier's ``peer_timeout``);
+    ``timeout`` bounds each receive: a peer silent that long is treated as lost even if
+    its heartbeats still arrive (None: rely on the carrier's ``peer_timeout`` alone);
     ``max_payload_bytes`` caps what a peer may make this rank accept in one message.
     """
 

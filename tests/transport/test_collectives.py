@@ -290,3 +290,18 @@ def test_restarted_peer_rejoins_at_the_next_epoch():
     for out, participants, epoch in results:
         assert torch.equal(out, torch.full((8,), 10.0))
         assert participants == (0, 1, 2, 3) and epoch == results[0][2] == 2
+
+
+def test_drop_mode_cuts_off_a_peer_that_sends_junk():
+    def fn(group):
+        if group.rank == 1:  # hostile: junk to rank 0, nothing to anyone else, never commits
+            group.carrier.send(0, (0, 1, 0), [b"\x00", b"LBND junk"], payload_bytes=9)
+            return None
+        w = group.all_reduce(torch.full((3 * SHARD_ALIGN,), float(group.rank)), codec="q8", op="sum")
+        return w.wait(), w.participants
+
+    with ThreadGroup(3, on_failure="drop", timeout=2.0) as tg:
+        results = tg.run(fn, timeout=60)
+    (out0, parts0), (out2, parts2) = results[0], results[2]
+    assert parts0 == parts2 == (0, 2)
+    assert torch.equal(out0, out2) and torch.allclose(out0, torch.full_like(out0, 2.0), atol=0.02)
