@@ -129,6 +129,11 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
+    try:  # endpoints inherit it: other users' load on a shared machine stays out of the figures
+        os.nice(-10)
+        niceness = "nice -10"
+    except OSError:
+        niceness = "normal priority"
     ok, why = netns_available()
     modes = ["netns", "proxy"] if ok else ["proxy"]
     if not ok:
@@ -136,7 +141,8 @@ def main() -> int:
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs, "
         f"tcp_wmem={open('/proc/sys/net/ipv4/tcp_wmem').read().split()}, "
-        f"cc={open('/proc/sys/net/ipv4/tcp_congestion_control').read().strip()}\n"
+        f"cc={open('/proc/sys/net/ipv4/tcp_congestion_control').read().strip()}, {niceness}, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
     )
     t0 = time.monotonic()
     result: dict = {"table": table(QUICK if args.quick else FULL, modes)}

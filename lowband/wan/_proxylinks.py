@@ -11,7 +11,7 @@ import sys
 import tempfile
 from typing import Any
 
-from lowband.errors import BackendUnavailable
+from lowband.errors import BackendUnavailable, ConfigError
 from lowband.wan.addressing import control_request
 from lowband.wan.topology import Topology
 
@@ -38,6 +38,10 @@ class ProxyLinks:
     """Runs the relay (``python -m lowband.wan._proxy``) and forwards controls to it."""
 
     def __init__(self, topology: Topology, *, window: int | None = None, seed: int = 0) -> None:
+        if topology.loss:
+            raise ConfigError(
+                f"loss={topology.loss} needs netns mode: a TCP relay cannot lose bytes of a stream"
+            )
         self.topology = topology
         self.window = window if window is not None else default_window()
         self.seed = seed

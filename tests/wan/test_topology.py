@@ -56,6 +56,8 @@ def test_topology_rejects_bad_shapes_and_values() -> None:
 
 def test_emulator_rejects_bad_mode_and_window() -> None:
     t = Topology.uniform(2, rate="1mbit", rtt="10ms")
+    with pytest.raises(ConfigError, match="netns"):
+        LinkEmulator(Topology.uniform(2, rate="1mbit", rtt="10ms", loss=0.01), mode="proxy")
     with pytest.raises(ConfigError, match="mode"):
         LinkEmulator(t, mode="tunnel")
     with pytest.raises(ConfigError, match="window"):
