@@ -82,11 +82,13 @@ static void lut_init(void) {
 }
 
 #if LB_X86
-LB_AVX2 static int tile_load_avx2(const tctx *c, int64_t lo, int64_t len, float *vals, uint32_t *keys, int64_t *done) {
+LB_AVX2 static int tile_load_avx2(const tctx *c, int64_t lo, int64_t len, float *vals, uint32_t *keys, uint32_t guess,
+                                  int32_t *cidx, int64_t *nc_out, int64_t *done) {
     const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i thr = _mm256_set1_epi32((int)guess - 1);
     __m256i worst = _mm256_setzero_si256();
     const __m256 dec = _mm256_set1_ps(c->decay);
-    int64_t i = 0;
+    int64_t i = 0, nc = 0;
     for (; i + 8 <= len; i += 8) {
         __m256 v = lb_load8(c->x, c->dtype, lo + i);
         if (c->res) {
@@ -95,25 +97,34 @@ LB_AVX2 static int tile_load_avx2(const tctx *c, int64_t lo, int64_t len, float 
             v = _mm256_add_ps(v, r);
             _mm256_storeu_ps(c->res + lo + i, v);
         }
-        _mm256_storeu_ps(vals + i, v);
+        if (vals) _mm256_storeu_ps(vals + i, v);
         __m256i key = _mm256_and_si256(_mm256_castps_si256(v), absmask);
         _mm256_storeu_si256((__m256i *)(keys + i), key);
         worst = _mm256_max_epu32(worst, key);
+        if (cidx) { /* fused first filter, against the previous tile's threshold */
+            unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, thr)));
+            __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)lb_lut[m]));
+            _mm256_storeu_si256((__m256i *)(cidx + nc), _mm256_add_epi32(perm, _mm256_set1_epi32((int)i)));
+            nc += __builtin_popcount(m);
+        }
     }
     *done = i;
+    *nc_out = nc;
     const __m256i big = _mm256_set1_epi32(0x7F7FFFFF); /* largest finite magnitude */
     return _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_max_epu32(worst, big), big)) != -1;
 }
 #endif
 
-/* Sweep 1: v into vals (and the residual), |v| bits into keys; returns nonzero on NaN/Inf. */
-static int tile_load(const tctx *c, int64_t lo, int64_t len, float *vals, uint32_t *keys) {
+/* Sweep 1: v into vals (unless NULL: x itself holds v) and the residual, |v| bits
+ * into keys; with cidx, also the positions whose key reaches guess (count in *nc).
+ * Returns nonzero on NaN/Inf. */
+static int tile_load(const tctx *c, int64_t lo, int64_t len, float *vals, uint32_t *keys, uint32_t guess, int32_t *cidx,
+                     int64_t *nc) {
     uint32_t worst = 0;
-    int64_t i = 0;
+    int64_t i = 0, n = 0;
 #if LB_X86
     if (lb_has_avx2()) {
-        int bad = tile_load_avx2(c, lo, len, vals, keys, &i);
-        if (bad) worst = 0x7F800000u;
+        if (tile_load_avx2(c, lo, len, vals, keys, guess, cidx, &n, &i)) worst = 0x7F800000u;
     }
 #endif
     for (; i < len; i++) {
@@ -122,11 +133,16 @@ static int tile_load(const tctx *c, int64_t lo, int64_t len, float *vals, uint32
             v = c->decay != 1.0f ? v + c->res[lo + i] * c->decay : v + c->res[lo + i];
             c->res[lo + i] = v;
         }
-        vals[i] = v;
+        if (vals) vals[i] = v;
         uint32_t key = lb_f32_to_bits(v) & 0x7FFFFFFFu;
         keys[i] = key;
         worst = key > worst ? key : worst;
+        if (cidx) {
+            cidx[n] = (int32_t)i;
+            n += key >= guess;
+        }
     }
+    if (nc) *nc = n;
     return worst >= 0x7F800000u;
 }
 
@@ -236,11 +252,16 @@ static uint32_t sampled_threshold(scratch *s, int64_t len, int64_t m) {
  * quickselect over the few candidates is exact. t comes from the previous tile
  * (which usually has the same distribution), else from a sample, else the
  * histogram decides. */
-static uint64_t tile_threshold(scratch *s, int64_t len, int64_t m, uint64_t last) {
+static uint64_t tile_threshold(scratch *s, int64_t len, int64_t m, uint64_t last, int64_t prefiltered) {
     if (len >= 1024 && 8 * m <= len) {
         for (int attempt = 0; attempt < 2; attempt++) {
-            if (attempt == 1 || !s->have_guess) s->guess = sampled_threshold(s, len, m);
-            int64_t nc = filter(s->keys, len, s->guess, s->cidx);
+            int64_t nc;
+            if (attempt == 0 && prefiltered >= 0) {
+                nc = prefiltered; /* the load sweep already filtered against the guess */
+            } else {
+                if (attempt == 1 || !s->have_guess) s->guess = sampled_threshold(s, len, m);
+                nc = filter(s->keys, len, s->guess, s->cidx);
+            }
             if (nc >= m && nc <= 8 * m + 64) {
                 make_composite(s, nc, last);
                 uint64_t kth = kth_largest(s->cand, nc, m, s->tmp);
@@ -263,25 +284,31 @@ static void topk_tile(const tctx *c, int64_t t, scratch *s, int *bad) {
     int64_t per = c->k < c->tile ? c->k : c->tile;
     int32_t *io = c->idx_out + t * per;
     float *vo = c->val_out + t * per;
-    if (tile_load(c, lo, len, s->vals, s->keys)) *bad = 1;
+    /* fp32 input without a residual: x already holds v, no copy */
+    int direct = c->dtype == LB_F32 && !c->res;
+    const float *vals = direct ? (const float *)c->x + lo : s->vals;
+    int fuse = s->have_guess && len >= 1024 && 8 * m <= len && m < len;
+    int64_t pre = -1;
+    if (tile_load(c, lo, len, direct ? NULL : s->vals, s->keys, s->guess, fuse ? s->cidx : NULL, fuse ? &pre : NULL))
+        *bad = 1;
     if (m == len) {
         for (int64_t i = 0; i < len; i++) {
             io[i] = (int32_t)i;
-            vo[i] = s->vals[i];
+            vo[i] = vals[i];
         }
         return;
     }
     const uint64_t last = (uint64_t)(c->tile - 1);
-    uint64_t kth = tile_threshold(s, len, m, last);
+    uint64_t kth = tile_threshold(s, len, m, last, pre);
     uint32_t kb = (uint32_t)(kth >> 16);
     int64_t ilim = (int64_t)last - (int64_t)(kth & 0xFFFFu);
     int64_t j = 0, i = 0;
 #if LB_X86
-    if (lb_has_avx2()) j = emit_avx2(s->keys, s->vals, len, kb, ilim, s->sel_i, s->sel_v, &i);
+    if (lb_has_avx2()) j = emit_avx2(s->keys, vals, len, kb, ilim, s->sel_i, s->sel_v, &i);
 #endif
     for (; i < len; i++) {
         s->sel_i[j] = (int32_t)i;
-        s->sel_v[j] = s->vals[i];
+        s->sel_v[j] = vals[i];
         j += s->keys[i] > kb || (s->keys[i] == kb && i <= ilim);
     }
     memcpy(io, s->sel_i, sizeof(int32_t) * (size_t)m);
@@ -316,7 +343,7 @@ int lb_topk_tiles(const void *x, int dtype, float *res, float decay, int64_t n, 
                 topk_tile(&c, t, &s, &bad);
             } else { /* nothing selected, but the residual still takes v */
                 int64_t lo = t * tile, len = n - lo < tile ? n - lo : tile;
-                bad |= tile_load(&c, lo, len, s.vals, s.keys);
+                bad |= tile_load(&c, lo, len, NULL, s.keys, 0, NULL, NULL);
             }
         }
         free(s.vals);
