@@ -5,7 +5,9 @@ its own model (names, shapes, dtypes), subscribes to the update streams, then
 fetches a snapshot chunk by chunk and replays the buffered versions onto it
 (the "Clone" pattern; see :mod:`lowband.sync.publisher`). After that each
 :meth:`WeightSubscriber.update` applies every complete version in sequence and
-checks the fingerprint. A gap in the sequence (a late join, a dropped message,
+checks the fingerprint; chunks of the next version are applied as they arrive
+with an undo log, and rolled back if the version is still incomplete when
+``update()`` returns. A gap in the sequence (a late join, a dropped message,
 a queue that overflowed) or a fingerprint mismatch starts a new snapshot.
 """
 
