@@ -254,3 +254,26 @@ def test_is_a_real_optimizer_sharing_inner_state() -> None:
         assert loss is not None
 
     run_ranks(1, run)
+
+
+def test_q4_reduction_is_quantized_in_both_phases() -> None:
+    """Per sync each of 2 peers sends half the values to the shard owner and gets half
+    back: at 4 bits both ways that is about P/2 bytes; an fp32 all-gather phase would
+    make it over 2P."""
+    P = 128 * 128
+
+    def run(group):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(128, 128, bias=False)
+        opt = DiLoCo(
+            torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=1, codec="q4"
+        )
+        before = opt.stats.bytes_sent
+        x = torch.randn(4, 128)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        return opt.stats.bytes_sent - before
+
+    for sent in run_ranks(2, run):
+        assert 0.5 * P * 0.5 < sent < 0.7 * P
