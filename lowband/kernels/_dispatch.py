@@ -91,8 +91,8 @@ def _announce(op: str, chosen: str, device: torch.device) -> None:
     if device.type == "cpu" and chosen == "torch":
         log.warning(
             "lowband.kernels: %s runs on the torch reference on CPU because the native kernels are "
-            "unavailable (%s); encode and decode are 5-30x slower. Rebuild with a C compiler: "
-            "pip install -e .",
+            "unavailable (%s): quantize, top-k and checksums run as multi-pass torch ops, several times "
+            "slower (benchmarks/bench_kernels.py --backend torch). Rebuild with a C compiler: pip install -e .",
             op,
             _native.missing_reason(),
         )
