@@ -26,7 +26,6 @@ from lowband.sync._delta import (
     Op,
     apply_op,
     apply_with_undo,
-    bits,
     chunk_sum,
     decode_op,
     fingerprint,
@@ -34,6 +33,7 @@ from lowband.sync._delta import (
 )
 from lowband.sync._model import check_manifest, named_tensors
 from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint, to_key
+from lowband.sync._resync import SnapshotFetch
 from lowband.sync._staging import Pending, Snapshot, mark_lost
 from lowband.sync._wire import (
     CHUNK,
@@ -42,7 +42,6 @@ from lowband.sync._wire import (
     HELLO,
     MANIFEST,
     SNAP_REP,
-    SNAP_REQ,
     Header,
     Manifest,
     pack,
@@ -57,7 +56,7 @@ log = logging.getLogger(__name__)
 _MAX_DRAIN = 100_000  # messages read per poll round, so one call stays bounded
 
 
-class WeightSubscriber:
+class WeightSubscriber(SnapshotFetch):
     """Keep ``model`` equal to a :class:`~lowband.sync.WeightPublisher`'s weights.
 
     Args:
@@ -211,9 +210,6 @@ class WeightSubscriber:
             for key in self._snap.overdue(self.retry_s):
                 self._request(*key)
 
-    def _request(self, t: int, c: int) -> None:
-        self._dealer.send(pack(Header(SNAP_REQ, tensor=t, chunk=c)))
-
     def _on_reply(self, body: list) -> None:
         h = parse_header(body, expect=(MANIFEST, SNAP_REP))
         if h.kind == MANIFEST:
@@ -320,23 +316,6 @@ class WeightSubscriber:
             self._subs.append(s)
             self._poller.register(s, zmq.POLLIN)
 
-    def _wait_first(self) -> None:
-        self._snap = None
-        self._waiting_first = True
-
-    def _start_snapshot(self) -> None:
-        assert self._manifest is not None
-        self._rollback()
-        self._waiting_first = False
-        self.snapshots += 1
-        self._snap = Snapshot(self._manifest, window=self.window)
-        self._send_requests()
-
-    def _send_requests(self) -> None:
-        assert self._snap is not None
-        for key in self._snap.next_requests():
-            self._request(*key)
-
     # -- applying --------------------------------------------------------------------------
 
     def _complete(self, seq: int) -> bool:
@@ -400,51 +379,6 @@ class WeightSubscriber:
         self._seq, self._version, self._finger = seq, version, got
         self.versions_applied += 1
         return version
-
-    def _advance_snapshot(self) -> int | None:
-        snap, m = self._snap, self._manifest
-        assert snap is not None and m is not None
-        if not snap.received:
-            return None
-        lo_seq = snap.min_seq()
-        missing = [s for s in range(lo_seq + 1, snap.s_max + 1) if not self._complete(s)]
-        if missing:  # lost or not yet here: ask again for the chunks that need it
-            n = snap.redo_older_than(max(missing))
-            log.debug(
-                "WeightSubscriber: snapshot needs version(s) %s; refetching %d chunk(s)",
-                missing[:4],
-                n,
-            )
-            self._send_requests()
-            return None
-        target = snap.s_max
-        while self._complete(target + 1):
-            target += 1
-        ops = self._ops(list(range(lo_seq + 1, target + 1)))
-        snap.replay(ops, self._codec)
-        for i, sums in enumerate(snap.sums()):
-            self._sums[i][:] = sums
-        if self._complete(target):
-            version, expected = self._pending[target].version, self._pending[target].finger
-        else:
-            version, expected = snap.fingers[target]
-        got = fingerprint(m.tensors, self._sums)
-        if got != expected:  # the model still holds the last good version; fetch again
-            self.fingerprint_mismatches += 1
-            log.warning(
-                "WeightSubscriber: snapshot fingerprint mismatch at version %d; fetching again",
-                version,
-            )
-            self._start_snapshot()
-            return None
-        self._snap = None
-        with torch.no_grad():
-            for dst, src in zip(self._targets, snap.staged):
-                if dst.dtype == src.dtype:
-                    np.copyto(bits(dst), bits(src))
-                else:
-                    dst.copy_(src)
-        return self._commit(target, version, expected, got)
 
     # -- teardown --------------------------------------------------------------------------
 
