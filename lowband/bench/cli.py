@@ -248,6 +248,66 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     )
     started = time.time()
     load_at_start = list(os.getloadavg())  # other work on the machine slows every method
+
+    def assemble(out: Any, complete: bool) -> dict[str, Any]:
+        """Results of the methods every worker finished; written to results.json."""
+        methods = {
+            m: report.summarize(m, out.results[m], out.curves.get(m, {}), out.link.get(m))
+            for m in args.methods
+            if len(out.results.get(m, {})) == args.workers
+        }
+        for m in methods:
+            methods[m]["settings"] = describe_method(m, train)
+            _check_links_carried(methods[m], out.emulator_mode)
+        report.compare_to_baseline(methods)
+        settings = {
+            "preset": args.preset_name,
+            "workers": args.workers,
+            "bandwidth_bps": args.bandwidth_bps,
+            "bandwidth": format_rate(args.bandwidth_bps),
+            "delay_ms": args.delay_s * 1e3,
+            "jitter_ms": args.jitter_s * 1e3,
+            "emulator_mode": out.emulator_mode,
+            "emulator_note": "netns: real kernel TCP through namespaces, tc tbf and a delay line"
+            if out.emulator_mode == "netns"
+            else "proxy: userspace relay with a sender-window model (no root)",
+            "model": mcfg.as_dict(),
+            "model_spec": args.preset.model,
+            "params": params,
+            "train": asdict(train),
+            "eval": {
+                "every": args.preset.eval_every,
+                "batches": args.preset.eval_batches,
+                "batch_size": args.preset.eval_batch_size,
+            },
+            "seed": args.seed,
+            "threads_per_worker": args.threads,
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": list(os.getloadavg()),
+        }
+        results: dict[str, Any] = {
+            "lowband_version": __version__,
+            "complete": complete,
+            "command": ["lowband", "bench", *argv],
+            "started_unix": started,
+            "elapsed_s": time.time() - started,
+            "settings": settings,
+            "corpus": corpus.describe(),
+            "byte_counters": "payload: frames of payloads (group.stats); transport: all bytes handed to "
+            "ZeroMQ; link: bytes counted by the link emulator on each host's access link. All per "
+            "worker (mean over workers), measured over the training steps only; setup traffic "
+            "(identical-start checks) is reported separately per worker.",
+            "methods": methods,
+            "targets": report.targets(methods, args.preset_name),
+        }
+        if args.link_model:
+            results["projections"] = report.link_projections(
+                methods, measured_bps=args.bandwidth_bps, measured_delay=args.delay_s, params=params
+            )
+        report.write_json(args.out / "results.json", results)
+        return results
+
     out = run_workers(
         {
             "methods": args.methods,
@@ -263,60 +323,10 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
         workers=args.workers,
         link=LinkSettings(args.bandwidth_bps, args.delay_s, args.jitter_s, mode=args.emulator),
         progress=args.progress,
+        on_method_done=lambda partial, _method: assemble(partial, complete=False),
     )
-    methods = {
-        m: report.summarize(m, out.results[m], out.curves.get(m, {}), out.link.get(m))
-        for m in args.methods
-    }
-    for m in methods:
-        methods[m]["settings"] = describe_method(m, train)
-        _check_links_carried(methods[m], out.emulator_mode)
-    report.compare_to_baseline(methods)
-    settings = {
-        "preset": args.preset_name,
-        "workers": args.workers,
-        "bandwidth_bps": args.bandwidth_bps,
-        "bandwidth": format_rate(args.bandwidth_bps),
-        "delay_ms": args.delay_s * 1e3,
-        "jitter_ms": args.jitter_s * 1e3,
-        "emulator_mode": out.emulator_mode,
-        "emulator_note": "netns: real kernel TCP through namespaces, tc tbf and a delay line"
-        if out.emulator_mode == "netns"
-        else "proxy: userspace relay with a sender-window model (no root)",
-        "model": mcfg.as_dict(),
-        "model_spec": args.preset.model,
-        "params": params,
-        "train": asdict(train),
-        "eval": {
-            "every": args.preset.eval_every,
-            "batches": args.preset.eval_batches,
-            "batch_size": args.preset.eval_batch_size,
-        },
-        "seed": args.seed,
-        "threads_per_worker": args.threads,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": load_at_start,
-        "load_average_at_end": list(os.getloadavg()),
-    }
-    results: dict[str, Any] = {
-        "lowband_version": __version__,
-        "command": ["lowband", "bench", *argv],
-        "started_unix": started,
-        "elapsed_s": time.time() - started,
-        "settings": settings,
-        "corpus": corpus.describe(),
-        "byte_counters": "payload: frames of payloads (group.stats); transport: all bytes handed to "
-        "ZeroMQ; link: bytes counted by the link emulator on each host's access link. All per "
-        "worker (mean over workers), measured over the training steps only; setup traffic "
-        "(identical-start checks) is reported separately per worker.",
-        "methods": methods,
-        "targets": report.targets(methods, args.preset_name),
-    }
-    if args.link_model:
-        results["projections"] = report.link_projections(
-            methods, measured_bps=args.bandwidth_bps, measured_delay=args.delay_s, params=params
-        )
-    report.write_json(args.out / "results.json", results)
+    results = assemble(out, complete=True)
+    methods, settings = results["methods"], results["settings"]
     from lowband.bench.plots import plot_loss_vs_bytes, plot_loss_vs_time
 
     plot_loss_vs_bytes(methods, settings, args.out / "loss_vs_bytes.png")

@@ -23,6 +23,7 @@ import selectors
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,10 +122,13 @@ def run_workers(
     link: LinkSettings,
     progress: bool = True,
     start_timeout: float = 300.0,
+    on_method_done: Callable[[RunOutput, str], None] | None = None,
 ) -> RunOutput:
     """Start the emulator, coordinator and ``workers`` processes; train every method; collect.
 
     ``spec_kwargs`` are the :class:`WorkerSpec` fields other than ``world_size`` and ``store``.
+    ``on_method_done(out, method)`` runs as soon as every worker has finished a method (its
+    link bytes included), so a long run keeps the methods it finished if it is stopped later.
     """
     import multiprocessing
 
@@ -158,7 +162,9 @@ def run_workers(
         edges = _EdgeReader(net, barrier, methods)
         edges.start()
         try:
-            _collect(out, events, procs, edges, bars, workers, methods, start_timeout)
+            _collect(
+                out, events, procs, edges, bars, workers, methods, start_timeout, on_method_done
+            )
         except BaseException:
             barrier.abort()
             for p in procs:  # Ctrl-C or a failure: end every worker now, not after a timeout
@@ -172,7 +178,6 @@ def run_workers(
             coord.terminate()
         log.info("workers ended")
         edges.join(timeout=5)
-        out.link = edges.deltas
         return out
 
 
@@ -193,10 +198,11 @@ class _EdgeReader(threading.Thread):
                 self.barrier.wait()
                 self.barrier.wait()
                 end = self.net.link_bytes()
-                self.barrier.wait()
+                # Set before the last wait: workers report "done" only after it.
                 self.deltas[m] = {
                     h: {k: end[h][k] - start.get(h, {}).get(k, 0) for k in end[h]} for h in end
                 }
+                self.barrier.wait()
         except threading.BrokenBarrierError as e:
             self.error = e
 
@@ -210,6 +216,7 @@ def _collect(
     workers: int,
     methods: tuple[str, ...],
     start_timeout: float,
+    on_method_done: Callable[[RunOutput, str], None] | None,
 ) -> None:
     ready: set[int] = set()
     done: dict[str, set[int]] = {m: set() for m in methods}
@@ -243,5 +250,10 @@ def _collect(
         elif kind == "done":
             out.results.setdefault(ev[2], {})[rank] = ev[3]
             done[ev[2]].add(rank)
+            if len(done[ev[2]]) == workers:
+                # Workers send "done" after the end barrier, so the link bytes are read.
+                out.link[ev[2]] = edges.deltas[ev[2]]
+                if on_method_done is not None:
+                    on_method_done(out, ev[2])
         elif kind == "error":
             raise TransportError(f"bench worker {rank} failed during {ev[2]!r}:\n{ev[3]}")
