@@ -125,7 +125,10 @@ class LinkEmulator:
         if mode == "auto":
             ok, why = netns_available()
             mode = "netns" if ok else "proxy"
-            log.info("link emulator: %s mode%s", mode, "" if ok else f" ({why})")
+            if ok:
+                log.info("link emulator: netns mode")
+            else:  # the faithful mode is missing: say so louder
+                log.warning("link emulator: proxy mode, a calibrated model (%s)", why)
         self.topology = topology
         self.mode = mode
         self._links: NetnsLinks | ProxyLinks = (
