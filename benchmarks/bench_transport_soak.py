@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import queue
 import random
 import sys
 import time
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +68,12 @@ def peer(q: Any, rank: int, coord: str, gen: int, rounds: int) -> None:
             try:
                 out = w.wait(timeout=20 * PEER_TIMEOUT)
             except (PeerLost, TransportError) as e:  # this rank was dropped (a cut isolated it)
-                q.put(("out", gen, k, rank, repr(e)))
+                q.send(("out", gen, k, rank, repr(e)))
                 return
             parts = tuple(w.participants)
             exact = torch.stack([value(gen, k, r) for r in parts]).to(torch.float64).sum(0).float()
             ok = bool(torch.allclose(out, exact, rtol=1e-5, atol=1e-5))
-            q.put(("round", gen, k, rank, parts, hashlib.sha256(out.numpy().tobytes()).hexdigest(), ok))
+            q.send(("round", gen, k, rank, parts, hashlib.sha256(out.numpy().tobytes()).hexdigest(), ok))
     finally:
         g.close()
 
@@ -100,13 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         gen = 0
         while done_rounds < args.rounds and time.monotonic() < stop_at:
             gens += 1
-            procs = {r: net.spawn(r, peer, args=(q, r, coord, gen, args.rounds - done_rounds)) for r in range(WORLD)}
+            # one pipe per peer: a peer killed while writing must not wedge the others' channel
+            # (a shared multiprocessing.Queue would: its writer lock dies with the writer)
+            pipes = {r: ctx.Pipe(duplex=False) for r in range(WORLD)}
+            procs = {r: net.spawn(r, peer, args=(pipes[r][1], r, coord, gen, args.rounds - done_rounds))
+                     for r in range(WORLD)}
+            readers = {pipes[r][0]: r for r in range(WORLD)}
             live = set(range(WORLD))
             reports: dict[int, dict[int, tuple]] = {}
             next_fault = float("inf")  # faults start once the group has settled its first round
             last_progress = time.monotonic() + 300  # start-up (spawn, import torch, join) gets 5 min
             restore: list[tuple[float, int, int]] = []
             finished_k = -1
+            pending: list[tuple] = []
             while len(live) >= 2 and time.monotonic() < stop_at and done_rounds < args.rounds:
                 now = time.monotonic()
                 for item in [x for x in restore if x[0] <= now]:
@@ -126,14 +132,20 @@ def main(argv: list[str] | None = None) -> int:
                         net.cut(a, b)
                         restore.append((now + secs, a, b))
                         cuts += 1
-                try:
-                    item = q.get(timeout=0.2)
-                except queue.Empty:
+                if not pending:
+                    ready = wait(list(readers), timeout=0.2)
+                    for conn in ready:
+                        try:
+                            pending.append(conn.recv())
+                        except (EOFError, OSError):  # that peer is gone (killed)
+                            del readers[conn]
+                if not pending:
                     if time.monotonic() - last_progress > 5 * PEER_TIMEOUT + 20:
                         hangs += 1
                         print(f"HANG: generation {gen}, no round finished for {time.monotonic() - last_progress:.0f} s")
                         break
                     continue
+                item = pending.pop(0)
                 if item[0] == "out":
                     live.discard(item[3])
                     dropped += 1
