@@ -165,8 +165,17 @@ class Group:
         shape, device = tensor.shape, tensor.device
         flat = tensor.detach().reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
 
+        before: list[torch.Tensor] = []  # the residual as it was before the first attempt
+
         def body(rnd: C.Round) -> torch.Tensor:
             residual = None if error_feedback is None else error_feedback.residual(key, flat)
+            if residual is not None and self.on_failure == "drop":
+                # a retry (after a drop) must start from the same residual, or the failed
+                # attempt's leftover would add this input a second time
+                if before:
+                    residual.copy_(before[0])
+                else:
+                    before.append(residual.clone())
             out = C.all_reduce(
                 rnd,
                 flat,

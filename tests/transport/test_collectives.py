@@ -305,3 +305,25 @@ def test_drop_mode_cuts_off_a_peer_that_sends_junk():
     (out0, parts0), (out2, parts2) = results[0], results[2]
     assert parts0 == parts2 == (0, 2)
     assert torch.equal(out0, out2) and torch.allclose(out0, torch.full_like(out0, 2.0), atol=0.02)
+
+
+def test_error_feedback_applied_once_when_a_drop_forces_a_retry():
+    n = 3 * SHARD_ALIGN
+
+    def fn(group, tg):
+        ef = ErrorFeedback("q2")
+        x = rank_input(group.rank, n)
+        w = group.all_reduce(x, op="sum", error_feedback=ef, key="w")
+        if group.rank == 1:
+            tg.kill(1)
+            return None
+        w.wait()
+        return x, ef.residuals["w"].clone(), w.participants
+
+    with ThreadGroup(3, on_failure="drop") as tg:
+        results = tg.run(fn, tg)
+    c = parse("q2")
+    for r in (0, 2):
+        x, residual, participants = results[r]
+        assert participants == (0, 2) or participants == (0, 1, 2)
+        assert torch.allclose(residual, x - c.decode(c.encode(x)), atol=1e-5)
