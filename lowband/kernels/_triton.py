@@ -81,9 +81,10 @@ def _quantize_kernel(
         u = tl.where(v >= 0.0, 1.0, 0.0)
     else:
         amax = tl.max(a, axis=0)
-        step = tl.div_rn(amax, H)
+        hh = tl.full((), H, tl.float32)
+        step = tl.div_rn(amax, hh)
         inv = tl.where(
-            amax > 0.0, tl.div_rn(tl.full((), H, tl.float32), tl.where(amax > 0.0, amax, 1.0)), 0.0
+            amax > 0.0, tl.div_rn(hh, tl.where(amax > 0.0, amax, 1.0)), 0.0
         )
         t = v * inv + H
         if STOCH:
