@@ -19,6 +19,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -61,6 +62,8 @@ def netns_available() -> tuple[bool, str]:
 
 def list_namespaces(prefix: str = "lbw") -> list[str]:
     """Names of the network namespaces that start with ``prefix``."""
+    if shutil.which("ip") is None:
+        return []
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from lowband.wan._netns import list_namespaces, netns_available
 
 
-def _own_namespaces() -> set[str]:
-    import os
-
-    return set(list_namespaces(f"lbw{os.getpid()}x"))
+def _helpers_of_this_process() -> list[str]:
+    """Command lines of this process's children that are delay lines or relays."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue  # it ended while we looked
+        if ppid == str(os.getpid()) and "lowband.wan._" in cmd:
+            found.append(cmd)
+    return found
 
 
 @pytest.fixture(params=["proxy", "netns"])
@@ -26,16 +38,8 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_leftovers():
+def no_leftovers() -> Iterator[None]:
     """After every test, this process owns no namespace and no relay or delay-line process."""
     yield
-    assert not _own_namespaces(), "a test left network namespaces behind"
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    import os
-
-    mine = [
-        line
-        for line in out.splitlines()[1:]
-        if line.split()[1] == str(os.getpid()) and ("lowband.wan._" in line)
-    ]
-    assert not mine, f"relay or delay line still running: {mine}"
+    assert not list_namespaces(f"lbw{os.getpid()}x"), "a test left network namespaces behind"
+    assert not _helpers_of_this_process(), "a relay or delay line is still running"
