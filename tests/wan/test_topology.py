@@ -114,3 +114,16 @@ def test_connect_endpoint_goes_through_the_relay(monkeypatch: pytest.MonkeyPatch
         assert net.connect_address(0, net.host_address(1), 4567) == tuple(
             [relayed[6:].split(":")[0], int(relayed.rsplit(":", 1)[1])]
         )
+
+
+def test_without_root_auto_is_proxy_and_netns_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowband.errors import BackendUnavailable
+    from lowband.wan import _netns
+
+    monkeypatch.setattr(_netns.os, "geteuid", lambda: 1000)
+    ok, why = _netns.netns_available()
+    assert not ok and "root" in why
+    t = Topology.uniform(2, rate="1mbit", rtt="10ms")
+    assert LinkEmulator(t, mode="auto").mode == "proxy"
+    with pytest.raises(BackendUnavailable, match="root"):
+        LinkEmulator(t, mode="netns")
