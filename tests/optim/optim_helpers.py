@@ -42,7 +42,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, st
 def run_ranks(n: int, fn: Callable[[Any], Any]) -> list[Any]:
     """Run ``fn(group)`` on n in-process ranks (real Groups over an in-process hub)."""
     with ThreadGroup(n) as tg:
-        return tg.run(fn, timeout=60)
+        return tg.run(fn, timeout=180)  # generous: the 2 cores are shared
 
 
 class Recording:
