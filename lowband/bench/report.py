@@ -98,7 +98,9 @@ def summarize(
         "transport_bytes_received": avg("transport_bytes_received"),
         "link_bytes_sent": avg("link_bytes_sent") if link is not None else None,
         "link_bytes_received": avg("link_bytes_received") if link is not None else None,
-        "collectives": avg("syncs"),
+        "messages_sent": avg("messages"),
+        # Sequential one-way hops: each collective phase sends one message to each other peer.
+        "hops": avg("messages") / (len(ranks) - 1) if len(ranks) > 1 else 0.0,
         "wall_s": max(w["wall_s"] for w in per_worker),
         "comm_s": avg("seconds_in_comm"),
         "waited_s": avg("seconds_waited"),
@@ -244,12 +246,13 @@ def link_projections(
     measured_delay: float,
     params: int,
 ) -> list[dict[str, Any]]:
-    """PROJECTIONS, not measurements: each method's counted bytes and collectives on other links.
+    """PROJECTIONS, not measurements: each method's counted bytes and hops on other links.
 
-    Model: communication time = collectives x 2 x one-way delay + max(payload sent, received)
+    Model: communication time = hops x one-way delay + max(payload sent, received)
     per worker x 8 / rate (no overlap with compute, no TCP ramp-up: a lower bound on what a
     link adds). For the 1B and 10B rows, bytes are scaled by parameter count and the number
-    of collectives is kept. Compute time is left out: it depends on hardware this run did not use.
+    of hops is kept. Hops are counted messages per worker / (workers - 1). Compute time is
+    left out: it depends on hardware this run did not use.
     """
     links = [("measured link " + format_rate(measured_bps), measured_bps, measured_delay)]
     for label, bps, delay in PROJECTED_LINKS:
@@ -262,7 +265,7 @@ def link_projections(
         volume = max(m["payload_bytes_sent"], m["payload_bytes_received"])
         for model_label, scale in models:
             for link_label, bps, delay in links:
-                comm = m["collectives"] * 2 * delay + volume * scale * 8 / bps
+                comm = m["hops"] * delay + volume * scale * 8 / bps
                 out.append(
                     {
                         "method": name,
@@ -273,6 +276,8 @@ def link_projections(
                         "payload_bytes_per_worker": volume * scale,
                         "projected_comm_s": comm,
                         "projection": True,
+                        "measured_wall_s": m["wall_s"],
+                        "measured_comm_s": m["comm_s"],
                     }
                 )
     return out
@@ -281,7 +286,7 @@ def link_projections(
 def format_projections(rows: list[dict[str, Any]]) -> str:
     lines = [
         "PROJECTIONS (not measured): communication time from this run's counted bytes and",
-        "collectives, = collectives x 2 x one-way delay + bytes x 8 / rate; compute excluded.",
+        "hops, = hops x one-way delay + bytes x 8 / rate; no overlap, compute excluded.",
     ]
     last = None
     for r in rows:

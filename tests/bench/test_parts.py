@@ -124,7 +124,7 @@ def _fake_worker_result(sent: int, wall: float, val: float) -> dict:
             "seconds_waited",
         )
     }
-    comm.update(bytes_sent=sent, bytes_received=sent, syncs=10)
+    comm.update(bytes_sent=sent, bytes_received=sent, messages=20)
     return {
         "comm": comm,
         "setup": dict(comm, bytes_sent=0),
@@ -170,7 +170,8 @@ def test_report_ratios_gaps_and_targets_come_from_the_inputs() -> None:
         for r in rows
         if r["method"] == "ddp" and r["link"] == "1 Gbit/s" and r["model"].startswith("this")
     )
-    assert one_gig["projected_comm_s"] == pytest.approx(10 * 2 * 0.05 + 500_000 * 8 / 1e9)
+    # two workers: 20 messages each are 20 one-way hops
+    assert one_gig["projected_comm_s"] == pytest.approx(20 * 0.05 + 500_000 * 8 / 1e9)
     ten_b = next(
         r
         for r in rows
