@@ -282,6 +282,7 @@ class ZmqCarrier:
     def _teardown(self) -> None:
         io = getattr(self, "io", None)
         if io is not None:
+            io.drain(patience=min(self.peer_timeout, 10.0))
             io.stop()
         client = getattr(self, "client", None)
         if client is not None:

@@ -153,6 +153,37 @@ class IOLoop:
         last = self.last_alive.get(peer)
         return last is not None and time.monotonic() - last > self.c.peer_timeout
 
+    def drain(self, patience: float) -> bool:
+        """Wait until every live peer has acknowledged what was sent to it.
+
+        ``LINGER=0`` means closing drops whatever is queued, so a rank that finishes its
+        last collective first must not close while a peer still waits for its chunks.
+        Waiting lasts while acknowledgements keep arriving, and ends after ``patience``
+        seconds without progress (a dead or cut-off peer) or once everything is acked.
+        Returns True when nothing was left unacknowledged.
+        """
+        last_left, last_progress = None, time.monotonic()
+        while self._thread.is_alive():
+            try:
+                left = sum(
+                    len(link.unacked) + sum(len(st.queue) for st in link.streams)
+                    for peer, link in list(self.links.items())
+                    if not self.is_lost(peer)
+                )
+            except RuntimeError:  # the I/O thread changed a dict under us: look again
+                continue
+            if left == 0:
+                return True
+            now = time.monotonic()
+            if last_left is None or left < last_left:
+                last_left, last_progress = left, now
+            elif now - last_progress > patience:
+                log.warning("rank %d: closing with %d chunks unacknowledged after %.1f s without progress",
+                            self.c.rank, left, patience)
+                return False
+            time.sleep(0.01)
+        return False
+
     def stop(self) -> None:
         self._stop = True
         self.call("stop")
