@@ -37,7 +37,7 @@ import secrets
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -97,6 +97,7 @@ class ZmqCarrier:
         zero_copy_threshold: int = 1 << 16,
         config: dict[str, Any] | None = None,
         join_timeout: float = 300.0,
+        connect_map: Callable[[str], str] | None = None,
     ) -> None:
         if not 0 <= rank < world_size or world_size > 65535:
             raise ConfigError(f"rank {rank} outside a group of {world_size}")
@@ -118,6 +119,9 @@ class ZmqCarrier:
         self.streams = n_streams
         self.chunk_size = chunk_size
         self.zero_copy_threshold = zero_copy_threshold
+        # Maps a peer's advertised endpoint to the one to dial: a launcher that puts peers
+        # behind a userspace link emulator passes lowband.wan.connect_endpoint here.
+        self.connect_map = connect_map or (lambda endpoint: endpoint)
         self.group_name = group
         self.group_id = zlib.crc32(group.encode())
         self.incarnation = secrets.randbits(63) or 1

@@ -266,14 +266,14 @@ class IOLoop:
             if server_key is not None:
                 c.security.client(s, server_key)
             mon = s.get_monitor_socket(_MONITOR_EVENTS)
-            s.connect(info["data"])
+            s.connect(c.connect_map(info["data"]))
             streams.append(Stream(s, mon))
         hb = c.ctx.socket(zmq.DEALER)
         hb.identity = identity(c.rank, HB_STREAM, c.incarnation)
         tune_dealer(hb, hwm=16, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat)
         if server_key is not None:
             c.security.client(hb, server_key)
-        hb.connect(info["hb"])
+        hb.connect(c.connect_map(info["hb"]))
         self.links[peer] = Link(peer, inc, streams, hb)
         self.last_alive[peer] = time.monotonic()
         self.lost.discard(peer)

@@ -331,3 +331,63 @@ def test_restarted_peer_rejoins_at_the_next_commit(coordinator: str) -> None:
         assert cs[0].alive() == {0, 1, 2}
     finally:
         _close(cs[:2] + joiner)
+
+
+class _CountingRelay:
+    """A TCP relay per endpoint on loopback that counts the bytes it carries."""
+
+    def __init__(self) -> None:
+        self.carried = 0
+        self.endpoints: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+
+    def map(self, endpoint: str) -> str:
+        with self._lock:
+            if endpoint not in self.endpoints:
+                host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+                lsock = socket.create_server(("127.0.0.1", 0))
+                self._socks.append(lsock)
+                threading.Thread(target=self._accept, args=(lsock, (host, int(port))), daemon=True).start()
+                self.endpoints[endpoint] = f"tcp://127.0.0.1:{lsock.getsockname()[1]}"
+            return self.endpoints[endpoint]
+
+    def _accept(self, lsock: socket.socket, target: tuple[str, int]) -> None:
+        while True:
+            try:
+                a, _ = lsock.accept()
+            except OSError:
+                return
+            b = socket.create_connection(target, timeout=10)
+            b.settimeout(None)
+            self._socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    self.carried += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for s in self._socks:
+            s.close()
+
+
+def test_connect_map_routes_every_peer_connection(coordinator: str) -> None:
+    """A launcher's endpoint map (lowband.wan.connect_endpoint in proxy mode) carries all data."""
+    relay = _CountingRelay()
+    cs = _carriers(coordinator, 2, streams=3, peer_timeout=10, connect_map=relay.map)
+    try:
+        payload = os.urandom(2 << 20)
+        cs[0].send(1, (0, 0, 0), [payload], payload_bytes=len(payload))
+        assert bytes(cs[1].recv(0, (0, 0, 0), timeout=30)[0]) == payload
+        assert len(relay.endpoints) == 4  # data + heartbeat endpoint of each of the 2 peers
+        assert relay.carried >= len(payload)
+    finally:
+        _close(cs)
+        relay.close()
