@@ -190,6 +190,15 @@ class DeMo(torch.optim.Optimizer):
             self._apply_pending()
         return loss
 
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Wait for the exchange in flight (``overlap=True``) and apply its update now.
+
+        Call it at the end of training so the last step's update is not left pending.
+        """
+        self._resolve()
+        self._apply_pending()
+
     def _launch(self) -> _Exchange:
         """Update momenta, encode and subtract what is sent, start the all-gathers."""
         ex = _Exchange()

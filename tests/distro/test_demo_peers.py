@@ -33,7 +33,7 @@ def test_every_peer_ends_with_identical_parameters(overlap: bool) -> None:
 def test_overlap_applies_each_update_one_step_later() -> None:
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(80, 96, generator=g) for _ in range(6)]
-    runs = {}
+    runs, last = {}, {}
     with ThreadGroup(1) as tg:
         for overlap in (False, True):
             p = torch.nn.Parameter(torch.randn(80, 96, generator=torch.Generator().manual_seed(1)))
@@ -44,10 +44,17 @@ def test_overlap_applies_each_update_one_step_later() -> None:
                 opt.step()
                 trace.append(p.detach().clone())
             runs[overlap] = trace
+            last[overlap] = _flushed(p, opt)
     start = torch.randn(80, 96, generator=torch.Generator().manual_seed(1))
     assert torch.equal(runs[True][0], start)  # step 0's exchange has not been applied yet
     for t in range(5):
         assert torch.equal(runs[True][t + 1], runs[False][t])
+    assert torch.equal(last[True], runs[False][5])  # flush() applied the last one
+
+
+def _flushed(p: torch.Tensor, opt: DeMo) -> torch.Tensor:
+    opt.flush()
+    return p.detach().clone()
 
 
 def test_stats_count_the_payload_bytes_each_peer_sends() -> None:
