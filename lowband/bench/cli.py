@@ -42,7 +42,7 @@ class Preset:
 #: step (what the benchmark shows) while the whole run stays under 10 minutes on 2 cores;
 #: ``long`` trains a smaller model for many more steps so the losses separate meaningfully.
 PRESETS: dict[str, Preset] = {
-    "quick": Preset("tiny", 100, 8, 25, 2, 16, 3e-3, 3e-3, 10),
+    "quick": Preset("tiny", 60, 8, 20, 2, 16, 3e-3, 3e-3, 10),
     "default": Preset("base:block_size=64", 150, 2, 30, 2, 16, 2e-3, 1e-3, 10),
     "long": Preset("small", 1200, 8, 100, 4, 32, 3e-3, 1e-3, 10),
 }
