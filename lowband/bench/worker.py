@@ -149,7 +149,7 @@ def run_worker(rank: int, spec: WorkerSpec, events: Any, barrier: Any) -> None:
     try:
         import lowband
         from lowband.bench.data import load_corpus
-        from lowband.wan import local_address
+        from lowband.wan import connect_endpoint, local_address
 
         corpus = load_corpus(spec.data)
         # On an emulated host, bind and advertise the host's address (lowband.wan sets it).
@@ -157,6 +157,9 @@ def run_worker(rank: int, spec: WorkerSpec, events: Any, barrier: Any) -> None:
         address = local_address()
         if address is not None:
             options["host"] = address
+        if spec.backend == "zmq":
+            # In proxy mode, peers must dial each other through the emulator's relays.
+            options["connect_map"] = connect_endpoint
         group = lowband.init_group(
             rank=rank,
             world_size=spec.world_size,
