@@ -38,6 +38,7 @@ partial byte (or 12-bit pair) is padded with zero bits.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -307,7 +308,15 @@ def scatter_accumulate(out: torch.Tensor, indices: list[torch.Tensor], values: l
 
 
 def dct_basis(c: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Orthonormal DCT-II matrix D (c x c, fp32): D[k, i] = s_k cos(pi (2i+1) k / 2c)."""
+    """Orthonormal DCT-II matrix D (c x c, fp32): D[k, i] = s_k cos(pi (2i+1) k / 2c).
+
+    Built once per (size, device) and cached: callers must not modify it.
+    """
+    return _dct_basis_cached(int(c), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _dct_basis_cached(c: int, device: str) -> torch.Tensor:
     k = torch.arange(c, dtype=torch.float64)[:, None]
     i = torch.arange(c, dtype=torch.float64)[None, :]
     d = torch.cos(math.pi * (2 * i + 1) * k / (2 * c)) * math.sqrt(2.0 / c)
