@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and torch may import it early
+# (its has_triton() probes): set it before any test runs, so the Triton kernel tests run
+# under the interpreter on a machine without CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lowband.testing import ProcessPool, default_pool, start_store
 
