@@ -38,6 +38,7 @@ pytestmark = pytest.mark.skipif(not netns_available()[0], reason="needs network 
 SCHEDULE = {3: ("kill", 0), 60: ("stall", 2), 120: ("cut", 1), 180: ("kill", 3)}
 
 
+@pytest.mark.slow
 def test_training_survives_kills_stalls_cuts_and_restarts() -> None:
     lines: list[str] = []
     f = soak.run(world=4, seed=1, rounds=240, schedule=SCHEDULE, peer_timeout=4.0, say=lines.append)
