@@ -76,11 +76,12 @@ class CoordinatorClient:
                     return None
                 try:
                     rep = json.loads(self.sock.recv())
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:
                     raise TransportError(
                         f"coordinator at {self.endpoint} sent a bad reply: {e}"
                     ) from e
-                if not isinstance(rep, dict) or rep.get("id") not in accept:
+                rid_got = rep.get("id") if isinstance(rep, dict) else None
+                if not isinstance(rid_got, int) or rid_got not in accept:
                     continue  # an answer to a question nobody waits for any more
                 if rep.get("ok") is True:
                     return rep

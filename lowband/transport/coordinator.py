@@ -278,7 +278,7 @@ class Coordinator:
                 self._reply(who, rid, {"ok": True, **out})
         except RequestError as e:
             self._reply(who, rid, {"ok": False, "kind": e.kind, "error": str(e)})
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep JSON
             self._reply(who, rid, {"ok": False, "kind": "error", "error": f"bad request: {e}"})
         for (w, r), body in self.state.ready():
             self._reply(w, r, {"ok": True, **body})
