@@ -108,6 +108,9 @@ class DeMo(torch.optim.Optimizer):
             ``"q4"`` or ``"fp16"``, no ``dct``/``topk`` stage); default: 1-bit signs with
             one scale per tile.
         overlap: run step t's exchange during step t+1 (one-step-delayed updates).
+        aggregate: only ``"mean"``: DeMo all-gathers each peer's top-k DCT coefficients
+            (a different subset per peer), so the robust rules of the dense all-reduce
+            (``"trimmed_mean"``, ``"median"``, ``"norm_clip"``) raise ConfigError.
 
     ``opt.stats`` (a :class:`~lowband.transport.CommStats`) counts the payload bytes of
     this optimizer's exchanges: each step sends this rank's payload to, and receives one
@@ -128,7 +131,13 @@ class DeMo(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         codec: Any = None,
         overlap: bool = False,
+        aggregate: str = "mean",
     ) -> None:
+        if aggregate != "mean":
+            raise ConfigError(
+                f"DeMo cannot use aggregate={aggregate!r}: it all-gathers sparse top-k coefficients "
+                "(a different subset per peer); only 'mean' is supported"
+            )
         if group is None:
             raise ConfigError(
                 "DeMo needs a group (lowband.init_group(...)); a single peer is a group of 1"

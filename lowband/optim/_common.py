@@ -24,6 +24,7 @@ __all__ = [
     "WorkLike",
     "StatsMeter",
     "Ready",
+    "resolve_aggregate",
     "resolve_codec",
     "resolve_error_feedback",
     "amp_skip_and_unscale",
@@ -141,6 +142,19 @@ def resolve_codec(codec: Any) -> Any:
             f"codec must be None, a spec string or a lowband codec, got {type(codec).__name__}"
         )
     return codec
+
+
+def resolve_aggregate(aggregate: Any, codec: Any) -> str:
+    """``aggregate=``: ``"mean"`` or a robust rule of ``Group.all_reduce``; ConfigError for
+    an unknown rule or a rule the codec cannot support (a sparse codec sends a subset of
+    positions, so there is no per-peer value to trim, take the median of or clip)."""
+    from lowband.transport._robust import ROBUST_OPS
+
+    if aggregate != "mean" and aggregate not in ROBUST_OPS:
+        raise ConfigError(f"aggregate must be 'mean' or one of {sorted(ROBUST_OPS)}, got {aggregate!r}")
+    if aggregate != "mean" and codec is not None and getattr(codec, "sparse", False):
+        raise ConfigError(f"aggregate={aggregate!r} needs a dense codec; {codec} sends a subset of positions")
+    return str(aggregate)
 
 
 def resolve_error_feedback(error_feedback: Any, codec: Any) -> Any:

@@ -22,6 +22,7 @@ from lowband.optim._common import (
     agree_on_start,
     amp_found_inf,
     amp_unscale,
+    resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
 )
@@ -40,6 +41,8 @@ class CompressedGradients(torch.optim.Optimizer):
         error_feedback: ``True`` (decay 1, the default), ``False``, a decay in (0, 1],
             or an ``ErrorFeedback``; off for ``codec=None``, which loses nothing.
         bucket_bytes: fp32 bytes per bucket (one payload per bucket).
+        aggregate: ``"mean"`` (default) or a robust rule of ``group.all_reduce``
+            (``"trimmed_mean"``, ``"median"``, ``"norm_clip"``; dense codecs only).
 
     ``step()`` reduces the gradients unless :meth:`reduce_gradients` already ran
     since the last step (call it yourself to clip the averaged gradients).
@@ -63,6 +66,7 @@ class CompressedGradients(torch.optim.Optimizer):
         codec: Any,
         error_feedback: Any = True,
         bucket_bytes: int = 32 << 20,
+        aggregate: str = "mean",
     ) -> None:
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -74,6 +78,7 @@ class CompressedGradients(torch.optim.Optimizer):
         self.inner = inner_optimizer
         self.group = group
         self.codec = resolve_codec(codec)
+        self.aggregate = resolve_aggregate(aggregate, self.codec)
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
         self._meter = StatsMeter(group)
         self._reduced = False
@@ -85,6 +90,8 @@ class CompressedGradients(torch.optim.Optimizer):
             "codec": str(self.codec) if self.codec is not None else None,
             "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
         }
+        if self.aggregate != "mean":
+            config["aggregate"] = self.aggregate
         agree_on_start(group, self._meter, config, self._buckets)
 
     @property
@@ -111,7 +118,7 @@ class CompressedGradients(torch.optim.Optimizer):
                 self.group.all_reduce(
                     buf,
                     codec=self.codec,
-                    op="mean",
+                    op=self.aggregate,
                     error_feedback=self.error_feedback,
                     key=f"grads.{b.index}",
                 )

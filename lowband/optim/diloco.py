@@ -38,6 +38,7 @@ from lowband.optim._common import (
     WorkLike,
     agree_on_start,
     amp_skip_and_unscale,
+    resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
 )
@@ -81,6 +82,9 @@ class DiLoCo(torch.optim.Optimizer):
             then the model takes the global values.
         offload: ``"cpu"`` (default) or ``"device"``: where the global copy lives.
         bucket_bytes: fp32 bytes per bucket (one payload per bucket).
+        aggregate: how the pseudo-gradients are combined: ``"mean"`` (default) or a
+            robust rule of ``group.all_reduce`` (``"trimmed_mean"``, ``"median"``,
+            ``"norm_clip"``; dense codecs only).
     """
 
     _step_supports_amp_scaling = True
@@ -102,6 +106,7 @@ class DiLoCo(torch.optim.Optimizer):
         mixing: float = 0.5,
         offload: str = "cpu",
         bucket_bytes: int = 32 << 20,
+        aggregate: str = "mean",
     ) -> None:
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -146,6 +151,7 @@ class DiLoCo(torch.optim.Optimizer):
         self.mixing = mixing
         self.offload = offload
         self.codec = resolve_codec(codec)
+        self.aggregate = resolve_aggregate(aggregate, self.codec)
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
         self._meter = StatsMeter(group)
         self._step_count = 0
@@ -191,13 +197,16 @@ class DiLoCo(torch.optim.Optimizer):
         return torch.zeros(bucket.numel, dtype=torch.float32, device=device, pin_memory=pin)
 
     def _config(self) -> dict[str, Any]:
-        return {
+        config = {
             "sync_every": self.sync_every,
             "fragments": self.fragments,
             "overlap": self.overlap,
             "codec": str(self.codec) if self.codec is not None else None,
             "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
         }
+        if self.aggregate != "mean":  # only then, so that earlier checkpoints still load
+            config["aggregate"] = self.aggregate
+        return config
 
     # -- public surface ---------------------------------------------------------
 
@@ -263,7 +272,7 @@ class DiLoCo(torch.optim.Optimizer):
                 self.group.all_reduce(
                     delta,
                     codec=self.codec,
-                    op="mean",
+                    op=self.aggregate,
                     error_feedback=self.error_feedback,
                     key=f"diloco.{b.index}",
                 )
