@@ -6,10 +6,10 @@ values 20 times its norm. The robust rules (``op="trimmed_mean" | "median" |
 "norm_clip"``, applied at each shard owner) keep the loss drop within 10% of a clean
 run's, while the plain mean does not.
 
-DiLoCo has no ``aggregate=`` argument yet, so the rule reaches the group through
-``_Aggregate``, a pass-through group that turns DiLoCo's ``op="mean"`` into the rule
-(and, on the hostile rank, alters what that rank sends): every collective still runs
-on the real group.
+The rule is DiLoCo's ``aggregate=`` (passed to ``group.all_reduce(op=...)``); the
+hostile rank's input is altered by ``_Hostile``, a pass-through group (every collective
+still runs on the real group). Also: CompressedGradients' ``aggregate=`` under the same
+attack, and the clear errors where a rule cannot apply (sparse codecs, DeMo).
 """
 
 from __future__ import annotations
@@ -19,24 +19,25 @@ from typing import Any
 import pytest
 import torch
 
-from lowband.optim import DiLoCo
+from lowband.distro import DeMo
+from lowband.errors import ConfigError
+from lowband.optim import CompressedGradients, DiLoCo
 from lowband.testing import ThreadGroup
 
 WORLD, HOSTILE, ROUNDS, H = 8, 5, 10, 4
 
 
-class _Aggregate:
-    """The real group, with DiLoCo's mean replaced by ``op`` and a hostile rank's input altered."""
+class _Hostile:
+    """The real group; on the hostile rank, the optimizer's contributions are altered."""
 
-    def __init__(self, group: Any, op: str, attack: str | None) -> None:
-        self._group, self._op, self._attack = group, op, attack
+    def __init__(self, group: Any, attack: str | None) -> None:
+        self._group, self._attack = group, attack
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._group, name)
 
     def all_reduce(self, tensor: torch.Tensor, codec: Any = None, *, op: str = "mean", **kw: Any) -> Any:
-        if kw.get("key", "").startswith("diloco."):
-            op = self._op
+        if kw.get("key", "").startswith(("diloco.", "grads.")):
             if self._attack is not None and self._group.rank == HOSTILE:
                 if self._attack == "scaled":
                     tensor = tensor * -20.0
@@ -56,8 +57,8 @@ def _data(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 def _train(group: Any, op: str, attack: str | None) -> list[float]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=_Aggregate(group, op, attack),
-                 sync_every=H, outer_lr=0.7, outer_momentum=0.5)
+    opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=_Hostile(group, attack),
+                 sync_every=H, outer_lr=0.7, outer_momentum=0.5, aggregate=op)
     ex, ey = _data(10_000, 512)
     losses = []
     with torch.no_grad():
@@ -97,3 +98,47 @@ def test_plain_mean_is_ruined_by_one_hostile_peer(clean_drop: float, attack: str
 def test_robust_rules_keep_the_loss_drop_within_10_percent(clean_drop: float, op: str, attack: str) -> None:
     drop = _drop(op, attack)
     assert abs(drop - clean_drop) <= 0.10 * clean_drop, (op, attack, drop, clean_drop)
+
+
+def _train_gradients(group: Any, op: str, attack: str | None) -> float:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = CompressedGradients(torch.optim.SGD(model.parameters(), lr=0.2), group=_Hostile(group, attack),
+                              codec="q8", aggregate=op)
+    ex, ey = _data(10_000, 512)
+    with torch.no_grad():
+        first = float(torch.nn.functional.mse_loss(model(ex), ey))
+    for s in range(30):
+        x, y = _data(group.rank * 1000 + s)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        return first - float(torch.nn.functional.mse_loss(model(ex), ey))
+
+
+def test_compressed_gradients_aggregate() -> None:
+    with ThreadGroup(WORLD) as tg:
+        clean = tg.run(_train_gradients, "mean", None, timeout=240)[0]
+        robust = tg.run(_train_gradients, "median", "scaled", timeout=240)[0]
+        plain = tg.run(_train_gradients, "mean", "scaled", timeout=240)[0]
+    assert clean > 0.05
+    assert abs(robust - clean) <= 0.10 * clean, (robust, clean)
+    assert abs(plain - clean) > 0.10 * clean, (plain, clean)
+
+
+def test_rules_that_cannot_apply_are_refused() -> None:
+    model = torch.nn.Linear(4, 2)
+    with ThreadGroup(1) as tg:
+        g = tg.groups[0]
+        with pytest.raises(ConfigError, match="dense codec"):
+            DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=g, sync_every=2,
+                   codec="topk:k=2,tile=64+q4", aggregate="median")
+        with pytest.raises(ConfigError, match="dense codec"):
+            CompressedGradients(torch.optim.SGD(model.parameters(), lr=0.1), group=g,
+                                codec="topk:k=2,tile=64+q4", aggregate="trimmed_mean")
+        with pytest.raises(ConfigError, match="aggregate"):
+            DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=g, sync_every=2, aggregate="max")
+        with pytest.raises(ConfigError, match="only 'mean'"):
+            DeMo(model.parameters(), lr=0.01, group=g, aggregate="norm_clip")
+        DeMo(model.parameters(), lr=0.01, group=g, aggregate="mean")  # the default is fine
