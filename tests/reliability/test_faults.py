@@ -35,14 +35,15 @@ pytestmark = pytest.mark.skipif(not netns_available()[0], reason="needs network 
 
 # rounds take a fraction of a second: the faults are spaced so that each one's recovery
 # (peer_timeout, a rejoin, a process start-up) is over before the next one
-SCHEDULE = {3: ("kill", 0), 60: ("stall", 2), 120: ("cut", 1), 180: ("kill", 3)}
+SCHEDULE = {3: ("kill", 0), 40: ("stall", 2), 80: ("cut", 1), 120: ("kill", 3)}
 
 
 @pytest.mark.slow
 def test_training_survives_kills_stalls_cuts_and_restarts() -> None:
     lines: list[str] = []
-    f = soak.run(world=4, seed=1, rounds=240, schedule=SCHEDULE, peer_timeout=4.0, say=lines.append)
+    f = soak.run(world=4, seed=1, rounds=160, schedule=SCHEDULE, peer_timeout=4.0, say=lines.append)
     log = "\n".join(lines)
+    print(log)  # the fault story, shown with -s or on failure
     assert f["hangs"] == 0, log
     assert f["divergent"] == 0 and f["mismatches"] == 0, log
     assert f["crashed"] == 0, log
@@ -50,6 +51,6 @@ def test_training_survives_kills_stalls_cuts_and_restarts() -> None:
     assert (f["kills"], f["stalls"], f["cuts"]) == (2, 1, 1), log
     assert f["restarts"] == 2 and f["rejoins"] >= 3, log
     assert f["final_equal"] and len(f["final_live"]) >= 3, log
-    assert f["rounds"] >= 240, log
+    assert f["rounds"] >= 160, log
     losses = [x for x in f["losses"] if x is not None]
     assert losses[-1] < 0.5 * f["initial_loss"], log  # and it kept learning
