@@ -132,11 +132,21 @@ def test_fingerprint_mismatch_triggers_resync() -> None:
     model = _model()
     replica = zeros_like(model)
     with pair(model, replica) as (pub, sub):
+        # First see a version arrive as a delta, so the update stream is live (a slow joiner
+        # that misses a message resyncs by snapshot for that reason instead, hiding the check).
+        for step in range(20):
+            before = sub.snapshots
+            model["a"][1 + step] += 1.0
+            v = pub.publish().version
+            assert sub.update(block=True, timeout=TIMEOUT) == v
+            if sub.snapshots == before:
+                break
+        assert sub.snapshots == before, "no version ever arrived as a delta"
         replica["a"][17] += 1.0  # the worker's copy is damaged behind the subscriber's back
         model["a"][0] += 1.0
         v = pub.publish().version
         assert sub.update(block=True, timeout=TIMEOUT) == v  # mismatch, resync, then the version
-        assert sub.snapshots == 2 and sub.fingerprint_mismatches == 1
+        assert sub.fingerprint_mismatches == 1 and sub.snapshots == before + 1
         assert same_bits(model, replica)
 
 
