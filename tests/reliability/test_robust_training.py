@@ -14,6 +14,8 @@ attack, and the clear errors where a rule cannot apply (sparse codecs, DeMo).
 
 from __future__ import annotations
 
+import threading
+
 from typing import Any
 
 import pytest
@@ -48,6 +50,17 @@ class _Hostile:
         return self._group.all_reduce(tensor, codec, op=op, **kw)
 
 
+_INIT_LOCK = threading.Lock()
+
+
+def _model() -> torch.nn.Module:
+    """The same initial weights on every thread: seeding and drawing from torch's global RNG
+    must not interleave with the other peers' threads."""
+    with _INIT_LOCK:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
 def _data(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.randn(6, 1, generator=torch.Generator().manual_seed(7))
     x = torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
@@ -55,8 +68,7 @@ def _data(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(group: Any, op: str, attack: str | None) -> list[float]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model = _model()
     opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=_Hostile(group, attack),
                  sync_every=H, outer_lr=0.7, outer_momentum=0.5, aggregate=op)
     ex, ey = _data(10_000, 512)
@@ -101,8 +113,7 @@ def test_robust_rules_keep_the_loss_drop_within_10_percent(clean_drop: float, op
 
 
 def _train_gradients(group: Any, op: str, attack: str | None) -> float:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model = _model()
     opt = CompressedGradients(torch.optim.SGD(model.parameters(), lr=0.2), group=_Hostile(group, attack),
                               codec="q8", aggregate=op)
     ex, ey = _data(10_000, 512)

@@ -87,7 +87,7 @@ def test_ping_waits_behind_a_bulk_upload(mode: str) -> None:
             assert end.poll(60), "ping did not finish"
             return end.recv()[1][1:]
 
-        idle = min(pings(4))
+        idle = min(pings(8))  # the least of several: scheduling noise only adds
         # loss-based congestion control keeps the bottleneck queue full, as a bulk upload does
         done = _bulk(net, 0, 1, 32 << 20, congestion="cubic")  # ends with the emulator
         time.sleep(1.0)  # cubic fills the queue within a few round trips
