@@ -15,7 +15,6 @@ attack, and the clear errors where a rule cannot apply (sparse codecs, DeMo).
 from __future__ import annotations
 
 import threading
-
 from typing import Any
 
 import pytest
