@@ -16,6 +16,13 @@ GPT-2 vocabulary of 50257 rows becomes 786 tiles of 64 rows (the last one padded
 one axis at a time with :func:`lowband.kernels.dct_tiles`), so the inverse is the
 transpose and a round trip is exact to fp32 rounding.
 
+1-D parameters (biases, norm gains) and scalars are not tiled one by one: a tile of
+``1 x chunk`` with the same ``topk`` would be 64 times denser than a ``chunk x chunk``
+tile and cost most of the bytes of a small model. :meth:`TileLayout.for_packed` lays
+the concatenation of a param group's 1-D parameters out as a matrix of ``chunk``-wide
+rows (zero-padded at the end) cut into ``chunk x chunk`` tiles, so they travel at the
+density of the matrices and in the same bucket (one payload, one header).
+
 Coefficients are laid out tile-major: ``(ntiles, tr * tc)`` with tiles in row-major
 order of the tile grid, so a flat run of ``tr * tc`` values is one tile and a generic
 ``topk:tile=tr*tc`` stage picks "top-k per tile". :meth:`TileLayout.inverse` crops
@@ -25,6 +32,7 @@ are the same cropped tensor, so error feedback stays exact with padding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +67,23 @@ class TileLayout:
         rows = numel // cols
         return cls(shape, rows, cols, min(chunk, rows), min(chunk, cols))
 
+    @classmethod
+    def for_packed(cls, numel: int, chunk: int, *, full_tiles: bool) -> TileLayout:
+        """Layout of ``numel`` concatenated 1-D values: rows of ``chunk`` values, zero-padded.
+
+        With ``full_tiles`` the tiles are ``chunk x chunk`` even when there are fewer than
+        ``chunk`` rows (zero rows pad them), so they join the bucket of the matrices' full
+        tiles at no cost but ``topk`` coefficients; otherwise (no such bucket) a short vector
+        gets tiles of its own size, padded no further than its last row.
+        """
+        if chunk < 1:
+            raise ConfigError(f"chunk must be a positive integer, got {chunk}")
+        if numel < 1:
+            raise ConfigError(f"cannot pack {numel} values")
+        cols = chunk if full_tiles else min(chunk, numel)
+        rows = -(-numel // cols)
+        return cls((numel,), rows, cols, chunk if full_tiles else min(chunk, rows), cols)
+
     @property
     def tile_numel(self) -> int:
         return self.tile_rows * self.tile_cols
@@ -86,7 +111,10 @@ class TileLayout:
         """``x`` zero-padded and cut into tiles (fp32), shape ``(ntiles, tile_rows, tile_cols)``."""
         tr, tc = self.tile_rows, self.tile_cols
         gr, gc = self.grid
-        m = x.detach().reshape(self.rows, self.cols).to(torch.float32)
+        flat = x.detach().reshape(-1).to(torch.float32)
+        if flat.numel() < self.rows * self.cols:  # a packed vector: complete the last row
+            flat = torch.nn.functional.pad(flat, (0, self.rows * self.cols - flat.numel()))
+        m = flat.reshape(self.rows, self.cols)
         pr, pc = gr * tr - self.rows, gc * tc - self.cols
         if pr or pc:
             m = torch.nn.functional.pad(m, (0, pc, 0, pr))
@@ -97,7 +125,8 @@ class TileLayout:
         tr, tc = self.tile_rows, self.tile_cols
         gr, gc = self.grid
         m = t.reshape(gr, gc, tr, tc).permute(0, 2, 1, 3).reshape(gr * tr, gc * tc)
-        return m[: self.rows, : self.cols].reshape(self.shape)
+        m = m[: self.rows, : self.cols].reshape(-1)
+        return m[: math.prod(self.shape)].reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """DCT-II coefficients of ``x`` (fp32), shape ``(ntiles, tile_numel)``."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,20 +48,27 @@ log = logging.getLogger(__name__)
 _PENDING = "pending_update"
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """A run of a bucket's tiles: one parameter, or a param group's packed 1-D parameters."""
+
+    params: list[torch.Tensor]
+    layout: TileLayout
+
+
 @dataclass
 class _Bucket:
-    """One payload's worth of one step: parameters of one group with equal tile size."""
+    """One payload's worth of one step: entries of one param group with equal tile shape."""
 
     group: dict[str, Any]
     codec: BucketCodec
-    params: list[torch.Tensor]
-    layouts: list[TileLayout]
+    entries: list[_Entry]
     payload: Payload
     work: Any = None
 
     @property
     def numel(self) -> int:
-        return sum(layout.numel for layout in self.layouts)
+        return sum(e.layout.numel for e in self.entries)
 
 
 @dataclass
@@ -212,7 +219,8 @@ class DeMo(torch.optim.Optimizer):
         """Update momenta, encode and subtract what is sent, start the all-gathers."""
         ex = _Exchange()
         for g in self.param_groups:
-            by_tile: dict[tuple[int, int], list[tuple[torch.Tensor, TileLayout]]] = {}
+            matrices: list[torch.Tensor] = []
+            vectors: list[torch.Tensor] = []  # 1-D and 0-D: packed into one layout
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -224,25 +232,33 @@ class DeMo(torch.optim.Optimizer):
                 if g["weight_decay"]:
                     p.mul_(1.0 - g["lr"] * g["weight_decay"])
                 st["momentum"].mul_(g["decay"]).add_(p.grad, alpha=g["lr"])
-                layout = TileLayout.for_shape(p.shape, g["chunk"])
-                by_tile.setdefault(layout.tile_shape, []).append((p, layout))
-            for (tr, tc), items in by_tile.items():
-                bc = bucket_codec(tr * tc, topk=g["topk"], value=g["codec"])
-                params = [p for p, _ in items]
-                layouts = [layout for _, layout in items]
-                # One transform per bucket: every parameter's tiles side by side.
-                tiles = torch.cat([lay.tiles(self.state[p]["momentum"]) for p, lay in items])
-                payload = bc.codec.encode(dct2(tiles).reshape(-1))
-                sent = dct2(bc.codec.decode(payload).view(-1, tr, tc), inverse=True)
-                for p, part in zip(params, _untile(sent, layouts)):
-                    m = self.state[p]["momentum"]
-                    m.sub_(part.to(m.device))
-                ex.buckets.append(_Bucket(g, bc, params, layouts, payload))
+                (vectors if p.dim() <= 1 else matrices).append(p)
+            for entries in _buckets(matrices, vectors, g["chunk"]):
+                ex.buckets.append(self._encode(g, entries))
         ex.transport_before = _transport_counts(self.group)
         ex.started = time.perf_counter()
         for b in ex.buckets:
             b.work = self.group.all_gather(b.payload)
         return ex
+
+    def _encode(self, g: dict[str, Any], entries: list[_Entry]) -> _Bucket:
+        """Encode one bucket's coefficients and take what is sent out of the momenta."""
+        tr, tc = entries[0].layout.tile_shape
+        bc = bucket_codec(tr * tc, topk=g["topk"], value=g["codec"])
+        # One transform per bucket: every entry's tiles side by side.
+        tiles = torch.cat([e.layout.tiles(self._momentum(e)) for e in entries])
+        payload = bc.codec.encode(dct2(tiles).reshape(-1))
+        sent = dct2(bc.codec.decode(payload).view(-1, tr, tc), inverse=True)
+        for p, part in _per_param(sent, entries):
+            m = self.state[p]["momentum"]
+            m.sub_(part.to(m.device))
+        return _Bucket(g, bc, entries, payload)
+
+    def _momentum(self, e: _Entry) -> torch.Tensor:
+        if len(e.params) == 1:
+            return self.state[e.params[0]]["momentum"]
+        dev = self.state[e.params[0]]["momentum"].device
+        return torch.cat([self.state[p]["momentum"].reshape(-1).to(dev) for p in e.params])
 
     def _resolve(self) -> None:
         """Wait for the exchange in flight and store each parameter's update in its state."""
@@ -261,9 +277,8 @@ class DeMo(torch.optim.Optimizer):
                     self.stats.count_send(r, b.payload.nbytes, 0)
                     self.stats.count_recv(r, pl.nbytes, 0)
             lr, use_sign = b.group["lr"], b.group["sign"]
-            lay0 = b.layouts[0]
-            update = dct2(mean.view(-1, lay0.tile_rows, lay0.tile_cols), inverse=True)
-            for p, part in zip(b.params, _untile(update, b.layouts)):
+            update = dct2(mean.view(-1, *b.entries[0].layout.tile_shape), inverse=True)
+            for p, part in _per_param(update, b.entries):
                 u = part.to(device=p.device, copy=True)
                 if use_sign:
                     u.sign_()
@@ -306,13 +321,39 @@ class DeMo(torch.optim.Optimizer):
             g["codec"] = value_spec(g["codec"])
 
 
-def _untile(tiles: torch.Tensor, layouts: list[TileLayout]) -> list[torch.Tensor]:
-    """Split a bucket's tiles back into its parameters (each cropped to its shape)."""
-    out, at = [], 0
-    for lay in layouts:
-        out.append(lay.untile(tiles[at : at + lay.ntiles]))
-        at += lay.ntiles
-    return out
+def _buckets(
+    matrices: list[torch.Tensor], vectors: list[torch.Tensor], chunk: int
+) -> list[list[_Entry]]:
+    """A param group's entries grouped by tile shape, one bucket (payload) per shape.
+
+    Matrices (and N-D weights) are tiled one by one; the 1-D parameters and scalars are
+    packed into one vector whose tiles are ``chunk x chunk`` when the matrices have such
+    a bucket, so they travel in it at the same density (see ``TileLayout.for_packed``).
+    """
+    by_tile: dict[tuple[int, int], list[_Entry]] = {}
+    for p in matrices:
+        lay = TileLayout.for_shape(p.shape, chunk)
+        by_tile.setdefault(lay.tile_shape, []).append(_Entry([p], lay))
+    if vectors:
+        n = sum(p.numel() for p in vectors)
+        lay = TileLayout.for_packed(n, chunk, full_tiles=(chunk, chunk) in by_tile)
+        by_tile.setdefault(lay.tile_shape, []).append(_Entry(vectors, lay))
+    return list(by_tile.values())
+
+
+def _per_param(
+    tiles: torch.Tensor, entries: list[_Entry]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Split a bucket's tiles back into (parameter, its part cropped to its shape)."""
+    at = 0
+    for e in entries:
+        whole = e.layout.untile(tiles[at : at + e.layout.ntiles])
+        at += e.layout.ntiles
+        if len(e.params) == 1:
+            yield e.params[0], whole.reshape(e.params[0].shape)
+            continue
+        for p, part in zip(e.params, whole.split([p.numel() for p in e.params])):
+            yield p, part.view(p.shape)
 
 
 def _transport_counts(group: Any) -> dict[int, tuple[int, int]]:
