@@ -48,6 +48,7 @@ from lowband.transport._coord_client import CoordinatorClient
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import MAX_FRAMES, chunk_spans
 from lowband.transport._zmq_io import IOLoop
+from lowband.transport._zmq_link import SNDBUF_CEILING
 
 __all__ = ["ZmqCarrier", "default_streams", "open_carrier"]
 
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int, int, int]
 DEFAULT_CHUNK = 1 << 20
-#: Linux autotunes a socket's send buffer up to about this much on this kind of host.
-SNDBUF_CEILING = 4 << 20
 
 
 def default_streams(bandwidth: float = 1e9, rtt: float = 0.1) -> int:

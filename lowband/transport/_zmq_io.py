@@ -34,6 +34,7 @@ from lowband.transport._wire import (
 )
 from lowband.transport._zmq_link import (
     HB_STREAM,
+    SNDBUF_CEILING,
     Chunk,
     Link,
     Stream,
@@ -63,6 +64,8 @@ class IOLoop:
         self.max_message_bytes = max_message_bytes
         self.max_header = HEADER.size + 8 * MAX_FRAMES
         self.hwm = max(8, (32 << 20) // carrier.chunk_size)
+        # chunks a stream's pipe may hold before the link queue tries another stream
+        self.stream_hwm = max(2, SNDBUF_CEILING // carrier.chunk_size)
         self.heartbeat = min(1.0, carrier.peer_timeout / 5)
         self.bucket = TokenBucket(
             rate_limit, max(2 * carrier.chunk_size, int((rate_limit or 0) * 0.02))
@@ -166,7 +169,7 @@ class IOLoop:
         while self._thread.is_alive():
             try:
                 left = sum(
-                    len(link.unacked) + sum(len(st.queue) for st in link.streams)
+                    len(link.unacked) + len(link.queue)
                     for peer, link in list(self.links.items())
                     if not self.is_lost(peer)
                 )
@@ -208,8 +211,8 @@ class IOLoop:
                 poller.register(self.hb, zmq.POLLIN)
                 wait = self.bucket.wait_time()
                 for link in self.links.values():
+                    out = zmq.POLLOUT if (link.queue and wait == 0.0) else 0
                     for st in link.streams:
-                        out = zmq.POLLOUT if (st.queue and wait == 0.0) else 0
                         poller.register(st.sock, zmq.POLLIN | out)
                         poller.register(st.monitor, zmq.POLLIN)
                 timeout = max(0.0, min(next_hb - time.monotonic(), 0.2, wait if wait else 0.2))
@@ -262,6 +265,7 @@ class IOLoop:
             s = c.ctx.socket(zmq.DEALER)
             s.identity = identity(c.rank, i, c.incarnation)
             tune_dealer(s, hwm=self.hwm, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat)
+            s.sndhwm = self.stream_hwm
             s.maxmsgsize = self.max_header + 8 * 65536 + 64
             if server_key is not None:
                 c.security.client(s, server_key)
@@ -290,7 +294,7 @@ class IOLoop:
         if link is None or peer in self.lost:
             return
         c = self.c
-        for seq, (idx, off, body) in zip(link.assign(len(chunks)), chunks):
+        for seq, (idx, off, body) in zip(link.assign(len(chunks)), chunks, strict=True):
             head = pack_header(
                 DATA,
                 sender=c.rank,
@@ -304,23 +308,14 @@ class IOLoop:
                 offset=off,
                 payload_bytes=payload,
             )
-            link.enqueue(Chunk(seq, head, body, seq % len(link.streams)))
+            link.enqueue(Chunk(seq, head, body, -1))
 
     def _send_queued(self) -> None:
         for link in self.links.values():
-            for st in link.streams:
-                while st.queue and self.bucket.wait_time() == 0.0:
-                    ch = st.queue[0]
-                    try:
-                        st.sock.send(ch.header, zmq.SNDMORE | zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    st.sock.send(ch.body, copy=len(ch.body) < self.c.zero_copy_threshold)
-                    st.queue.popleft()
-                    self.bucket.spend(ch.nbytes)
-                    if ch.link_seq in link.unacked:  # a re-send after a reconnect
-                        self.c.stats.count_transport(link.peer, sent=ch.nbytes)
-                    link.unacked[ch.link_seq] = ch
+            for ch in link.send_queued(self.bucket, self.c.zero_copy_threshold):
+                if ch.link_seq in link.unacked:  # a re-send after a reconnect
+                    self.c.stats.count_transport(link.peer, sent=ch.nbytes)
+                link.unacked[ch.link_seq] = ch
 
     def _ban(self, ident: bytes, why: str) -> None:
         self.rejected += 1
@@ -484,8 +479,7 @@ class IOLoop:
                     peer,
                     self.c.peer_timeout,
                 )
-                for st in link.streams:
-                    st.queue.clear()
+                link.queue.clear()
                 link.unacked.clear()
                 with self.c._cond:
                     self.c._cond.notify_all()

@@ -1,9 +1,13 @@
 """Send side of the ZeroMQ carrier: one peer's parallel streams and its unacknowledged chunks.
 
 A message is cut into chunks (``_wire.chunk_spans``) and the chunks are striped
-round-robin over ``streams`` DEALER sockets, each its own TCP connection, so the
-sum of the streams' congestion windows, not one window, limits a long fat link
-(DESIGN.md: one stream at 100 ms round trip tops out near 300 Mbit/s here).
+over ``streams`` DEALER sockets, each its own TCP connection, so the sum of the
+streams' congestion windows, not one window, limits a long fat link (DESIGN.md:
+one stream at 100 ms round trip tops out near 300 Mbit/s here). Striping is
+pulled, not dealt: chunks wait in one queue per peer and go to whichever stream
+has room below its small high-water mark, so a stream that slowed down (a loss
+halved its window, a late slow start) carries less, and the streams finish
+together instead of the slowest one setting the message's tail.
 
 A chunk stays in ``unacked`` from the moment it is handed to ZeroMQ until the
 peer acknowledges it. ZeroMQ drops what sits in a pipe when its connection
@@ -17,6 +21,9 @@ Socket options of every DEALER, and why:
   that a reconnect would silently empty; our own queue holds it instead.
 - ``SNDHWM`` / ``RCVHWM`` finite (``hwm`` chunks): bounded memory per stream;
   a full pipe makes ``send(NOBLOCK)`` fail with EAGAIN and the chunk waits here.
+  The send side's mark is small (about one send buffer, 4 MiB): enough to keep
+  the kernel's buffer full, small enough that the pull striping above decides
+  where nearly every chunk goes.
 - ``LINGER=0``: ``close()`` never blocks on unsent data (a dead peer would hang it).
 - ``TCP_KEEPALIVE`` 1, ``IDLE`` 20 s, ``INTVL`` 5 s, ``CNT`` 4: probes on an idle
   link keep NAT and firewall mappings (commonly dropped after 30 s to 5 min of
@@ -44,8 +51,10 @@ from typing import Any
 
 import zmq
 
-__all__ = ["Chunk", "Link", "identity", "parse_identity", "tune_dealer"]
+__all__ = ["SNDBUF_CEILING", "Chunk", "Link", "identity", "parse_identity", "tune_dealer"]
 
+#: Linux autotunes a socket's send buffer up to about this much on this kind of host.
+SNDBUF_CEILING = 4 << 20
 _IDENT = struct.Struct("<2sHBQ")
 HB_STREAM = 255
 
@@ -94,7 +103,6 @@ class Chunk:
 class Stream:
     sock: zmq.Socket
     monitor: zmq.Socket
-    queue: collections.deque[Chunk] = field(default_factory=collections.deque)
     connected: bool = False
     was_down: bool = False
 
@@ -107,9 +115,12 @@ class Link:
     incarnation: int
     streams: list[Stream]
     hb: zmq.Socket
+    #: chunks not yet handed to any stream, in order (re-sends go first)
+    queue: collections.deque[Chunk] = field(default_factory=collections.deque)
     unacked: dict[int, Chunk] = field(default_factory=dict)
     resent: int = 0
     next_seq: int = 1
+    cursor: int = 0  # the stream the next chunk tries first
 
     def assign(self, n: int) -> range:
         first = self.next_seq
@@ -117,7 +128,40 @@ class Link:
         return range(first, first + n)
 
     def enqueue(self, chunk: Chunk) -> None:
-        self.streams[chunk.stream].queue.append(chunk)
+        self.queue.append(chunk)
+
+    def send_queued(self, budget: TokenBucket, zero_copy_threshold: int) -> list[Chunk]:
+        """Hand queued chunks to streams with room, round-robin; returns the chunks sent.
+
+        A stream whose pipe is at its high-water mark (or whose connection is down:
+        ``IMMEDIATE``) refuses with EAGAIN and is skipped for the rest of this turn, so
+        each call ends once the queue is empty, every stream is full, or the rate cap
+        says wait.
+        """
+        sent: list[Chunk] = []
+        n = len(self.streams)
+        full: set[int] = set()
+        i = self.cursor
+        while self.queue and len(full) < n and budget.wait_time() == 0.0:
+            idx = i % n
+            i += 1
+            if idx in full:
+                continue
+            sock = self.streams[idx].sock
+            ch = self.queue[0]
+            try:
+                sock.send(ch.header, zmq.SNDMORE | zmq.NOBLOCK)
+            except zmq.Again:
+                full.add(idx)
+                continue
+            # the first frame was taken, so the rest of the message is too (HWM counts messages)
+            sock.send(ch.body, copy=len(ch.body) < zero_copy_threshold)
+            self.queue.popleft()
+            ch.stream = idx
+            budget.spend(ch.nbytes)
+            sent.append(ch)
+        self.cursor = i % n
+        return sent
 
     def acked(self, floor: int, seqs: tuple[int, ...]) -> None:
         for s in seqs:
@@ -139,13 +183,13 @@ class Link:
                     (c for c in self.unacked.values() if c.stream == index),
                     key=lambda c: c.link_seq,
                 )
-                queued = {c.link_seq for c in st.queue}
+                queued = {c.link_seq for c in self.queue}
                 again = [c for c in again if c.link_seq not in queued]
-                st.queue.extendleft(reversed(again))
+                self.queue.extendleft(reversed(again))
                 self.resent += len(again)
 
     def pending(self) -> bool:
-        return any(st.queue for st in self.streams)
+        return bool(self.queue)
 
     def close(self) -> None:
         for st in self.streams:
