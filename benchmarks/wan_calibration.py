@@ -6,8 +6,9 @@
 
 Every row sends ``size`` bytes from host 0 to host 1 over 1 or 4 TCP streams (default buffers,
 the kernel's congestion control) and times first byte sent -> last byte received. ``ideal`` is
-size / rate + one-way delay; ``wire ideal`` counts the 66 header bytes per 1448-byte segment that
-the rate limiter also counts. ``netns`` is the faithful mode (the measuring stick); ``proxy/netns``
+size / rate + one-way delay (rates are TCP payload rates, the emulator's default basis; the
+wire carries 1514-byte frames per 1448-byte segment at the matching frame rate).
+``netns`` is the faithful mode (the measuring stick); ``proxy/netns``
 is the ratio of the two modes' times; ``line`` says whether the delay line kept its schedule
 (mean lateness < 0.5 ms and < 1% of packets over 1 ms late). Needs root for ``netns`` mode.
 """
@@ -27,8 +28,6 @@ from lowband.wan import LinkEmulator, Topology  # noqa: E402
 from lowband.wan._netns import netns_available  # noqa: E402
 from lowband.wan.probes import transfer  # noqa: E402
 from lowband.wan.topology import parse_bytes, parse_rate, parse_seconds  # noqa: E402
-
-WIRE = 1514 / 1448
 
 FULL = [
     # (rate, rtt, size) x streams (1, 4)
@@ -57,27 +56,25 @@ def run_case(
 def table(cases: list[tuple[str, str, str]], modes: list[str]) -> list[dict]:
     rows = []
     print(
-        "| rate | RTT | streams | size | ideal s | wire ideal s | netns s | netns Mbit/s | line "
+        "| rate | RTT | streams | size | ideal s | netns s | netns Mbit/s | line "
         "| proxy s | proxy Mbit/s | proxy/netns | netns/ideal |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rate, rtt, size in cases:
         for streams in (1, 4):
             nbytes = parse_bytes(size)
             ideal = nbytes * 8 / parse_rate(rate) + parse_seconds(rtt) / 2
-            wire_ideal = nbytes * WIRE * 8 / parse_rate(rate) + parse_seconds(rtt) / 2
             row = {
                 "rate": rate,
                 "rtt": rtt,
                 "streams": streams,
                 "size": size,
                 "ideal_s": ideal,
-                "wire_ideal_s": wire_ideal,
             }
             for mode in modes:
                 row[mode] = run_case(mode, rate, rtt, size, streams)
             n, p = row.get("netns"), row.get("proxy")
-            cells = [rate, rtt, str(streams), size, f"{ideal:.2f}", f"{wire_ideal:.2f}"]
+            cells = [rate, rtt, str(streams), size, f"{ideal:.2f}"]
             cells += (
                 [
                     f"{n['seconds']:.2f}",
@@ -109,7 +106,7 @@ def limits() -> list[dict]:
         for rate in rates:
             size = "512MiB" if offload else "128MiB"
             r = run_case("netns", rate, "20ms", size, 4, offload=offload)
-            share = r["steady_mbps"] * WIRE / (parse_rate(rate) / 1e6)
+            share = r["steady_mbps"] / (parse_rate(rate) / 1e6)
             print(
                 f"| {'GSO' if offload else '1500 B'} | {rate} | {r['steady_mbps']:.0f} | {share:.2f} | "
                 f"{r['late_mean_ms']:.2f} | {r['late_over_1ms_pct']:.1f} | {r['late_max_ms']:.1f} |",

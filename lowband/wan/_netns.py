@@ -141,10 +141,11 @@ class NetnsLinks:
             _run(f"ip -n {core} link set t{i} up txqueuelen 10000")
             _run(f"ip -n {core} route add default dev t{i} table {100 + i}")
             _run(f"ip -n {core} rule add iif v{i} lookup {100 + i} pref {1000 + i}")
-            # Rates count Ethernet frames. v<i> (a veth) sees them; t<i> (a TUN) sees IP packets,
-            # 14 bytes shorter, so its rate is scaled to give full-size packets the same time.
-            up_ip_bps = link.up_bps * _IP_MTU / _FRAME
-            for dev, bps in ((f"t{i}", up_ip_bps), (f"v{i}", link.down_bps)):
+            # tbf rates are frame rates (topology.py: what a link's rate counts). v<i> (a veth)
+            # sees frames; t<i> (a TUN) sees IP packets, 14 bytes shorter, so its rate is scaled
+            # to give full-size packets the same time.
+            up_ip_bps = topo.frame_bps(link.up_bps) * _IP_MTU / _FRAME
+            for dev, bps in ((f"t{i}", up_ip_bps), (f"v{i}", topo.frame_bps(link.down_bps))):
                 # burst >= one 64 KiB GSO super-packet so tbf never splits one (a few ms at most);
                 # the queue holds at least one, or tbf would drop every super-packet.
                 burst = max(96 << 10, int(bps / 8 * 0.002))

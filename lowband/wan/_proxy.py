@@ -3,9 +3,10 @@
 A relay listener stands for one (source host, destination address) pair. The relay reads
 what the source writes and passes it through a model of the path: the source's uplink
 (a FIFO at the uplink rate, bounded queue), the one-way delay and jitter, the destination's
-downlink (a FIFO at its rate), then writes it to the destination. Rates count modelled wire
-bytes (payload plus 66 bytes of Ethernet/IP/TCP header per 1448-byte segment), as the rate limiters
-do in ``netns`` mode.
+downlink (a FIFO at its rate), then writes it to the destination. The rates it is given are
+frame rates (the launcher converts a topology's rates, see ``topology.py``); it charges modelled
+wire bytes (payload plus 66 bytes of Ethernet/IP/TCP header per 1448-byte segment), as the rate
+limiters do in ``netns`` mode.
 
 A relay ends each TCP connection locally, so alone it would let one stream fill any link. The
 window model stops that: each direction of a connection may have at most ``cwnd`` bytes in

@@ -59,7 +59,11 @@ class ProxyLinks:
         topo = self.topology
         config = {
             "hosts": [
-                {"up_bps": h.up_bps, "down_bps": h.down_bps, "queue_bytes": h.queue_bytes}
+                {  # frame rates: the relay charges each segment's headers (_proxy._wire)
+                    "up_bps": topo.frame_bps(h.up_bps),
+                    "down_bps": topo.frame_bps(h.down_bps),
+                    "queue_bytes": h.queue_bytes,
+                }
                 for h in topo.hosts
             ],
             "addresses": [self.host_address(i) for i in range(topo.n)],

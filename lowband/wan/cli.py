@@ -69,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         topo = Topology.uniform(
             args.hosts,
             rate=args.rate,
+            basis=args.basis,
             up=args.up,
             rtt=args.rtt,
             jitter=args.jitter,
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--hosts", type=int, default=2)
     run.add_argument("--rate", default="100mbit", help="downlink (and uplink) rate, e.g. 100mbit")
     run.add_argument("--up", default=None, help="uplink rate if different")
+    run.add_argument(
+        "--basis",
+        choices=("payload", "frames"),
+        default="payload",
+        help="what rates count: TCP payload of a bulk transfer (default) or Ethernet frames",
+    )
     run.add_argument("--rtt", default="100ms", help="round trip between any two hosts")
     run.add_argument("--jitter", default="0ms")
     run.add_argument(

@@ -5,6 +5,14 @@ bounded bottleneck queue in front of each direction. Every ordered pair of hosts
 one-way propagation delay and a jitter (seconds). A packet from ``a`` to ``b`` waits in
 ``a``'s uplink queue, crosses the path ``a -> b`` and then waits in ``b``'s downlink queue.
 Jitter never reorders packets of one flow: a packet never leaves before the one ahead of it.
+
+What a rate means (``basis``). By default (``"payload"``) a link's rate is the rate at which
+a bulk TCP transfer moves payload over it, the figure a speed test reports and the one
+providers sell a tier by: "100 Mbit/s" moves 64 MiB in 5.37 s plus the delay. The wire then
+carries Ethernet frames at ``rate * 1514 / 1448`` (66 bytes of Ethernet, IP and TCP header
+with timestamps per full 1448-byte segment). With ``basis="frames"`` the rate is the frame
+rate itself, as on a bare Ethernet port: a bulk transfer then tops out at 1448/1514 = 95.6%
+of it. Link-byte counters always count what crossed the wire (frames in ``netns`` mode).
 """
 
 from __future__ import annotations
@@ -15,7 +23,12 @@ from dataclasses import dataclass, field
 
 from lowband.errors import ConfigError
 
-__all__ = ["HostLink", "Topology", "parse_rate", "parse_seconds", "parse_bytes"]
+__all__ = ["FRAME_PER_PAYLOAD", "HostLink", "Topology", "parse_rate", "parse_seconds", "parse_bytes"]
+
+#: Ethernet frame bytes per TCP payload byte in a bulk transfer: 1514-byte frames, 1448-byte
+#: segments (1500-byte MTU, TCP timestamps on, as Linux sends them).
+FRAME_PER_PAYLOAD = 1514 / 1448
+_BASES = ("payload", "frames")
 
 _RATE_UNITS = {"": 1.0, "bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
@@ -80,15 +93,19 @@ class Topology:
     ``delay[a][b]`` and ``jitter[a][b]`` are seconds for packets from ``a`` to ``b``;
     the round trip between ``a`` and ``b`` is ``delay[a][b] + delay[b][a]``. ``loss`` is a
     random drop probability per packet (``netns`` mode only: a userspace relay cannot lose
-    bytes of a TCP stream).
+    bytes of a TCP stream). ``basis`` says what the rates count (module docstring):
+    ``"payload"`` (default) or ``"frames"``.
     """
 
     hosts: tuple[HostLink, ...]
     delay: tuple[tuple[float, ...], ...]
     jitter: tuple[tuple[float, ...], ...] = field(default=())
     loss: float = 0.0
+    basis: str = "payload"
 
     def __post_init__(self) -> None:
+        if self.basis not in _BASES:
+            raise ConfigError(f"Topology.basis must be one of {_BASES}, got {self.basis!r}")
         n = len(self.hosts)
         if not 1 <= n <= 200:
             raise ConfigError(f"a topology needs 1..200 hosts, got {n}")
@@ -107,6 +124,10 @@ class Topology:
     def n(self) -> int:
         return len(self.hosts)
 
+    def frame_bps(self, bps: float) -> float:
+        """The Ethernet frame rate that gives a link of rate ``bps`` under this ``basis``."""
+        return bps * FRAME_PER_PAYLOAD if self.basis == "payload" else bps
+
     def rtt(self, a: int, b: int) -> float:
         """Propagation round trip between hosts ``a`` and ``b`` (no queueing), seconds."""
         return self.delay[a][b] + self.delay[b][a]
@@ -122,6 +143,7 @@ class Topology:
         jitter: str | float = 0.0,
         queue: str | int | None = None,
         loss: float = 0.0,
+        basis: str = "payload",
     ) -> Topology:
         """``n`` identical hosts, every pair ``rtt`` apart (half of it each way).
 
@@ -146,6 +168,7 @@ class Topology:
             delay=tuple(tuple(r) for r in off),
             jitter=tuple(tuple(r) for r in jm),
             loss=loss,
+            basis=basis,
         )
 
     @classmethod
@@ -156,6 +179,7 @@ class Topology:
         *,
         jitter: Sequence[Sequence[float]] | None = None,
         loss: float = 0.0,
+        basis: str = "payload",
     ) -> Topology:
         """Hosts with their own links and an explicit one-way delay matrix (seconds)."""
         return cls(
@@ -163,4 +187,5 @@ class Topology:
             delay=tuple(tuple(float(v) for v in row) for row in delay),
             jitter=tuple(tuple(float(v) for v in row) for row in jitter) if jitter else (),
             loss=loss,
+            basis=basis,
         )

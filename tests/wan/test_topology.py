@@ -36,6 +36,10 @@ def test_uniform_topology() -> None:
     assert t.rtt(0, 2) == pytest.approx(0.08)
     assert t.delay[1][1] == 0.0 and t.jitter[0][1] == pytest.approx(0.002)
     assert t.hosts[0].queue_bytes == int(100e6 * 0.05 / 8)  # 50 ms at the faster rate
+    # rates are TCP payload rates unless told otherwise; the wire carries frames
+    assert t.basis == "payload" and t.frame_bps(100e6) == pytest.approx(100e6 * 1514 / 1448)
+    f = Topology.uniform(2, rate="100mbit", rtt="10ms", basis="frames")
+    assert f.frame_bps(100e6) == 100e6
 
 
 def test_topology_rejects_bad_shapes_and_values() -> None:
@@ -52,6 +56,8 @@ def test_topology_rejects_bad_shapes_and_values() -> None:
         HostLink(up_bps=1e6, down_bps=1e6, queue_bytes=10)
     with pytest.raises(ConfigError, match="hosts"):
         Topology.from_links([], [])
+    with pytest.raises(ConfigError, match="basis"):
+        Topology.uniform(2, rate="1mbit", rtt="10ms", basis="ip")
 
 
 def test_emulator_rejects_bad_mode_and_window() -> None:
