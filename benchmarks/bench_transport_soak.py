@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                         divergent += 1
                         print(f"DIVERGENT: generation {gen} round {finished_k}: {rows}")
                     done_rounds += 1
+                    if done_rounds % 500 == 0:
+                        print(f"  {done_rounds} rounds settled after {time.monotonic() - t_start:.0f} s "
+                              f"(generation {gen}; {kills} kills, {cuts} cuts so far)", flush=True)
                     if next_fault == float("inf"):
                         next_fault = time.monotonic() + rng.expovariate(1 / args.fault_every)
             for a_, b_ in [(x[1], x[2]) for x in restore]:

@@ -26,6 +26,7 @@ from lowband.kernels import _native, _ref
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "resolve",
     "quantize",
     "dequantize",
     "pack_bits",
@@ -130,6 +131,20 @@ def _impl(op: str, backend: str | None, device: torch.device) -> Any:
 
 
 _CPU = torch.device("cpu")
+_OPS = frozenset(__all__) - {"BACKENDS", "available_backends", "resolve"}
+
+
+def resolve(op: str, device: torch.device | str = "cpu", *, backend: str | None = None) -> Any:
+    """The kernel function that ``lowband.kernels.<op>`` would call for ``device``, looked up now.
+
+    The public wrappers choose the backend on every call (tens of microseconds); a hot loop
+    that makes thousands of small calls resolves once and calls the result with the same
+    arguments (minus ``backend=``). Raises ConfigError for an unknown op or backend and
+    BackendUnavailable as the wrappers do.
+    """
+    if op not in _OPS:
+        raise ConfigError(f"unknown kernel op {op!r}; choose one of {sorted(_OPS)}")
+    return _impl(op, backend, torch.device(device))
 
 
 def quantize(

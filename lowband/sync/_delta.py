@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowband import kernels
 from lowband.compress import Codec, Payload, _lz4
 from lowband.errors import CodecError
-from lowband.kernels import _dispatch
 from lowband.sync._wire import (
     CODEC,
     DENSE,
@@ -71,12 +71,9 @@ _VARINT_MAX = 9
 
 @functools.cache
 def _kernel(op: str) -> Callable[..., Any]:
-    """The CPU kernel that ``lowband.kernels.<op>`` dispatches to, resolved once.
-
-    The public wrappers look the backend up on every call (tens of microseconds);
-    a sync makes a few calls per chunk, hundreds per version.
-    """
-    return _dispatch._impl(op, None, torch.device("cpu"))
+    """The CPU kernel for ``op``, resolved once: a sync makes a few calls per chunk,
+    hundreds per version, and the public wrappers choose a backend on every call."""
+    return kernels.resolve(op, "cpu")
 
 
 def checksum(data: Any) -> int:

@@ -119,3 +119,24 @@ def test_build_without_compiler_does_not_fail(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "native kernels not built" in out.stderr
     assert not list((tmp_path / "lib").rglob("_native*.so"))
+
+
+def test_resolve_gives_the_function_the_wrapper_calls() -> None:
+    x = torch.randn(4096)
+    fn = kernels.resolve("quantize", "cpu")
+    want = kernels.quantize(x, bits=4, block=256)
+    got = fn(x, bits=4, block=256)
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+    ref = kernels.resolve("checksum", backend="torch")
+    assert ref(b"lowband") == kernels.checksum(b"lowband")
+
+
+def test_resolve_rejects_unknown_ops_and_backends() -> None:
+    with pytest.raises(ConfigError, match="unknown kernel op"):
+        kernels.resolve("resolve")
+    with pytest.raises(ConfigError, match="unknown kernel backend"):
+        kernels.resolve("checksum", backend="fortran")
+    if "triton" not in kernels.available_backends("cpu"):
+        with pytest.raises(BackendUnavailable):
+            kernels.resolve("checksum", backend="triton")
