@@ -2,7 +2,8 @@
 
     python benchmarks/wan_calibration.py                 # the table in docs/wan.md (~6 min)
     python benchmarks/wan_calibration.py --quick         # a smaller table (~1 min)
-    python benchmarks/wan_calibration.py --limits        # where the Python delay line stops keeping up
+    python benchmarks/wan_calibration.py --limits        # also: where each delay-line engine falls behind
+    python benchmarks/wan_calibration.py --limits-only   # only that (~3 min)
 
 Every row sends ``size`` bytes from host 0 to host 1 over 1 or 4 TCP streams (default buffers,
 the kernel's congestion control) and times first byte sent -> last byte received. ``ideal`` is
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowband.wan import LinkEmulator, Topology  # noqa: E402
+from lowband.wan._delayline import ENGINE_ENV, native_library  # noqa: E402
 from lowband.wan._netns import netns_available  # noqa: E402
 from lowband.wan.probes import transfer  # noqa: E402
 from lowband.wan.topology import parse_bytes, parse_rate, parse_seconds  # noqa: E402
@@ -49,6 +51,9 @@ def run_case(
     r["late_mean_ms"] = line["late_sum_s"] / count * 1e3
     r["late_over_1ms_pct"] = line["late_over_1ms"] / count * 100
     r["late_max_ms"] = line["late_max_s"] * 1e3
+    r["line_packets"] = line.get("packets", line.get("chunks", 0))
+    r["engine"] = line.get("engine", "proxy")
+    r["write_us"] = line.get("write_s", 0.0) / count * 1e6  # netns: kernel forwarding per packet
     r["keeps_up"] = r["late_mean_ms"] < 0.5 and r["late_over_1ms_pct"] < 1.0
     return r
 
@@ -92,27 +97,59 @@ def table(cases: list[tuple[str, str, str]], modes: list[str]) -> list[dict]:
     return rows
 
 
+LIMITS = (
+    (True, ("1gbit", "2gbit", "4gbit")),
+    (False, ("200mbit", "500mbit", "1gbit", "2gbit")),
+)
+
+
 def limits() -> list[dict]:
-    """4 streams at 20 ms RTT, raising the rate until the delay line falls behind."""
+    """4 streams at 20 ms RTT, raising the rate until the delay line falls behind.
+
+    At every rate each delay-line engine runs in turn (``LOWBAND_DELAYLINE``, read by the delay
+    line process), so both see the same machine load. ``line packets/s`` counts every packet the
+    line released (both directions, acknowledgements included) over the transfer's time;
+    ``share of rate`` is the steady payload rate over the link's (payload) rate; ``write us``
+    is the mean time inside the delay line's write() per packet, where the kernel forwards the
+    packet on (routing, the downlink's tbf, the receiving host's TCP, its acknowledgement).
+    """
+    engines = ["c", "python"]
+    lib, why = native_library()
+    if lib is None:
+        print(f"the C delay line is not built ({why}): the Python engine only")
+        engines = ["python"]
     rows = []
     print(
-        "| offload | rate | 4-stream Mbit/s | share of rate | mean late ms | >1 ms late % | max late ms |"
+        "| offload | rate | engine | 4-stream Mbit/s | share of rate | line packets/s "
+        "| write us/packet | mean late ms | >1 ms late % | max late ms | line |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for offload, rates in (
-        (True, ("1gbit", "2gbit", "4gbit")),
-        (False, ("200mbit", "500mbit", "1gbit")),
-    ):
-        for rate in rates:
-            size = "512MiB" if offload else "128MiB"
-            r = run_case("netns", rate, "20ms", size, 4, offload=offload)
-            share = r["steady_mbps"] / (parse_rate(rate) / 1e6)
-            print(
-                f"| {'GSO' if offload else '1500 B'} | {rate} | {r['steady_mbps']:.0f} | {share:.2f} | "
-                f"{r['late_mean_ms']:.2f} | {r['late_over_1ms_pct']:.1f} | {r['late_max_ms']:.1f} |",
-                flush=True,
-            )
-            rows.append({"offload": offload, "rate": rate, **r})
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    before = os.environ.get(ENGINE_ENV)
+    try:
+        for offload, rates in LIMITS:
+            for rate in rates:
+                for engine in engines:
+                    os.environ[ENGINE_ENV] = engine
+                    size = "512MiB" if offload else "128MiB"
+                    r = run_case("netns", rate, "20ms", size, 4, offload=offload)
+                    if r["engine"] != engine:
+                        raise RuntimeError(f"asked for the {engine} engine, {r['engine']} ran")
+                    share = r["steady_mbps"] / (parse_rate(rate) / 1e6)
+                    pps = r["line_packets"] / r["seconds"]
+                    print(
+                        f"| {'GSO' if offload else '1500 B'} | {rate} | {engine} | "
+                        f"{r['steady_mbps']:.0f} | {share:.2f} | {pps / 1e3:.0f}K | "
+                        f"{r['write_us']:.1f} | "
+                        f"{r['late_mean_ms']:.2f} | {r['late_over_1ms_pct']:.1f} | "
+                        f"{r['late_max_ms']:.1f} | {'ok' if r['keeps_up'] else 'late'} |",
+                        flush=True,
+                    )
+                    rows.append({"offload": offload, "rate": rate, **r})
+    finally:
+        if before is None:
+            os.environ.pop(ENGINE_ENV, None)
+        else:
+            os.environ[ENGINE_ENV] = before
     return rows
 
 
@@ -123,6 +160,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two cases instead of the full table")
     parser.add_argument(
         "--limits", action="store_true", help="also find where the delay line falls behind"
+    )
+    parser.add_argument(
+        "--limits-only", action="store_true", help="only the delay-line limits, no calibration"
     )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
@@ -142,8 +182,10 @@ def main() -> int:
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
     t0 = time.monotonic()
-    result: dict = {"table": table(QUICK if args.quick else FULL, modes)}
-    if args.limits and ok:
+    result: dict = {}
+    if not args.limits_only:
+        result["table"] = table(QUICK if args.quick else FULL, modes)
+    if (args.limits or args.limits_only) and ok:
         print()
         result["limits"] = limits()
     print(f"\n{time.monotonic() - t0:.0f} s")

@@ -54,6 +54,7 @@ typedef struct {
     uint64_t packets, bytes, dropped_loss, dropped_cut, dropped_full, unknown, write_errors;
     uint64_t late_over_1ms, max_held;
     double late_max_s, late_sum_s;
+    double write_s; /* time inside write(): the kernel forwards the packet inline, downstream too */
 } lb_dl_stats;
 
 typedef struct lb_dl {
@@ -138,10 +139,12 @@ static void count_sent(lb_dl *dl, uint32_t len, double late) {
 }
 
 static int write_packet(lb_dl *dl, int fd, const unsigned char *data, uint32_t len) {
+    int64_t start = now_ns();
     ssize_t w;
     do {
         w = write(fd, data, len);
     } while (w < 0 && errno == EINTR);
+    dl->st.write_s += (double)(now_ns() - start) * 1e-9;
     if (w < 0) dl->st.write_errors++; /* the kernel refused it: a loss, as on a real link */
     return w >= 0;
 }

@@ -84,6 +84,7 @@ def _new_stats() -> dict[str, Any]:
         "late_sum_s": 0.0,
         "late_over_1ms": 0,
         "max_held": 0,
+        "write_s": 0.0,
     }
 
 
@@ -183,16 +184,19 @@ class DelayLine:
         self.held_bytes += len(pkt)
         self.st["max_held"] = max(self.st["max_held"], len(self.heap))
 
-    def release_due(self, now: float) -> None:
+    def release_due(self) -> None:
+        """Write every packet whose time has come; lateness is measured at each write."""
         heap, st = self.heap, self.st
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= (now := time.monotonic()):
             release, _, fd, pkt = heapq.heappop(heap)
             self.held_bytes -= len(pkt)
+            start = time.monotonic()
             try:
                 os.write(fd, pkt)
             except OSError:  # the kernel refused it (e.g. a full queue): a loss, as on a real link
                 st["write_errors"] += 1
                 continue
+            st["write_s"] += time.monotonic() - start
             late = now - release
             st["packets"] += 1
             st["bytes"] += len(pkt) - self.hdr
@@ -208,8 +212,7 @@ class DelayLine:
         buffered = b""
         rlist = [stdin, *self.fds]
         while True:
-            now = time.monotonic()
-            self.release_due(now)
+            self.release_due()
             timeout = max(0.0, self.heap[0][0] - time.monotonic()) if self.heap else None
             ready, _, _ = select.select(rlist, [], [], timeout)
             for fd in ready:
@@ -247,7 +250,7 @@ class _Stats(ctypes.Structure):
             "late_over_1ms",
             "max_held",
         )
-    ] + [("late_max_s", ctypes.c_double), ("late_sum_s", ctypes.c_double)]
+    ] + [(name, ctypes.c_double) for name in ("late_max_s", "late_sum_s", "write_s")]
 
 
 def native_library() -> tuple[ctypes.CDLL | None, str]:
