@@ -1,8 +1,10 @@
 """What DeMo puts on the wire for one bucket of tiles, and how peers' buckets combine.
 
 A bucket holds the tile-major DCT coefficients of every parameter of one param group
-whose tiles have the same number of values ``T`` (see :mod:`lowband.distro._tiling`),
-concatenated into one flat fp32 vector, so one step sends one payload per bucket.
+whose tiles have the same shape of ``T`` values (see :mod:`lowband.distro._tiling`; a
+group's 1-D parameters are packed and ride in the bucket of the ``chunk x chunk``
+tiles), concatenated into one flat fp32 vector, so one step sends one payload per
+bucket: usually one per param group.
 The payload is a generic :mod:`lowband.compress` codec:
 
 * sparse: ``topk:k=K,tile=T`` (tile-local indices of 8, 12 or 16 bits) followed by the
@@ -11,8 +13,8 @@ The payload is a generic :mod:`lowband.compress` codec:
   it. When K is not a multiple of 8 the scale covers ``lcm(K, 8) / K`` tiles
   (the sign codec's blocks are multiples of 8 values).
 * dense: the value codec alone over every coefficient, used when K >= T or when it
-  is not larger than the sparse form (small tiles such as those of 1-D parameters:
-  64 indices of 8 bits cost more than 64 signs). The choice is made once per tile
+  is not larger than the sparse form (small tiles, such as the 1 x 64 tiles of a
+  short 1-D vector: 8 indices of 8 bits cost more than 64 signs). The choice is made once per tile
   size by encoding a probe with both codecs and comparing the exact payload bytes,
   so a parameter is never sent larger than dense.
 

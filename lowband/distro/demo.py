@@ -14,6 +14,10 @@ step, with ``m`` in fp32 whatever the parameter's dtype::
     u    = IDCT(Q); if sign: u = sign(u)
     p   -= lr * u
 
+A param group's 1-D parameters (biases, norm gains) are packed into one vector and
+tiled with the matrices' ``chunk x chunk`` tiles, so they travel at the same density
+and usually in the same payload (:meth:`TileLayout.for_packed`).
+
 (``lr`` enters twice, as in the authors' reference code: once scaling what the
 momentum collects, once scaling the update.) Peers' payloads are combined in
 rank order in fp32, so every peer applies bit-identical updates. With
