@@ -3,9 +3,11 @@
  * The core namespace routes what host i sends to another host into the TUN device t<i>. This
  * loop reads those packets, holds each for its (source, destination) pair's one-way delay plus a
  * uniform jitter in [-j, +j], and writes it back into the device it came from; the kernel routes
- * it on to the destination. A Python loop pays tens of microseconds a packet and falls behind
- * near 20-30K packets/s; this one runs the whole read -> hold -> write cycle without the GIL
- * (ctypes releases it around lb_dl_run), so the Python side only answers commands.
+ * it on to the destination. This loop runs the whole read -> hold -> write cycle without the GIL
+ * (ctypes releases it around lb_dl_run), so the Python side only answers commands; its own work
+ * is 1-2 us a packet, against about 10 us more for the Python loop. What remains is the kernel:
+ * write() runs the packet's onward path inline (routing, tbf, the receiving host's TCP), which
+ * write_s in the statistics counts (docs/wan.md, "Where the delay line stops keeping up").
  *
  * Schedule, the same rule as lowband/wan/_schedule.py's PairClock: release = max(now + max(0,
  * delay + jitter), stall end of either host, the pair's previous release). Release times are

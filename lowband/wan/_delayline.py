@@ -7,13 +7,13 @@ same TUN device, where the kernel routes it on to the destination's downlink. Pa
 pair leave in the order they came, so jitter never reorders a TCP flow.
 
 Two engines run the packet loop. ``c`` (csrc/lb_delayline.c, in ``lowband/_native.so``) runs
-read -> hold -> write without the GIL while a Python thread answers commands; it keeps its
-schedule at hundreds of thousands of packets per second (docs/wan.md). ``python`` (this file)
-pays tens of microseconds a packet and falls behind near 20-30K packets/s: with GSO
-super-packets that is about a gigabit, with 1500-byte packets (``offload=False``) or many
-small TCP segments much less. ``c`` runs when the library has it, else ``python`` with a WARNING
-on stderr; ``LOWBAND_DELAYLINE=python`` or ``=c`` forces one (``c`` fails when it cannot run).
-The ``stats`` answer names the engine that ran.
+read -> hold -> write without the GIL while a Python thread answers commands; its own work is
+1-2 us a packet. ``python`` (this file) adds about 10 us a packet. Both share one limit: a
+write into a TUN device runs the packet's onward path through the kernel inline (10-30 us a
+packet on a small VM; ``write_s`` in the stats), so one thread falls behind near 20K packets/s
+(docs/wan.md, "Where the delay line stops keeping up"). ``c`` runs when the library has it,
+else ``python`` with a WARNING on stderr; ``LOWBAND_DELAYLINE=python`` or ``=c`` forces one
+(``c`` fails when it cannot run). The ``stats`` answer names the engine that ran.
 
 The TUN devices pass GSO super-packets (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``): one read can
 carry up to 64 KiB of TCP payload; the vnet header goes back out untouched.
@@ -367,8 +367,8 @@ def _choose(config: dict[str, Any]) -> DelayLine | NativeDelayLine:
     if choice == "c":
         raise BackendUnavailable(f"{ENGINE_ENV}=c, but {why}")
     log.warning(
-        "the C packet loop is unavailable (%s): the Python loop runs, and falls behind above "
-        "about 20-30K packets/s (1500-byte packets near 200 Mbit/s)",
+        "the C packet loop is unavailable (%s): the Python loop runs, and falls behind sooner "
+        "(1500-byte packets: already at 100 Mbit/s, docs/wan.md)",
         why,
     )
     return DelayLine(config)
