@@ -84,11 +84,12 @@ def tcp_source(q: Any, addr: str, port: int, size: int) -> None:
     s.close()
 
 
-def carrier_peer(q: Any, cmd: Any, rank: int, coord: str, streams: int | None, size: int, rounds: int) -> None:
+def carrier_peer(q: Any, cmd: Any, rank: int, coord: str, streams: int | None, size: int, rounds: int,
+                 link: tuple[float, float]) -> None:
     from lowband.transport._zmq import ZmqCarrier
 
     c = ZmqCarrier(rank, 2, coordinator=coord, host=local_address(), streams=streams, peer_timeout=60,
-                   bandwidth=1e9, rtt=0.1)
+                   bandwidth=link[0], rtt=link[1])  # told the link, as a user would tell it
     try:
         data = _payload(size) if rank == 0 else b""
         digest = hashlib.sha256(data).hexdigest() if rank == 0 else ""
@@ -126,8 +127,9 @@ def bench_link(args: argparse.Namespace) -> int:
     with LinkEmulator(topo, mode="netns") as net:
         net.spawn(HUB, run_coordinator, args=(q, net.hub_address))
         coord = f"{_expect(q, 'coord', 120)[1]}"
-        net.spawn(1, carrier_peer, args=(q, cmd1, 1, coord, args.streams, size, args.repeat))
-        net.spawn(0, carrier_peer, args=(q, cmd0, 0, coord, args.streams, size, args.repeat))
+        link = (rate, parse_seconds(args.rtt))
+        net.spawn(1, carrier_peer, args=(q, cmd1, 1, coord, args.streams, size, args.repeat, link))
+        net.spawn(0, carrier_peer, args=(q, cmd0, 0, coord, args.streams, size, args.repeat, link))
         net.spawn(1, tcp_sink, args=(q,))
         port = _expect(q, "sink", 120)[1]
         best = {"tcp": float("inf"), "zmq": float("inf")}
@@ -169,12 +171,14 @@ def bench_link(args: argparse.Namespace) -> int:
     return 0
 
 
-def allreduce_peer(q: Any, rank: int, world: int, coord: str, n: int, streams: int | None, rounds: int) -> None:
+def allreduce_peer(q: Any, rank: int, world: int, coord: str, n: int, streams: int | None, rounds: int,
+                   link: tuple[float, float]) -> None:
     import torch
 
     import lowband
 
     g = lowband.init_group(rank, world, store=coord, backend="zmq", peer_timeout=120, group_name="wan",
+                           bandwidth=link[0], rtt=link[1],
                            host=local_address(), streams=streams, init_timeout=600)
     try:
         inputs = [torch.randn(n, generator=torch.Generator().manual_seed(7 + r)) for r in range(world)]
@@ -204,7 +208,8 @@ def bench_allreduce(args: argparse.Namespace) -> int:
     with LinkEmulator(topo, mode="netns") as net:
         net.spawn(HUB, run_coordinator, args=(q, net.hub_address))
         coord = _expect(q, "coord", 120)[1]
-        procs = [net.spawn(r, allreduce_peer, args=(q, r, world, coord, n, args.streams, args.repeat))
+        procs = [net.spawn(r, allreduce_peer, args=(q, r, world, coord, n, args.streams, args.repeat,
+                                                     (rate, 2 * delay)))
                  for r in range(world)]
         print(f"all_reduce fp32 {size / 2**20:.0f} MiB, {world} hosts, {args.rate} up and down, {args.delay} one way")
         best = float("inf")

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _BATCH = 256  # messages read from one socket per turn, so no socket starves the others
+_GONE_GRACE = 0.5  # s every connection to a peer must have been down before close stops waiting
 
 
 class IOLoop:
@@ -163,20 +164,26 @@ class IOLoop:
         last collective first must not close while a peer still waits for its chunks.
         Waiting lasts while acknowledgements keep arriving, and ends after ``patience``
         seconds without progress (a dead or cut-off peer) or once everything is acked.
+        A peer whose every connection has been down for a moment (it closed its end first,
+        as the last rank out of a final barrier does) is not waited for.
         Returns True when nothing was left unacknowledged.
         """
         last_left, last_progress = None, time.monotonic()
         while self._thread.is_alive():
+            now = time.monotonic()
             try:
-                left = sum(
-                    len(link.unacked) + len(link.queue)
+                live = [
+                    (link, link.gone(now, _GONE_GRACE))
                     for peer, link in list(self.links.items())
                     if not self.is_lost(peer)
-                )
+                ]
             except RuntimeError:  # the I/O thread changed a dict under us: look again
                 continue
+            # sends still in the command queue are not chunks yet
+            queued = sum(1 for cmd in list(self._cmds) if cmd[0] == "send")
+            left = queued + sum(len(link.unacked) + len(link.queue) for link, gone in live if not gone)
             if left == 0:
-                return True
+                return not any(link.unacked or link.queue for link, gone in live if gone)
             now = time.monotonic()
             if last_left is None or left < last_left:
                 last_left, last_progress = left, now

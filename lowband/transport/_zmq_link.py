@@ -105,6 +105,7 @@ class Stream:
     monitor: zmq.Socket
     connected: bool = False
     was_down: bool = False
+    down_since: float | None = None  # monotonic time the connection dropped (None: up)
 
 
 @dataclass
@@ -175,8 +176,10 @@ class Link:
         kind = event["event"]
         if kind == zmq.EVENT_DISCONNECTED:
             st.connected, st.was_down = False, True
+            if st.down_since is None:
+                st.down_since = time.monotonic()
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            st.connected = True
+            st.connected, st.down_since = True, None
             if st.was_down:
                 st.was_down = False
                 again = sorted(
@@ -190,6 +193,13 @@ class Link:
 
     def pending(self) -> bool:
         return bool(self.queue)
+
+    def gone(self, now: float, grace: float) -> bool:
+        """Every connection to the peer has been down for ``grace`` seconds (it closed, or the
+        path died): nothing sent now will be acknowledged until it comes back."""
+        return all(
+            st.down_since is not None and now - st.down_since >= grace for st in self.streams
+        )
 
     def close(self) -> None:
         for st in self.streams:

@@ -222,6 +222,32 @@ def test_link_cut_resends_unacknowledged_chunks_and_drops_duplicates(coordinator
         proxy.close()
 
 
+def test_close_does_not_wait_for_a_peer_that_closed_first(coordinator: str) -> None:
+    """The last rank out of a final exchange closes first; what the other rank still holds
+    for it can never be acknowledged, so that rank's close must not wait out its patience
+    (it used to wait 10 s and warn). A peer merely slow to acknowledge is still waited for."""
+    cs = _carriers(coordinator, 2, streams=2, peer_timeout=60)
+    try:
+        cs[0].send(1, (0, 1, 0), [b"hello"], payload_bytes=5)
+        assert bytes(cs[1].recv(0, (0, 1, 0), timeout=30)[0]) == b"hello"
+        cs[1].close()
+        link = cs[0].io.links[1]
+        deadline = time.monotonic() + 30
+        while not link.gone(time.monotonic(), 0.0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert link.gone(time.monotonic(), 0.0), "rank 0 never saw rank 1's connections close"
+        cs[0].send(1, (0, 2, 0), [b"never acknowledged"], payload_bytes=18)
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(cs[0].io.drain(patience=120)))
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "close waited on a peer that had closed"
+        assert result == [False]  # something was left, and drain says so
+        assert not cs[0].io.is_lost(1)  # skipped as gone, not as lost (peer_timeout is 60 s)
+    finally:
+        _close(cs)
+
+
 def test_hostile_frames_are_rejected_and_the_sender_cut_off(coordinator: str) -> None:
     cs = _carriers(coordinator, 2, streams=2, chunk_size=64 << 10, peer_timeout=30)
     ctx = zmq.Context()
