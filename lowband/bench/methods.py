@@ -49,7 +49,8 @@ class TrainConfig:
     sparseloco_sync_every: int = 10
     fragments: int = 2  # streaming DiLoCo
     overlap: int = 5  # streaming DiLoCo: inner steps a fragment's sync may run behind
-    demo_lr: float = 1e-3
+    demo_lr: float = 2e-3
+    demo_decay: float = 0.99  # tuned in docs/demo.md (0.999, DeMo's default, trails by 4 points)
     demo_topk: int = 8
     demo_chunk: int = 64
     bucket_bytes: int = 25 << 20  # ddp: torch DDP's default bucket cap
@@ -175,6 +176,7 @@ def build_method(name: str, model: torch.nn.Module, group: Any, cfg: TrainConfig
             topk=cfg.demo_topk,
             chunk=cfg.demo_chunk,
             sign=True,
+            decay=cfg.demo_decay,
             overlap=True,
         )
         return Stepper(model, opt, finish=_finisher(opt))
@@ -236,6 +238,7 @@ def describe_method(name: str, cfg: TrainConfig) -> dict[str, Any]:
         return {
             "optimizer": "DeMo",
             "lr": cfg.demo_lr,
+            "decay": cfg.demo_decay,
             "topk": cfg.demo_topk,
             "chunk": cfg.demo_chunk,
             "sign": True,
