@@ -26,12 +26,15 @@ density of the matrices and in the same bucket (one payload, one header).
 Coefficients are laid out tile-major: ``(ntiles, tr * tc)`` with tiles in row-major
 order of the tile grid, so a flat run of ``tr * tc`` values is one tile and a generic
 ``topk:tile=tr*tc`` stage picks "top-k per tile". :meth:`TileLayout.inverse` crops
-the padding away: what a peer applies and what the sender subtracts from its momentum
-are the same cropped tensor, so error feedback stays exact with padding.
+the padding away; DeMo keeps a matrix's momentum as coefficients, and
+:meth:`TileLayout.project_padding` zeroes what they hold in the padded area, so the
+momentum stays the coefficients of a cropped (zero-padded) tensor and error feedback
+stays exact with padding.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -120,6 +123,36 @@ class TileLayout:
             m = torch.nn.functional.pad(m, (0, pc, 0, pr))
         return m.reshape(gr, tr, gc, tc).permute(0, 2, 1, 3).reshape(gr * gc, tr, tc)
 
+    def tiles_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`tiles` of ``x`` written into ``out`` (fp32, ``(ntiles, tile_rows, tile_cols)``).
+
+        One strided copy (which also casts) when no padding is needed; the same values as
+        :meth:`tiles` in every case.
+        """
+        tr, tc = self.tile_rows, self.tile_cols
+        gr, gc = self.grid
+        if x.numel() != gr * tr * gc * tc:  # padding needed: build the padded matrix first
+            return out.copy_(self.tiles(x))
+        src = x.detach().reshape(gr, tr, gc, tc).permute(0, 2, 1, 3)
+        out.view(gr, gc, tr, tc).copy_(src)
+        return out
+
+    def project_padding(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, what the tiles of ``coeffs`` hold in the padded area.
+
+        ``coeffs`` are this layout's DCT coefficients ``(ntiles, tile_numel)`` (fp32). Only
+        the tiles that have padding are touched (an inverse and a forward DCT of those
+        alone); a layout without padding returns ``coeffs`` unchanged.
+        """
+        idx, mask = _padding(self)
+        if idx is None:
+            return coeffs
+        tr, tc = self.tile_rows, self.tile_cols
+        idx, mask = idx.to(coeffs.device), mask.to(coeffs.device)
+        sub = dct2(coeffs[idx].view(-1, tr, tc), inverse=True).mul_(mask)
+        coeffs[idx] = dct2(sub).view(idx.numel(), tr * tc)
+        return coeffs
+
     def untile(self, t: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`tiles`: the tiles put back in place, cropped to the parameter's shape."""
         tr, tc = self.tile_rows, self.tile_cols
@@ -136,6 +169,16 @@ class TileLayout:
         """Inverse of :meth:`forward`, cropped to the parameter's shape (fp32)."""
         t = coeffs.reshape(self.ntiles, self.tile_rows, self.tile_cols).to(torch.float32)
         return self.untile(dct2(t, inverse=True))
+
+
+@functools.lru_cache(maxsize=512)
+def _padding(layout: TileLayout) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tiles of ``layout`` that have padding (indices) and their masks (1 real, 0 pad)."""
+    mask = layout.tiles(torch.ones(math.prod(layout.shape)))
+    idx = (mask.flatten(1).amin(dim=1) == 0).nonzero().flatten()
+    if idx.numel() == 0:
+        return None, mask[:0]
+    return idx, mask[idx].contiguous()
 
 
 def dct2(t: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:

@@ -14,9 +14,19 @@ step, with ``m`` in fp32 whatever the parameter's dtype::
     u    = IDCT(Q); if sign: u = sign(u)
     p   -= lr * u
 
+The DCT is linear and orthonormal, so a parameter of two or more dimensions keeps
+``M = c`` itself, its momentum's coefficients: ``M = decay * M + lr * DCT(grad)``,
+``M -= decoded q``, then the padded area of the tiles that have one is projected out
+(``TileLayout.project_padding``: what the cropped spatial momentum would hold). That
+is the algorithm above in exact arithmetic, with one transform of the gradients and
+one of the combined update per bucket and step, instead of three (the state format:
+:mod:`lowband.distro._state`).
+
 A param group's 1-D parameters (biases, norm gains) are packed into one vector and
 tiled with the matrices' ``chunk x chunk`` tiles, so they travel at the same density
-and usually in the same payload (:meth:`TileLayout.for_packed`).
+and usually in the same payload (:meth:`TileLayout.for_packed`). The packing is redone
+each step from the parameters that have a gradient, so these keep ``m`` in their own
+shape and follow the steps above literally.
 
 (``lr`` enters twice, as in the authors' reference code: once scaling what the
 momentum collects, once scaling the update.) Peers' payloads are combined in
@@ -32,14 +42,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lowband.compress import Payload
+from lowband.distro._bucket import Entry, buckets, per_param, spans, split
 from lowband.distro._start import agree_on_start
+from lowband.distro._state import MOMENTUM, MOMENTUM_DCT, checked_state
+from lowband.distro._state import PENDING as _PENDING
+from lowband.distro._stats import add_transport, transport_counts
 from lowband.distro._tiling import TileLayout, dct2
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
 from lowband.errors import ConfigError
@@ -49,16 +63,6 @@ __all__ = ["DeMo"]
 
 log = logging.getLogger(__name__)
 
-_PENDING = "pending_update"
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A run of a bucket's tiles: one parameter, or a param group's packed 1-D parameters."""
-
-    params: list[torch.Tensor]
-    layout: TileLayout
-
 
 @dataclass
 class _Bucket:
@@ -66,7 +70,7 @@ class _Bucket:
 
     group: dict[str, Any]
     codec: BucketCodec
-    entries: list[_Entry]
+    entries: list[Entry]
     payload: Payload
     work: Any = None
 
@@ -223,46 +227,103 @@ class DeMo(torch.optim.Optimizer):
         """Update momenta, encode and subtract what is sent, start the all-gathers."""
         ex = _Exchange()
         for g in self.param_groups:
+            lr, decay, wd = g["lr"], g["decay"], g["weight_decay"]
             matrices: list[torch.Tensor] = []
             vectors: list[torch.Tensor] = []  # 1-D and 0-D: packed into one layout
             for p in g["params"]:
                 if p.grad is None:
-                    continue
+                    continue  # no gradient: no weight decay, no momentum decay, nothing sent
                 if p.grad.is_sparse:
                     raise ConfigError("DeMo does not take sparse gradients")
-                st = self.state[p]
-                if "momentum" not in st:
-                    st["momentum"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                if g["weight_decay"]:
-                    p.mul_(1.0 - g["lr"] * g["weight_decay"])
-                st["momentum"].mul_(g["decay"]).add_(p.grad, alpha=g["lr"])
+                if wd:
+                    p.mul_(1.0 - lr * wd)
                 (vectors if p.dim() <= 1 else matrices).append(p)
-            for entries in _buckets(matrices, vectors, g["chunk"]):
+            for p in vectors:  # the packed parameters keep their momentum in their own shape
+                st = self.state[p]
+                if MOMENTUM not in st:
+                    st[MOMENTUM] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                st[MOMENTUM].mul_(decay).add_(p.grad, alpha=lr)
+            for entries in buckets(matrices, vectors, g["chunk"]):
                 ex.buckets.append(self._encode(g, entries))
-        ex.transport_before = _transport_counts(self.group)
+        ex.transport_before = transport_counts(self.group)
         ex.started = time.perf_counter()
         for b in ex.buckets:
             b.work = self.group.all_gather(b.payload)
         return ex
 
-    def _encode(self, g: dict[str, Any], entries: list[_Entry]) -> _Bucket:
-        """Encode one bucket's coefficients and take what is sent out of the momenta."""
+    def _encode(self, g: dict[str, Any], entries: list[Entry]) -> _Bucket:
+        """Fold one bucket's gradients into its momenta, encode, take what is sent out.
+
+        One forward DCT for the whole bucket (the gradients' tiles of the matrices, the
+        packed momentum of the 1-D parameters); the matrices' momenta are updated in the
+        DCT domain, so what is sent leaves them without an inverse transform.
+        """
         tr, tc = entries[0].layout.tile_shape
         bc = bucket_codec(tr * tc, topk=g["topk"], value=g["codec"])
-        # One transform per bucket: every entry's tiles side by side.
-        tiles = torch.cat([e.layout.tiles(self._momentum(e)) for e in entries])
-        payload = bc.codec.encode(dct2(tiles).reshape(-1))
-        sent = dct2(bc.codec.decode(payload).view(-1, tr, tc), inverse=True)
-        for p, part in _per_param(sent, entries):
-            m = self.state[p]["momentum"]
-            m.sub_(part.to(m.device))
+        runs = spans(entries)
+        tiles = torch.empty(
+            runs[-1][1], tr, tc, dtype=torch.float32, device=entries[0].params[0].device
+        )
+        for e, (a, b) in zip(entries, runs):
+            src = self._packed_momentum(e) if e.packed else e.params[0].grad
+            e.layout.tiles_into(src, tiles[a:b])
+        coeffs = dct2(tiles).view(len(tiles), tr * tc)
+        mats = [(e, coeffs[a:b]) for e, (a, b) in zip(entries, runs) if not e.packed]
+        momenta = [self._momentum_dct(e) for e, _ in mats]
+        parts = [part for _, part in mats]
+        if parts:  # m = decay * m + lr * DCT(grad), written into the bucket's coefficients
+            torch._foreach_mul_(parts, g["lr"])
+            torch._foreach_add_(parts, momenta, alpha=g["decay"])
+        payload = bc.codec.encode(coeffs.reshape(-1))
+        sent = bc.codec.decode(payload).view_as(coeffs).to(coeffs.device)
+        coeffs.sub_(sent)  # what was sent leaves the momentum
+        for e, part in mats:
+            e.layout.project_padding(part)  # see docs/demo.md, "Momentum in the DCT domain"
+        if parts:
+            torch._foreach_copy_(momenta, parts)
+        for e, (a, b) in zip(entries, runs):
+            if e.packed:
+                back = e.layout.untile(dct2(sent[a:b].view(-1, tr, tc), inverse=True))
+                for p, part in split(back, e.params):
+                    m = self.state[p][MOMENTUM]
+                    m.sub_(part.to(m.device))
         return _Bucket(g, bc, entries, payload)
 
-    def _momentum(self, e: _Entry) -> torch.Tensor:
+    def _momentum_dct(self, e: Entry) -> torch.Tensor:
+        p, lay = e.params[0], e.layout
+        st = self.state[p]
+        if MOMENTUM_DCT not in st:
+            st[MOMENTUM_DCT] = torch.zeros(
+                lay.ntiles, lay.tile_numel, dtype=torch.float32, device=p.device
+            )
+        m = st[MOMENTUM_DCT]
+        if tuple(m.shape) != (lay.ntiles, lay.tile_numel):
+            raise ConfigError(
+                f"the DCT momentum of a parameter of shape {tuple(p.shape)} has shape "
+                f"{tuple(m.shape)}, not {(lay.ntiles, lay.tile_numel)}: chunk cannot change "
+                "once a parameter has momentum"
+            )
+        return m
+
+    def _packed_momentum(self, e: Entry) -> torch.Tensor:
         if len(e.params) == 1:
-            return self.state[e.params[0]]["momentum"]
-        dev = self.state[e.params[0]]["momentum"].device
-        return torch.cat([self.state[p]["momentum"].reshape(-1).to(dev) for p in e.params])
+            return self.state[e.params[0]][MOMENTUM]
+        dev = self.state[e.params[0]][MOMENTUM].device
+        return torch.cat([self.state[p][MOMENTUM].reshape(-1).to(dev) for p in e.params])
+
+    def momentum(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s momentum in ``p``'s shape (fp32, a new tensor), or None before its first step.
+
+        Parameters of two or more dimensions keep their momentum as DCT coefficients
+        (``state[p]["momentum_dct"]``); this is their inverse transform.
+        """
+        st = self.state.get(p, {})
+        if MOMENTUM in st:
+            return st[MOMENTUM].clone()
+        if MOMENTUM_DCT not in st:
+            return None
+        chunk = next(g["chunk"] for g in self.param_groups if any(q is p for q in g["params"]))
+        return TileLayout.for_shape(p.shape, chunk).inverse(st[MOMENTUM_DCT])
 
     def _resolve(self) -> None:
         """Wait for the exchange in flight and store each parameter's update in its state."""
@@ -280,18 +341,20 @@ class DeMo(torch.optim.Optimizer):
                 if r != rank and pl is not None:
                     self.stats.count_send(r, b.payload.nbytes, 0)
                     self.stats.count_recv(r, pl.nbytes, 0)
-            lr, use_sign = b.group["lr"], b.group["sign"]
             update = dct2(mean.view(-1, *b.entries[0].layout.tile_shape), inverse=True)
-            for p, part in _per_param(update, b.entries):
-                u = part.to(device=p.device, copy=True)
-                if use_sign:
-                    u.sign_()
-                self.state[p][_PENDING] = u.mul_(-lr)
+            if b.group["sign"]:
+                update.sign_()
+            update.mul_(-b.group["lr"])
+            for p, part in per_param(update, b.entries):
+                compact = part.untyped_storage().nbytes() == part.numel() * part.element_size()
+                if not compact or part.device != p.device:  # a view of the bucket: own copy
+                    part = part.to(device=p.device, copy=True)
+                self.state[p][_PENDING] = part
         with self.stats._lock:
             self.stats.syncs += 1
             self.stats.seconds_waited += waited
             self.stats.seconds_in_comm += time.perf_counter() - ex.started
-        _add_transport(self.stats, ex.transport_before, _transport_counts(self.group))
+        add_transport(self.stats, ex.transport_before, transport_counts(self.group))
 
     def _apply_pending(self) -> None:
         for g in self.param_groups:
@@ -308,79 +371,28 @@ class DeMo(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, keeping every saved buffer's dtype (torch would cast fp32 momentum to bf16)."""
+        """Load, keeping every saved buffer's dtype (torch would cast fp32 momentum to bf16).
+
+        The whole state dict is checked first (see :mod:`lowband.distro._state`): anything
+        malformed raises ConfigError and leaves the optimizer as it was.
+        """
         self._resolve()
-        saved = state_dict["state"]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = checked_state(
+            state_dict, [g["params"] for g in self.param_groups], check_group=_check_saved
+        )
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
-            for key, value in saved.get(i, {}).items():
-                if isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.detach().to(
-                        device=p.device, dtype=value.dtype, copy=True
-                    )
+        for p, bufs in saved.items():
+            self.state[p] = {k: v.to(device=p.device, copy=True) for k, v in bufs.items()}
         for g in self.param_groups:
-            _check(g)
             g["codec"] = value_spec(g["codec"])
 
 
-def _buckets(
-    matrices: list[torch.Tensor], vectors: list[torch.Tensor], chunk: int
-) -> list[list[_Entry]]:
-    """A param group's entries grouped by tile shape, one bucket (payload) per shape.
-
-    Matrices (and N-D weights) are tiled one by one; the 1-D parameters and scalars are
-    packed into one vector whose tiles are ``chunk x chunk`` when the matrices have such
-    a bucket, so they travel in it at the same density (see ``TileLayout.for_packed``).
-    """
-    by_tile: dict[tuple[int, int], list[_Entry]] = {}
-    for p in matrices:
-        lay = TileLayout.for_shape(p.shape, chunk)
-        by_tile.setdefault(lay.tile_shape, []).append(_Entry([p], lay))
-    if vectors:
-        n = sum(p.numel() for p in vectors)
-        lay = TileLayout.for_packed(n, chunk, full_tiles=(chunk, chunk) in by_tile)
-        by_tile.setdefault(lay.tile_shape, []).append(_Entry(vectors, lay))
-    return list(by_tile.values())
-
-
-def _per_param(
-    tiles: torch.Tensor, entries: list[_Entry]
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Split a bucket's tiles back into (parameter, its part cropped to its shape)."""
-    at = 0
-    for e in entries:
-        whole = e.layout.untile(tiles[at : at + e.layout.ntiles])
-        at += e.layout.ntiles
-        if len(e.params) == 1:
-            yield e.params[0], whole.reshape(e.params[0].shape)
-            continue
-        for p, part in zip(e.params, whole.split([p.numel() for p in e.params])):
-            yield p, part.view(p.shape)
-
-
-def _transport_counts(group: Any) -> dict[int, tuple[int, int]]:
-    stats = getattr(group, "stats", None)
-    if stats is None:
-        return {}
-    with stats._lock:
-        return {
-            r: (s.transport_bytes_sent, s.transport_bytes_received)
-            for r, s in stats.per_peer.items()
-        }
-
-
-def _add_transport(
-    stats: CommStats, before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
-) -> None:
-    with stats._lock:
-        for r, (sent, recv) in after.items():
-            s0, r0 = before.get(r, (0, 0))
-            peer = stats.per_peer.get(r)
-            if peer is None:
-                continue
-            peer.transport_bytes_sent += sent - s0
-            peer.transport_bytes_received += recv - r0
-            stats.transport_bytes_sent += sent - s0
-            stats.transport_bytes_received += recv - r0
+def _check_saved(g: dict[str, Any]) -> None:
+    """Raise ConfigError for a saved param group that lacks a hyperparameter or has a bad one."""
+    missing = [
+        k for k in ("lr", "decay", "weight_decay", "topk", "chunk", "sign", "codec") if k not in g
+    ]
+    if missing:
+        raise ConfigError(f"a saved DeMo param group lacks {missing}")
+    _check(g)
+    value_spec(g["codec"])

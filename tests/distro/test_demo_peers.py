@@ -18,7 +18,7 @@ def test_every_peer_ends_with_identical_parameters(overlap: bool) -> None:
         opt = DeMo(m.parameters(), lr=3e-3, group=group, topk=8, overlap=overlap)
         for s in range(6):
             train_step(m, opt, group.rank, s)  # each rank has its own data
-        return flat_params(m), [opt.state[p]["momentum"].clone() for p in m.parameters()]
+        return flat_params(m), [opt.momentum(p) for p in m.parameters()]
 
     with ThreadGroup(3) as tg:
         out = tg.run(body)
