@@ -50,13 +50,29 @@ def build_optimizer(
     method: str, model: torch.nn.Module, group: Any, args: argparse.Namespace
 ) -> Any:
     """The one line that changes between methods."""
-    adamw = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+    inner_lr = {"diloco": args.diloco_lr, "sparseloco": args.sparseloco_lr}.get(method)
+    lr = args.lr if inner_lr is None else inner_lr
+    adamw = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
     if method == "ddp":
         return lowband.CompressedGradients(adamw, group=group, codec=None)  # dense fp32
     if method == "diloco":
-        return lowband.DiLoCo(adamw, group=group, sync_every=args.sync_every, codec="q4")
+        return lowband.DiLoCo(
+            adamw,
+            group=group,
+            sync_every=args.sync_every,
+            codec="q4",
+            outer_lr=args.diloco_outer_lr,
+            outer_momentum=args.diloco_outer_momentum,
+            nesterov=args.diloco_outer_momentum > 0,
+        )
     if method == "sparseloco":
-        return lowband.optim.sparseloco(adamw, group=group, sync_every=args.sync_every)
+        return lowband.optim.sparseloco(
+            adamw,
+            group=group,
+            sync_every=args.sync_every,
+            outer_lr=args.sparseloco_outer_lr,
+            decay=args.sparseloco_decay,
+        )
     if method == "demo":
         return lowband.DeMo(
             model.parameters(),
@@ -239,6 +255,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--diloco-lr", type=float, default=None, help="DiLoCo's inner lr (--lr)")
+    ap.add_argument("--diloco-outer-lr", type=float, default=0.7)
+    ap.add_argument("--diloco-outer-momentum", type=float, default=0.9, help="Nesterov")
+    ap.add_argument(
+        "--sparseloco-lr", type=float, default=None, help="SparseLoCo's inner lr (--lr)"
+    )
+    ap.add_argument("--sparseloco-outer-lr", type=float, default=1.0)
+    ap.add_argument(
+        "--sparseloco-decay", type=float, default=0.95, help="SparseLoCo's error-feedback decay"
+    )
     ap.add_argument("--demo-lr", type=float, default=2e-3)
     ap.add_argument("--demo-decay", type=float, default=0.99, help="DeMo's momentum decay")
     ap.add_argument("--demo-weight-decay", type=float, default=0.0)
