@@ -22,8 +22,10 @@ The default model is the ``small`` preset (120,576 parameters, width 64): DeMo s
 
 Methods:
   ddp        dense fp32 gradient all-reduce every step (reduce-scatter + all-gather)
-  diloco     DiLoCo, AdamW inner steps, Nesterov outer step every 50 steps, 4-bit payloads
-  sparseloco DiLoCo with top-k 64 of 4096, 2-bit values, error feedback 0.95, outer SGD lr 1
+  diloco     DiLoCo, AdamW inner steps, Nesterov outer step (lr 1, momentum 0.5) every 50
+             steps, 4-bit payloads
+  sparseloco DiLoCo with top-k 64 of 4096, 2-bit values, error feedback 0.95, outer SGD
+             (the recipe's lr 1 raised to 2 here), inner AdamW lr 5e-3
   demo       DeMo: decoupled momentum, DCT chunks of 64, top-8 per chunk, 1-bit signs
 """
 
@@ -256,12 +258,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--diloco-lr", type=float, default=None, help="DiLoCo's inner lr (--lr)")
-    ap.add_argument("--diloco-outer-lr", type=float, default=0.7)
-    ap.add_argument("--diloco-outer-momentum", type=float, default=0.9, help="Nesterov")
+    ap.add_argument("--diloco-outer-lr", type=float, default=1.0, help="0.7 in the paper")
     ap.add_argument(
-        "--sparseloco-lr", type=float, default=None, help="SparseLoCo's inner lr (--lr)"
+        "--diloco-outer-momentum", type=float, default=0.5, help="Nesterov; 0.9 in the paper"
     )
-    ap.add_argument("--sparseloco-outer-lr", type=float, default=1.0)
+    ap.add_argument("--sparseloco-lr", type=float, default=5e-3, help="SparseLoCo's inner lr")
+    ap.add_argument(
+        "--sparseloco-outer-lr", type=float, default=2.0, help="1 in the recipe and the paper"
+    )
     ap.add_argument(
         "--sparseloco-decay", type=float, default=0.95, help="SparseLoCo's error-feedback decay"
     )
