@@ -44,7 +44,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "quick": Preset("tiny", 60, 8, 20, 2, 16, 3e-3, 3e-3, 10),
     "default": Preset("base:block_size=64", 150, 2, 30, 2, 16, 2e-3, 1e-3, 10),
-    "long": Preset("small", 1200, 8, 100, 4, 32, 3e-3, 2e-3, 10),
+    "long": Preset("small", 1200, 8, 100, 4, 32, 3e-3, 1.2e-3, 10),
 }
 
 DEFAULT_METHODS = "ddp,diloco,streaming-diloco-q4,sparseloco,demo"
