@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 
 import torch
@@ -37,3 +38,14 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, st
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer) -> bytes:
+    """Model and optimizer state as ``torch.save`` writes them (what a resume reads back)."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def load_checkpoint(saved: bytes) -> dict:
+    return torch.load(io.BytesIO(saved), weights_only=True)

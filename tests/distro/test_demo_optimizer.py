@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-from _demo_util import batch, flat_params, make_mlp, train_step
+from _demo_util import batch, checkpoint, flat_params, load_checkpoint, make_mlp, train_step
 
 from lowband.distro import DeMo
 from lowband.errors import ConfigError
@@ -169,9 +168,7 @@ def _run(group, *, overlap: bool, steps: int, save_at: int | None = None):
     saved = None
     for s in range(steps):
         if s == save_at:
-            buf = io.BytesIO()
-            torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
-            saved = buf.getvalue()
+            saved = checkpoint(m, opt)
         x, y = batch(group.rank, s)
         opt.zero_grad()
         torch.nn.functional.mse_loss(m[2](torch.tanh(m[0](x)).bfloat16()).float(), y).backward()
@@ -183,7 +180,7 @@ def _resume(group, saved: bytes, *, overlap: bool, start: int, steps: int):
     m = make_mlp(seed=123)  # different init: everything must come from the checkpoint
     m[2].to(torch.bfloat16)
     opt = DeMo(m.parameters(), lr=1.0, group=group, topk=8, overlap=overlap)
-    ck = torch.load(io.BytesIO(saved), weights_only=True)
+    ck = load_checkpoint(saved)
     m.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
     assert opt.param_groups[0]["lr"] == 3e-3

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import threading
 
 import pytest
 import torch
+from _demo_util import checkpoint, load_checkpoint
 
 from lowband.distro import DeMo
 from lowband.distro._tiling import TileLayout
@@ -106,14 +106,12 @@ def test_peers_stay_bit_identical_and_resume_bit_for_bit(overlap: bool) -> None:
         saved = None
         for s in range(steps):
             if s == save_at:
-                buf = io.BytesIO()
-                torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
-                saved = buf.getvalue()
+                saved = checkpoint(m, opt)
             _step(m, opt, group.rank, s)
         opt.flush()
         m2 = _net(seed=7)
         opt2 = DeMo(m2.parameters(), lr=1.0, group=group, topk=8, overlap=overlap)
-        ck = torch.load(io.BytesIO(saved), weights_only=True)  # type: ignore[arg-type]
+        ck = load_checkpoint(saved)  # type: ignore[arg-type]
         m2.load_state_dict(ck["model"])
         opt2.load_state_dict(ck["opt"])
         for s in range(save_at, steps):
