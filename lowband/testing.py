@@ -59,6 +59,7 @@ from lowband.transport._local import LocalHub
 from lowband.transport.group import Group
 
 __all__ = [
+    "interruptible",
     "ProcessDied",
     "ProcessPool",
     "ThreadGroup",
@@ -288,6 +289,16 @@ def default_pool() -> ProcessPool:
 def spawn_group(n: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
     """``default_pool().run(n, fn, *args, **kwargs)``: ``fn(rank, n, *args)`` in ``n`` processes."""
     return default_pool().run(n, fn, *args, **kwargs)
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child process that a test will stop with SIGINT (Ctrl-C).
+
+    A shell starts background jobs with SIGINT ignored, children inherit that, and a Python
+    started with SIGINT ignored never raises KeyboardInterrupt: such a test would hang when CI
+    runs in the background. This puts SIGINT back to its default before the child starts.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_store(host: str = "127.0.0.1") -> tuple[Any, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lowband.bench.cli import main
+from lowband.testing import interruptible
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -124,7 +125,12 @@ def test_ctrl_c_stops_workers_coordinator_and_emulator(tmp_path: Path) -> None:
         "-v",
     ]
     proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=interruptible,  # the test sends SIGINT: CI may run with it ignored
     )
     lines: list[str] = []
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lowband.testing import interruptible
 from lowband.wan._netns import list_namespaces
 from lowband.wan.cli import main as wan_main
 
@@ -34,6 +35,7 @@ def _start(mode: str) -> tuple[subprocess.Popen, dict]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=interruptible,  # the test sends SIGINT: CI may run with it ignored
     )
     line = proc.stdout.readline() if proc.stdout else ""
     if not line:
