@@ -172,6 +172,7 @@ class DeMo(torch.optim.Optimizer):
         self.overlap = overlap
         self.stats = CommStats()
         self._inflight: _Exchange | None = None
+        self._transport_mark: dict[int, tuple[int, int]] = {}  # group counters last accounted
         super().__init__(params, defaults)
         agree_on_start(
             group, self._handshake(), [p for g in self.param_groups for p in g["params"]]
@@ -205,8 +206,12 @@ class DeMo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.overlap:
+            # Step t's exchange is queued behind step t-1's before waiting for t-1, so t-1's
+            # also overlaps the encoding of t. Same arithmetic as resolving first: resolving
+            # only reads what arrived, and the parameters change in the same order.
+            launched = self._launch()
             self._resolve()  # step t-1's exchange ran while the caller computed these gradients
-            self._inflight = self._launch()
+            self._inflight = launched
             self._apply_pending()
         else:
             self._inflight = self._launch()
@@ -354,7 +359,16 @@ class DeMo(torch.optim.Optimizer):
             self.stats.syncs += 1
             self.stats.seconds_waited += waited
             self.stats.seconds_in_comm += time.perf_counter() - ex.started
-        add_transport(self.stats, ex.transport_before, transport_counts(self.group))
+        # Exchanges may overlap (overlap=True queues one behind the other): count each of the
+        # group's transport bytes once, from the later of this launch and the last account.
+        after = transport_counts(self.group)
+        zero = (0, 0)
+        before = {
+            r: tuple(map(max, ex.transport_before.get(r, zero), self._transport_mark.get(r, zero)))
+            for r in after
+        }
+        add_transport(self.stats, before, after)  # type: ignore[arg-type]
+        self._transport_mark = after
 
     def _apply_pending(self) -> None:
         for g in self.param_groups:
