@@ -103,9 +103,7 @@ class Chunk:
 class Stream:
     sock: zmq.Socket
     monitor: zmq.Socket
-    connected: bool = False
-    was_down: bool = False
-    down_since: float | None = None  # monotonic time the connection dropped (None: up)
+    down_since: float | None = None  # monotonic time the connection dropped (None: up or never up)
 
 
 @dataclass
@@ -175,13 +173,11 @@ class Link:
         st = self.streams[index]
         kind = event["event"]
         if kind == zmq.EVENT_DISCONNECTED:
-            st.connected, st.was_down = False, True
             if st.down_since is None:
                 st.down_since = time.monotonic()
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            st.connected, st.down_since = True, None
-            if st.was_down:
-                st.was_down = False
+            was_down, st.down_since = st.down_since is not None, None
+            if was_down:  # a reconnect: what ZeroMQ dropped with the old connection goes again
                 again = sorted(
                     (c for c in self.unacked.values() if c.stream == index),
                     key=lambda c: c.link_seq,

@@ -156,44 +156,41 @@ def _received(router: zmq.Socket, timeout_ms: int) -> list[bytes]:
     return got
 
 
-def test_relay_passes_untouched_traffic(curve_pair) -> None:
+@pytest.fixture
+def relayed(curve_pair):
+    """(server router, relay, client socket): the client talks to the server through the relay."""
     router, port, client = curve_pair
     relay = Relay(port)
     try:
         s, _ = client(relay.port)
-        s.send(b"hello through the relay")
-        assert _received(router, 10_000) == [b"hello through the relay"]
-        assert not relay.server_closed.is_set()
+        yield router, relay, s
     finally:
         relay.close()
 
 
-def test_tampered_message_is_rejected_and_the_connection_dropped(curve_pair) -> None:
-    router, port, client = curve_pair
-    relay = Relay(port)
-    try:
-        s, _ = client(relay.port)
-        relay.arm("flip")
-        s.send(b"transfer 1 to alice " * 4)
-        assert relay.server_closed.wait(10), "the server should hang up on a MAC failure"
-        assert _received(router, 1000) == []  # nothing reached the application
-    finally:
-        relay.close()
+def test_relay_passes_untouched_traffic(relayed) -> None:
+    router, relay, s = relayed
+    s.send(b"hello through the relay")
+    assert _received(router, 10_000) == [b"hello through the relay"]
+    assert not relay.server_closed.is_set()
 
 
-def test_replayed_message_is_rejected_and_the_connection_dropped(curve_pair) -> None:
-    router, port, client = curve_pair
-    relay = Relay(port)
-    try:
-        s, _ = client(relay.port)
-        relay.arm("replay")
-        s.send(b"apply update 7")
-        got = _received(router, 10_000)
-        assert relay.captured, "the relay should have captured the message"
-        assert relay.server_closed.wait(10), "the server should hang up on a reused nonce"
-        assert got == [b"apply update 7"]  # once, never twice
-    finally:
-        relay.close()
+def test_tampered_message_is_rejected_and_the_connection_dropped(relayed) -> None:
+    router, relay, s = relayed
+    relay.arm("flip")
+    s.send(b"transfer 1 to alice " * 4)
+    assert relay.server_closed.wait(10), "the server should hang up on a MAC failure"
+    assert _received(router, 1000) == []  # nothing reached the application
+
+
+def test_replayed_message_is_rejected_and_the_connection_dropped(relayed) -> None:
+    router, relay, s = relayed
+    relay.arm("replay")
+    s.send(b"apply update 7")
+    got = _received(router, 10_000)
+    assert relay.captured, "the relay should have captured the message"
+    assert relay.server_closed.wait(10), "the server should hang up on a reused nonce"
+    assert got == [b"apply update 7"]  # once, never twice
 
 
 # -- no unpickling ---------------------------------------------------------------------------
