@@ -147,7 +147,9 @@ def test_diloco_offload_device_keeps_its_copies_on_the_device() -> None:
 
         def build(group):  # type: ignore[no-untyped-def]
             return DiLoCo(
-                torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=2,
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                group=group,
+                sync_every=2,
                 offload="device",
             )
 
