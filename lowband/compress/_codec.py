@@ -145,6 +145,8 @@ class Codec:
         if self.topk is None:
             self.value.validate(bufs, m)
             if self.dct is None:
+                if out is not None and out.device.type != "cpu":  # decode where out lives
+                    bufs = [b.to(out.device) for b in bufs]
                 return self.value.decode(bufs, n, out=out, accumulate=accumulate)
             coef = self.value.decode(bufs, m)
         else:

@@ -85,8 +85,16 @@ def bucket_codec(tile: int, *, topk: int, value: str | None) -> BucketCodec:
     return choice
 
 
-def combine(codec: Codec, payloads: list[Payload | None], numel: int) -> tuple[torch.Tensor, int]:
+def combine(
+    codec: Codec,
+    payloads: list[Payload | None],
+    numel: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, int]:
     """Mean over participants of the peers' payloads, summed in rank order (fp32, flat).
+
+    The sum is made on ``device`` (the parameters'): only the payloads' compact
+    indices and values travel there, never a dense copy.
 
     ``None`` marks a peer that was dropped from this exchange. Returns the mean and
     the number of participants. A payload of another codec or size raises
@@ -105,7 +113,7 @@ def combine(codec: Codec, payloads: list[Payload | None], numel: int) -> tuple[t
                 f"{numel} values with {str(codec)!r}: peers must have the same parameters with "
                 f"gradients and the same DeMo settings"
             )
-    out = torch.zeros(numel, dtype=torch.float32)
+    out = torch.zeros(numel, dtype=torch.float32, device=device)
     codec.decode_sum(present, out)
     out.div_(len(present))
     return out, len(present)

@@ -280,7 +280,8 @@ class DeMo(torch.optim.Optimizer):
             torch._foreach_mul_(parts, g["lr"])
             torch._foreach_add_(parts, momenta, alpha=g["decay"])
         payload = bc.codec.encode(coeffs.reshape(-1))
-        sent = bc.codec.decode(payload).view_as(coeffs).to(coeffs.device)
+        sent = torch.empty_like(coeffs)  # decoded where the momentum lives
+        bc.codec.decode_into(payload, sent.view(-1), accumulate=False)
         coeffs.sub_(sent)  # what was sent leaves the momentum
         for e, part in mats:
             e.layout.project_padding(part)  # see docs/demo.md, "Momentum in the DCT domain"
@@ -341,7 +342,7 @@ class DeMo(torch.optim.Optimizer):
             t0 = time.perf_counter()
             payloads = list(b.work.wait())
             waited += time.perf_counter() - t0
-            mean, _ = combine(b.codec.codec, payloads, b.numel)
+            mean, _ = combine(b.codec.codec, payloads, b.numel, b.entries[0].params[0].device)
             for r, pl in enumerate(payloads):
                 if r != rank and pl is not None:
                     self.stats.count_send(r, b.payload.nbytes, 0)
