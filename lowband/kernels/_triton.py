@@ -41,6 +41,7 @@ __all__ = [
 
 _NOFMA = {"enable_fp_fusion": False}
 _CHUNK = 1024
+_QUANT_ROW_VALUES = 2048  # values a quantize program takes: 2048 // block blocks
 
 
 @triton.jit
@@ -60,12 +61,16 @@ def _quantize_kernel(
     x_ptr, r_ptr, codes_ptr, steps_ptr, bad_ptr, n, block, decay, seedmix,
     H: tl.constexpr, TOP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr, HAS_R: tl.constexpr,
     USE_DECAY: tl.constexpr, SIGN: tl.constexpr, STOCH: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
+    # G blocks per program, one a row: a program of one 256-value block is too little work
+    # for a GPU (launch and reduction overheads halved the throughput of q8 encode)
+    rows = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
     j = tl.arange(0, BLOCK)
-    start = b.to(tl.int64) * block
-    offs = start + j
-    m = (j < block) & (offs < n)
+    start = rows * block
+    offs = start[:, None] + j[None, :]
+    m = (j[None, :] < block) & (offs < n)
+    live = start < n
     v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_R:
         r = tl.load(r_ptr + offs, mask=m, other=0.0)
@@ -73,39 +78,40 @@ def _quantize_kernel(
             r = r * decay
         v = v + r
     a = tl.abs(v)
-    bad = tl.max(((a > 3.4028234663852886e38) | (v != v)).to(tl.int32), axis=0)
-    tl.store(bad_ptr + b, bad)
+    bad = tl.max(tl.max(((a > 3.4028234663852886e38) | (v != v)).to(tl.int32), axis=1), axis=0)
+    tl.store(bad_ptr + tl.program_id(0), bad)
     if SIGN:
-        cnt = tl.minimum(n - start, block).to(tl.float32)
-        step = tl.div_rn(tl.sum(a, axis=0), cnt) * 2.0
+        cnt = tl.maximum(tl.minimum(n - start, block), 1).to(tl.float32)
+        step = tl.div_rn(tl.sum(a, axis=1), cnt) * 2.0
         u = tl.where(v >= 0.0, 1.0, 0.0)
     else:
-        amax = tl.max(a, axis=0)
-        hh = tl.full((), H, tl.float32)
+        amax = tl.max(a, axis=1)
+        hh = tl.full((G,), H, tl.float32)
         step = tl.div_rn(amax, hh)
         inv = tl.where(
             amax > 0.0, tl.div_rn(hh, tl.where(amax > 0.0, amax, 1.0)), 0.0
         )
-        t = v * inv + H
+        t = v * inv[:, None] + H
         if STOCH:
             t = t + _uniform(offs, seedmix)
         else:
             t = t + 0.5
         u = tl.minimum(tl.maximum(tl.floor(t), 0.0), TOP)
     u = tl.where(m, u, 0.0)
-    tl.store(steps_ptr + b, step)
+    tl.store(steps_ptr + rows, step, mask=live)
     if HAS_R:
-        tl.store(r_ptr + offs, v - (u - H) * step, mask=m)
+        tl.store(r_ptr + offs, v - (u - H) * step[:, None], mask=m)
     c = u.to(tl.int32)
     if BITS == 8:
         tl.store(codes_ptr + offs, c.to(tl.uint8), mask=m)
     elif PACK:
         PER: tl.constexpr = 8 // BITS
-        shifts = (tl.arange(0, PER) * BITS)[None, :]
-        byte = tl.sum(tl.reshape(c, (BLOCK // PER, PER)) << shifts, axis=1)
+        shifts = (tl.arange(0, PER) * BITS)[None, None, :]
+        byte = tl.sum(tl.reshape(c, (G, BLOCK // PER, PER)) << shifts, axis=2)
         k = tl.arange(0, BLOCK // PER)
         nbytes = (tl.minimum(n - start, block) + PER - 1) // PER
-        tl.store(codes_ptr + start // PER + k, byte.to(tl.uint8), mask=k < nbytes)
+        dst = codes_ptr + (start // PER)[:, None] + k[None, :]
+        tl.store(dst, byte.to(tl.uint8), mask=k[None, :] < nbytes[:, None])
     else:
         tl.store(codes_ptr + offs, c.to(tl.uint8), mask=m)  # one code a byte; packed after
 
@@ -191,19 +197,22 @@ def _topk_kernel(
             r = r * decay
         v = v + r
         tl.store(r_ptr + offs, v, mask=m)
-    key = (v.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    key = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |v|'s bits: they order as |v| does
     tl.store(bad_ptr + t, tl.max(tl.where(m, key >= 0x7F800000, 0).to(tl.int32), axis=0))
-    # unique composite key: larger |v| first, then the lower index (the reference's tie rule)
-    comp = tl.where(m, (key << 16) | (tile - 1 - j).to(tl.int64), -1)
+    key = tl.where(m, key, -1)
     length = tl.minimum(n - start, tile)
     want = tl.minimum(k, length)
-    # the want-th largest composite key, one bit at a time from the top (keys < 2**47)
-    thr = tl.zeros((), tl.int64)
-    for bit in tl.static_range(46, -1, -1):
+    # the want-th largest key, one bit at a time from the top (31 int32 passes)
+    thr = tl.zeros((), tl.int32)
+    for bit in tl.static_range(30, -1, -1):
         cand = thr | (1 << bit)
-        cnt = tl.sum((comp >= cand).to(tl.int32), axis=0)
+        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
         thr = tl.where(cnt >= want, cand, thr)
-    sel = comp >= thr
+    # every key above it, then the ties at it from the lowest index (the reference's rule)
+    above = key > thr
+    tie = key == thr
+    need = want - tl.sum(above.to(tl.int32), axis=0)
+    sel = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     base = t.to(tl.int64) * tl.minimum(k, tile)
     tl.store(idx_ptr + base + pos, j, mask=sel)
@@ -279,12 +288,14 @@ def quantize(
     per = 8 // bits
     pack = bits == 8 or block % per == 0
     target = codes if pack else torch.empty(n, dtype=torch.uint8, device=v.device)
-    bad = torch.empty(nb, dtype=torch.int32, device=v.device)
     h = HALF_RANGE[bits]
-    _quantize_kernel[(nb,)](
+    width = triton.next_power_of_2(block)
+    rows = max(1, _QUANT_ROW_VALUES // width)
+    bad = torch.empty(-(-nb // rows), dtype=torch.int32, device=v.device)
+    _quantize_kernel[(bad.numel(),)](
         v, r if r is not None else v, target, steps, bad, n, block, float(decay), _seedmix(seed),
         H=h, TOP=2 * h, BITS=bits, PACK=pack, HAS_R=r is not None, USE_DECAY=decay != 1.0,
-        SIGN=sign, STOCH=stochastic, BLOCK=triton.next_power_of_2(block), **_NOFMA,
+        SIGN=sign, STOCH=stochastic, BLOCK=width, G=rows, **_NOFMA,
     )  # fmt: skip
     if bool(bad.any()):
         raise CodecError(
