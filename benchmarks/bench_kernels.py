@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -128,8 +128,9 @@ def measure(
     *,
     thread_cpu: bool = False,
     budget: float = 0.0,
-) -> list[tuple[str, float, float]]:
-    """Rows of (name, best kernel seconds, best copy seconds measured alongside it).
+) -> Iterator[tuple[str, float, float]]:
+    """Rows of (name, best kernel seconds, best copy seconds measured alongside it), each
+    yielded as soon as it is measured.
 
     Each kernel runs at least ``reps`` times, and on until ``budget`` seconds were spent
     on it and its copies (more samples find the quiet moments of a shared machine).
@@ -145,7 +146,6 @@ def measure(
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    rows = []
     for name, fn in todo.items():
         best_k = best_c = float("inf")
         t0, done = time.perf_counter(), 0
@@ -153,8 +153,7 @@ def measure(
             best_c = min(best_c, timer(copy))
             best_k = min(best_k, timer(fn))
             done += 1
-        rows.append((name, best_k, best_c))
-    return rows
+        yield name, best_k, best_c
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'kernel':44s} {'ms':>8s} {'copy ms':>8s} {'x copy':>7s} {'target':>7s}")
     rows = measure(n, a.reps, a.device, backend, a.only, thread_cpu=a.thread_cpu, budget=a.budget)
-    for name, tk, tc in rows:
+    for name, tk, tc in rows:  # printed as each is measured
         target = TARGETS.get(name)
         mark = "" if target is None else f"{target:7.2f} {'met' if tc / tk >= target else 'MISSED'}"
-        print(f"{name:44s} {tk * 1e3:8.2f} {tc * 1e3:8.2f} {tc / tk:7.2f} {mark}")
+        print(f"{name:44s} {tk * 1e3:8.2f} {tc * 1e3:8.2f} {tc / tk:7.2f} {mark}", flush=True)
     return 0
 
 

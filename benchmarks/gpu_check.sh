@@ -25,8 +25,11 @@ run() {  # name, seconds, command...: log to OUTDIR/name, remember a failure, go
     [ "$rc" = 0 ] || { echo "== $name: exit $rc"; status=1; }
 }
 run env.txt 60 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
-run pytest_gpu.log 240 $py -m pytest -q -p no:cacheprovider tests/kernels tests/gpu
+run pytest_gpu.log 240 $py -m pytest -q -rP -p no:cacheprovider tests/kernels tests/gpu
 run kernels_triton.txt 100 $py benchmarks/bench_kernels.py --device "$dev" --backend triton $n
-run kernels_torch.txt 100 $py benchmarks/bench_kernels.py --device "$dev" --backend torch $n
+# the torch reference beside Triton at a size the reference finishes in time
+small=${N:-67108864}
+run kernels_triton_64m.txt 60 $py benchmarks/bench_kernels.py --device "$dev" --backend triton --n "$small" --reps 3
+run kernels_torch_64m.txt 90 $py benchmarks/bench_kernels.py --device "$dev" --backend torch --n "$small" --reps 3
 run demo_step.txt 100 $py benchmarks/bench_demo_step.py --device "$dev" --model "$demo_model" --batch 16 --rounds 20
 exit $status
