@@ -88,9 +88,7 @@ def _quantize_kernel(
         amax = tl.max(a, axis=1)
         hh = tl.full((G,), H, tl.float32)
         step = tl.div_rn(amax, hh)
-        inv = tl.where(
-            amax > 0.0, tl.div_rn(hh, tl.where(amax > 0.0, amax, 1.0)), 0.0
-        )
+        inv = tl.where(amax > 0.0, tl.div_rn(hh, tl.where(amax > 0.0, amax, 1.0)), 0.0)
         t = v * inv[:, None] + H
         if STOCH:
             t = t + _uniform(offs, seedmix)
