@@ -12,7 +12,9 @@ Protocol (DESIGN.md, Testing): the baseline is ``y.copy_(x)`` of the same input 
 preallocated tensor, at the same thread count (``torch.get_num_threads()``), timed in
 the same run and interleaved with every kernel (copy, kernel, copy, kernel, ...); each
 figure is the best of ``--reps``; every kernel writes into preallocated outputs. The
-"x copy" column is copy time / kernel time: 1.0 means as fast as a copy of the input.
+"x copy" column is copy time / kernel time: 1.0 means as fast as a copy of the input;
+"bound" is the most a kernel limited only by memory bandwidth could reach (copy moves 8
+bytes per value; an EF encode moves 13). The targets are the CPU's (issue 3).
 With CUDA present, ``--device cuda`` uses CUDA events over 100 back-to-back launches
 at 256M elements, against the device's own copy.
 """
@@ -38,6 +40,29 @@ TARGETS = {
     "q8 dequantize-accumulate": 1.0,
     "top-k tile 4096 k 64": 0.30,
     "codec.encode q8 + EF + payload + checksum": 0.35,
+}
+
+
+# bytes a kernel must move per input value (fp32 in; codes, steps, residual, outputs), for
+# the "bound" column: copy's 8 bytes per value / these = the fraction of copy a kernel limited
+# by memory bandwidth alone can reach (a GPU's ceiling; CPU kernels are compute-bound first)
+_STEPS = 4 / 256  # one fp32 step per block of 256
+_EF = 8.0  # read and write the fp32 residual
+_TOPK = 64 / 4096 * 8  # int32 index + fp32 value per selected value
+BYTES_PER_VALUE = {
+    "EF + q8 encode": 4 + 1 + _STEPS + _EF,
+    "q8 encode": 4 + 1 + _STEPS,
+    "q4 encode": 4 + 0.5 + _STEPS,
+    "q2 encode": 4 + 0.25 + _STEPS,
+    "q1 encode": 4 + 0.125 + _STEPS,
+    "EF + q2 encode": 4 + 0.25 + _STEPS + _EF,
+    "EF + q1 encode": 4 + 0.125 + _STEPS + _EF,
+    "EF + sign encode": 4 + 0.125 + _STEPS + _EF,
+    "EF + q8 stochastic encode": 4 + 1 + _STEPS + _EF,
+    "q8 dequantize-accumulate": 1 + _STEPS + 8,
+    "q2 dequantize-accumulate": 0.25 + _STEPS + 8,
+    "top-k tile 4096 k 64": 4 + _TOPK,
+    "EF + top-k tile 4096 k 64": 4 + _TOPK + _EF,
 }
 
 
@@ -193,12 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{n} fp32 elements on {a.device}, backend {backend}, {torch.get_num_threads()} threads, "
         f"best of >= {a.reps} ({clock}), load average {load}"
     )
-    print(f"{'kernel':44s} {'ms':>8s} {'copy ms':>8s} {'x copy':>7s} {'target':>7s}")
+    print(
+        f"{'kernel':44s} {'ms':>8s} {'copy ms':>8s} {'x copy':>7s} {'bound':>7s} {'target':>7s}"
+    )
     rows = measure(n, a.reps, a.device, backend, a.only, thread_cpu=a.thread_cpu, budget=a.budget)
     for name, tk, tc in rows:  # printed as each is measured
         target = TARGETS.get(name)
         mark = "" if target is None else f"{target:7.2f} {'met' if tc / tk >= target else 'MISSED'}"
-        print(f"{name:44s} {tk * 1e3:8.2f} {tc * 1e3:8.2f} {tc / tk:7.2f} {mark}", flush=True)
+        moved = BYTES_PER_VALUE.get(name)
+        bound = "" if moved is None else f"{8 / moved:7.2f}"
+        print(
+            f"{name:44s} {tk * 1e3:8.2f} {tc * 1e3:8.2f} {tc / tk:7.2f} {bound:>7s} {mark}",
+            flush=True,
+        )
     return 0
 
 
