@@ -247,7 +247,10 @@ class DeMo(torch.optim.Optimizer):
                 st = self.state[p]
                 if MOMENTUM not in st:
                     st[MOMENTUM] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                st[MOMENTUM].mul_(decay).add_(p.grad, alpha=lr)
+            if vectors:  # one multi-tensor launch each, not one per parameter (GPU: launch-bound)
+                vm = [self.state[p][MOMENTUM] for p in vectors]
+                torch._foreach_mul_(vm, decay)
+                torch._foreach_add_(vm, [p.grad for p in vectors], alpha=lr)
             for entries in buckets(matrices, vectors, g["chunk"]):
                 ex.buckets.append(self._encode(g, entries))
         ex.transport_before = transport_counts(self.group)
@@ -290,9 +293,11 @@ class DeMo(torch.optim.Optimizer):
         for e, (a, b) in zip(entries, runs):
             if e.packed:
                 back = e.layout.untile(dct2(sent[a:b].view(-1, tr, tc), inverse=True))
+                ms, sub = [], []
                 for p, part in split(back, e.params):
-                    m = self.state[p][MOMENTUM]
-                    m.sub_(part.to(m.device))
+                    ms.append(self.state[p][MOMENTUM])
+                    sub.append(part.to(ms[-1].device))
+                torch._foreach_sub_(ms, sub)
         return _Bucket(g, bc, entries, payload)
 
     def _momentum_dct(self, e: Entry) -> torch.Tensor:
@@ -352,10 +357,9 @@ class DeMo(torch.optim.Optimizer):
                 update.sign_()
             update.mul_(-b.group["lr"])
             for p, part in per_param(update, b.entries):
-                compact = part.untyped_storage().nbytes() == part.numel() * part.element_size()
-                if not compact or part.device != p.device:  # a view of the bucket: own copy
-                    part = part.to(device=p.device, copy=True)
-                self.state[p][_PENDING] = part
+                # often a view of the bucket's update: no copy (a state_dict saves the
+                # shared storage once; load_state_dict makes each its own tensor)
+                self.state[p][_PENDING] = part.to(p.device)
         with self.stats._lock:
             self.stats.syncs += 1
             self.stats.seconds_waited += waited
@@ -372,11 +376,16 @@ class DeMo(torch.optim.Optimizer):
         self._transport_mark = after
 
     def _apply_pending(self) -> None:
+        by_kind: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         for g in self.param_groups:
             for p in g["params"]:
                 st = self.state.get(p)
                 if st and _PENDING in st:
-                    p.add_(st.pop(_PENDING).to(p.dtype))
+                    ps, us = by_kind.setdefault((p.device, p.dtype), ([], []))
+                    ps.append(p)
+                    us.append(st.pop(_PENDING).to(p.dtype))
+        for ps, us in by_kind.values():  # one multi-tensor add per device and dtype
+            torch._foreach_add_(ps, us)
 
     # -- state ---------------------------------------------------------------------------------
 
