@@ -246,7 +246,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--method", default="diloco", help=f"{', '.join(METHODS)} or all")
+    ap.add_argument("--method", default="diloco", help=f"{', '.join(METHODS)}, a comma-separated list of them, or all")
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument(
@@ -288,7 +288,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    methods = list(METHODS) if args.method == "all" else [args.method]
+    methods = list(METHODS) if args.method == "all" else args.method.split(",")
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown --method {m!r}; choose from {', '.join(METHODS)} or all")
     if "RANK" in os.environ:  # started by torchrun: this process is one worker
         world = int(os.environ["WORLD_SIZE"])
         for method in methods:
