@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one pass (CI has none; run this where CUDA is present):
 # the Triton kernels and the optimizers on CUDA tensors (tests/kernels, tests/gpu), the
+# CPU-tensor suites with CUDA present (tests/wan and tests/bench are not run), the
 # kernels' throughput against the device's own copy (Triton beside the torch reference),
 # and DeMo's step beside AdamW's on a GPT-2-small-sized model.
 #
@@ -26,6 +27,10 @@ run() {  # name, seconds, command...: log to OUTDIR/name, remember a failure, go
 }
 run env.txt 60 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 run pytest_gpu.log 240 $py -m pytest -q -rP -p no:cacheprovider tests/kernels tests/gpu
+# the CPU-tensor suites with CUDA present (pinned host buffers, CUDA RNG in checkpoints)
+xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+run pytest_cuda_present.log 240 $py -m pytest -q -p no:cacheprovider $xdist tests/optim \
+    tests/distro tests/compress tests/transport tests/sync tests/fuzz tests/reliability
 run kernels_triton.txt 100 $py benchmarks/bench_kernels.py --device "$dev" --backend triton $n
 # the torch reference beside Triton at a size the reference finishes in time
 small=${N:-67108864}
