@@ -11,12 +11,13 @@ Where it differs: the ``sign`` scale is a float sum in tree order (last bits may
 differ); ``scatter_accumulate`` adds with atomics, one launch per list, so lists are
 summed in order but a list that repeats an index sums its own duplicates in an
 unspecified order. Sub-byte codes are packed in the quantize kernel when the block
-is a multiple of the codes per byte, by a second light pass otherwise. ``dct_tiles``
+is a multiple of the codes per byte, by a second light pass otherwise (packing and
+unpacking live in :mod:`lowband.kernels._triton_bits`). ``dct_tiles``
 runs on torch's matmul (cuBLAS), which is what a Triton ``tl.dot`` would reimplement.
 The byte-stream ops (varints, lb64) are host-side only and have no Triton kernel.
 
-triton is imported by this module only, and this module only when a Triton kernel is
-first asked for.
+triton is imported by this module and ``_triton_bits`` only, and they only when a Triton
+kernel is first asked for.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import triton.language as tl
 from lowband.errors import CodecError, ConfigError
 from lowband.kernels import _ref
 from lowband.kernels._ref import HALF_RANGE, packed_size, topk_count
+from lowband.kernels._triton_bits import CHUNK as _CHUNK
+from lowband.kernels._triton_bits import pack_bits, pack_into, unpack_bits
 
 __all__ = [
     "quantize",
@@ -40,7 +43,6 @@ __all__ = [
 ]
 
 _NOFMA = {"enable_fp_fusion": False}
-_CHUNK = 1024
 _QUANT_ROW_VALUES = 2048  # values a quantize program takes: 2048 // block blocks
 
 
@@ -112,52 +114,6 @@ def _quantize_kernel(
         tl.store(dst, byte.to(tl.uint8), mask=k[None, :] < nbytes[:, None])
     else:
         tl.store(codes_ptr + offs, c.to(tl.uint8), mask=m)  # one code a byte; packed after
-
-
-@triton.jit
-def _pack_kernel(u_ptr, out_ptr, n, nbytes, BITS: tl.constexpr, BYTES: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
-    if BITS == 16:
-        # out[2i + s] = u[i] >> 8s
-        i = o // 2
-        u = tl.load(u_ptr + i, mask=o < nbytes, other=0).to(tl.int32)
-        byte = (u >> ((o % 2) * 8).to(tl.int32)) & 0xFF
-    elif BITS == 12:
-        # 3 bytes per pair: v = u0 | u1 << 12, byte s = v >> 8s
-        p = o // 3
-        s = (o % 3).to(tl.int32)
-        u0 = tl.load(u_ptr + 2 * p, mask=(o < nbytes) & (2 * p < n), other=0).to(tl.int32)
-        u1 = tl.load(u_ptr + 2 * p + 1, mask=(o < nbytes) & (2 * p + 1 < n), other=0).to(tl.int32)
-        v = (u0 & 0xFFF) | ((u1 & 0xFFF) << 12)
-        byte = (v >> (8 * s)) & 0xFF
-    else:
-        PER: tl.constexpr = 8 // BITS
-        j = tl.arange(0, PER)
-        i = o[:, None] * PER + j[None, :]
-        u = tl.load(u_ptr + i, mask=i < n, other=0).to(tl.int32) & ((1 << BITS) - 1)
-        byte = tl.sum(u << (j * BITS)[None, :], axis=1)
-    tl.store(out_ptr + o, byte.to(tl.uint8), mask=o < nbytes)
-
-
-@triton.jit
-def _unpack_kernel(d_ptr, out_ptr, n, BITS: tl.constexpr, CHUNK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
-    m = i < n
-    if BITS == 16:
-        lo = tl.load(d_ptr + 2 * i, mask=m, other=0).to(tl.int32)
-        hi = tl.load(d_ptr + 2 * i + 1, mask=m, other=0).to(tl.int32)
-        u = lo | (hi << 8)
-    elif BITS == 12:
-        p = i // 2
-        b0 = tl.load(d_ptr + 3 * p, mask=m, other=0).to(tl.int32)
-        b1 = tl.load(d_ptr + 3 * p + 1, mask=m, other=0).to(tl.int32)
-        b2 = tl.load(d_ptr + 3 * p + 2, mask=m, other=0).to(tl.int32)
-        v = b0 | (b1 << 8) | (b2 << 16)
-        u = (v >> ((i % 2) * 12).to(tl.int32)) & 0xFFF
-    else:
-        byte = tl.load(d_ptr + (i * BITS) // 8, mask=m, other=0).to(tl.int32)
-        u = (byte >> ((i * BITS) % 8).to(tl.int32)) & ((1 << BITS) - 1)
-    tl.store(out_ptr + i, u, mask=m)
 
 
 @triton.jit
@@ -300,47 +256,10 @@ def quantize(
             "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
         )
     if not pack:
-        _pack_into(target, bits, codes)
+        pack_into(target, bits, codes)
     if copy_back and residual is not None and r is not None:
         residual.view(-1).copy_(r)
     return codes, steps
-
-
-def _pack_into(u: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    nbytes = out.numel()
-    if nbytes:
-        _pack_kernel[(triton.cdiv(nbytes, _CHUNK),)](
-            u, out, u.numel(), nbytes, BITS=bits, BYTES=_CHUNK
-        )
-
-
-def pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """See :func:`lowband.kernels._ref.pack_bits` (codes must fit their width)."""
-    if bits == 8:
-        return u.reshape(-1).to(torch.uint8).clone()
-    if bits not in (1, 2, 4, 12, 16):
-        raise CodecError(f"unsupported bit width {bits}")
-    w = u.reshape(-1).to(torch.int32).contiguous()
-    out = torch.empty(packed_size(w.numel(), bits), dtype=torch.uint8, device=u.device)
-    _pack_into(w, bits, out)
-    return out
-
-
-def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """See :func:`lowband.kernels._ref.unpack_bits`."""
-    d = data.reshape(-1)
-    if d.numel() != packed_size(n, bits):
-        raise CodecError(
-            f"packed buffer has {d.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits"
-        )
-    if bits == 8:
-        return d.clone()
-    if bits not in (1, 2, 4, 12, 16):
-        raise CodecError(f"unsupported bit width {bits}")
-    out = torch.empty(n, dtype=torch.int32, device=d.device)
-    if n:
-        _unpack_kernel[(triton.cdiv(n, _CHUNK),)](d.contiguous(), out, n, BITS=bits, CHUNK=_CHUNK)
-    return out
 
 
 def dequantize(

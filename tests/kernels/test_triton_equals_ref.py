@@ -42,7 +42,8 @@ def T() -> Iterator[ModuleType]:  # noqa: N802 - the module under test
     old = os.environ.get("TRITON_INTERPRET")
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated
-        sys.modules.pop("lowband.kernels._triton", None)
+        for name in ("lowband.kernels._triton", "lowband.kernels._triton_bits"):
+            sys.modules.pop(name, None)
     from lowband.kernels import _triton
 
     try:
