@@ -23,7 +23,7 @@ import torch
 
 from lowband.errors import CodecError, ConfigError
 from lowband.kernels import _ref
-from lowband.kernels._ref import HALF_RANGE, packed_size, topk_count
+from lowband.kernels._ref import HALF_RANGE, check_packed, packed_size, topk_count
 
 __all__ = [
     "available",
@@ -292,15 +292,9 @@ def pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """See :func:`lowband.kernels._ref.unpack_bits`."""
     _cpu(data, "data")
-    d = data.reshape(-1)
-    if d.numel() != packed_size(n, bits):
-        raise CodecError(
-            f"packed buffer has {d.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits"
-        )
+    d = check_packed(data, bits, n)
     if bits == 8:
         return d.clone()
-    if bits not in (1, 2, 4, 12, 16):
-        raise CodecError(f"unsupported bit width {bits}")
     d = d.to(torch.uint8).contiguous()
     out = torch.empty(n, dtype=torch.int32)
     _L().lb_unpack_bits(d.data_ptr(), n, bits, out.data_ptr())

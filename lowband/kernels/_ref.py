@@ -217,11 +217,19 @@ def packed_size(n: int, bits: int) -> int:
     return -(-n * bits // 8)
 
 
-def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`; returns int32 codes (uint8 for 8 bits)."""
+def check_packed(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """``data`` flat, once it holds exactly the bytes of ``n`` codes of a width that packs."""
     data = data.reshape(-1)
     if data.numel() != packed_size(n, bits):
         raise CodecError(f"packed buffer has {data.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits")
+    if bits not in (1, 2, 4, 8, 12, 16):
+        raise CodecError(f"unsupported bit width {bits}")
+    return data
+
+
+def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`; returns int32 codes (uint8 for 8 bits)."""
+    data = check_packed(data, bits, n)
     if bits == 8:
         return data.clone()
     if bits in (1, 2, 4):

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from lowband.errors import CodecError
-from lowband.kernels._ref import packed_size
+from lowband.kernels._ref import check_packed, packed_size
 
 __all__ = ["CHUNK", "pack_into", "pack_bits", "unpack_bits"]
 
@@ -88,15 +88,9 @@ def pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """See :func:`lowband.kernels._ref.unpack_bits`."""
-    d = data.reshape(-1)
-    if d.numel() != packed_size(n, bits):
-        raise CodecError(
-            f"packed buffer has {d.numel()} bytes, {packed_size(n, bits)} expected for {n} codes of {bits} bits"
-        )
+    d = check_packed(data, bits, n)
     if bits == 8:
         return d.clone()
-    if bits not in (1, 2, 4, 12, 16):
-        raise CodecError(f"unsupported bit width {bits}")
     out = torch.empty(n, dtype=torch.int32, device=d.device)
     if n:
         _unpack_kernel[(triton.cdiv(n, CHUNK),)](d.contiguous(), out, n, BITS=bits, CHUNK=CHUNK)
