@@ -144,11 +144,10 @@ class TileLayout:
         the tiles that have padding are touched (an inverse and a forward DCT of those
         alone); a layout without padding returns ``coeffs`` unchanged.
         """
-        idx, mask = _padding(self)
+        idx, mask = _padding(self, coeffs.device)
         if idx is None:
             return coeffs
         tr, tc = self.tile_rows, self.tile_cols
-        idx, mask = idx.to(coeffs.device), mask.to(coeffs.device)
         sub = dct2(coeffs[idx].view(-1, tr, tc), inverse=True).mul_(mask)
         coeffs[idx] = dct2(sub).view(idx.numel(), tr * tc)
         return coeffs
@@ -172,13 +171,14 @@ class TileLayout:
 
 
 @functools.lru_cache(maxsize=512)
-def _padding(layout: TileLayout) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The tiles of ``layout`` that have padding (indices) and their masks (1 real, 0 pad)."""
+def _padding(layout: TileLayout, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tiles of ``layout`` that have padding (indices) and their masks (1 real, 0 pad),
+    on ``device``: built once per layout and device, not copied there every step."""
     mask = layout.tiles(torch.ones(math.prod(layout.shape)))
     idx = (mask.flatten(1).amin(dim=1) == 0).nonzero().flatten()
     if idx.numel() == 0:
         return None, mask[:0]
-    return idx, mask[idx].contiguous()
+    return idx.to(device), mask[idx].contiguous().to(device)
 
 
 def dct2(t: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
