@@ -184,7 +184,6 @@ class IOLoop:
             left = queued + sum(len(link.unacked) + len(link.queue) for link, gone in live if not gone)
             if left == 0:
                 return not any(link.unacked or link.queue for link, gone in live if gone)
-            now = time.monotonic()
             if last_left is None or left < last_left:
                 last_left, last_progress = left, now
             elif now - last_progress > patience:
