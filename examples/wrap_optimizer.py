@@ -87,7 +87,11 @@ def build_optimizer(
             decay=args.demo_decay,
             weight_decay=args.demo_weight_decay,
         )
-    raise SystemExit(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    raise _unknown(method)
+
+
+def _unknown(method: str) -> SystemExit:
+    return SystemExit(f"unknown --method {method!r}; choose from {', '.join(METHODS)} or all")
 
 
 def lr_lambda(args: argparse.Namespace) -> Any:
@@ -295,7 +299,7 @@ def main(argv: list[str]) -> int:
     methods = list(METHODS) if args.method == "all" else args.method.split(",")
     for m in methods:
         if m not in METHODS:
-            raise SystemExit(f"unknown --method {m!r}; choose from {', '.join(METHODS)} or all")
+            raise _unknown(m)
     if "RANK" in os.environ:  # started by torchrun: this process is one worker
         world = int(os.environ["WORLD_SIZE"])
         for method in methods:
