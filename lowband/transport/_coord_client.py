@@ -4,21 +4,48 @@ One DEALER socket, used under a lock by whichever thread asks. Requests are
 idempotent and carry an id; a reply to any id sent for the same question is
 accepted, so a question can be re-asked with fresher information (a commit with
 a smaller alive set) without losing the answer to the first asking.
+
+A monitor on the socket tells what the address did, so a wait that cannot end
+says why at once instead of at its deadline: a CURVE handshake refused (this
+key is not allowed, or the coordinator's key is wrong) raises
+``SecurityError``; a listener that takes TCP connections but never completes a
+ZeroMQ handshake (a torch ``TCPStore``, a web server) raises ``TransportError``
+naming it. :meth:`CoordinatorClient.diagnose` says, for a timeout message,
+whether anything answered at the address.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import socket
 import threading
 import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from lowband.errors import ConfigError, ConfigMismatch, TransportError
+from lowband.errors import ConfigError, ConfigMismatch, SecurityError, TransportError
 
-__all__ = ["CoordinatorClient", "StaleEpoch"]
+__all__ = ["CoordinatorClient", "StaleEpoch", "route_source"]
+
+_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+#: TCP connections that closed before any ZeroMQ handshake completed, before we say the
+#: listener is not a lowband coordinator.
+_FOREIGN_AFTER = 2
+#: ms a TCP connection may take to complete its ZeroMQ (and CURVE) handshake; libzmq's default
+#: is 30 s, which would hide a listener that is not a coordinator for a minute.
+_HANDSHAKE_MS = 3000
 
 
 class StaleEpoch(TransportError):
@@ -34,24 +61,120 @@ def _endpoint(address: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def route_source(host: str, port: int = 9) -> str:
+    """The local address this machine uses to reach ``host``: the address of the interface
+    whose route leads there (a UDP ``connect`` sends nothing; it only asks the kernel's
+    routing table). A loopback ``host`` gives back a loopback address."""
+    h = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(h, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot resolve coordinator host {host!r}: {e}") from None
+    last: OSError | None = None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.connect(addr)
+                return str(s.getsockname()[0])
+            except OSError as e:
+                last = e
+    raise TransportError(f"no route from this machine to {host!r}: {last}")
+
+
 class CoordinatorClient:
     def __init__(self, ctx: zmq.Context, address: str, *, security: Any = None) -> None:
         self.endpoint = _endpoint(address)
+        if security is not None and security.coordinator_key is None:
+            raise ConfigError(
+                "CURVE is on but the coordinator's public key is not known: pass "
+                "Curve.from_files(secret, allowed=[...], coordinator='coordinator.key') "
+                "(or Curve(..., coordinator_key=...))"
+            )
+        self.curve = security is not None
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0  # close never waits on an unreachable coordinator
         self.sock.maxmsgsize = 16 << 20  # views list every peer; still bounded
         self.sock.reconnect_ivl, self.sock.reconnect_ivl_max = 100, 2000  # ms, with backoff
         self.sock.tcp_keepalive, self.sock.tcp_keepalive_idle = 1, 20
+        self.sock.handshake_ivl = _HANDSHAKE_MS
+        if ":" in self.endpoint.removeprefix("tcp://").rpartition(":")[0]:
+            self.sock.ipv6 = 1
         if security is not None:
-            if security.coordinator_key is None:
-                raise ConfigError(
-                    "Curve(coordinator_key=...) is needed to reach a CURVE coordinator"
-                )
             security.client(self.sock, security.coordinator_key)
+        self.monitor = self.sock.get_monitor_socket(_EVENTS)
+        self.connected = 0  # TCP connections made
+        self.handshakes = 0  # ZeroMQ (and CURVE) handshakes completed
+        self.closed_early = 0  # connections closed before their handshake completed
+        self.refused: int | None = None  # errno of the last failed connect attempt
+        self.replied = False  # the coordinator has answered something
         self.sock.connect(self.endpoint)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
+    # -- what the address did ---------------------------------------------------------
+    def _events(self) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = ev["event"]
+            if kind == zmq.EVENT_CONNECTED:
+                self.connected += 1
+                self._in_handshake = True
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshakes += 1
+                self._in_handshake = False
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if getattr(self, "_in_handshake", False):
+                    self.closed_early += 1
+                self._in_handshake = False
+            elif kind == zmq.EVENT_CONNECT_RETRIED:
+                self.refused = errno.ECONNREFUSED
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise SecurityError(
+                    f"the coordinator at {self.endpoint} refused this peer's CURVE key: it is not "
+                    "in the coordinator's allow-list (lowband coordinator --allow ...)"
+                )
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.closed_early += 1
+                self._in_handshake = False
+        # unreachable: the loop returns on Again
+
+    def _check_foreign(self) -> None:
+        if self.handshakes or self.closed_early < _FOREIGN_AFTER:
+            return
+        if self.curve:
+            raise SecurityError(
+                f"the coordinator at {self.endpoint} closes every connection during the CURVE "
+                "handshake: its public key is not the coordinator_key given here, or it runs "
+                "without CURVE"
+            )
+        raise TransportError(
+            f"something at {self.endpoint} accepts TCP connections but closes them during the "
+            "handshake: a coordinator that requires CURVE (pass security=...), or not a lowband "
+            "coordinator at all (a torch TCPStore? under torchrun, call init_group() with no "
+            "store=; elsewhere start `lowband coordinator --bind HOST:PORT` and pass its address)"
+        )
+
+    def diagnose(self) -> str:
+        """One sentence for a timeout message: what answered at the coordinator's address."""
+        try:
+            self._events()
+        except SecurityError as e:
+            return str(e)
+        if self.replied:
+            return f"the coordinator at {self.endpoint} answers"
+        if self.handshakes:
+            return f"a ZeroMQ peer at {self.endpoint} accepted the connection but never replied"
+        if self.connected:
+            return f"something at {self.endpoint} accepted TCP connections but never completed a handshake"
+        return (
+            f"nothing answered at {self.endpoint} (connection refused or no route): is "
+            "`lowband coordinator` running there, and is the port right?"
+        )
+
+    # -- requests ---------------------------------------------------------------------
     def ask(
         self, req: dict[str, Any], *, timeout: float, ids: set[int] | None = None
     ) -> dict[str, Any] | None:
@@ -64,22 +187,32 @@ class CoordinatorClient:
             accept = ids if ids is not None else {rid}
             deadline = time.monotonic() + timeout
             # no connection yet (or CURVE refused us): the request waits at most `timeout`
-            if not self.sock.poll(max(1, int(timeout * 1000)), zmq.POLLOUT):
-                return None
+            while not self.sock.poll(0, zmq.POLLOUT):
+                self._events()
+                self._check_foreign()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.monitor.poll(max(1, int(min(left, 0.1) * 1000)))
             try:
                 self.sock.send(json.dumps({**req, "id": rid}).encode(), zmq.NOBLOCK)
             except zmq.Again:
                 return None
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                if left <= 0:
                     return None
+                if not self.sock.poll(max(1, int(min(left, 0.2) * 1000))):
+                    self._events()
+                    self._check_foreign()
+                    continue
                 try:
                     rep = json.loads(self.sock.recv())
                 except (ValueError, RecursionError) as e:
                     raise TransportError(
                         f"coordinator at {self.endpoint} sent a bad reply: {e}"
                     ) from e
+                self.replied = True
                 rid_got = rep.get("id") if isinstance(rep, dict) else None
                 if not isinstance(rid_got, int) or rid_got not in accept:
                     continue  # an answer to a question nobody waits for any more
@@ -90,7 +223,14 @@ class CoordinatorClient:
                     raise ConfigMismatch(err)
                 if kind == "stale":
                     raise StaleEpoch(err)
+                if kind == "duplicate":
+                    raise ConfigError(err)
                 raise TransportError(f"coordinator refused {req.get('op')!r}: {err}")
 
     def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
         self.sock.close(0)

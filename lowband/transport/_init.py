@@ -2,7 +2,15 @@
 
 ``init_group()`` with no arguments reads the variables torchrun sets (``RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); explicit arguments win and
-nothing is read from the environment for an argument that was given. The
+nothing is read from the environment for an argument that was given.
+
+Under torchrun (``TORCHELASTIC_RUN_ID`` set) ``MASTER_ADDR:MASTER_PORT`` is torch's
+``TCPStore``, served by torchrun's agent, not a lowband coordinator. With
+``backend="zmq"`` and no ``store=``, the first rank to ask starts a coordinator
+process beside its agent (in a session of its own, ending when that agent ends:
+``--exit-with``), bound to the address that reaches ``MASTER_ADDR``, and posts
+its address in the store; every rank reads it from there. So membership still
+never lives inside a trainer, and a restarted worker finds the same coordinator. The
 handshake that ends it exchanges, between every pair of peers, the lowband and
 wire-format versions, the backend, ``on_failure`` and the caller's ``config``
 (codec, ``sync_every``, fragments, parameter shapes...), and raises
@@ -67,12 +75,15 @@ def init_group(
     to the backend's carrier (for ZeroMQ: streams per peer, rate cap, ...).
     """
     env = rank is None and world_size is None and store is None
+    under_torchrun = store is None and "TORCHELASTIC_RUN_ID" in os.environ
     if rank is None:
         rank = _int("RANK", _from_env("RANK"))
     if world_size is None:
         world_size = _int("WORLD_SIZE", _from_env("WORLD_SIZE"))
     if store is None:
         store = f"{_from_env('MASTER_ADDR')}:{_from_env('MASTER_PORT')}"
+        if under_torchrun and backend == "zmq":
+            store = _torchrun_coordinator(store, group_name, security, init_timeout)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
     if backend not in BACKENDS:
@@ -98,6 +109,8 @@ def init_group(
             if e.name != "lowband.transport._zmq":
                 raise
             raise BackendUnavailable("backend='zmq' is not built yet in this checkout; use backend='torch'") from None
+        options.setdefault("join_timeout", init_timeout)
+        options.setdefault("closed_is_lost", on_failure == "raise")
         carrier = zmq_backend.open_carrier(
             rank=rank, world_size=world_size, store=store, security=security, peer_timeout=peer_timeout,
             group_name=group_name, **options,
@@ -113,6 +126,52 @@ def init_group(
         raise
     log.info("rank %d/%d joined group %r over %s (store %s)", rank, world_size, group_name, backend, store)
     return group
+
+
+def _torchrun_coordinator(torch_store: str, group_name: str, security: Any, timeout: float) -> str:
+    """The lowband coordinator of this torchrun job: started here if no rank has yet."""
+    import torch.distributed as dist
+
+    from lowband.errors import TransportError
+    from lowband.transport._coord_client import route_source
+    from lowband.transport.coordinator import start_coordinator
+
+    if security is not None:
+        raise ConfigError(
+            "with CURVE, start the coordinator yourself (`lowband coordinator --curve-secret ... "
+            "--allow ...`) and pass init_group(store='HOST:PORT', security=...): its key must come "
+            "from a file you trust, never from torchrun's store"
+        )
+    host, port = parse_address(torch_store)
+    try:
+        tcp = dist.TCPStore(
+            host, port, None, False, datetime.timedelta(seconds=timeout), wait_for_workers=False
+        )
+    except (RuntimeError, OSError) as e:
+        raise TransportError(f"cannot reach torchrun's TCPStore at {torch_store}: {e}") from None
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    key = f"lowband/{run}/{group_name}/coordinator"
+    me = f"{os.uname().nodename}:{os.getpid()}"
+    # one starter per job: the first compare_set wins, every other rank waits for the address
+    if tcp.compare_set(key + "/starter", "", me).decode() == me:
+        bind = route_source(host, port)
+        proc = start_coordinator(
+            f"[{bind}]:0" if ":" in bind else f"{bind}:0",
+            args=["--exit-with", str(os.getppid())],
+            timeout=min(timeout, 60.0),
+            detach=True,
+        )
+        if proc.proc.stdout is not None:
+            proc.proc.stdout.close()  # it printed its address; it writes nothing more there
+        log.info("started lowband coordinator at %s for torchrun job %r", proc.address, run)
+        tcp.set(key, proc.address)
+    try:
+        tcp.wait([key], datetime.timedelta(seconds=timeout))
+    except (RuntimeError, OSError) as e:
+        raise TransportError(
+            f"no lowband coordinator address appeared in torchrun's store within {timeout:g}s: {e}"
+        ) from None
+    return tcp.get(key).decode()
 
 
 def _int(name: str, value: str) -> int:

@@ -44,7 +44,7 @@ import zmq
 
 from lowband import WIRE_VERSION, __version__
 from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
-from lowband.transport._coord_client import CoordinatorClient
+from lowband.transport._coord_client import CoordinatorClient, route_source
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import MAX_FRAMES, chunk_spans
 from lowband.transport._zmq_io import IOLoop
@@ -72,7 +72,8 @@ class ZmqCarrier:
     """A Carrier over ZeroMQ (see ``_carrier.py`` for the contract).
 
     ``coordinator`` is the coordinator's ``HOST:PORT``. ``host`` is the address this
-    process binds and advertises. ``streams`` defaults to :func:`default_streams` of
+    process binds and advertises; by default the address of the interface whose route
+    reaches the coordinator (a loopback coordinator gives a loopback address). ``streams`` defaults to :func:`default_streams` of
     ``bandwidth`` (bit/s) and ``rtt`` (s). ``rate_limit`` caps the upload (bytes/s).
     ``config`` is compared across peers at join: any difference raises ConfigMismatch.
     """
@@ -84,7 +85,7 @@ class ZmqCarrier:
         *,
         coordinator: str,
         group: str = "lowband",
-        host: str = "127.0.0.1",
+        host: str | None = None,
         security: Any = None,
         peer_timeout: float = 30.0,
         streams: int | None = None,
@@ -97,6 +98,7 @@ class ZmqCarrier:
         config: dict[str, Any] | None = None,
         join_timeout: float = 300.0,
         connect_map: Callable[[str], str] | None = None,
+        closed_is_lost: bool = True,
     ) -> None:
         if not 0 <= rank < world_size or world_size > 65535:
             raise ConfigError(f"rank {rank} outside a group of {world_size}")
@@ -111,10 +113,17 @@ class ZmqCarrier:
             raise ConfigError(f"streams must be in [1, 64], got {n_streams}")
         from lowband.transport.security import warn_if_exposed
 
+        if host is None:
+            chost, _, cport = coordinator.removeprefix("tcp://").rpartition(":")
+            host = route_source(chost, int(cport) if cport.isdigit() else 9)
         warn_if_exposed(host, security, f"rank {rank}")
         self.rank, self.world_size = rank, world_size
         self.stats = CommStats()
         self.peer_timeout = peer_timeout
+        # a peer whose connections all closed and whose address refuses new ones is lost at
+        # once (its process ended); init_group turns this off with on_failure="drop", where a
+        # rejoining peer's old incarnation must not be dropped ahead of its rejoin (issue 16)
+        self.closed_is_lost = closed_is_lost
         self.streams = n_streams
         self.chunk_size = chunk_size
         self.zero_copy_threshold = zero_copy_threshold
@@ -157,10 +166,18 @@ class ZmqCarrier:
             "hb": self.io.hb_endpoint,
             "incarnation": self.incarnation,
             "pubkey": None if self.security is None else self.security.public_key.decode("ascii"),
-            "config": {"lowband": __version__, "wire": WIRE_VERSION, **config},
+            # transport options that peers must share: a mismatch is refused at join
+            "config": {
+                "lowband": __version__,
+                "wire": WIRE_VERSION,
+                "chunk_size": self.chunk_size,
+                "curve": self.security is not None,
+                **config,
+            },
         }
         ids: set[int] = set()
-        deadline = time.monotonic() + timeout
+        # keep a second of the budget to find out why, so the error comes within `timeout`
+        deadline = time.monotonic() + (timeout - 1.0 if timeout > 3.0 else timeout)
         while time.monotonic() < deadline:
             rep = self.client.ask(
                 req, timeout=min(2.0, max(0.01, deadline - time.monotonic())), ids=ids
@@ -168,7 +185,29 @@ class ZmqCarrier:
             if rep is not None:
                 return rep
         raise CollectiveTimeout(
-            f"rank {self.rank}: the group did not assemble at {self.client.endpoint} within {timeout}s"
+            f"rank {self.rank}: group {self.group_name!r} did not assemble within {timeout:g}s "
+            f"(init_timeout): {self._join_diagnosis()}"
+        )
+
+    def _join_diagnosis(self) -> str:
+        """Which ranks are missing, or what (if anything) answered at the coordinator's address."""
+        rep = None
+        try:
+            rep = self.client.ask({"op": "status", "group": self.group_name}, timeout=0.5)
+        except TransportError:
+            rep = None
+        if rep is None or not isinstance(rep.get("joined"), list):
+            return self.client.diagnose()
+        joined = sorted(int(r) for r in rep["joined"] if isinstance(r, int))
+        missing = [r for r in range(self.world_size) if r not in joined]
+        if rep.get("started"):
+            return (
+                f"the group is running and this rank waits to be admitted at its next commit "
+                f"(members: {joined})"
+            )
+        return (
+            f"ranks {missing} of {self.world_size} have not joined (joined: {joined}) at "
+            f"{self.client.endpoint}: were they started, with the same store address and group?"
         )
 
     def _apply_view(self, view: dict[str, Any]) -> None:
@@ -203,7 +242,7 @@ class ZmqCarrier:
         ]
         transport = self.io.build(peer, key, lengths, chunks, payload_bytes)
         if transport is None:
-            raise PeerLost(f"rank {self.rank}: peer {peer} was lost", peers=(peer,))
+            raise PeerLost(self._lost_message(peer, key), peers=(peer,))
         self.stats.count_send(peer, payload_bytes, transport)
 
     def recv(
@@ -221,19 +260,24 @@ class ZmqCarrier:
                 if key[0] < self._floor_epoch:
                     raise TransportError(f"rank {self.rank}: {key} belongs to a forgotten epoch")
                 if self.io.is_lost(peer):
-                    raise PeerLost(
-                        f"rank {self.rank}: peer {peer} sent neither heartbeat nor data for "
-                        f"{self.peer_timeout}s (waiting for {key})",
-                        peers=(peer,),
-                    )
+                    raise PeerLost(self._lost_message(peer, key), peers=(peer,))
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise CollectiveTimeout(
-                        f"rank {self.rank}: no message {key} from {peer} in {timeout}s"
+                        f"rank {self.rank}: no message from rank {peer} for collective {key[1]} "
+                        f"in {timeout:g}s"
                     )
                 self._cond.wait(0.1 if left is None else min(0.1, left))
         self.stats.count_recv(peer, payload, transport)
         return frames
+
+    def _lost_message(self, peer: int, key: Key) -> str:
+        why = self.io.lost_reason(peer)
+        return (
+            f"rank {self.rank} lost rank {peer} during collective {key[1]}: {why}. "
+            "With on_failure='drop' the others would carry on without it; "
+            "peer_timeout sets how long silence is tolerated"
+        )
 
     def _deliver(
         self, peer: int, key: Key, frames: list[Any], payload: int, transport: int
@@ -260,7 +304,15 @@ class ZmqCarrier:
             if rep is not None:
                 self._apply_view(rep)
                 return tuple(int(r) for r in rep["participants"])
-        raise CollectiveTimeout(f"rank {self.rank}: commit {key} found no agreement")
+        if not self.client.replied or self.client.ask({"op": "ping"}, timeout=2.0) is None:
+            raise CollectiveTimeout(
+                f"rank {self.rank}: collective {key[1]} cannot commit: the coordinator at "
+                f"{self.client.endpoint} does not answer ({self.client.diagnose()})"
+            )
+        raise CollectiveTimeout(
+            f"rank {self.rank}: collective {key[1]} found no agreement on its participants "
+            f"in {max(60.0, 4 * self.peer_timeout):g}s"
+        )
 
     def forget(self, epoch: int) -> None:
         with self._cond:
@@ -285,14 +337,25 @@ class ZmqCarrier:
     def _teardown(self) -> None:
         io = getattr(self, "io", None)
         if io is not None:
-            io.drain(patience=min(self.peer_timeout, 10.0))
+            if io.started:
+                io.drain(patience=min(self.peer_timeout, 10.0))
             io.stop()
         client = getattr(self, "client", None)
         if client is not None:
+            if io is not None and io.started:
+                try:  # tell the coordinator at once, so the group can end (or restart) cleanly
+                    client.ask(
+                        {"op": "leave", "group": self.group_name, "rank": self.rank,
+                         "incarnation": self.incarnation},
+                        timeout=0.5,
+                    )
+                except TransportError:
+                    pass
             client.close()
         if self._auth is not None:
             self._auth.stop()
-        self.ctx.term()
+        # destroy, not term: term() blocks for ever on any socket left open by an error path
+        self.ctx.destroy(linger=0)
 
     def __enter__(self) -> ZmqCarrier:
         return self

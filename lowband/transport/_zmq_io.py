@@ -52,7 +52,13 @@ __all__ = ["IOLoop"]
 
 log = logging.getLogger(__name__)
 
-_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+_MONITOR_EVENTS = (
+    zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+)
+#: A peer whose every connection closed this long ago, and whose address has refused this many
+#: reconnects since, has no process listening any more: it is lost now, not at peer_timeout.
+_CLOSED_GRACE = 1.5
+_CLOSED_RETRIES = 3
 _BATCH = 256  # messages read from one socket per turn, so no socket starves the others
 _GONE_GRACE = 0.5  # s every connection to a peer must have been down before close stops waiting
 
@@ -75,6 +81,7 @@ class IOLoop:
         self.inbound: dict[int, Inbound] = {}
         self.last_alive: dict[int, float] = {}
         self.lost: set[int] = set()
+        self._lost_why: dict[int, str] = {}
         self.banned: set[bytes] = set()
         self._known: dict[int, int] = {}  # peer -> incarnation we connect to
         self.rejected = 0  # frames refused as malformed or hostile (tests read it)
@@ -118,6 +125,22 @@ class IOLoop:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def lost_reason(self, peer: int) -> str:
+        """Why ``peer`` counts as lost, in words for an error message."""
+        why = self._lost_why.get(peer)
+        if why is not None:
+            return why
+        last = self.last_alive.get(peer)
+        silent = 0.0 if last is None else time.monotonic() - last
+        return (
+            f"no heartbeat and no data from it for {silent:.1f}s "
+            f"(peer_timeout={self.c.peer_timeout:g}s)"
+        )
+
     def call(self, *cmd: Any) -> None:
         self._cmds.append(cmd)
         try:
@@ -134,6 +157,7 @@ class IOLoop:
         self._known[peer] = inc
         self.last_alive[peer] = time.monotonic()
         self.lost.discard(peer)
+        self._lost_why.pop(peer, None)
         self.call("connect", peer, info, server_key)
 
     def build(
@@ -477,15 +501,23 @@ class IOLoop:
         for peer, link in self.links.items():
             if peer in self.lost:
                 continue
-            if now - self.last_alive.get(peer, now) > self.c.peer_timeout:
-                self.lost.add(peer)
-                log.warning(
-                    "rank %d: peer %d lost (no heartbeat and no progress for %.1fs)",
-                    self.c.rank,
-                    peer,
-                    self.c.peer_timeout,
+            silent = now - self.last_alive.get(peer, now)
+            if silent > self.c.peer_timeout:
+                why = (
+                    f"no heartbeat and no data from it for {silent:.1f}s "
+                    f"(peer_timeout={self.c.peer_timeout:g}s)"
                 )
-                link.queue.clear()
-                link.unacked.clear()
-                with self.c._cond:
-                    self.c._cond.notify_all()
+            elif self.c.closed_is_lost and link.refused(now, self.last_alive.get(peer, now), _CLOSED_GRACE, _CLOSED_RETRIES):
+                why = (
+                    "its connections closed and its address refuses new ones "
+                    f"(its process ended; last heard from {silent:.1f}s ago)"
+                )
+            else:
+                continue
+            self.lost.add(peer)
+            self._lost_why[peer] = why
+            log.warning("rank %d: rank %d lost: %s", self.c.rank, peer, why)
+            link.queue.clear()
+            link.unacked.clear()
+            with self.c._cond:
+                self.c._cond.notify_all()

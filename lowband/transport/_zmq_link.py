@@ -104,6 +104,7 @@ class Stream:
     sock: zmq.Socket
     monitor: zmq.Socket
     down_since: float | None = None  # monotonic time the connection dropped (None: up or never up)
+    retries: int = 0  # reconnect attempts that failed at once since it dropped (refused)
 
 
 @dataclass
@@ -175,8 +176,13 @@ class Link:
         if kind == zmq.EVENT_DISCONNECTED:
             if st.down_since is None:
                 st.down_since = time.monotonic()
+                st.retries = 0
+        elif kind == zmq.EVENT_CONNECT_RETRIED:
+            if st.down_since is not None:
+                st.retries += 1
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             was_down, st.down_since = st.down_since is not None, None
+            st.retries = 0
             if was_down:  # a reconnect: what ZeroMQ dropped with the old connection goes again
                 again = sorted(
                     (c for c in self.unacked.values() if c.stream == index),
@@ -195,6 +201,23 @@ class Link:
         path died): nothing sent now will be acknowledged until it comes back."""
         return all(
             st.down_since is not None and now - st.down_since >= grace for st in self.streams
+        )
+
+    def refused(self, now: float, last_alive: float, grace: float, retries: int) -> bool:
+        """The peer's process is gone: every connection to it closed while its heartbeats were
+        still arriving (within ``grace`` of the last one: a process that ends closes its sockets
+        at once), ``grace`` seconds ago or more, and each has since failed ``retries``
+        reconnects. A path that died silently does not look like this (its connections are
+        closed only by a ZMTP heartbeat timeout, seconds after the silence began) and is left
+        to ``peer_timeout``, as is a peer still connected but silent (stopped, overloaded)."""
+        downs = [st.down_since for st in self.streams]
+        if any(d is None for d in downs):
+            return False
+        first = min(d for d in downs if d is not None)
+        return (
+            first - last_alive <= grace
+            and now - first >= grace
+            and all(st.retries >= retries for st in self.streams)
         )
 
     def close(self) -> None:

@@ -16,6 +16,8 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   joins a running group (a restart or a late joiner) waits and enters at the
   next commit, which starts a new epoch; its reply names that commit's key as
   ``joined_at`` (``None`` for the ranks present from the start).
+- ``status``: which ranks of a group have joined and whether it started (read only;
+  a waiting peer names the missing ranks when its ``init_timeout`` ends).
 - ``commit``: a member proposes the ranks it believes alive for one collective
   ``key = (epoch, seq, phase)``. Members may re-propose a smaller set while they
   wait. Members are the ranks of the previous decision (every rank before the
@@ -153,6 +155,14 @@ class Membership:
         log.info("group %r: rank %d waits to join at the next commit", name, rank)
         return None
 
+    def status(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Which ranks a group has (for a peer's timeout message): nothing is changed."""
+        g = self.groups.get(_field(req, "group", str))
+        if g is None:
+            return {"world_size": None, "joined": [], "started": False}
+        joined = g.members if g.started else sorted(g.members_info)
+        return {"world_size": g.world_size, "joined": list(joined), "started": g.started}
+
     # -- commit ----------------------------------------------------------------------
     def commit(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
         name = _field(req, "group", str)
@@ -272,6 +282,8 @@ class Coordinator:
                 out = self.state.commit((who, rid), req)
             elif op == "ping":
                 out = {}
+            elif op == "status":
+                out = self.state.status(req)
             else:
                 raise RequestError(f"unknown op {op!r}")
             if out is not None:
@@ -283,10 +295,18 @@ class Coordinator:
         for (w, r), body in self.state.ready():
             self._reply(w, r, {"ok": True, **body})
 
-    def serve(self, *, stop_after: float | None = None) -> None:
+    def serve(self, *, stop_after: float | None = None, exit_with: int | None = None) -> None:
+        """Answer requests until ``stop_after`` seconds have passed or process ``exit_with``
+        (the launcher that started this coordinator, e.g. torchrun's agent) has ended."""
         deadline = None if stop_after is None else time.monotonic() + stop_after
+        next_check = 0.0
         try:
             while deadline is None or time.monotonic() < deadline:
+                if exit_with is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 1.0
+                    if not _alive(exit_with):
+                        log.info("coordinator: process %d ended, so does this coordinator", exit_with)
+                        return
                 if not self.sock.poll(200):
                     continue
                 msg = self.sock.recv_multipart()
@@ -302,6 +322,22 @@ class Coordinator:
         if self._auth is not None:
             self._auth.stop()
         self.ctx.term()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 class CoordinatorProcess:
@@ -329,13 +365,39 @@ class CoordinatorProcess:
 
 
 def start_coordinator(
-    bind: str = "127.0.0.1:0", *, args: list[str] | None = None, timeout: float = 60.0
+    bind: str = "127.0.0.1:0",
+    *,
+    args: list[str] | None = None,
+    timeout: float = 60.0,
+    detach: bool = False,
 ) -> CoordinatorProcess:
-    """Start ``lowband coordinator`` in a child process and return once it listens."""
+    """Start ``lowband coordinator`` in a child process and return once it listens.
+
+    ``detach``: in a session of its own, so it outlives this process and a Ctrl-C or kill
+    of this process's group (pass ``--exit-with PID`` in ``args`` to bound its life); its
+    log goes to a file in the temporary directory (named in this process's log), so it
+    holds none of this process's output pipes open."""
     cmd = [sys.executable, "-m", "lowband.transport.coordinator", "--bind", bind, *(args or [])]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    stderr: Any = None
+    if detach:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="lowband-coordinator-", suffix=".log")
+        stderr = fd
+        log.info("coordinator log: %s", path)
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=detach,
+        )
+    finally:
+        if stderr is not None:
+            os.close(stderr)
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -368,6 +430,9 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--torch-store-port", type=int, help="also host a torch TCPStore on this port")
     ap.add_argument("--stop-after", type=float, help="exit after this many seconds (tests)")
+    ap.add_argument(
+        "--exit-with", type=int, metavar="PID", help="exit when process PID ends (its launcher)"
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
@@ -393,7 +458,7 @@ def main(argv: list[str]) -> int:
     coord = Coordinator(args.bind, security=security)
     print(f"listening on {coord.endpoint}", flush=True)
     try:
-        coord.serve(stop_after=args.stop_after)
+        coord.serve(stop_after=args.stop_after, exit_with=args.exit_with)
     except KeyboardInterrupt:
         pass
     del store

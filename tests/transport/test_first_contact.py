@@ -1,0 +1,211 @@
+"""First contact (issue 13): the paths a new user walks work, or fail fast and say why.
+
+Real processes, real sockets, a real coordinator and torch's real TCPStore; torchrun as
+users run it. No test here asserts a duration: each failure case is given a deadline far
+beyond the fast path (60 s) and checks that the *specific* error arrived, which only the
+fast path produces (a deadline would give CollectiveTimeout instead).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import lowband
+from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
+from lowband.testing import start_store
+from lowband.transport import start_coordinator
+from lowband.transport._zmq import ZmqCarrier
+from lowband.transport.security import Curve, generate_keys
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _coordinator_children(launcher_pid: int) -> list[int]:
+    """Coordinators started to end with ``launcher_pid`` that still run."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"lowband.transport.coordinator" in cmd and str(launcher_pid).encode() in cmd:
+            out.append(int(d.name))
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_default_backend_trains_the_readme_quickstart() -> None:
+    """`torchrun --nproc_per_node 2 examples/quickstart.py`: the README's lines, as written."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    proc = subprocess.Popen(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(ROOT / "examples" / "quickstart.py")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+    )
+    try:
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, out
+    lines = re.findall(r"rank (\d): loss [\d.]+, (\d+) syncs, ([\d,]+) payload bytes sent", out)
+    assert sorted(r for r, _, _ in lines) == ["0", "1"], out
+    assert all(int(s) == 5 and int(b.replace(",", "")) > 0 for _, s, b in lines), out
+    # the coordinator that lowband started beside torchrun's agent ends with it
+    deadline = time.monotonic() + 10
+    while _coordinator_children(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _coordinator_children(proc.pid)
+
+
+def test_init_timeout_bounds_the_wait_and_says_nothing_answered() -> None:
+    port = _free_port()  # nothing listens there
+    with pytest.raises(CollectiveTimeout, match=r"within 3s \(init_timeout\).*nothing answered"):
+        lowband.init_group(0, 2, store=f"127.0.0.1:{port}", init_timeout=3)
+
+
+def test_init_timeout_names_the_missing_ranks() -> None:
+    with start_coordinator() as co:
+        with pytest.raises(CollectiveTimeout, match=r"ranks \[1, 2\] of 3 have not joined \(joined: \[0\]\)"):
+            lowband.init_group(0, 3, store=co.address, init_timeout=3)
+
+
+def test_a_torch_store_is_not_taken_for_a_coordinator() -> None:
+    """The old torchrun hang: the zmq backend pointed at a TCPStore now says what it found."""
+    store, addr = start_store()
+    try:
+        with pytest.raises(TransportError, match="closes them during the handshake"):
+            lowband.init_group(0, 2, store=addr, init_timeout=60)
+    finally:
+        del store
+
+
+def test_curve_without_the_coordinator_key_fails_at_once(tmp_path: Path) -> None:
+    """The README's old CURVE example: a ConfigError, not a hang in zmq's Context.term()."""
+    generate_keys(tmp_path, "me")
+    sec = Curve.from_files(tmp_path / "me.key_secret", allowed=[tmp_path])
+    errors: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            lowband.init_group(0, 2, store="127.0.0.1:1", security=sec, init_timeout=60)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=join, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "init_group hung"
+    assert len(errors) == 1 and isinstance(errors[0], ConfigError), errors
+    assert "coordinator" in str(errors[0])
+
+
+@pytest.mark.slow
+def test_a_config_mismatch_reaches_every_rank() -> None:
+    with start_coordinator() as co:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(SCRIPTS / "mismatch.py"), str(r), "3", co.address, str(se)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+            )
+            for r, se in ((0, 10), (1, 10), (2, 20))
+        ]
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=120)[0])
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+    for r, out in enumerate(outs):
+        res = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
+        assert res and res[0].startswith("RESULT ConfigMismatch") and "sync_every" in res[0], (r, out)
+
+
+@pytest.mark.slow
+def test_a_peer_whose_process_ended_is_lost_promptly_and_named() -> None:
+    """Rank 1 exits without closing; rank 0 (peer_timeout=60) hears of it from the closed
+    connections, with a message that names the peer and on_failure='drop'."""
+    with start_coordinator() as co:
+        other = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "join_and_exit.py"), "1", co.address],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+        )
+        try:
+            box: list[ZmqCarrier] = []
+            t = threading.Thread(
+                target=lambda: box.append(ZmqCarrier(0, 2, coordinator=co.address, peer_timeout=60)),
+                daemon=True,
+            )
+            t.start()
+            assert other.stdout is not None and other.stdin is not None
+            assert other.stdout.readline().strip() == "JOINED"
+            t.join(60)
+            c = box[0]
+            try:
+                time.sleep(1.0)  # let the heartbeats start flowing both ways
+                other.stdin.write("go\n")
+                other.stdin.flush()
+                other.wait(30)
+                with pytest.raises(PeerLost) as info:
+                    c.recv(1, (0, 1, 0), timeout=50)
+                msg = str(info.value)
+                assert "rank 1" in msg and "connections closed" in msg and "on_failure='drop'" in msg
+                assert "(0, 1, 0)" not in msg  # no internal keys in messages
+            finally:
+                c.close()
+        finally:
+            if other.poll() is None:
+                other.kill()
+                other.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_two_hosts_advertise_the_address_that_reaches_the_coordinator() -> None:
+    """Peers in two network namespaces, each with its own address, no host= option."""
+    from lowband.wan import HUB, LinkEmulator, Topology
+    from lowband.wan._netns import netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        pytest.skip(f"needs network namespaces: {why}")
+    with LinkEmulator(Topology.uniform(2, rate="1gbit", rtt="2ms"), mode="netns") as emu:
+        co = emu.popen(HUB, [sys.executable, "-m", "lowband.transport.coordinator", "--bind",
+                             f"{emu.hub_address}:0"], stdout=subprocess.PIPE, text=True, env=ENV)
+        assert co.stdout is not None
+        addr = co.stdout.readline().split()[-1].removeprefix("tcp://")
+        peers = [
+            emu.popen(h, [sys.executable, str(SCRIPTS / "netns_peer.py"), str(h), "2", addr],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+            for h in range(2)
+        ]
+        outs = [p.communicate(timeout=120)[0] for p in peers]
+        co.terminate()
+        co.wait(10)
+    for h, out in enumerate(outs):
+        res = [ln.split() for ln in out.splitlines() if ln.startswith("RESULT")]
+        assert res and float(res[0][1]) == 3.0, out
+        assert emu.host_address(h) in res[0][2], out  # bound and advertised its own address
