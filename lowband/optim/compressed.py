@@ -175,5 +175,8 @@ class CompressedGradients(torch.optim.Optimizer):
         self.inner.load_state_dict(
             {k: v for k, v in state_dict.items() if k != "compressed_gradients"}
         )
+        # torch's loader rebinds the inner optimizer's param_groups and state: share them again
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
         if self.error_feedback is not None and mine["error_feedback"] is not None:
             self.error_feedback.load_state_dict(mine["error_feedback"])

@@ -351,6 +351,10 @@ class DiLoCo(torch.optim.Optimizer):
             )
         inner = {k: v for k, v in state_dict.items() if k != "diloco"}
         self.inner.load_state_dict(inner)
+        # torch's loader gives the inner optimizer new param_groups and state objects:
+        # share them again, or a scheduler stepping the wrapper changes nothing.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
         for g, saved in zip(self._global, mine["global"]):
             if saved.dtype != g.dtype or saved.shape != g.shape:
                 raise ConfigMismatch(
