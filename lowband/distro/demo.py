@@ -192,7 +192,11 @@ class DeMo(torch.optim.Optimizer):
         groups = []
         for g in self.param_groups:
             hyper = {k: g[k] for k in self.defaults}
-            hyper["params"] = [[list(p.shape), str(p.dtype)] for p in g["params"]]
+            # requires_grad=False parameters never have a gradient, so they are never sent;
+            # every peer must agree on which ones they are
+            hyper["params"] = [
+                [list(p.shape), str(p.dtype), bool(p.requires_grad)] for p in g["params"]
+            ]
             groups.append(hyper)
         return {"optimizer": "lowband.DeMo", "overlap": self.overlap, "param_groups": groups}
 
@@ -236,8 +240,8 @@ class DeMo(torch.optim.Optimizer):
             matrices: list[torch.Tensor] = []
             vectors: list[torch.Tensor] = []  # 1-D and 0-D: packed into one layout
             for p in g["params"]:
-                if p.grad is None:
-                    continue  # no gradient: no weight decay, no momentum decay, nothing sent
+                if p.grad is None or not p.requires_grad:
+                    continue  # no gradient (or frozen): no weight decay, no momentum decay, nothing sent
                 if p.grad.is_sparse:
                     raise ConfigError("DeMo does not take sparse gradients")
                 if wd:

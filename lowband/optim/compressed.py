@@ -82,7 +82,15 @@ class CompressedGradients(torch.optim.Optimizer):
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
         self._meter = StatsMeter(group)
         self._reduced = False
-        params = [p for g in self.param_groups for p in g["params"]]
+        # Parameters with requires_grad=False are not reduced (they have no gradient to
+        # send); they only take part in the start-up check, so peers start alike.
+        everything = [p for g in self.param_groups for p in g["params"]]
+        params = [p for p in everything if p.requires_grad]
+        frozen_at = [i for i, p in enumerate(everything) if not p.requires_grad]
+        if not params:
+            raise ConfigError(
+                "CompressedGradients needs at least one parameter with requires_grad=True"
+            )
         self._buckets: list[Bucket] = plan_buckets(params, bucket_bytes=bucket_bytes)
         self._staging = [torch.zeros(b.numel, dtype=torch.float32) for b in self._buckets]
         config = {
@@ -92,7 +100,13 @@ class CompressedGradients(torch.optim.Optimizer):
         }
         if self.aggregate != "mean":
             config["aggregate"] = self.aggregate
-        agree_on_start(group, self._meter, config, self._buckets)
+        if frozen_at:
+            config["frozen"] = frozen_at
+        frozen = [everything[i] for i in frozen_at]
+        start = self._buckets + plan_buckets(
+            frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
+        )
+        agree_on_start(group, self._meter, config, start)
 
     @property
     def stats(self) -> CommStats:
