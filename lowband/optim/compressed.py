@@ -22,6 +22,7 @@ from lowband.optim._common import (
     agree_on_start,
     amp_found_inf,
     amp_unscale,
+    check_finite_grads,
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
@@ -123,6 +124,11 @@ class CompressedGradients(torch.optim.Optimizer):
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """All-reduce (mean) this peer's gradients with the peers' and write the average back."""
+        # before anything is launched or a residual changes: a raise leaves all as it was
+        check_finite_grads(self, [p for b in self._buckets for p in b.params])
+        self._reduce()
+
+    def _reduce(self) -> None:
         works = []
         had: list[list[bool]] = []
         self._meter.launched(len(self._buckets))
@@ -164,9 +170,12 @@ class CompressedGradients(torch.optim.Optimizer):
             if float(flags[0]) > 0:
                 self._reduced = False
                 return loss  # some peer overflowed: every peer skips this step alike
+        if not self._reduced:
+            check_finite_grads(self, params)  # before the unscale changes the gradients
         amp_unscale(self, params)
         if not self._reduced:
-            self.reduce_gradients()
+            with torch.no_grad():
+                self._reduce()
         self._reduced = False
         self.inner.step()
         return loss

@@ -37,7 +37,9 @@ from lowband.optim._common import (
     StatsMeter,
     WorkLike,
     agree_on_start,
+    amp_found_inf,
     amp_skip_and_unscale,
+    check_finite_grads,
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
@@ -244,6 +246,8 @@ class DiLoCo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = [p for g in self.param_groups for p in g["params"]]
+        if not amp_found_inf(self):  # a step that raises leaves everything as it was
+            check_finite_grads(self, params)
         if not amp_skip_and_unscale(self, params):
             self.inner.step()
         self._step_count += 1
