@@ -56,7 +56,7 @@ from lowband.distro._state import PENDING as _PENDING
 from lowband.distro._stats import add_transport, transport_counts
 from lowband.distro._tiling import TileLayout, dct2
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
-from lowband.errors import ConfigError
+from lowband.errors import CodecError, ConfigError
 from lowband.transport._stats import CommStats
 
 __all__ = ["DeMo"]
@@ -192,7 +192,11 @@ class DeMo(torch.optim.Optimizer):
         groups = []
         for g in self.param_groups:
             hyper = {k: g[k] for k in self.defaults}
-            hyper["params"] = [[list(p.shape), str(p.dtype)] for p in g["params"]]
+            # requires_grad=False parameters never have a gradient, so they are never sent;
+            # every peer must agree on which ones they are
+            hyper["params"] = [
+                [list(p.shape), str(p.dtype), bool(p.requires_grad)] for p in g["params"]
+            ]
             groups.append(hyper)
         return {"optimizer": "lowband.DeMo", "overlap": self.overlap, "param_groups": groups}
 
@@ -205,6 +209,7 @@ class DeMo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_grads()  # a step that raises must leave parameters and state as they were
         if self.overlap:
             # Step t's exchange is queued behind step t-1's before waiting for t-1, so t-1's
             # also overlaps the encoding of t. Same arithmetic as resolving first: resolving
@@ -218,6 +223,24 @@ class DeMo(torch.optim.Optimizer):
             self._resolve()
             self._apply_pending()
         return loss
+
+    def _check_grads(self) -> None:
+        """ConfigError for a sparse gradient, CodecError for NaN or Inf, before anything changes
+        (one device sync per device: the flags of all its gradients are stacked)."""
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None or not p.requires_grad:
+                    continue
+                if p.grad.is_sparse:
+                    raise ConfigError("DeMo does not take sparse gradients")
+                flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
+        for f in flags.values():
+            if not bool(torch.stack(f).all()):
+                raise CodecError(
+                    "a gradient holds NaN or Inf: DeMo.step() changed nothing (parameters, "
+                    "momenta and any exchange in flight are as they were); skip this step"
+                )
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -236,8 +259,8 @@ class DeMo(torch.optim.Optimizer):
             matrices: list[torch.Tensor] = []
             vectors: list[torch.Tensor] = []  # 1-D and 0-D: packed into one layout
             for p in g["params"]:
-                if p.grad is None:
-                    continue  # no gradient: no weight decay, no momentum decay, nothing sent
+                if p.grad is None or not p.requires_grad:
+                    continue  # no gradient (or frozen): no weight decay, no momentum decay, nothing sent
                 if p.grad.is_sparse:
                     raise ConfigError("DeMo does not take sparse gradients")
                 if wd:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lowband.errors import ConfigError
+from lowband.errors import CodecError, ConfigError
 from lowband.optim._buckets import Bucket, gather_into, scatter_from
 from lowband.transport import CommStats, PeerStats
 
@@ -28,6 +28,7 @@ __all__ = [
     "resolve_codec",
     "resolve_error_feedback",
     "amp_skip_and_unscale",
+    "check_finite_grads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,24 @@ def amp_skip_and_unscale(opt: torch.optim.Optimizer, params: Iterable[torch.Tens
         return True
     amp_unscale(opt, params)
     return False
+
+
+def check_finite_grads(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
+    """CodecError if a gradient holds NaN or Inf; called before a step changes anything,
+    so a step that raises leaves parameters, optimizer state and residuals as they were.
+    One device sync per device (the flags of all its tensors are stacked)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if g is not None:
+            v = g._values() if g.is_sparse else g
+            flags.setdefault(v.device, []).append(torch.isfinite(v).all())
+    for f in flags.values():
+        if not bool(torch.stack(f).all()):
+            raise CodecError(
+                f"a gradient holds NaN or Inf: {type(opt).__name__}.step() changed nothing; "
+                "skip this step (torch.amp.GradScaler does that for you)"
+            )
 
 
 def agree_on_start(

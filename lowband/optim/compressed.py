@@ -22,6 +22,7 @@ from lowband.optim._common import (
     agree_on_start,
     amp_found_inf,
     amp_unscale,
+    check_finite_grads,
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
@@ -82,7 +83,15 @@ class CompressedGradients(torch.optim.Optimizer):
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
         self._meter = StatsMeter(group)
         self._reduced = False
-        params = [p for g in self.param_groups for p in g["params"]]
+        # Parameters with requires_grad=False are not reduced (they have no gradient to
+        # send); they only take part in the start-up check, so peers start alike.
+        everything = [p for g in self.param_groups for p in g["params"]]
+        params = [p for p in everything if p.requires_grad]
+        frozen_at = [i for i, p in enumerate(everything) if not p.requires_grad]
+        if not params:
+            raise ConfigError(
+                "CompressedGradients needs at least one parameter with requires_grad=True"
+            )
         self._buckets: list[Bucket] = plan_buckets(params, bucket_bytes=bucket_bytes)
         self._staging = [torch.zeros(b.numel, dtype=torch.float32) for b in self._buckets]
         config = {
@@ -92,7 +101,13 @@ class CompressedGradients(torch.optim.Optimizer):
         }
         if self.aggregate != "mean":
             config["aggregate"] = self.aggregate
-        agree_on_start(group, self._meter, config, self._buckets)
+        if frozen_at:
+            config["frozen"] = frozen_at
+        frozen = [everything[i] for i in frozen_at]
+        start = self._buckets + plan_buckets(
+            frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
+        )
+        agree_on_start(group, self._meter, config, start)
 
     @property
     def stats(self) -> CommStats:
@@ -109,6 +124,11 @@ class CompressedGradients(torch.optim.Optimizer):
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """All-reduce (mean) this peer's gradients with the peers' and write the average back."""
+        # before anything is launched or a residual changes: a raise leaves all as it was
+        check_finite_grads(self, [p for b in self._buckets for p in b.params])
+        self._reduce()
+
+    def _reduce(self) -> None:
         works = []
         had: list[list[bool]] = []
         self._meter.launched(len(self._buckets))
@@ -150,9 +170,12 @@ class CompressedGradients(torch.optim.Optimizer):
             if float(flags[0]) > 0:
                 self._reduced = False
                 return loss  # some peer overflowed: every peer skips this step alike
+        if not self._reduced:
+            check_finite_grads(self, params)  # before the unscale changes the gradients
         amp_unscale(self, params)
         if not self._reduced:
-            self.reduce_gradients()
+            with torch.no_grad():
+                self._reduce()
         self._reduced = False
         self.inner.step()
         return loss
@@ -175,5 +198,8 @@ class CompressedGradients(torch.optim.Optimizer):
         self.inner.load_state_dict(
             {k: v for k, v in state_dict.items() if k != "compressed_gradients"}
         )
+        # torch's loader rebinds the inner optimizer's param_groups and state: share them again
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
         if self.error_feedback is not None and mine["error_feedback"] is not None:
             self.error_feedback.load_state_dict(mine["error_feedback"])

@@ -37,7 +37,9 @@ from lowband.optim._common import (
     StatsMeter,
     WorkLike,
     agree_on_start,
+    amp_found_inf,
     amp_skip_and_unscale,
+    check_finite_grads,
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
@@ -157,7 +159,14 @@ class DiLoCo(torch.optim.Optimizer):
         self._step_count = 0
         self._pending: list[_Pending] = []
 
-        params = [p for g in self.param_groups for p in g["params"]]
+        # Parameters with requires_grad=False (a frozen base under LoRA adapters) are
+        # neither synced nor stepped by the outer optimizer: they only take part in the
+        # start-up check (config and digest), so peers still start from the same weights.
+        everything = [p for g in self.param_groups for p in g["params"]]
+        params = [p for p in everything if p.requires_grad]
+        self._frozen = [i for i, p in enumerate(everything) if not p.requires_grad]
+        if not params:
+            raise ConfigError("DiLoCo needs at least one parameter with requires_grad=True")
         self._fragment_buckets: list[list[Bucket]] = []
         for run in split_fragments(params, fragments):
             first = sum(len(b) for b in self._fragment_buckets)
@@ -184,7 +193,11 @@ class DiLoCo(torch.optim.Optimizer):
             if not isinstance(self._outer, torch.optim.Optimizer):
                 raise ConfigError("outer_optimizer must return a torch.optim.Optimizer")
         config = {"optimizer": "DiLoCo", **self._config()}
-        if agree_on_start(group, self._meter, config, self._buckets):
+        frozen = [everything[i] for i in self._frozen]
+        start = self._buckets + plan_buckets(
+            frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
+        )
+        if agree_on_start(group, self._meter, config, start):
             with torch.no_grad():
                 for b, g in zip(self._buckets, self._global):
                     gather_into(b, g)
@@ -206,6 +219,8 @@ class DiLoCo(torch.optim.Optimizer):
         }
         if self.aggregate != "mean":  # only then, so that earlier checkpoints still load
             config["aggregate"] = self.aggregate
+        if self._frozen:  # likewise: positions of the requires_grad=False parameters
+            config["frozen"] = list(self._frozen)
         return config
 
     # -- public surface ---------------------------------------------------------
@@ -231,6 +246,8 @@ class DiLoCo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = [p for g in self.param_groups for p in g["params"]]
+        if not amp_found_inf(self):  # a step that raises leaves everything as it was
+            check_finite_grads(self, params)
         if not amp_skip_and_unscale(self, params):
             self.inner.step()
         self._step_count += 1
@@ -351,6 +368,10 @@ class DiLoCo(torch.optim.Optimizer):
             )
         inner = {k: v for k, v in state_dict.items() if k != "diloco"}
         self.inner.load_state_dict(inner)
+        # torch's loader gives the inner optimizer new param_groups and state objects:
+        # share them again, or a scheduler stepping the wrapper changes nothing.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
         for g, saved in zip(self._global, mine["global"]):
             if saved.dtype != g.dtype or saved.shape != g.shape:
                 raise ConfigMismatch(

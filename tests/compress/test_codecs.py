@@ -173,7 +173,7 @@ def test_bad_specs_raise_config_error(bad: str) -> None:
         parse(bad)
 
 
-@pytest.mark.parametrize("spec", ["q8", "q4", "q2", "q1", "sign", "fp16", "topk:k=8,tile=64+q2", "topk:density=0.02+q8", "dct:chunk=8+topk:k=4,tile=64+sign"])
+@pytest.mark.parametrize("spec", ["q8", "q4", "q2", "sign", "fp16", "topk:k=8,tile=64+q2", "topk:density=0.02+q8", "dct:chunk=8+topk:k=4,tile=64+sign"])
 def test_error_feedback_delivers_a_constant_input_on_average(spec: str) -> None:
     """With decay 1, sum(sent) = T*x - r_T exactly, and r stays bounded: the mean converges to x."""
     x = torch.randn(512, generator=torch.Generator().manual_seed(1))

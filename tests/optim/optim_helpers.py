@@ -66,3 +66,29 @@ class Recording:
     def verify(self, config: Any) -> None:
         self.calls.append("verify")
         self._group.verify(config)
+
+
+class LoraModel(torch.nn.Module):
+    """A LoRA-like model: a frozen MLP base (3,332 values) and small trainable
+    low-rank adapters on its first layer (528 values)."""
+
+    def __init__(self, seed: int = 0, rank: int = 2) -> None:
+        super().__init__()
+        with _SEED_LOCK:
+            torch.manual_seed(seed)
+            self.base_in = torch.nn.Linear(8, 256)
+            self.base_out = torch.nn.Linear(256, 4)
+            self.down = torch.nn.Parameter(0.1 * torch.randn(8, rank))
+            self.up = torch.nn.Parameter(0.1 * torch.randn(rank, 256))
+        for p in (*self.base_in.parameters(), *self.base_out.parameters()):
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_in(x) + x @ self.down @ self.up
+        return self.base_out(torch.tanh(h))
+
+    def adapters(self) -> list[torch.nn.Parameter]:
+        return [self.down, self.up]
+
+    def frozen(self) -> list[torch.Tensor]:
+        return [p for p in self.parameters() if not p.requires_grad]

@@ -200,3 +200,21 @@ def _per_param(hook, buckets) -> dict[int, torch.Tensor]:
             key, start, stop = hook._where[id(p)]
             out[id(p)] = hook.error_feedback.residuals[key][start:stop].clone()
     return out
+
+
+def test_resume_with_a_scheduler_is_bit_for_bit() -> None:
+    from test_diloco_state import _resume_with_scheduler
+
+    def run(group):
+        return _resume_with_scheduler(
+            group,
+            lambda g, m: CompressedGradients(
+                torch.optim.AdamW(m.parameters(), lr=1e-2), group=g, codec="q4"
+            ),
+        )
+
+    for first, second, lrs, shared in run_ranks(2, run):
+        assert shared
+        assert all(inner == outer for inner, outer in lrs)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)

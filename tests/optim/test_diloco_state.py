@@ -204,3 +204,51 @@ def test_grad_scaler_inf_on_every_peer_skips_every_inner_step_alike() -> None:
     assert s0 == s1 == 4  # two of six inner steps skipped on both peers
     assert y0 == y1 == 2
     assert torch.equal(p0, p1)
+
+
+def _resume_with_scheduler(group, build_opt):
+    """Train 12 steps under a StepLR that changes lr every 2 steps, uninterrupted and
+    resumed at step 5 into a fresh model, optimizer and scheduler; return both runs'
+    parameters and the lr the inner optimizer really used at each resumed step."""
+
+    def fresh(seed):
+        model = make_model(seed=seed)
+        opt = build_opt(group, model)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return model, opt, sched
+
+    model, opt, sched = fresh(0)
+    for t in range(5):
+        train_step(model, opt, group.rank, t)
+        sched.step()
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    for t in range(5, 12):
+        train_step(model, opt, group.rank, t)
+        sched.step()
+    first = [p.detach().clone() for p in model.parameters()]
+
+    model2, opt2, sched2 = fresh(7 + group.rank)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    inner_lrs = []
+    for t in range(5, 12):
+        inner_lrs.append((opt2.inner.param_groups[0]["lr"], opt2.param_groups[0]["lr"]))
+        train_step(model2, opt2, group.rank, t)
+        sched2.step()
+    second = [p.detach().clone() for p in model2.parameters()]
+    return first, second, inner_lrs, opt2.param_groups is opt2.inner.param_groups
+
+
+def test_resume_with_a_scheduler_is_bit_for_bit() -> None:
+    def run(group):
+        return _resume_with_scheduler(
+            group, lambda g, m: build(g, m, sync_every=3, codec="q4", error_feedback=True)
+        )
+
+    for first, second, lrs, shared in run_ranks(2, run):
+        assert shared
+        assert all(inner == outer for inner, outer in lrs)
+        assert len({inner for inner, _ in lrs}) >= 3  # the scheduler did change the lr
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
