@@ -113,8 +113,8 @@ def draw_loss_vs_bytes(
     """
     floor = bytes_floor(methods)
     series = bytes_series(methods, floor)
-    for s in series:
-        (line,) = ax.plot(s.xs, s.ys, marker="o", markersize=3, label=s.label)
+    for i, s in enumerate(series):  # colours by position: the same method, the same colour
+        (line,) = ax.plot(s.xs, s.ys, marker="o", markersize=3, label=s.label, color=f"C{i}")
         zero = [(x, y) for x, y, z in zip(s.xs, s.ys, s.at_floor) if z]
         if zero:  # hollow: "nothing sent yet", not a count of `floor` bytes
             ax.plot(
@@ -144,8 +144,8 @@ def draw_loss_vs_time(
 ) -> None:
     """Draw validation loss against training wall time on ``ax``."""
     series = time_series(methods)
-    for s in series:
-        ax.plot(s.xs, s.ys, marker="o", markersize=3, label=s.label)
+    for i, s in enumerate(series):
+        ax.plot(s.xs, s.ys, marker="o", markersize=3, label=s.label, color=f"C{i}")
     ax.set_xlabel("wall time (seconds, emulated links, evaluation excluded)")
     ax.set_ylabel("validation loss (nats per byte)")
     ax.set_title("Validation loss vs wall time\n" + title(settings), fontsize=10)

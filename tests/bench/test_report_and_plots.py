@@ -173,6 +173,7 @@ def test_drawn_figures_have_only_visible_legend_entries_and_name_the_mode() -> N
 
     plt = _pyplot()
     methods = _methods()
+    colours = []
     for draw in (draw_loss_vs_bytes, draw_loss_vs_time):
         fig, ax = plt.subplots()
         try:
@@ -186,10 +187,12 @@ def test_drawn_figures_have_only_visible_legend_entries_and_name_the_mode() -> N
                 assert len(xs) > 1 and all(lo <= x <= hi for x in xs)
                 if ax.get_xscale() == "log":
                     assert all(x > 0 for x in xs)
+            colours.append([h.get_color() for h in handles])
             assert "netns link emulator" in ax.get_title()
             assert "100 Mbit/s" in ax.get_title() and "50 ms one way" in ax.get_title()
         finally:
             plt.close(fig)
+    assert colours[0] == colours[1]  # hollow 0-byte markers do not shift the colours
     assert "proxy link emulator" in title(dict(SETTINGS, emulator_mode="proxy"))
 
 
