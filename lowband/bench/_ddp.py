@@ -58,6 +58,7 @@ class BucketedAllReduce:
         self._ready = [0] * len(self.buckets)
         self._launched = 0
         self._works: list[Any] = []
+        self.syncs = 0  # completed steps' all-reduces (each step is one sync of every bucket)
         with torch.no_grad():  # one flat broadcast: one round trip, not one per tensor
             flat = torch.cat([p.detach().reshape(-1).float() for p in ordered])
             group.broadcast(flat, src=0).wait()
@@ -101,6 +102,7 @@ class BucketedAllReduce:
                     p.grad.copy_(chunk)
                 offset += n
         self._works.clear()
+        self.syncs += 1
         self._ready = [0] * len(self.buckets)
         self._launched = 0
 

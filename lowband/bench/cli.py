@@ -20,12 +20,12 @@ from typing import Any
 
 from lowband.errors import ConfigError, LowbandError
 
-__all__ = ["main", "PRESETS", "Preset", "build_parser", "parse_args"]
+__all__ = ["main", "MIN_EVALS", "PRESETS", "Preset", "build_parser", "parse_args"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """The size of a run: model, steps, batch and evaluation cadence."""
+    """The size of a run: model, steps, batch, sync and evaluation cadence."""
 
     model: str
     steps: int
@@ -35,17 +35,57 @@ class Preset:
     eval_batch_size: int
     lr: float
     demo_lr: float
+    sync_every: int  # diloco and streaming-diloco-q4
     sparseloco_sync_every: int
 
 
-#: ``default`` sizes the model so that ddp's per-step all-reduce at 100 Mbit/s dominates its
-#: step (what the benchmark shows) while the whole run stays under 10 minutes on 2 cores;
-#: ``long`` trains a smaller model for many more steps so the losses separate meaningfully.
+#: Every preset evaluates at least 8 times (:data:`MIN_EVALS`) and ``quick`` syncs every
+#: method at least 5 times (:data:`lowband.bench.report.MIN_SYNCS`), so its ratios rest on
+#: more than one sync. ``default`` sizes the model so that ddp's per-step all-reduce at
+#: 100 Mbit/s dominates its step (what the benchmark shows) while the whole run stays under
+#: 10 minutes on 2 cores; ``long`` trains a smaller model for many more steps so the losses
+#: separate meaningfully. DiLoCo's H = 50 in ``default`` gives it 3 syncs: the report says so.
 PRESETS: dict[str, Preset] = {
-    "quick": Preset("tiny", 60, 8, 20, 2, 16, 3e-3, 3e-3, 10),
-    "default": Preset("base:block_size=64", 150, 2, 30, 2, 16, 2e-3, 1e-3, 10),
-    "long": Preset("small", 1200, 8, 100, 4, 32, 3e-3, 1.2e-3, 10),
+    "quick": Preset(
+        model="tiny",
+        steps=60,
+        batch_size=8,
+        eval_every=5,
+        eval_batches=2,
+        eval_batch_size=16,
+        lr=3e-3,
+        demo_lr=3e-3,
+        sync_every=10,
+        sparseloco_sync_every=10,
+    ),
+    "default": Preset(
+        model="base:block_size=64",
+        steps=150,
+        batch_size=2,
+        eval_every=15,
+        eval_batches=2,
+        eval_batch_size=16,
+        lr=2e-3,
+        demo_lr=1e-3,
+        sync_every=50,
+        sparseloco_sync_every=10,
+    ),
+    "long": Preset(
+        model="small",
+        steps=1200,
+        batch_size=8,
+        eval_every=100,
+        eval_batches=4,
+        eval_batch_size=32,
+        lr=3e-3,
+        demo_lr=1.2e-3,
+        sync_every=50,
+        sparseloco_sync_every=10,
+    ),
 }
+
+#: Evaluations after step 0 that every preset makes, so each curve has points to show.
+MIN_EVALS = 8
 
 DEFAULT_METHODS = "ddp,diloco,streaming-diloco-q4,sparseloco,demo"
 
@@ -144,7 +184,8 @@ def parse_args(argv: list[str]) -> BenchArgs:
     if ns.steps is not None:
         if ns.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {ns.steps}")
-        preset = replace(preset, steps=ns.steps, eval_every=min(preset.eval_every, ns.steps))
+        every = min(preset.eval_every, max(1, ns.steps // MIN_EVALS))
+        preset = replace(preset, steps=ns.steps, eval_every=every)
     if ns.batch_size is not None:
         if ns.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {ns.batch_size}")
@@ -183,6 +224,12 @@ def parse_args(argv: list[str]) -> BenchArgs:
     )
 
 
+_EMULATOR_NOTES = {
+    "netns": "real kernel TCP through network namespaces, tc tbf for rate and a delay line",
+    "proxy": "userspace relay with a sender-window model, no root",
+}
+
+
 def _train_config(args: BenchArgs) -> Any:
     from lowband.bench.methods import TrainConfig
 
@@ -193,6 +240,7 @@ def _train_config(args: BenchArgs) -> Any:
         lr=p.lr,
         warmup=min(20, max(1, p.steps // 10)),
         demo_lr=p.demo_lr,
+        sync_every=p.sync_every,
         sparseloco_sync_every=p.sparseloco_sync_every,
     )
 
@@ -224,7 +272,7 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     from lowband.bench import report
     from lowband.bench._units import format_rate
     from lowband.bench.data import load_corpus
-    from lowband.bench.methods import describe_method
+    from lowband.bench.methods import describe_method, sync_every
     from lowband.bench.model import CharTransformer, model_config
     from lowband.bench.runner import LinkSettings, run_workers
 
@@ -258,6 +306,7 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
         }
         for m in methods:
             methods[m]["settings"] = describe_method(m, train)
+            methods[m]["sync_every"] = sync_every(m, train)
             _check_links_carried(methods[m], out.emulator_mode)
         report.compare_to_baseline(methods)
         settings = {
@@ -268,9 +317,8 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
             "delay_ms": args.delay_s * 1e3,
             "jitter_ms": args.jitter_s * 1e3,
             "emulator_mode": out.emulator_mode,
-            "emulator_note": "netns: real kernel TCP through namespaces, tc tbf and a delay line"
-            if out.emulator_mode == "netns"
-            else "proxy: userspace relay with a sender-window model (no root)",
+            "emulator_note": _EMULATOR_NOTES.get(out.emulator_mode, out.emulator_mode),
+            "curve": False,
             "model": mcfg.as_dict(),
             "model_spec": args.preset.model,
             "params": params,
@@ -332,13 +380,17 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     plot_loss_vs_bytes(methods, settings, args.out / "loss_vs_bytes.png")
     plot_loss_vs_time(methods, settings, args.out / "loss_vs_time.png")
 
-    print(f"\nlink emulator: {out.emulator_mode} mode ({settings['emulator_note']})")
+    from lowband.bench._curve_note import NOTE
+
+    print(f"\nlink emulator: {out.emulator_mode} mode ({settings['emulator_note']}); {NOTE}")
     print(
         "bytes are per worker (mean over workers); wall time is the slowest worker's, without evaluation\n"
     )
     print(report.format_table(methods))
-    print()
-    print(report.format_targets(results["targets"]))
+    print(report.format_notes(methods, steps=train.steps, settings=settings))
+    if results["targets"]:
+        print()
+        print(report.format_targets(results["targets"]))
     if args.link_model:
         print()
         print(report.format_projections(results["projections"]))

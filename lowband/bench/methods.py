@@ -29,7 +29,15 @@ import torch
 
 from lowband.errors import ConfigError
 
-__all__ = ["METHODS", "TrainConfig", "Stepper", "parse_methods", "build_method", "describe_method"]
+__all__ = [
+    "METHODS",
+    "TrainConfig",
+    "Stepper",
+    "parse_methods",
+    "build_method",
+    "describe_method",
+    "sync_every",
+]
 
 #: Fixed method names, in the order the default run uses them.
 METHODS: tuple[str, ...] = ("ddp", "diloco", "streaming-diloco-q4", "sparseloco", "demo")
@@ -109,9 +117,11 @@ class Stepper:
         before_step: Callable[[], None] | None = None,
         finish: Callable[[], None] | None = None,
         close: Callable[[], None] | None = None,
+        syncs: Callable[[], int] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
+        self._syncs = syncs
         self._before_step = before_step
         self._finish = finish
         self._close = close
@@ -129,6 +139,14 @@ class Stepper:
             self._before_step()
         self.optimizer.step()
         return float(loss.detach())
+
+    @property
+    def syncs(self) -> int:
+        """Synchronizations so far: the optimizer's own count (``stats.syncs``) unless given."""
+        if self._syncs is not None:
+            return self._syncs()
+        stats = getattr(self.optimizer, "stats", None)
+        return int(getattr(stats, "syncs", 0))
 
     def finish(self) -> None:
         """Complete any communication still in flight (the run's last sync)."""
@@ -155,7 +173,13 @@ def build_method(name: str, model: torch.nn.Module, group: Any, cfg: TrainConfig
         from lowband.bench._ddp import BucketedAllReduce
 
         reducer = BucketedAllReduce(model.parameters(), group, bucket_bytes=cfg.bucket_bytes)
-        return Stepper(model, _adamw(model, cfg), before_step=reducer.wait, close=reducer.remove)
+        return Stepper(
+            model,
+            _adamw(model, cfg),
+            before_step=reducer.wait,
+            close=reducer.remove,
+            syncs=lambda: reducer.syncs,
+        )
     if name == "sparseloco":
         from lowband.optim import sparseloco
 
@@ -209,6 +233,19 @@ def _diloco_kwargs(name: str, cfg: TrainConfig) -> dict[str, Any]:
             "overlap": cfg.overlap,
         }
     raise ConfigError(f"{name!r} is not a DiLoCo method")
+
+
+def sync_every(name: str, cfg: TrainConfig) -> int:
+    """Training steps between two of the method's synchronizations (1: every step).
+
+    Streaming DiLoCo syncs each of its fragments every ``sync_every`` steps, staggered, so
+    it counts ``fragments`` syncs per ``sync_every`` steps.
+    """
+    if name in ("diloco", "streaming-diloco-q4"):
+        return cfg.sync_every
+    if name == "sparseloco":
+        return cfg.sparseloco_sync_every
+    return 1  # ddp, demo and grad:<codec> exchange every step
 
 
 def describe_method(name: str, cfg: TrainConfig) -> dict[str, Any]:

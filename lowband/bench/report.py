@@ -17,9 +17,12 @@ from typing import Any
 from lowband.bench._units import format_bytes, format_rate
 
 __all__ = [
+    "MIN_SYNCS",
     "summarize",
     "compare_to_baseline",
     "format_table",
+    "format_notes",
+    "gap_note",
     "link_projections",
     "format_projections",
     "write_json",
@@ -33,6 +36,10 @@ PROJECTED_LINKS: tuple[tuple[str, float | None, float | None], ...] = (
     ("200 ms one way", None, 0.2),
 )
 PROJECTED_MODELS: tuple[tuple[str, float], ...] = (("1B params", 1e9), ("10B params", 1e10))
+
+#: A method that synced fewer times than this in a run gets a note under the table: its
+#: ratios against ddp rest on too few syncs to say what it does over a longer run.
+MIN_SYNCS = 5
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -57,7 +64,8 @@ def summarize(
             "transport_bytes_sent": int(c["transport_bytes_sent"]),
             "transport_bytes_received": int(c["transport_bytes_received"]),
             "messages": int(c["messages"]),
-            "syncs": int(c["syncs"]),
+            # the method's own count (optimizer or ddp reducer); the group does not count syncs
+            "syncs": int(results[r].get("syncs", c["syncs"])),
             "seconds_in_comm": c["seconds_in_comm"],
             "seconds_waited": c["seconds_waited"],
             "setup_payload_bytes_sent": int(results[r]["setup"]["bytes_sent"]),
@@ -83,6 +91,7 @@ def summarize(
                 "train_loss": _mean([x["train_loss"] for x in recs]),
                 "val_loss": _mean([x["val_loss"] for x in recs]),
                 "bytes_sent": _mean([x["bytes_sent"] for x in recs]),
+                "syncs": min(int(x.get("syncs", 0)) for x in recs),
                 "wall_s": max(x["wall_s"] for x in recs),
             }
         )
@@ -99,6 +108,7 @@ def summarize(
         "link_bytes_sent": avg("link_bytes_sent") if link is not None else None,
         "link_bytes_received": avg("link_bytes_received") if link is not None else None,
         "messages_sent": avg("messages"),
+        "syncs": min(w["syncs"] for w in per_worker),
         # Sequential one-way hops: each collective phase sends one message to each other peer.
         "hops": avg("messages") / (len(ranks) - 1) if len(ranks) > 1 else 0.0,
         "wall_s": max(w["wall_s"] for w in per_worker),
@@ -172,8 +182,9 @@ def targets(methods: dict[str, dict[str, Any]], preset: str) -> list[dict[str, A
 
 
 def format_targets(rows: list[dict[str, Any]]) -> str:
+    """The targets this run checked, one a line (empty when none apply to the run)."""
     if not rows:
-        return "targets: none apply to this preset and method list"
+        return ""
     lines = ["targets (from this run's counters and clocks):"]
     for r in rows:
         v = "n/a" if r["value"] is None else f"{r['value']:,.3f}"
@@ -194,6 +205,8 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
     """The per-method table (bytes are per worker, means over workers)."""
     head = (
         "method",
+        "sync_every",
+        "syncs",
         "payload sent",
         "payload recv",
         "link sent",
@@ -217,6 +230,8 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
         rows.append(
             (
                 m["method"],
+                str(m.get("sync_every", "-")),
+                str(m.get("syncs", "-")),
                 format_bytes(m["payload_bytes_sent"]),
                 format_bytes(m["payload_bytes_received"]),
                 "-" if lb is None else format_bytes(lb),
@@ -236,6 +251,60 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def gap_note(methods: dict[str, dict[str, Any]], baseline: str = "ddp") -> str:
+    """The line under the table that says what the gap column is, and a share of what."""
+    base = methods.get(baseline)
+    if base is None:
+        return f"gap to {baseline}: not measured ({baseline} was not among the methods)"
+    init, final = base["initial_val_loss"], base["final_val_loss"]
+    return (
+        f"gap to {baseline}: final validation loss minus {baseline}'s; in parentheses, that gap as a "
+        f"share of {baseline}'s drop in validation loss over the run "
+        f"(initial {init:.3f} - final {final:.3f} = {init - final:.3f})"
+    )
+
+
+def format_notes(
+    methods: dict[str, dict[str, Any]], *, steps: int, settings: dict[str, Any]
+) -> str:
+    """The lines under the table: what the gap is, and what this run's figures cannot show."""
+    lines = [gap_note(methods)]
+    for m in methods.values():
+        syncs = m.get("syncs")
+        if syncs is not None and syncs < MIN_SYNCS:
+            lines.append(
+                f"note: {m['method']} synced {syncs} time{'s' if syncs != 1 else ''} in {steps} "
+                f"steps (sync_every {m.get('sync_every', '?')}), fewer than {MIN_SYNCS}: its bytes, "
+                "speed-up and gap against ddp rest on too few syncs to show what it does over a "
+                "longer run (more --steps, or --preset long)"
+            )
+    ddp = methods.get("ddp")
+    if ddp is not None and steps > 0 and ddp["hops"] > 0:
+        bps, delay = settings["bandwidth_bps"], settings["delay_ms"] / 1e3
+        per_step = max(ddp["payload_bytes_sent"], ddp["payload_bytes_received"]) / steps
+        transfer = per_step * 8 / bps
+        hops = ddp["hops"] / steps * delay
+        if transfer < hops:
+            lines.append(
+                f"note: ddp moves {format_bytes(per_step)} per step, {transfer * 1e3:.0f} ms at "
+                f"{format_rate(bps)}, against {hops * 1e3:.0f} ms of one-way hops: with this model "
+                "the links' delay, not their rate, sets the time of every method that exchanges "
+                "each step, so speed-ups show round trips and CPU work more than bytes (the "
+                "default preset's larger model is rate-bound)"
+            )
+    for m in methods.values():
+        speedup = m.get("speedup_vs_ddp")
+        if m["method"] != "ddp" and speedup is not None and speedup < 1:
+            why = (
+                "it exchanges every step too, so it pays ddp's round trips and adds its own "
+                "compression work on the CPU"
+                if m.get("sync_every") == 1
+                else "its communication or CPU work did not fit in ddp's time"
+            )
+            lines.append(f"note: {m['method']} finished later than ddp ({speedup:.2f}x): {why}")
     return "\n".join(lines)
 
 
@@ -276,6 +345,8 @@ def link_projections(
                         "payload_bytes_per_worker": volume * scale,
                         "projected_comm_s": comm,
                         "projection": True,
+                        # this row is the run itself: the measured times belong beside it
+                        "measured_here": scale == 1.0 and link_label.startswith("measured"),
                         "measured_wall_s": m["wall_s"],
                         "measured_comm_s": m["comm_s"],
                     }
@@ -283,10 +354,23 @@ def link_projections(
     return out
 
 
+#: Why the projection on the measured link is not the measured time beside it.
+PROJECTION_NOTE = (
+    "The measured-link row sets each projection beside what this run measured. The projection\n"
+    "assumes no CPU time (no encoding, decoding or reduction, no Python), every message crossing\n"
+    "the link once at the full rate from its first byte (no TCP slow start or acknowledgement\n"
+    "waits, no jitter, no commit round trip at the end of a collective), and no overlap with\n"
+    "compute. So it is a lower bound on the time in communication: the measured 'in comm' is\n"
+    "larger by those costs (and by other load on this machine), and the measured wall time adds\n"
+    "compute, less whatever a method overlaps (streaming DiLoCo, DeMo)."
+)
+
+
 def format_projections(rows: list[dict[str, Any]]) -> str:
     lines = [
         "PROJECTIONS (not measured): communication time from this run's counted bytes and",
         "hops, = hops x one-way delay + bytes x 8 / rate; no overlap, compute excluded.",
+        PROJECTION_NOTE,
     ]
     last = None
     for r in rows:
@@ -295,9 +379,16 @@ def format_projections(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"  {r['method']} / {r['model']}: {format_bytes(r['payload_bytes_per_worker'])} per worker"
             )
-        lines.append(
-            f"      {r['link']:<28} {r['one_way_delay_s'] * 1e3:5.0f} ms  ~{r['projected_comm_s']:,.1f} s (projection)"
+        line = (
+            f"      {r['link']:<28} {r['one_way_delay_s'] * 1e3:5.0f} ms  "
+            f"~{r['projected_comm_s']:,.1f} s (projection)"
         )
+        if r.get("measured_here"):
+            line += (
+                f"; measured {r['measured_comm_s']:,.1f} s in comm, "
+                f"{r['measured_wall_s']:,.1f} s wall"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -54,10 +54,14 @@ class RunOutput:
 
 
 def _start_coordinator(net: Any, timeout: float = 60.0) -> tuple[Any, str]:
-    """Run ``lowband coordinator`` on the hub; returns (process, "host:port")."""
+    """Run ``lowband coordinator`` on the hub; returns (process, "host:port").
+
+    :mod:`lowband.bench._coordinator` is that command, less the warning that the hub's
+    emulated address is bound without CURVE (the launcher says it once for every host).
+    """
     import subprocess
 
-    argv = [sys.executable, "-m", "lowband.transport.coordinator", "--bind", f"{net.hub_address}:0"]
+    argv = [sys.executable, "-m", "lowband.bench._coordinator", "--bind", f"{net.hub_address}:0"]
     proc = net.popen(-1, argv, stdout=subprocess.PIPE, text=True)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

@@ -104,6 +104,7 @@ def _train_one(
                 "train_loss": tr,
                 "val_loss": va,
                 "bytes_sent": sent,
+                "syncs": stepper.syncs,
                 "wall_s": train_wall,
             }
             events.put(("eval", rank, name, rec))
@@ -132,6 +133,7 @@ def _train_one(
             "setup_s": setup_s,
             "final_train_loss": tr,
             "final_val_loss": va,
+            "syncs": stepper.syncs,
             "setup": {k: at_start[k] - before_setup[k] for k in _STAT_FIELDS},
             "comm": {k: end[k] - at_start[k] for k in _STAT_FIELDS},
         }
@@ -148,6 +150,7 @@ def run_worker(rank: int, spec: WorkerSpec, events: Any, barrier: Any) -> None:
     name = "<init>"
     try:
         import lowband
+        from lowband.bench._curve_note import quiet_emulated_binds
         from lowband.bench.data import load_corpus
         from lowband.wan import connect_endpoint, local_address
 
@@ -157,6 +160,7 @@ def run_worker(rank: int, spec: WorkerSpec, events: Any, barrier: Any) -> None:
         address = local_address()
         if address is not None:
             options["host"] = address
+            quiet_emulated_binds(address)  # the launcher says it once for every host
         if spec.backend == "zmq":
             # In proxy mode, peers must dial each other through the emulator's relays.
             options["connect_map"] = connect_endpoint

@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_quick_run_of_two_methods_writes_json_and_plots(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "bench"
     argv = [
@@ -40,9 +40,19 @@ def test_quick_run_of_two_methods_writes_json_and_plots(
         "--link-model",
     ]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()  # file descriptors: the workers' and coordinator's too
+    printed, everything = captured.out, captured.out + captured.err
     assert "PROJECTIONS (not measured)" in printed
     assert "link emulator:" in printed
+    # Said once by the launcher, not once per worker and again by the coordinator.
+    assert everything.count("without CURVE") <= 1, everything[-3000:]
+    table = printed[printed.index("method ") :].splitlines()
+    assert table[0].split()[:3] == ["method", "sync_every", "syncs"]
+    rows = {line.split()[0]: line.split()[1:3] for line in table[2:4]}
+    assert rows == {"ddp": ["1", "10"], "sparseloco": ["10", "1"]}
+    assert "gap to ddp: final validation loss minus ddp's; in parentheses" in printed
+    assert "note: sparseloco synced 1 time in 10 steps (sync_every 10), fewer than 5" in printed
+    assert "none apply" not in printed
 
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == ["lowband", "bench", *argv]
@@ -50,9 +60,11 @@ def test_quick_run_of_two_methods_writes_json_and_plots(
     assert len(results["corpus"]["sha256"]) == 64 and results["corpus"]["bytes"] > 0
     assert set(results["methods"]) == {"ddp", "sparseloco"}
     ddp, sl = results["methods"]["ddp"], results["methods"]["sparseloco"]
+    assert (ddp["syncs"], ddp["sync_every"], sl["syncs"], sl["sync_every"]) == (10, 1, 1, 10)
+    assert [c["syncs"] for c in sl["curve"]] == [0] * 10 + [1]
     for m in (ddp, sl):
         assert len(m["per_worker"]) == 2
-        assert [c["step"] for c in m["curve"]][0] == 0 and m["curve"][-1]["step"] == 10
+        assert [c["step"] for c in m["curve"]] == list(range(11))  # every step: 10 // 8 = 1
         assert all(math.isfinite(c["val_loss"]) for c in m["curve"])
         assert m["wall_s"] > 0
         assert (
