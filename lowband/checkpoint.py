@@ -166,7 +166,7 @@ class _Decoder:
         if not (isinstance(spec, list) and len(spec) == 4):
             raise CheckpointError("bad tensor entry")
         name, shape, nbytes, device = spec
-        if name not in _DTYPES or not isinstance(shape, list) or not isinstance(device, str):
+        if not isinstance(name, str) or name not in _DTYPES or not isinstance(shape, list) or not isinstance(device, str):
             raise CheckpointError(f"bad tensor entry {spec!r:.200}")
         if any(type(s) is not int or s < 0 for s in shape) or len(shape) > 32 or type(nbytes) is not int:
             raise CheckpointError(f"bad tensor shape {shape!r:.200}")
