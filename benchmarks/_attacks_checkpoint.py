@@ -17,7 +17,9 @@ import sys
 import tempfile
 import textwrap
 import time
-from typing import Any, Callable
+import zipfile
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -75,7 +77,6 @@ def bomb() -> dict[str, Any]:
             lowband.load(path)
         except CheckpointError:
             refused += 1
-        import zipfile
 
         zpath = os.path.join(d, "zip.pt")
         with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z, z.open("archive/data/0", "w") as f:

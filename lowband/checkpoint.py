@@ -30,6 +30,7 @@ writer's file is never touched.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -38,7 +39,7 @@ import re
 import secrets
 import socket
 import struct
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
     }
@@ -101,7 +102,7 @@ def _parse_rng(state: Any) -> tuple[Any, Any, torch.Tensor, list[torch.Tensor] |
     keys = n["keys"].numpy()
     if keys.ndim != 1 or keys.min(initial=0) < 0 or keys.max(initial=0) >= 1 << 32:
         raise CheckpointError("rng section: numpy keys out of range")
-    np_state = (n.get("kind"), keys.astype(np.uint32), n.get("pos"), n.get("has_gauss"), n.get("cached"))
+    np_state: Any = (n.get("kind"), keys.astype(np.uint32), n.get("pos"), n.get("has_gauss"), n.get("cached"))
     t = state["torch"]
     cuda = state.get("cuda")
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
@@ -159,7 +160,7 @@ def _encode(value: Any, tensors: list[torch.Tensor], where: str) -> Any:
 class _Decoder:
     """Rebuild the tree from a parsed header; tensors are read from the file as they come."""
 
-    def __init__(self, f: BinaryIO, hasher: Any, data_bytes: int) -> None:
+    def __init__(self, f: io.BufferedReader, hasher: Any, data_bytes: int) -> None:
         self.f, self.hasher, self.left = f, hasher, data_bytes
 
     def tensor(self, spec: Any) -> torch.Tensor:
@@ -175,7 +176,7 @@ class _Decoder:
             raise CheckpointError(f"tensor of {nbytes} bytes does not fit its shape {shape} or the file")
         self.left -= nbytes
         raw = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(raw.numpy())
+        view = raw.numpy().data
         got = self.f.readinto(view) if nbytes else 0
         if got != nbytes:
             raise CheckpointError("checkpoint is truncated")
@@ -251,7 +252,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_orphans(directory: str) -> list[str]:
     """Delete the temporary files of this host's dead checkpoint writers in ``directory``; return their names."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -289,21 +290,22 @@ def save(path: str | os.PathLike[str], model: torch.nn.Module | None, optimizer:
     if len(header) > MAX_HEADER:
         raise ConfigError(f"checkpoint structure is {len(header)} bytes of header, over {MAX_HEADER}: pack small values into tensors")
     remove_orphans(directory)
-    tmp = os.path.join(directory, f".lowband-ckpt.{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    name = os.path.join(directory, f".lowband-ckpt.{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    tmp: str | None = name  # None once renamed
     try:
-        with open(tmp, "xb") as f:
+        with open(name, "xb") as f:
             h = hashlib.sha256()
             for chunk in (_PREFIX.pack(MAGIC, VERSION, len(header)), header):
                 f.write(chunk)
                 h.update(chunk)
             for t in tensors:
-                raw = memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                raw = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
                 f.write(raw)
                 h.update(raw)
             f.write(h.digest())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(name, path)
         tmp = None
         dfd = os.open(directory, os.O_RDONLY)
         try:

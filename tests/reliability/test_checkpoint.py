@@ -1,19 +1,27 @@
-"""Checkpoints: atomic writes, full disk, crash mid-write, bit-for-bit resume."""
+"""Checkpoints: atomic writes, full disk, crash mid-write, bit-for-bit resume, integrity and hostile files."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
+import textwrap
+import time
 import uuid
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
 import lowband
+from lowband import checkpoint as ck
 from lowband.errors import CheckpointError, ConfigError
 
 
@@ -118,17 +126,6 @@ def test_corrupt_or_foreign_file_raises_checkpoint_error(tmp_path) -> None:  # t
 
 # -- integrity, validation before applying, caps (issue 15 item 6) ------------------------------
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import struct  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-import time  # noqa: E402
-import zipfile  # noqa: E402
-
-from lowband import checkpoint as ck  # noqa: E402
-from lowband.errors import LowbandError  # noqa: E402
 
 
 def split(blob: bytes) -> tuple[int, dict, bytes]:
