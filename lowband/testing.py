@@ -306,9 +306,7 @@ def start_store(host: str = "127.0.0.1") -> tuple[Any, str]:
 
     Keep the returned store object alive for as long as the group needs it.
     """
-    import datetime
+    from lowband.transport._torch import serve_store
 
-    import torch.distributed as dist
-
-    store = dist.TCPStore(host, 0, None, True, datetime.timedelta(seconds=60), wait_for_workers=False)
-    return store, f"{host}:{store.port}"
+    store, port = serve_store(host, 0, timeout=60)  # listens on `host` only
+    return store, f"{host}:{port}"

@@ -214,3 +214,27 @@ def open_carrier(
     prefixed = dist.PrefixStore(f"lowband/{group_name}/", store)
     local = "127.0.0.1" if _is_loopback(store_host) else None
     return TorchCarrier(prefixed, rank=rank, world_size=world_size, peer_timeout=peer_timeout, local_host=local)
+
+
+def serve_store(host: str, port: int = 0, *, timeout: float = 3600.0) -> tuple[Any, int]:
+    """A torch ``TCPStore`` server listening on ``host`` only: ``(store, port)``.
+
+    torch's own server listens on every interface whatever ``host`` says; here the
+    listening socket is bound to ``host`` first and handed over (``master_listen_fd``)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(512)
+    except OSError as e:
+        sock.close()
+        raise TransportError(f"cannot bind a TCPStore to {host}:{port}: {e}") from None
+    bound = int(sock.getsockname()[1])
+    store = dist.TCPStore(
+        host.strip("[]"), bound, None, True, datetime.timedelta(seconds=timeout),
+        wait_for_workers=False, master_listen_fd=sock.detach(),
+    )
+    return store, bound

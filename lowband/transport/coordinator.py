@@ -443,18 +443,10 @@ def main(argv: list[str]) -> int:
         security = Curve.from_files(args.curve_secret, allowed=args.allow)
     store = None
     if args.torch_store_port is not None:
-        from datetime import timedelta
+        from lowband.transport._torch import serve_store
 
-        import torch.distributed as dist
-
-        host = args.bind.rpartition(":")[0]
-        store = dist.TCPStore(
-            host,
-            args.torch_store_port,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=3600),
-        )
+        # bound to --bind's host alone (torch's own server would listen on every interface)
+        store, _ = serve_store(args.bind.rpartition(":")[0], args.torch_store_port)
     coord = Coordinator(args.bind, security=security)
     print(f"listening on {coord.endpoint}", flush=True)
     try:

@@ -209,3 +209,26 @@ def test_two_hosts_advertise_the_address_that_reaches_the_coordinator() -> None:
         res = [ln.split() for ln in out.splitlines() if ln.startswith("RESULT")]
         assert res and float(res[0][1]) == 3.0, out
         assert emu.host_address(h) in res[0][2], out  # bound and advertised its own address
+
+
+def _listeners(port: int) -> list[str]:
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return [ln.split()[3] for ln in out.splitlines() if ln.strip()]
+
+
+def test_start_store_listens_on_the_address_asked_only() -> None:
+    store, addr = start_store("127.0.0.1")
+    try:
+        port = int(addr.rpartition(":")[2])
+        assert _listeners(port) == [f"127.0.0.1:{port}"]
+        store.set("k", "v")
+        assert store.get("k") == b"v"
+    finally:
+        del store
+
+
+def test_coordinator_torch_store_port_binds_what_was_asked() -> None:
+    port = _free_port()
+    with start_coordinator(args=["--torch-store-port", str(port)]):
+        listeners = _listeners(port)
+    assert listeners == [f"127.0.0.1:{port}"], listeners
