@@ -232,3 +232,41 @@ def test_coordinator_torch_store_port_binds_what_was_asked() -> None:
     with start_coordinator(args=["--torch-store-port", str(port)]):
         listeners = _listeners(port)
     assert listeners == [f"127.0.0.1:{port}"], listeners
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_torchrun_two_nodes_in_two_namespaces_without_host() -> None:
+    """`torchrun --nnodes 2` on two emulated hosts with their own addresses: the README's
+    quickstart as written, no host= and no coordinator started by hand. Static rendezvous
+    (--master_addr, --node_rank): torchrun's c10d rendezvous could not reach its own store
+    across these namespaces in this test (see the closing note of issue 13)."""
+    from lowband.wan import LinkEmulator, Topology
+    from lowband.wan._netns import netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        pytest.skip(f"needs network namespaces: {why}")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    with LinkEmulator(Topology.uniform(2, rate="1gbit", rtt="2ms"), mode="netns") as emu:
+        port = str(_free_port())
+        nodes = [
+            emu.popen(h, [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(h),
+                          "--master_addr", emu.host_address(0), "--master_port", port,
+                          str(ROOT / "examples" / "quickstart.py")],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+            for h in range(2)
+        ]
+        outs = []
+        for p in nodes:
+            try:
+                outs.append(p.communicate(timeout=180)[0])
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+    out = "\n".join(outs)
+    assert all(p.returncode == 0 for p in nodes), out
+    lines = re.findall(r"rank (\d): loss [\d.]+, (\d+) syncs", out)
+    assert sorted(r for r, _ in lines) == ["0", "1"] and all(s == "5" for _, s in lines), out
+    assert "binds 127.0.0.1" not in out
