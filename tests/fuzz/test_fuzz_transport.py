@@ -46,8 +46,8 @@ from lowband.transport.coordinator import Coordinator
 
 from ._budget import fuzz_settings
 
-LIMITS = dict(world_size=4, group=7, max_message_bytes=1 << 16, max_chunk_size=1024)
-PENDING_CAP = 1 << 15
+LIMITS = dict(world_size=4, group=7, max_message_bytes=1 << 18, max_chunk_size=8192)
+PENDING_CAP = 1 << 17
 
 
 def _chunks(frames: list[bytes], chunk: int, *, key=(0, 5, 1), first_seq: int = 1) -> list[tuple[bytes, bytes]]:
@@ -63,9 +63,9 @@ def _chunks(frames: list[bytes], chunk: int, *, key=(0, 5, 1), first_seq: int = 
 
 
 _MESSAGES = [
-    _chunks([b"a" * 3000, b"", b"b" * 17], 1024),
-    _chunks([bytes(range(256)) * 8], 512, key=(2, 9, 3), first_seq=40),
-    _chunks([b"x" * 20_000, b"y" * 9000], 1024, key=(0, 6, 0)),  # over PENDING_CAP in all
+    _chunks([b"a" * 12_000, b"", b"b" * 17], 4096),
+    _chunks([bytes(range(256)) * 32], 4096, key=(2, 9, 3), first_seq=40),
+    _chunks([b"x" * 80_000, b"y" * 60_000], 4096, key=(0, 6, 0)),  # over PENDING_CAP in all
 ]
 _HEADERS = [h for msg in _MESSAGES for h, _ in msg[:3]] + [
     pack_header(ACK, sender=2, group=7, incarnation=5, key=(1, 2, 3)),
