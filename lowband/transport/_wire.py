@@ -47,8 +47,10 @@ __all__ = [
     "HEADER",
     "HEARTBEAT",
     "MAX_FRAMES",
+    "MIN_CHUNK",
     "Header",
     "ack_body",
+    "chunk_count",
     "chunk_spans",
     "expected_body",
     "pack_header",
@@ -61,6 +63,9 @@ DATA, ACK, HEARTBEAT = 1, 2, 3
 _KINDS = (DATA, ACK, HEARTBEAT)
 #: A payload has a header frame and a handful of buffers; 64 leaves ample room.
 MAX_FRAMES = 64
+#: Smallest chunk size a DATA header may claim (the sender's ZmqCarrier refuses smaller):
+#: it bounds the chunks of a message, and so the receiver's work per byte.
+MIN_CHUNK = 4096
 #: Largest number of sequence numbers in one ACK body.
 MAX_ACKS = 65536
 
@@ -189,8 +194,8 @@ def parse_header(
         raise _fail(f"header of {n} bytes for {n_frames} frames")
     if frame_idx >= n_frames:
         raise _fail(f"frame index {frame_idx} of {n_frames}")
-    if not 1 <= chunk_size <= max_chunk_size:
-        raise _fail(f"chunk size {chunk_size} (allowed 1..{max_chunk_size})")
+    if not MIN_CHUNK <= chunk_size <= max_chunk_size:
+        raise _fail(f"chunk size {chunk_size} (allowed {MIN_CHUNK}..{max_chunk_size})")
     if link_seq == 0:
         raise _fail("link sequence number 0")
     lengths = struct.unpack_from(f"<{n_frames}Q", buf, HEADER.size)
@@ -225,6 +230,11 @@ def chunk_spans(length: int, chunk_size: int) -> list[tuple[int, int]]:
     if length == 0:
         return [(0, 0)]
     return [(o, min(chunk_size, length - o)) for o in range(0, length, chunk_size)]
+
+
+def chunk_count(length: int, chunk_size: int) -> int:
+    """Number of chunks of a frame (``len(chunk_spans(length, chunk_size))``, without the list)."""
+    return max(1, -(-length // chunk_size))
 
 
 def expected_body(h: Header) -> int:

@@ -24,6 +24,21 @@ Options of the ROUTER sockets, and why:
   over from its half-dead predecessor instead of being refused.
 - ``LINGER=0`` and TCP keepalive as for the DEALERs (see ``_zmq_link``).
 
+Receive budgets, per sender (a hostile or broken peer costs at most these):
+
+- ``max_pending_bytes`` (default twice ``min(max_message_bytes, 4 GiB)`` plus four
+  chunks): bytes held in its unfinished messages. Only bytes that arrived count
+  and are held (``_zmq_recv``); the chunk that would pass the cap is refused.
+- ``max_inbox_bytes`` (1 GiB) and ``max_inbox_messages`` (4096): complete messages
+  delivered and not yet taken by ``recv``. A peer's first waiting message is always
+  taken, whatever its size, so one message up to ``max_message_bytes`` always gets
+  through; a fast peer may run ahead by as many collectives as fit.
+- messages for an epoch more than ``EPOCHS_AHEAD`` (16) past the receiver's are
+  refused.
+
+At a cap the message is dropped with a logged error and its connection banned, as
+for any broken wire rule below; a legitimate peer that hits it then looks lost.
+
 Frames from a routing id that breaks the wire rules (a bad header, a rank that
 does not match its connection, an inconsistent chunk, a memory cap) are logged
 and every later frame from that routing id is dropped unread.
@@ -56,6 +71,9 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int, int, int]
 DEFAULT_CHUNK = 1 << 20
+#: Messages for an epoch more than this past the receiver's are refused (a commit moves
+#: every survivor one epoch on, so a legitimate peer is at most a few epochs ahead).
+EPOCHS_AHEAD = 16
 
 
 def default_streams(bandwidth: float = 1e9, rtt: float = 0.1) -> int:
@@ -93,6 +111,9 @@ class ZmqCarrier:
         rtt: float = 0.1,
         chunk_size: int = DEFAULT_CHUNK,
         max_message_bytes: int = 1 << 34,
+        max_pending_bytes: int | None = None,
+        max_inbox_bytes: int = 1 << 30,
+        max_inbox_messages: int = 4096,
         rate_limit: float | None = None,
         zero_copy_threshold: int = 1 << 16,
         config: dict[str, Any] | None = None,
@@ -106,6 +127,10 @@ class ZmqCarrier:
             raise ConfigError(f"peer_timeout must be > 0, got {peer_timeout}")
         if not 4096 <= chunk_size <= 1 << 28:
             raise ConfigError(f"chunk_size must be in [4 KiB, 256 MiB], got {chunk_size}")
+        if max_pending_bytes is not None and max_pending_bytes < chunk_size:
+            raise ConfigError(f"max_pending_bytes must be >= chunk_size, got {max_pending_bytes}")
+        if max_inbox_bytes < 0 or max_inbox_messages < 1:
+            raise ConfigError("max_inbox_bytes must be >= 0 and max_inbox_messages >= 1")
         if rate_limit is not None and rate_limit <= 0:
             raise ConfigError(f"rate_limit must be > 0 bytes/s, got {rate_limit}")
         n_streams = default_streams(bandwidth, rtt) if streams is None else streams
@@ -127,6 +152,14 @@ class ZmqCarrier:
         self.streams = n_streams
         self.chunk_size = chunk_size
         self.zero_copy_threshold = zero_copy_threshold
+        # Receive budgets, per sender (see "Receive budgets" in the module docstring).
+        self.max_pending_bytes = (
+            2 * min(max_message_bytes, 1 << 32) + 4 * chunk_size
+            if max_pending_bytes is None
+            else max_pending_bytes
+        )
+        self.max_inbox_bytes, self.max_inbox_messages = max_inbox_bytes, max_inbox_messages
+        self._inbox_use: dict[int, list[int]] = {}  # peer -> [messages, bytes] in _inbox
         # Maps a peer's advertised endpoint to the one to dial: a launcher that puts peers
         # behind a userspace link emulator passes lowband.wan.connect_endpoint here.
         self.connect_map = connect_map or (lambda endpoint: endpoint)
@@ -256,6 +289,7 @@ class ZmqCarrier:
                 got = self._inbox.pop((peer, key), None)
                 if got is not None:
                     frames, payload, transport = got
+                    self._inbox_release(peer, frames)
                     break
                 if key[0] < self._floor_epoch:
                     raise TransportError(f"rank {self.rank}: {key} belongs to a forgotten epoch")
@@ -281,12 +315,41 @@ class ZmqCarrier:
 
     def _deliver(
         self, peer: int, key: Key, frames: list[Any], payload: int, transport: int
-    ) -> None:
-        """Called by the I/O thread with a complete message."""
+    ) -> str | None:
+        """Called by the I/O thread with a complete message. Returns why it was refused
+        (the I/O thread then bans the connection), or None once it is in the inbox."""
+        size = sum(len(f) for f in frames)
         with self._cond:
-            if key[0] >= self._floor_epoch:
-                self._inbox[(peer, key)] = (frames, payload, transport)
-                self._cond.notify_all()
+            if key[0] < self._floor_epoch:
+                return None  # a forgotten epoch: dropped, as the sender's peers moved on
+            now = max(self._floor_epoch, getattr(self, "membership_epoch", 0))
+            if key[0] > now + EPOCHS_AHEAD:
+                why = f"message {key} is for epoch {key[0]}, more than {EPOCHS_AHEAD} past {now}"
+            else:
+                use = self._inbox_use.setdefault(peer, [0, 0])
+                if use[0] and (
+                    use[0] >= self.max_inbox_messages or use[1] + size > self.max_inbox_bytes
+                ):
+                    why = (
+                        f"inbox of peer {peer} full ({use[0]} messages, {use[1]} bytes; caps "
+                        f"{self.max_inbox_messages} messages, {self.max_inbox_bytes} bytes)"
+                    )
+                else:
+                    old = self._inbox.pop((peer, key), None)
+                    if old is not None:
+                        self._inbox_release(peer, old[0])
+                    self._inbox[(peer, key)] = (frames, payload, transport)
+                    use[0] += 1
+                    use[1] += size
+                    self._cond.notify_all()
+                    return None
+        log.error("rank %d: refused a message of %d bytes from rank %d: %s", self.rank, size, peer, why)
+        return why
+
+    def _inbox_release(self, peer: int, frames: list[Any]) -> None:
+        use = self._inbox_use[peer]
+        use[0] -= 1
+        use[1] -= sum(len(f) for f in frames)
 
     def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
         ids: set[int] = set()
@@ -318,7 +381,7 @@ class ZmqCarrier:
         with self._cond:
             self._floor_epoch = max(self._floor_epoch, epoch)
             for k in [k for k in self._inbox if k[1][0] < epoch]:
-                del self._inbox[k]
+                self._inbox_release(k[0], self._inbox.pop(k)[0])
         self.io.call("forget", epoch)
 
     def alive(self) -> set[int]:

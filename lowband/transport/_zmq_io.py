@@ -390,8 +390,7 @@ class IOLoop:
                     ib = self.inbound[h.sender] = Inbound(
                         h.sender,
                         h.incarnation,
-                        max_pending_bytes=4 * self.c.chunk_size
-                        + 2 * min(self.max_message_bytes, 1 << 32),
+                        max_pending_bytes=self.c.max_pending_bytes,
                     )
                 self.last_alive[h.sender] = time.monotonic()
                 acks.setdefault(ident, []).append(h.link_seq)
@@ -404,9 +403,12 @@ class IOLoop:
                 acks.pop(ident, None)
                 continue
             if done is not None:
-                self.c._deliver(
+                refused = self.c._deliver(
                     h.sender, done.key, done.frames, done.payload_bytes, done.transport_bytes
                 )
+                if refused:
+                    self._ban(ident, refused)
+                    acks.pop(ident, None)
         for ident, seqs in acks.items():
             who = parse_identity(ident)
             assert who is not None

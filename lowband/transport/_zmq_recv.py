@@ -10,15 +10,24 @@ that arrived as one chunk is handed over without a copy.
 Anything inconsistent (a chunk that contradicts its message's frame table, an
 offset seen twice under different sequence numbers, more buffered bytes than the
 cap) raises :class:`lowband.errors.TransportError`: the carrier then cuts the
-sender off. Memory for partial messages is bounded by ``max_pending_bytes``.
+sender off.
+
+Memory for partial messages is what arrived, never what a header claims: a chunk's
+buffer is kept as received until its message is complete (then the frame's chunks
+are joined once), and the number of chunks is counted, never listed, so a header
+that claims a huge message costs nothing until its bytes come. The bytes held in
+unfinished messages of one sender are capped at ``max_pending_bytes``, checked
+before a chunk is kept: the chunk that would pass the cap raises
+:class:`TransportError` (the carrier logs it and bans the connection, as for any
+broken rule; what that sender holds stays under the cap).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lowband.errors import TransportError
-from lowband.transport._wire import Header, chunk_spans, expected_body
+from lowband.transport._wire import Header, chunk_count, expected_body
 
 __all__ = ["Completed", "Inbound"]
 
@@ -35,12 +44,15 @@ class Completed:
 
 @dataclass
 class _Partial:
+    """A message under reassembly. Only chunks that arrived are held (the received buffers
+    themselves, keyed by offset): nothing is allocated for the bytes still to come."""
+
     lengths: tuple[int, ...]
     chunk_size: int
     payload_bytes: int
     remaining: int
-    frames: list[bytearray | memoryview | None]
-    seen: set[tuple[int, int]] = field(default_factory=set)
+    chunks: list[dict[int, memoryview]]
+    held: int = 0
     transport_bytes: int = 0
 
 
@@ -70,9 +82,7 @@ class Inbound:
         """Drop partial messages of epochs below ``epoch`` and ignore later ones."""
         self.min_epoch = max(self.min_epoch, epoch)
         for key in [k for k in self._partial if k[0] < epoch]:
-            self.pending_bytes -= sum(
-                len(f) for f in self._partial.pop(key).frames if isinstance(f, bytearray)
-            )
+            self.pending_bytes -= self._partial.pop(key).held
 
     def accept(self, h: Header, head_len: int, body: memoryview) -> Completed | None:
         """Take one DATA chunk (already header-validated). Returns the message it
@@ -86,9 +96,9 @@ class Inbound:
             return None  # an abandoned collective; acknowledged, then dropped
         p = self._partial.get(h.key)
         if p is None:
-            n_chunks = sum(len(chunk_spans(n, h.chunk_size)) for n in h.lengths)
+            n_chunks = sum(chunk_count(n, h.chunk_size) for n in h.lengths)
             p = _Partial(
-                h.lengths, h.chunk_size, h.payload_bytes, n_chunks, [None] * len(h.lengths)
+                h.lengths, h.chunk_size, h.payload_bytes, n_chunks, [{} for _ in h.lengths]
             )
             self._partial[h.key] = p
         elif (p.lengths, p.chunk_size, p.payload_bytes) != (
@@ -99,38 +109,29 @@ class Inbound:
             raise TransportError(
                 f"peer {self.peer}: chunk of {h.key} contradicts its message's frame table"
             )
-        where = (h.frame_idx, h.offset)
-        if where in p.seen:
+        got = p.chunks[h.frame_idx]
+        if h.offset in got:
             raise TransportError(
-                f"peer {self.peer}: chunk {where} of {h.key} sent twice under new numbers"
+                f"peer {self.peer}: chunk {(h.frame_idx, h.offset)} of {h.key} sent twice under new numbers"
             )
-        p.seen.add(where)
+        if self.pending_bytes + len(body) > self.max_pending_bytes:
+            raise TransportError(
+                f"peer {self.peer}: {self.pending_bytes + len(body)} bytes of unfinished messages "
+                f"exceed the cap of {self.max_pending_bytes}"
+            )
+        got[h.offset] = body
+        p.held += len(body)
+        self.pending_bytes += len(body)
         p.remaining -= 1
         p.transport_bytes += head_len + len(body)
-        flen = h.lengths[h.frame_idx]
-        if len(body) == flen:
-            p.frames[h.frame_idx] = body  # the whole frame in one chunk: no copy
-        else:
-            buf = p.frames[h.frame_idx]
-            if buf is None:
-                if self.pending_bytes + flen > self.max_pending_bytes:
-                    raise TransportError(
-                        f"peer {self.peer}: {self.pending_bytes + flen} bytes of unfinished messages "
-                        f"exceed the cap of {self.max_pending_bytes}"
-                    )
-                buf = p.frames[h.frame_idx] = bytearray(flen)
-                self.pending_bytes += flen
-            assert isinstance(buf, bytearray)
-            buf[h.offset : h.offset + len(body)] = body
         if p.remaining:
             return None
         del self._partial[h.key]
+        self.pending_bytes -= p.held
         frames: list[bytes | memoryview] = []
-        for f in p.frames:
-            if isinstance(f, bytearray):
-                self.pending_bytes -= len(f)
-                frames.append(memoryview(f))
+        for got in p.chunks:
+            if len(got) == 1:
+                frames.append(next(iter(got.values())))  # one chunk: handed over without a copy
             else:
-                assert f is not None
-                frames.append(f)
+                frames.append(memoryview(b"".join(got[o] for o in sorted(got))))
         return Completed(h.key, frames, p.payload_bytes, p.transport_bytes)

@@ -46,8 +46,8 @@ from lowband.transport.coordinator import Coordinator
 
 from ._budget import fuzz_settings
 
-LIMITS = dict(world_size=4, group=7, max_message_bytes=1 << 16, max_chunk_size=1024)
-PENDING_CAP = 1 << 15
+LIMITS = dict(world_size=4, group=7, max_message_bytes=1 << 18, max_chunk_size=8192)
+PENDING_CAP = 1 << 17
 
 
 def _chunks(frames: list[bytes], chunk: int, *, key=(0, 5, 1), first_seq: int = 1) -> list[tuple[bytes, bytes]]:
@@ -63,9 +63,9 @@ def _chunks(frames: list[bytes], chunk: int, *, key=(0, 5, 1), first_seq: int = 
 
 
 _MESSAGES = [
-    _chunks([b"a" * 3000, b"", b"b" * 17], 1024),
-    _chunks([bytes(range(256)) * 8], 512, key=(2, 9, 3), first_seq=40),
-    _chunks([b"x" * 20_000, b"y" * 9000], 1024, key=(0, 6, 0)),  # over PENDING_CAP in all
+    _chunks([b"a" * 12_000, b"", b"b" * 17], 4096),
+    _chunks([bytes(range(256)) * 32], 4096, key=(2, 9, 3), first_seq=40),
+    _chunks([b"x" * 80_000, b"y" * 60_000], 4096, key=(0, 6, 0)),  # over PENDING_CAP in all
 ]
 _HEADERS = [h for msg in _MESSAGES for h, _ in msg[:3]] + [
     pack_header(ACK, sender=2, group=7, incarnation=5, key=(1, 2, 3)),
@@ -317,3 +317,38 @@ def fake_coordinator():
         client.close()
         server.sock.close(0)
         ctx.term()
+
+
+# -- structure-aware: well-formed headers (lengths consistent) with one field at an edge --------
+
+_EDGES = (0, 1, 2, 3, 4095, 4096, 4097, 8192, 8193, 2**16 - 1, 2**18, 2**32 - 1, 2**34, 2**63, 2**64 - 1)
+_FIELD_MAX = dict(sender=2**16 - 1, group=2**32 - 1, incarnation=2**64 - 1, link_seq=2**64 - 1, frame_idx=2**16 - 1,
+                  chunk_size=2**32 - 1, offset=2**64 - 1, payload_bytes=2**64 - 1)
+
+
+@fuzz_settings
+@given(st.data())
+def test_field_mutated_headers_then_reassembly(data) -> None:
+    """Each header is packed by pack_header (so its size and frame table agree), with fields
+    set to edge values; parse_header and Inbound raise TransportError or hold under the cap."""
+    n = data.draw(st.integers(1, 4))
+    lengths = tuple(data.draw(st.sampled_from((0, 1, 4096, 9000, 2**17, 2**34, 2**64 - 1)) | st.integers(0, 2**18),
+                              label="len") for _ in range(n))
+    kw = dict(sender=1, group=7, incarnation=9, key=(0, 5, 1), lengths=lengths, frame_idx=0, link_seq=1,
+              chunk_size=4096, offset=0, payload_bytes=0)
+    for name in data.draw(st.lists(st.sampled_from(sorted(_FIELD_MAX)), max_size=3, unique=True)):
+        v = data.draw(st.sampled_from(_EDGES) | st.integers(0, 2**20))
+        kw[name] = min(v, _FIELD_MAX[name])
+    ib = Inbound(1, 9, max_pending_bytes=PENDING_CAP)
+    try:
+        for k in range(data.draw(st.integers(1, 4))):
+            head = pack_header(DATA, **dict(kw, link_seq=(kw["link_seq"] + k) % 2**64))
+            h = parse_header(head, **LIMITS)
+            body = bytes(max(0, min(h.chunk_size, h.lengths[h.frame_idx] - h.offset)))
+            if not ib.seen(h.link_seq):
+                done = ib.accept(h, len(head), memoryview(body))
+                if done is not None:
+                    assert [len(f) for f in done.frames] == list(h.lengths)
+    except TransportError:
+        pass
+    assert 0 <= ib.pending_bytes <= PENDING_CAP

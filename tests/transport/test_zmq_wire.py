@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import time
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -54,6 +57,7 @@ def test_header_round_trip() -> None:
         ("cap", dict(lengths=(1 << 21,))),
         ("offset", dict(offset=100)),
         ("chunk", dict(chunk_size=8192)),
+        ("tiny chunk", dict(chunk_size=1, lengths=(10,))),  # issue 15.2: 1-byte chunks
         ("seq", dict(link_seq=0)),
         ("frame", dict(frame_idx=3)),
     ],
@@ -147,10 +151,41 @@ def test_contradicting_chunks_are_rejected() -> None:
 
 def test_pending_memory_is_capped() -> None:
     ib = Inbound(1, 9, max_pending_bytes=100_000)
-    first = [_chunks([b"z" * 60_000], 4096, key=(0, k, 0), first_seq=1 + 100 * k)[0] for k in range(2)]
+    one = _chunks([b"z" * 60_000], 4096, key=(0, 1, 0))
+    two = _chunks([b"z" * 60_000], 4096, key=(0, 2, 0), first_seq=100)
     with pytest.raises(TransportError, match="cap"):
-        _feed(ib, first)
+        _feed(ib, one[:-1] + two[:-1])  # two unfinished messages of 56 KiB each
     assert ib.pending_bytes <= 100_000
+
+
+def test_a_huge_claim_costs_only_the_bytes_that_arrived() -> None:
+    """Issue 15.2/15.3: a header claiming a 16 GiB message held (and allocated) the whole claim
+    at its first chunk and listed every chunk span up front; now only arrived bytes are held."""
+    limits = dict(LIMITS, max_message_bytes=1 << 34)
+    ib = Inbound(1, 9, max_pending_bytes=1 << 35)
+    tracemalloc.start()
+    try:
+        for k in range(3):
+            head = pack_header(DATA, sender=1, group=7, incarnation=9, key=(0, 1, 0), lengths=(1 << 34,),
+                               link_seq=1 + k, chunk_size=4096, offset=4096 * 1000 * k, payload_bytes=1 << 34)
+            assert ib.accept(parse_header(head, **limits), len(head), memoryview(b"c" * 4096)) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ib.pending_bytes == 3 * 4096
+    assert peak < 1 << 20  # the old code built 4M spans and a 16 GiB buffer here
+
+
+def test_bytes_not_sent_are_not_counted_against_the_cap() -> None:
+    """Issue 15.3: the cap is on arrived bytes, so many small first chunks of large claimed
+    messages do not exhaust it, and the chunk that would pass it is refused before it is kept."""
+    ib = Inbound(1, 9, max_pending_bytes=10 * 4096)
+    for k in range(10):
+        _feed(ib, _chunks([b"w" * 500_000], 4096, key=(0, k, 0), first_seq=1000 * k + 1)[:1])
+    assert ib.pending_bytes == 10 * 4096
+    with pytest.raises(TransportError, match="cap"):
+        _feed(ib, _chunks([b"w" * 500_000], 4096, key=(0, 99, 0), first_seq=99_001)[:1])
+    assert ib.pending_bytes == 10 * 4096
 
 
 def test_forget_drops_old_epochs() -> None:
@@ -161,3 +196,79 @@ def test_forget_drops_old_epochs() -> None:
     assert ib.pending_bytes == 0
     assert _feed(ib, _chunks([b"q" * 10], 4096, key=(0, 2, 0), first_seq=20)) == []
     assert ACK != DATA
+
+
+# -- the inbox of a real carrier (issue 15.4) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coordinator():
+    from lowband.transport.coordinator import start_coordinator
+
+    with start_coordinator() as co:
+        yield co.address
+
+
+def _pair(address: str, **kw):
+    import threading
+
+    from lowband.transport._zmq import ZmqCarrier
+
+    out: list = [None, None]
+    name = f"inbox-{os.getpid()}-{random.randrange(1 << 30)}"
+
+    def make(r: int) -> None:
+        out[r] = ZmqCarrier(r, 2, coordinator=address, group=name, join_timeout=60, streams=1,
+                            chunk_size=64 << 10, peer_timeout=30, **kw)
+
+    ts = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(90)
+    if None in out:
+        for c in out:
+            if c is not None:
+                c.close()
+        raise RuntimeError("a carrier did not start")
+    return out
+
+
+def _wait(cond, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+def test_inbox_is_capped_per_peer(coordinator: str) -> None:
+    """Messages nobody waits for were kept forever; now a peer's inbox holds at most
+    max_inbox_messages / max_inbox_bytes, and the sender is cut off at the cap."""
+    a, b = _pair(coordinator, max_inbox_bytes=1 << 20, max_inbox_messages=8)
+    try:
+        blob = b"m" * (200 << 10)
+        for seq in range(1, 11):  # 2 MB of unawaited messages
+            a.send(1, (0, seq, 0), [blob], payload_bytes=len(blob))
+        assert _wait(lambda: b.io.rejected >= 1)
+        use = b._inbox_use[0]
+        assert use[0] <= 8 and use[1] <= 1 << 20
+        assert sum(len(f) for k, (fs, _, _) in b._inbox.items() for f in fs) == use[1]
+        for seq in range(1, use[0] + 1):  # what was taken is intact and frees its room
+            assert bytes(b.recv(0, (0, seq, 0), timeout=10)[0]) == blob
+        assert b._inbox_use[0] == [0, 0]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_far_future_epochs_are_refused_and_ahead_is_kept(coordinator: str) -> None:
+    a, b = _pair(coordinator)
+    try:
+        a.send(1, (3, 1, 0), [b"soon"], payload_bytes=4)  # a few epochs ahead: legitimate
+        assert bytes(b.recv(0, (3, 1, 0), timeout=10)[0]) == b"soon"
+        a.send(1, (10**6, 1, 0), [b"later"], payload_bytes=5)
+        assert _wait(lambda: b.io.rejected >= 1)
+        assert not b._inbox
+    finally:
+        a.close()
+        b.close()
