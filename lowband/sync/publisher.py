@@ -219,15 +219,22 @@ class WeightPublisher:
     # -- publishing ------------------------------------------------------------------------
 
     def publish(self, version: int | None = None) -> PublishStats:
-        """Send what changed since the last publish, labelled ``version`` (default: seq)."""
+        """Send what changed since the last publish, labelled ``version`` (default: seq).
+
+        Labels are integers in ``0 .. 2**63 - 1`` that increase from one publish to the
+        next; the first publish may use any of them, 0 included.
+        """
         if self._closed.is_set():
             raise ConfigError("publish() on a closed WeightPublisher")
         t0 = time.perf_counter()
         with self._lock:
             seq = self._seq + 1
             version = seq if version is None else int(version)
-            if version <= self._version or version >= 1 << 63:
-                raise ConfigError(f"version {version} must exceed the last one ({self._version})")
+            if version < 0 or version >= 1 << 63 or (self._seq > 0 and version <= self._version):
+                raise ConfigError(
+                    f"version {version} must be in 0..2**63-1 and exceed the last one "
+                    f"({self._version if self._seq else 'none yet'})"
+                )
             msgs = nbytes = changed = positions = 0
             for i, (_, t) in enumerate(self._tensors):
                 src = t.detach().reshape(-1)
