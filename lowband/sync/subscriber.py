@@ -24,7 +24,6 @@ from lowband.compress import Codec, parse
 from lowband.errors import CodecError, CollectiveTimeout, ConfigError, ConfigMismatch
 from lowband.sync._delta import (
     Op,
-    apply_op,
     apply_with_undo,
     chunk_sum,
     decode_op,
@@ -345,12 +344,14 @@ class WeightSubscriber(SnapshotFetch):
         m = self._manifest
         assert m is not None
         touched: dict[tuple[int, int], list[Op]] = {}
+        ops = [op for _, op in self._ops(seqs)]
+        sums_before = [s.copy() for s in self._sums]
         with torch.no_grad():
-            for _, op in self._ops(seqs):
-                if op.undo is None:  # not applied ahead
+            for op in ops:
+                if op.undo is None:  # not applied ahead: apply now, keeping what it overwrites
                     lo, hi = m.chunk_range(op.tensor, op.chunk)
                     target = self._targets[op.tensor][lo:hi]
-                    apply_op(op, target, m.tensors[op.tensor].dtype, self._codec)
+                    apply_with_undo(op, target, m.tensors[op.tensor].dtype, self._codec)
                 touched.setdefault((op.tensor, op.chunk), []).append(op)
         for (t, c), chunk_ops in touched.items():
             op = chunk_ops[0]
@@ -360,7 +361,31 @@ class WeightSubscriber(SnapshotFetch):
                 lo, hi = m.chunk_range(t, c)
                 self._sums[t][c] = chunk_sum(self._targets[t][lo:hi].to(m.tensors[t].dtype))
         last = self._pending[seqs[-1]]
-        return self._commit(seqs[-1], last.version, last.finger, fingerprint(m.tensors, self._sums))
+        got = fingerprint(m.tensors, self._sums)
+        if got != last.finger:  # not verified: put the last good version back, bit for bit
+            with torch.no_grad():
+                for op in reversed(ops):
+                    lo, hi = m.chunk_range(op.tensor, op.chunk)
+                    undo_op(op, self._targets[op.tensor][lo:hi])
+            self._sums = sums_before
+            self._pending[self._seq + 1].applied.clear()
+            self.rolled_back += len(ops)
+            self.fingerprint_mismatches += 1
+            log.warning(
+                "WeightSubscriber: fingerprint mismatch at version %d (%#x != %#x); "
+                "rolled back to version %s, resyncing",
+                last.version,
+                got,
+                last.finger,
+                self._version,
+            )
+            for q in seqs:
+                del self._pending[q]
+            self._start_snapshot()
+            return None
+        for op in ops:
+            op.undo = None  # verified: the undo copies are not needed any more
+        return self._commit(seqs[-1], last.version, last.finger, got)
 
     def _commit(self, seq: int, version: int, expected: int, got: int) -> int | None:
         for s in [s for s in self._pending if s <= seq]:
