@@ -20,6 +20,7 @@ PULSE and TRL's delta sync.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -140,6 +141,9 @@ class WeightPublisher:
         )
         self._seq = 0
         self._version = 0
+        #: A random id of this publisher's life, in every message: a subscriber that sees a
+        #: new one (the learner restarted, its sequence numbers start again) resyncs from it.
+        self.incarnation = secrets.randbits(64) | 1
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
@@ -148,6 +152,11 @@ class WeightPublisher:
         self._auth = security.start_authenticator(self._ctx) if security is not None else None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.linger = 0
+        self._router.maxmsgsize = 4096  # requests are one header frame
+        self._router.rcvhwm = 1000
+        # Replies queued for a client that does not read: at most this many per connection,
+        # the rest dropped (that client asks again after its retry_s).
+        self._router.sndhwm = 32
         self._pubs: list[zmq.Socket] = []
         try:
             port = bind_socket(self._router, ep, security, "WeightPublisher")
@@ -258,6 +267,7 @@ class WeightPublisher:
                             msgs,
                             enc.count,
                             enc.raw_len,
+                            inc=self.incarnation,
                         )
                     )
                     self._pubs[msgs % len(self._pubs)].send_multipart(
@@ -280,6 +290,7 @@ class WeightPublisher:
                         b=s,
                         c=len(self._pubs),
                         finger=self._finger,
+                        inc=self.incarnation,
                     )
                 )
                 sock.send(head)
@@ -321,6 +332,7 @@ class WeightPublisher:
                     b=s,
                     c=len(self._pubs),
                     finger=self._finger,
+                    inc=self.incarnation,
                 )
                 sock.send(pack(h))
 
@@ -355,7 +367,11 @@ class WeightPublisher:
             seq, version, finger = self._seq, self._version, self._finger
             if h.kind == HELLO:
                 return [
-                    pack(Header(MANIFEST, seq=seq, version=version, finger=finger)),
+                    pack(
+                        Header(
+                            MANIFEST, seq=seq, version=version, finger=finger, inc=self.incarnation
+                        )
+                    ),
                     self._manifest,
                 ]
             if h.tensor >= len(self._specs) or h.chunk >= self._nchunks(h.tensor):
@@ -373,6 +389,7 @@ class WeightPublisher:
                     seq=seq,
                     version=version,
                     finger=finger,
+                    inc=self.incarnation,
                 )
             ),
             data,

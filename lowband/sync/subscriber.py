@@ -99,6 +99,7 @@ class WeightSubscriber(SnapshotFetch):
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.linger = 0
         self._dealer.maxmsgsize = self._max_msg
+        self._dealer.sndhwm = self._dealer.rcvhwm = 1000
         self._watch = AuthWatch(self._dealer) if security is not None else None
         self._subs: list[zmq.Socket] = []
         self._poller = zmq.Poller()
@@ -122,6 +123,8 @@ class WeightSubscriber(SnapshotFetch):
         self._snap: Snapshot | None = None
         self._waiting_first = False
         self._seq = 0
+        self._inc: int | None = None  # the publisher incarnation the model follows
+        self._heard_at = time.monotonic()
         self._version: int | None = None
         self._finger: int | None = None
         #: Snapshots started (the first one included) and versions applied so far.
@@ -175,7 +178,10 @@ class WeightSubscriber(SnapshotFetch):
 
     def _send_hello(self) -> None:
         self._hello_at = time.monotonic()
-        self._dealer.send(pack(Header(HELLO)))
+        try:  # never blocks: at a full queue (publisher unreachable) the next retry sends it
+            self._dealer.send(pack(Header(HELLO)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _pump(self, wait_ms: int) -> None:
         if self._watch is not None:
@@ -185,7 +191,7 @@ class WeightSubscriber(SnapshotFetch):
             self._watch.check()
         n = 0
         for sock in [self._dealer, *self._subs]:
-            while n < _MAX_DRAIN:
+            while n < _MAX_DRAIN and not sock.closed:  # a restart closes the old streams
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -203,7 +209,9 @@ class WeightSubscriber(SnapshotFetch):
         self._retry()
 
     def _retry(self) -> None:
-        if self._manifest is None and time.monotonic() - self._hello_at > self.retry_s:
+        now = time.monotonic()
+        quiet = now - self._heard_at > self.retry_s  # streams silent: restarted publisher?
+        if (self._manifest is None or quiet) and now - self._hello_at > self.retry_s:
             self._send_hello()
         if self._snap is not None:
             for key in self._snap.overdue(self.retry_s):
@@ -212,11 +220,22 @@ class WeightSubscriber(SnapshotFetch):
     def _on_reply(self, body: list) -> None:
         h = parse_header(body, expect=(MANIFEST, SNAP_REP))
         if h.kind == MANIFEST:
-            if self._manifest is None:
+            if self._manifest is None or h.inc != self._inc:
+                if self._manifest is not None:
+                    log.warning(
+                        "WeightSubscriber: the publisher at %s restarted (incarnation %#x, "
+                        "was %#x); resyncing from it",
+                        self._ep.url(),
+                        h.inc,
+                        self._inc,
+                    )
+                    self._unbind()
                 self._bind(Manifest.from_bytes(body[1], max_elems=self._max_msg))
+                self._inc = h.inc
+                self._heard_at = time.monotonic()
                 self._start_snapshot() if h.seq > 0 else self._wait_first()
             return
-        if self._snap is None:
+        if self._snap is None or h.inc != self._inc:
             return
         if h.tensor >= len(self._snap.staged) or h.chunk >= len(self._snap.chunk_seq[h.tensor]):
             raise CodecError(
@@ -232,6 +251,11 @@ class WeightSubscriber(SnapshotFetch):
         m = self._manifest
         assert m is not None
         h = parse_header(body, expect=(CHUNK, COMMIT, HEARTBEAT))
+        if h.inc != self._inc:  # another incarnation: only the ROUTER's manifest may switch us
+            if time.monotonic() - self._hello_at > self.retry_s:
+                self._send_hello()
+            return
+        self._heard_at = time.monotonic()
         if h.seq <= self._seq or h.seq >= 1 << 62:
             return
         if h.kind == HEARTBEAT:
@@ -286,6 +310,19 @@ class WeightSubscriber(SnapshotFetch):
 
     # -- set-up ----------------------------------------------------------------------------
 
+    def _unbind(self) -> None:
+        """Forget the old incarnation: its streams, buffered versions and snapshot. The
+        model keeps its last verified version until the new one's snapshot checks out."""
+        self._rollback()
+        for s in self._subs:
+            self._poller.unregister(s)
+            s.close(linger=0)
+        self._subs = []
+        self._pending.clear()
+        self._snap = None
+        self._seq = 0
+        self._manifest = None
+
     def _bind(self, m: Manifest) -> None:
         """Check the manifest against the model, then subscribe to the update streams."""
         check_manifest(m, self._tensors)
@@ -300,9 +337,7 @@ class WeightSubscriber(SnapshotFetch):
         for port in m.ports:
             s = self._ctx.socket(zmq.SUB)
             s.linger = 0
-            s.rcvhwm = (
-                0  # the publisher's hwm bounds the queue; dropping here would only force resyncs
-            )
+            s.rcvhwm = 100_000  # finite; a drop here is a gap, which forces a resync
             s.maxmsgsize = min(self._max_msg, 16 * m.chunk_elems + (1 << 16))
             connect_socket(
                 s,
