@@ -275,9 +275,7 @@ class RolloutChannel:
 
     # -- a worker's side -------------------------------------------------------------------
 
-    def push(
-        self, data: Any, *, version: int, fingerprint: int, timeout: float = 10.0
-    ) -> int:
+    def push(self, data: Any, *, version: int, fingerprint: int, timeout: float = 10.0) -> int:
         """Send a rollout made with policy ``version`` (``fingerprint``); the bytes sent.
 
         ZeroMQ queues up to ``hwm`` rollouts while the hub is away or slow. When that

@@ -28,8 +28,8 @@ from lowband.sync._delta import apply_op, decode_op, encode_exact, encode_lossy
 from lowband.sync._tree import dumps
 from lowband.sync._wire import (
     CHUNK,
-    HEADER_SIZE,
     COMMIT,
+    HEADER_SIZE,
     HEARTBEAT,
     HELLO,
     MANIFEST,
