@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import zmq
 
 from lowband.sync._delta import bits, fingerprint
 from lowband.sync._staging import Snapshot
@@ -31,7 +32,10 @@ class SnapshotFetch:
     """Snapshot methods of :class:`~lowband.sync.WeightSubscriber` (a mixin over its state)."""
 
     def _request(self: WeightSubscriber, t: int, c: int) -> None:
-        self._dealer.send(pack(Header(SNAP_REQ, tensor=t, chunk=c)))
+        try:  # never blocks: an unsent request counts as lost and is retried after retry_s
+            self._dealer.send(pack(Header(SNAP_REQ, tensor=t, chunk=c)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _wait_first(self: WeightSubscriber) -> None:
         self._snap = None

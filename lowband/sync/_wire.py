@@ -1,6 +1,6 @@
 """Byte layout of the weight-sync messages, and their strict parsers.
 
-Every message starts with one fixed 64-byte header frame (little-endian)::
+Every message starts with one fixed 80-byte header frame (little-endian)::
 
     magic     4s   b"LBSY"
     proto     u8   PROTO
@@ -13,6 +13,7 @@ Every message starts with one fixed 64-byte header frame (little-endian)::
     version   u64  the user's version label of that sequence number
     a, b, c   u64  kind-specific fields (documented at each ``pack_*``)
     finger    u64  fingerprint of the weights at ``seq`` (COMMIT, SNAP_REP, MANIFEST, HEARTBEAT)
+    inc       u64  the publisher's incarnation: a random id drawn when it starts (0 in requests)
 
 followed by raw data frames. The bytes come from the network, so they are
 untrusted: :func:`parse_header` checks magic, protocol, kind and frame count, and
@@ -48,8 +49,8 @@ __all__ = [
 ]
 
 MAGIC = b"LBSY"
-PROTO = 1
-_HEAD = struct.Struct("<4sBBBBIIQQQQQQ")
+PROTO = 2
+_HEAD = struct.Struct("<4sBBBBIIQQQQQQQ")
 HEADER_SIZE = _HEAD.size
 
 HELLO, MANIFEST, CHUNK, COMMIT, SNAP_REQ, SNAP_REP, HEARTBEAT = range(1, 8)
@@ -102,6 +103,7 @@ class Header:
     b: int = 0
     c: int = 0
     finger: int = 0
+    inc: int = 0
 
 
 def pack(h: Header) -> bytes:
@@ -119,6 +121,7 @@ def pack(h: Header) -> bytes:
         h.b,
         h.c,
         h.finger,
+        h.inc,
     )
 
 
@@ -129,8 +132,8 @@ def parse_header(frames: list, *, expect: tuple[int, ...] | None = None) -> Head
     head = memoryview(frames[0]).cast("B")
     if head.nbytes != HEADER_SIZE:
         raise CodecError(f"sync header of {head.nbytes} bytes, {HEADER_SIZE} expected")
-    magic, proto, kind, enc, flags, tensor, chunk, seq, version, a, b, c, finger = _HEAD.unpack(
-        head
+    magic, proto, kind, enc, flags, tensor, chunk, seq, version, a, b, c, finger, inc = (
+        _HEAD.unpack(head)
     )
     if magic != MAGIC:
         raise CodecError(f"bad magic {magic!r}: not a lowband sync message")
@@ -143,7 +146,7 @@ def parse_header(frames: list, *, expect: tuple[int, ...] | None = None) -> Head
         raise CodecError(
             f"sync message kind {kind} with {len(frames) - 1} data frames, {lo}..{hi} expected"
         )
-    return Header(kind, enc, flags, tensor, chunk, seq, version, a, b, c, finger)
+    return Header(kind, enc, flags, tensor, chunk, seq, version, a, b, c, finger, inc)
 
 
 @dataclass(frozen=True)

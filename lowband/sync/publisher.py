@@ -20,6 +20,7 @@ PULSE and TRL's delta sync.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -140,6 +141,9 @@ class WeightPublisher:
         )
         self._seq = 0
         self._version = 0
+        #: A random id of this publisher's life, in every message: a subscriber that sees a
+        #: new one (the learner restarted, its sequence numbers start again) resyncs from it.
+        self.incarnation = secrets.randbits(64) | 1
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
@@ -148,6 +152,11 @@ class WeightPublisher:
         self._auth = security.start_authenticator(self._ctx) if security is not None else None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.linger = 0
+        self._router.maxmsgsize = 4096  # requests are one header frame
+        self._router.rcvhwm = 1000
+        # Replies queued for a client that does not read: at most this many per connection,
+        # the rest dropped (that client asks again after its retry_s).
+        self._router.sndhwm = 32
         self._pubs: list[zmq.Socket] = []
         try:
             port = bind_socket(self._router, ep, security, "WeightPublisher")
@@ -219,15 +228,22 @@ class WeightPublisher:
     # -- publishing ------------------------------------------------------------------------
 
     def publish(self, version: int | None = None) -> PublishStats:
-        """Send what changed since the last publish, labelled ``version`` (default: seq)."""
+        """Send what changed since the last publish, labelled ``version`` (default: seq).
+
+        Labels are integers in ``0 .. 2**63 - 1`` that increase from one publish to the
+        next; the first publish may use any of them, 0 included.
+        """
         if self._closed.is_set():
             raise ConfigError("publish() on a closed WeightPublisher")
         t0 = time.perf_counter()
         with self._lock:
             seq = self._seq + 1
             version = seq if version is None else int(version)
-            if version <= self._version or version >= 1 << 63:
-                raise ConfigError(f"version {version} must exceed the last one ({self._version})")
+            if version < 0 or version >= 1 << 63 or (self._seq > 0 and version <= self._version):
+                raise ConfigError(
+                    f"version {version} must be in 0..2**63-1 and exceed the last one "
+                    f"({self._version if self._seq else 'none yet'})"
+                )
             msgs = nbytes = changed = positions = 0
             for i, (_, t) in enumerate(self._tensors):
                 src = t.detach().reshape(-1)
@@ -251,6 +267,7 @@ class WeightPublisher:
                             msgs,
                             enc.count,
                             enc.raw_len,
+                            inc=self.incarnation,
                         )
                     )
                     self._pubs[msgs % len(self._pubs)].send_multipart(
@@ -273,6 +290,7 @@ class WeightPublisher:
                         b=s,
                         c=len(self._pubs),
                         finger=self._finger,
+                        inc=self.incarnation,
                     )
                 )
                 sock.send(head)
@@ -314,6 +332,7 @@ class WeightPublisher:
                     b=s,
                     c=len(self._pubs),
                     finger=self._finger,
+                    inc=self.incarnation,
                 )
                 sock.send(pack(h))
 
@@ -348,7 +367,11 @@ class WeightPublisher:
             seq, version, finger = self._seq, self._version, self._finger
             if h.kind == HELLO:
                 return [
-                    pack(Header(MANIFEST, seq=seq, version=version, finger=finger)),
+                    pack(
+                        Header(
+                            MANIFEST, seq=seq, version=version, finger=finger, inc=self.incarnation
+                        )
+                    ),
                     self._manifest,
                 ]
             if h.tensor >= len(self._specs) or h.chunk >= self._nchunks(h.tensor):
@@ -366,6 +389,7 @@ class WeightPublisher:
                     seq=seq,
                     version=version,
                     finger=finger,
+                    inc=self.incarnation,
                 )
             ),
             data,

@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections import defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from lowband.errors import CodecError, ConfigError
+from lowband.errors import CodecError, CollectiveTimeout, ConfigError
 from lowband.kernels import checksum
 from lowband.sync._net import AuthWatch, bind_socket, connect_socket, parse_endpoint, to_key
 from lowband.sync._tree import MAX_FRAMES, dumps, loads
@@ -44,6 +44,8 @@ _HEAD = struct.Struct("<4sBBHQQQI")
 _PUSH, _SHARE, _HELLO = 1, 2, 3
 _MAX_NAME = 256
 _OUTCOMES = ("accepted", "stale", "unknown", "malformed")
+_MAX_READS = 100_000  # messages one pull() or shared() reads, so one call stays bounded
+_DRAIN_S = 0.05  # past its deadline, a call reads what is queued for at most this long
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ class RolloutChannel:
         security / server_key: CURVE as for :class:`~lowband.sync.WeightPublisher`.
         max_bytes: largest rollout accepted.
         history: how many published versions the hub remembers.
+        hwm: messages queued per connection in each direction (ZeroMQ high-water mark);
+            past it a worker's :meth:`push` waits up to its ``timeout`` and the hub drops
+            shares for a peer that does not read (counted in :attr:`dropped`).
+        max_workers: hub only: worker names (and sharing peers) the hub keeps counts for;
+            past it the least recently seen one is forgotten (LRU).
     """
 
     def __init__(
@@ -125,21 +132,27 @@ class RolloutChannel:
         server_key: bytes | str | None = None,
         max_bytes: int = 1 << 30,
         history: int = 1024,
+        hwm: int = 1000,
+        max_workers: int = 4096,
     ) -> None:
         if (bind is None) == (connect is None):
             raise ConfigError(
                 "RolloutChannel needs exactly one of bind= (the hub) or connect= (a worker)"
             )
-        if max_lag < 0 or history < 1 or max_bytes < 1:
-            raise ConfigError("max_lag must be >= 0, history and max_bytes >= 1")
+        if max_lag < 0 or history < 1 or max_bytes < 1 or hwm < 1 or max_workers < 1:
+            raise ConfigError("max_lag must be >= 0; history, max_bytes, hwm, max_workers >= 1")
+        self.max_workers = int(max_workers)
+        #: Rollouts dropped: by the hub for a peer that does not read its shares, by a worker
+        #: whose push() found the queue full (only with ``timeout=0``).
+        self.dropped = 0
         if len(name.encode("utf-8")) > _MAX_NAME:
             raise ConfigError(f"worker name longer than {_MAX_NAME} bytes")
         self.is_hub = bind is not None
         self.name, self.max_lag, self.max_bytes, self.history = name, max_lag, max_bytes, history
         self._known: dict[int, int] = {}
         self._latest: int | None = None
-        self._peers: dict[bytes, str] = {}
-        self._counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_OUTCOMES, 0))
+        self._peers: OrderedDict[bytes, str] = OrderedDict()
+        self._counts: OrderedDict[str, dict[str, int]] = OrderedDict()
         self._ctx = zmq.Context()
         self._watch: AuthWatch | None = None
         self._auth = (
@@ -150,6 +163,9 @@ class RolloutChannel:
         self._sock = self._ctx.socket(zmq.ROUTER if self.is_hub else zmq.DEALER)
         self._sock.linger = 0
         self._sock.maxmsgsize = max_bytes + (1 << 16)
+        self._sock.sndhwm = self._sock.rcvhwm = hwm
+        if self.is_hub:  # a share to a full or gone peer raises, so it is counted and dropped
+            self._sock.router_mandatory = True
         try:
             if bind is not None:
                 ep = parse_endpoint(bind, "RolloutChannel bind")
@@ -168,7 +184,7 @@ class RolloutChannel:
                 )
                 self.address = ep.url()
                 if share:
-                    self._sock.send_multipart(_pack(_HELLO, name, 0, 0, []))
+                    self._sock.send_multipart(_pack(_HELLO, name, 0, 0, []), zmq.NOBLOCK)
         except BaseException:
             self.close()
             raise
@@ -192,37 +208,65 @@ class RolloutChannel:
         return "stale" if r.version < self._latest - self.max_lag else "accepted"
 
     def pull(self, max_items: int | None = None, *, timeout: float = 0.0) -> list[Rollout]:
-        """Accepted rollouts received so far (waiting up to ``timeout`` s for the first)."""
+        """Accepted rollouts received so far (waiting up to ``timeout`` s for the first).
+
+        Returns within ``timeout`` + 50 ms even under a flood of rejected or malformed
+        messages (past the deadline it reads what is queued for at most 50 ms), and
+        reads at most 100,000 messages a call.
+        """
         self._need(hub=True)
         out: list[Rollout] = []
         deadline = time.monotonic() + timeout
-        while max_items is None or len(out) < max_items:
-            wait = max(0.0, deadline - time.monotonic()) if not out else 0.0
-            if not self._sock.poll(int(wait * 1000)):
+        for _ in range(_MAX_READS):
+            if max_items is not None and len(out) >= max_items:
+                break
+            left = deadline - time.monotonic()
+            if left < -_DRAIN_S:  # a flood cannot hold the call past its deadline
+                break
+            if not self._sock.poll(int(max(0.0, left) * 1000) if not out else 0):
                 break
             frames = self._sock.recv_multipart(copy=False)
             peer, body = frames[0].bytes, [f.buffer for f in frames[1:]]
             try:
                 kind, r = _unpack(body, max_bytes=self.max_bytes)
             except CodecError as e:
-                self._counts[self._peers.get(peer, f"peer-{peer.hex()}")]["malformed"] += 1
+                self._count(self._peers.get(peer, f"peer-{peer.hex()}"), "malformed")
                 log.warning("RolloutChannel: dropped a malformed rollout: %s", e)
                 continue
             if kind == _HELLO or r is None:
                 self._peers[peer] = f"peer-{peer.hex()}"
+                self._peers.move_to_end(peer)
+                while len(self._peers) > self.max_workers:
+                    self._peers.popitem(last=False)
                 continue
             verdict = self._judge(r) if kind == _PUSH else "malformed"
-            self._counts[r.worker][verdict] += 1
+            self._count(r.worker, verdict)
             if verdict != "accepted":
                 continue
             out.append(r)
-            for p in self._peers:
+            for p in list(self._peers):
                 if p != peer:
-                    self._sock.send_multipart(
-                        [p, *_pack(_SHARE, r.worker, r.version, r.fingerprint, body[1:])],
-                        copy=False,
-                    )
+                    try:  # never blocks: past the peer's hwm the share is dropped
+                        self._sock.send_multipart(
+                            [p, *_pack(_SHARE, r.worker, r.version, r.fingerprint, body[1:])],
+                            zmq.NOBLOCK,
+                            copy=False,
+                        )
+                    except zmq.ZMQError as e:
+                        self.dropped += 1
+                        if e.errno == zmq.EHOSTUNREACH:  # that peer is gone
+                            self._peers.pop(p, None)
         return out
+
+    def _count(self, worker: str, outcome: str) -> None:
+        c = self._counts.get(worker)
+        if c is None:
+            c = self._counts[worker] = dict.fromkeys(_OUTCOMES, 0)
+            while len(self._counts) > self.max_workers:
+                self._counts.popitem(last=False)  # the least recently seen name is forgotten
+        else:
+            self._counts.move_to_end(worker)
+        c[outcome] += 1
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
@@ -231,13 +275,32 @@ class RolloutChannel:
 
     # -- a worker's side -------------------------------------------------------------------
 
-    def push(self, data: Any, *, version: int, fingerprint: int) -> int:
-        """Send a rollout made with policy ``version`` (``fingerprint``); the bytes sent."""
+    def push(self, data: Any, *, version: int, fingerprint: int, timeout: float = 10.0) -> int:
+        """Send a rollout made with policy ``version`` (``fingerprint``); the bytes sent.
+
+        ZeroMQ queues up to ``hwm`` rollouts while the hub is away or slow. When that
+        queue is full, wait up to ``timeout`` seconds for room, then raise
+        :class:`lowband.errors.CollectiveTimeout`; with ``timeout=0`` the rollout is
+        dropped instead (0 is returned and :attr:`dropped` counts it).
+        """
         self._need(hub=False)
+        if version is None or fingerprint is None:
+            raise ConfigError("push() needs the policy's version and fingerprint (not None)")
         if self._watch is not None:
             self._watch.check()
         frames = _pack(_PUSH, self.name, int(version), int(fingerprint), dumps(data))
-        self._sock.send_multipart(frames, copy=False)
+        if timeout > 0 and not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+            raise CollectiveTimeout(
+                f"push to {self.address}: {self._sock.sndhwm} rollouts queued and no room "
+                f"within {timeout} s (hub dead or stalled)"
+            )
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if timeout > 0:
+                raise CollectiveTimeout(f"push to {self.address}: queue full") from None
+            self.dropped += 1
+            return 0
         return sum(memoryview(f).nbytes for f in frames)
 
     def shared(self, max_items: int | None = None, *, timeout: float = 0.0) -> list[Rollout]:
@@ -247,7 +310,9 @@ class RolloutChannel:
             self._watch.check()
         out: list[Rollout] = []
         deadline = time.monotonic() + timeout
-        while max_items is None or len(out) < max_items:
+        for _ in range(_MAX_READS):
+            if max_items is not None and len(out) >= max_items:
+                break
             wait = max(0.0, deadline - time.monotonic()) if not out else 0.0
             if not self._sock.poll(int(wait * 1000)):
                 break

@@ -24,7 +24,6 @@ from lowband.compress import Codec, parse
 from lowband.errors import CodecError, CollectiveTimeout, ConfigError, ConfigMismatch
 from lowband.sync._delta import (
     Op,
-    apply_op,
     apply_with_undo,
     chunk_sum,
     decode_op,
@@ -100,6 +99,7 @@ class WeightSubscriber(SnapshotFetch):
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.linger = 0
         self._dealer.maxmsgsize = self._max_msg
+        self._dealer.sndhwm = self._dealer.rcvhwm = 1000
         self._watch = AuthWatch(self._dealer) if security is not None else None
         self._subs: list[zmq.Socket] = []
         self._poller = zmq.Poller()
@@ -123,6 +123,8 @@ class WeightSubscriber(SnapshotFetch):
         self._snap: Snapshot | None = None
         self._waiting_first = False
         self._seq = 0
+        self._inc: int | None = None  # the publisher incarnation the model follows
+        self._heard_at = time.monotonic()
         self._version: int | None = None
         self._finger: int | None = None
         #: Snapshots started (the first one included) and versions applied so far.
@@ -176,7 +178,10 @@ class WeightSubscriber(SnapshotFetch):
 
     def _send_hello(self) -> None:
         self._hello_at = time.monotonic()
-        self._dealer.send(pack(Header(HELLO)))
+        try:  # never blocks: at a full queue (publisher unreachable) the next retry sends it
+            self._dealer.send(pack(Header(HELLO)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _pump(self, wait_ms: int) -> None:
         if self._watch is not None:
@@ -186,7 +191,7 @@ class WeightSubscriber(SnapshotFetch):
             self._watch.check()
         n = 0
         for sock in [self._dealer, *self._subs]:
-            while n < _MAX_DRAIN:
+            while n < _MAX_DRAIN and not sock.closed:  # a restart closes the old streams
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -204,7 +209,9 @@ class WeightSubscriber(SnapshotFetch):
         self._retry()
 
     def _retry(self) -> None:
-        if self._manifest is None and time.monotonic() - self._hello_at > self.retry_s:
+        now = time.monotonic()
+        quiet = now - self._heard_at > self.retry_s  # streams silent: restarted publisher?
+        if (self._manifest is None or quiet) and now - self._hello_at > self.retry_s:
             self._send_hello()
         if self._snap is not None:
             for key in self._snap.overdue(self.retry_s):
@@ -213,11 +220,22 @@ class WeightSubscriber(SnapshotFetch):
     def _on_reply(self, body: list) -> None:
         h = parse_header(body, expect=(MANIFEST, SNAP_REP))
         if h.kind == MANIFEST:
-            if self._manifest is None:
+            if self._manifest is None or h.inc != self._inc:
+                if self._manifest is not None:
+                    log.warning(
+                        "WeightSubscriber: the publisher at %s restarted (incarnation %#x, "
+                        "was %#x); resyncing from it",
+                        self._ep.url(),
+                        h.inc,
+                        self._inc,
+                    )
+                    self._unbind()
                 self._bind(Manifest.from_bytes(body[1], max_elems=self._max_msg))
+                self._inc = h.inc
+                self._heard_at = time.monotonic()
                 self._start_snapshot() if h.seq > 0 else self._wait_first()
             return
-        if self._snap is None:
+        if self._snap is None or h.inc != self._inc:
             return
         if h.tensor >= len(self._snap.staged) or h.chunk >= len(self._snap.chunk_seq[h.tensor]):
             raise CodecError(
@@ -233,6 +251,11 @@ class WeightSubscriber(SnapshotFetch):
         m = self._manifest
         assert m is not None
         h = parse_header(body, expect=(CHUNK, COMMIT, HEARTBEAT))
+        if h.inc != self._inc:  # another incarnation: only the ROUTER's manifest may switch us
+            if time.monotonic() - self._hello_at > self.retry_s:
+                self._send_hello()
+            return
+        self._heard_at = time.monotonic()
         if h.seq <= self._seq or h.seq >= 1 << 62:
             return
         if h.kind == HEARTBEAT:
@@ -287,6 +310,19 @@ class WeightSubscriber(SnapshotFetch):
 
     # -- set-up ----------------------------------------------------------------------------
 
+    def _unbind(self) -> None:
+        """Forget the old incarnation: its streams, buffered versions and snapshot. The
+        model keeps its last verified version until the new one's snapshot checks out."""
+        self._rollback()
+        for s in self._subs:
+            self._poller.unregister(s)
+            s.close(linger=0)
+        self._subs = []
+        self._pending.clear()
+        self._snap = None
+        self._seq = 0
+        self._manifest = None
+
     def _bind(self, m: Manifest) -> None:
         """Check the manifest against the model, then subscribe to the update streams."""
         check_manifest(m, self._tensors)
@@ -301,9 +337,7 @@ class WeightSubscriber(SnapshotFetch):
         for port in m.ports:
             s = self._ctx.socket(zmq.SUB)
             s.linger = 0
-            s.rcvhwm = (
-                0  # the publisher's hwm bounds the queue; dropping here would only force resyncs
-            )
+            s.rcvhwm = 100_000  # finite; a drop here is a gap, which forces a resync
             s.maxmsgsize = min(self._max_msg, 16 * m.chunk_elems + (1 << 16))
             connect_socket(
                 s,
@@ -345,12 +379,14 @@ class WeightSubscriber(SnapshotFetch):
         m = self._manifest
         assert m is not None
         touched: dict[tuple[int, int], list[Op]] = {}
+        ops = [op for _, op in self._ops(seqs)]
+        sums_before = [s.copy() for s in self._sums]
         with torch.no_grad():
-            for _, op in self._ops(seqs):
-                if op.undo is None:  # not applied ahead
+            for op in ops:
+                if op.undo is None:  # not applied ahead: apply now, keeping what it overwrites
                     lo, hi = m.chunk_range(op.tensor, op.chunk)
                     target = self._targets[op.tensor][lo:hi]
-                    apply_op(op, target, m.tensors[op.tensor].dtype, self._codec)
+                    apply_with_undo(op, target, m.tensors[op.tensor].dtype, self._codec)
                 touched.setdefault((op.tensor, op.chunk), []).append(op)
         for (t, c), chunk_ops in touched.items():
             op = chunk_ops[0]
@@ -360,7 +396,31 @@ class WeightSubscriber(SnapshotFetch):
                 lo, hi = m.chunk_range(t, c)
                 self._sums[t][c] = chunk_sum(self._targets[t][lo:hi].to(m.tensors[t].dtype))
         last = self._pending[seqs[-1]]
-        return self._commit(seqs[-1], last.version, last.finger, fingerprint(m.tensors, self._sums))
+        got = fingerprint(m.tensors, self._sums)
+        if got != last.finger:  # not verified: put the last good version back, bit for bit
+            with torch.no_grad():
+                for op in reversed(ops):
+                    lo, hi = m.chunk_range(op.tensor, op.chunk)
+                    undo_op(op, self._targets[op.tensor][lo:hi])
+            self._sums = sums_before
+            self._pending[self._seq + 1].applied.clear()
+            self.rolled_back += len(ops)
+            self.fingerprint_mismatches += 1
+            log.warning(
+                "WeightSubscriber: fingerprint mismatch at version %d (%#x != %#x); "
+                "rolled back to version %s, resyncing",
+                last.version,
+                got,
+                last.finger,
+                self._version,
+            )
+            for q in seqs:
+                del self._pending[q]
+            self._start_snapshot()
+            return None
+        for op in ops:
+            op.undo = None  # verified: the undo copies are not needed any more
+        return self._commit(seqs[-1], last.version, last.finger, got)
 
     def _commit(self, seq: int, version: int, expected: int, got: int) -> int | None:
         for s in [s for s in self._pending if s <= seq]:

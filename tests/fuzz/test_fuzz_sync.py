@@ -29,6 +29,7 @@ from lowband.sync._tree import dumps
 from lowband.sync._wire import (
     CHUNK,
     COMMIT,
+    HEADER_SIZE,
     HEARTBEAT,
     HELLO,
     MANIFEST,
@@ -91,13 +92,13 @@ def test_mutated_and_random_sync_headers(seed: int) -> None:
     if rng.random() < 0.8:
         frames = _mutate_frames(rng, rng.choice(_MESSAGES))
     else:
-        frames = [rng.randbytes(rng.choice((64, rng.randrange(100)))) for _ in range(rng.randrange(4))]
+        frames = [rng.randbytes(rng.choice((HEADER_SIZE, rng.randrange(100)))) for _ in range(rng.randrange(4))]
     try:
         h = parse_header(frames)
     except CodecError:
         return
     assert h.kind in (HELLO, MANIFEST, CHUNK, COMMIT, SNAP_REQ, SNAP_REP, HEARTBEAT)
-    assert len(frames) >= 1 and len(memoryview(frames[0]).cast("B")) == 64
+    assert len(frames) >= 1 and len(memoryview(frames[0]).cast("B")) == HEADER_SIZE
 
 
 @fuzz_settings

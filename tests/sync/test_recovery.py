@@ -242,3 +242,31 @@ def test_manifest_caps() -> None:
         Manifest.from_bytes(body, max_elems=1 << 30)
     with pytest.raises(CodecError):
         parse_header([b"LBSY" + bytes(HEADER_SIZE - 4)])
+
+
+def test_unverified_version_is_rolled_back_bit_exactly() -> None:
+    model = _model()
+    replica = zeros_like(model)
+    with pair(model, replica, chunk_elems=100) as (pub, sub):
+        for step in range(20):  # until a version arrives as a delta (not by snapshot)
+            before = sub.snapshots
+            model["a"][1 + step] += 1.0
+            v = pub.publish().version
+            assert sub.update(block=True, timeout=TIMEOUT) == v
+            if sub.snapshots == before:
+                break
+        assert sub.snapshots == before, "no version ever arrived as a delta"
+        replica["a"][17] = -0.0  # damaged behind the subscriber's back
+        held = {k: t.clone() for k, t in replica.items()}
+        good = sub.version
+        model["a"][0] += 1.0
+        model["a"][850] += 1.0
+        model["b"][3, 3] = 2.0
+        v = pub.publish().version
+        deadline = time.monotonic() + TIMEOUT
+        while sub.fingerprint_mismatches == 0 and time.monotonic() < deadline:
+            assert sub.update() is None
+        assert sub.fingerprint_mismatches == 1
+        assert same_bits(held, replica) and sub.version == good  # nothing unverified stayed
+        assert sub.update(block=True, timeout=TIMEOUT) == v
+        assert same_bits(model, replica)
