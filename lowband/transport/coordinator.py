@@ -54,6 +54,32 @@ log = logging.getLogger(__name__)
 #: Control messages are small; anything larger is refused by libzmq (MAXMSGSIZE).
 MAX_REQUEST_BYTES = 1 << 20
 _KEEP_DECISIONS = 4096
+#: A request nests at most this deep (a join's config holds shapes: lists in a dict in the request).
+MAX_REQUEST_DEPTH = 16
+#: An echoed string ``id`` is at most this long; any other ``id`` is echoed as ``None``.
+MAX_ID_CHARS = 64
+
+
+def _safe_id(rid: Any) -> int | str | None:
+    """The request id as it may be echoed: a plain 64-bit int or a short string, never other JSON."""
+    if isinstance(rid, int) and not isinstance(rid, bool) and -(1 << 63) <= rid < (1 << 63):
+        return rid
+    if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS:
+        return rid
+    return None
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_REQUEST_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
 
 
 class RequestError(ValueError):
@@ -264,17 +290,28 @@ class Coordinator:
 
     def _reply(self, who: bytes, rid: Any, body: dict[str, Any]) -> None:
         try:
-            self.sock.send_multipart([who, json.dumps({"id": rid, **body}).encode()])
+            data = json.dumps({"id": _safe_id(rid), **body}).encode()
+        except (ValueError, TypeError, RecursionError) as e:  # never expected: bodies are ours
+            log.error("coordinator: cannot encode a reply (%s)", e)
+            data = json.dumps({"id": _safe_id(rid), "ok": False, "kind": "error",
+                               "error": "internal error"}).encode()
+        try:
+            self.sock.send_multipart([who, data])
         except zmq.ZMQError as e:  # the client left; it retries if it still cares
             log.debug("coordinator: reply dropped (%s)", e)
 
     def handle(self, who: bytes, raw: bytes) -> None:
+        """Answer one request. Nothing a client sends raises out of here."""
         rid: Any = None
         try:
+            if len(raw) > MAX_REQUEST_BYTES:
+                raise RequestError(f"request over {MAX_REQUEST_BYTES} bytes")
             req = json.loads(raw)
             if not isinstance(req, dict):
                 raise RequestError("request is not a JSON object")
-            rid = req.get("id")
+            rid = _safe_id(req.get("id"))
+            if _depth(req) > MAX_REQUEST_DEPTH:
+                raise RequestError(f"request nested deeper than {MAX_REQUEST_DEPTH}")
             op = req.get("op")
             if op == "join":
                 out = self.state.join((who, rid), req)
@@ -292,6 +329,9 @@ class Coordinator:
             self._reply(who, rid, {"ok": False, "kind": e.kind, "error": str(e)})
         except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep JSON
             self._reply(who, rid, {"ok": False, "kind": "error", "error": f"bad request: {e}"})
+        except Exception:  # last resort: a bug in the rules must not end the coordinator
+            log.exception("coordinator: request failed")
+            self._reply(who, rid, {"ok": False, "kind": "error", "error": "internal error"})
         for (w, r), body in self.state.ready():
             self._reply(w, r, {"ok": True, **body})
 
@@ -313,7 +353,10 @@ class Coordinator:
                 if len(msg) != 2:
                     log.warning("coordinator: dropped a request of %d frames", len(msg))
                     continue
-                self.handle(msg[0], msg[1])
+                try:
+                    self.handle(msg[0], msg[1])
+                except Exception:  # handle() catches everything; this guards the loop itself
+                    log.exception("coordinator: a request escaped its handler")
         finally:
             self.close()
 

@@ -105,3 +105,25 @@ def test_coordinator_process_answers_and_survives_garbage() -> None:
             client.ask({**base, "rank": 1, "config": {"codec": "q8"}}, timeout=10)
         client.close()
     ctx.term()
+
+
+def test_deeply_nested_id_gets_an_error_and_the_process_keeps_serving() -> None:
+    """Issue 15 item 1: a ~2 KB ping whose id nests ~990 deep ended serve()."""
+    ctx = zmq.Context()
+    with start_coordinator() as co:
+        raw = ctx.socket(zmq.DEALER)
+        raw.linger = 0
+        raw.connect(f"tcp://{co.address}")
+        deep = b'{"op": "ping", "id": ' + b"[" * 990 + b"]" * 990 + b"}"
+        for junk in (deep, json.dumps({"op": "ping", "id": [[[1]]]}).encode(),
+                     json.dumps({"op": "ping", "id": "x" * 10_000}).encode()):
+            raw.send(junk)
+            assert raw.poll(10_000)
+            rep = json.loads(raw.recv())
+            assert rep["id"] is None and isinstance(rep["ok"], bool)
+        raw.send(json.dumps({"op": "ping", "id": 7}).encode())
+        assert raw.poll(10_000)
+        assert json.loads(raw.recv()) == {"id": 7, "ok": True}
+        assert co.proc.poll() is None
+        raw.close(0)
+    ctx.term()
