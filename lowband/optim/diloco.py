@@ -31,6 +31,7 @@ import torch
 
 from lowband.errors import ConfigError, ConfigMismatch
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_from, split_fragments
+from lowband.optim._shards import ShardPlan, agree_on_start_islands, is_island_group
 from lowband.optim._common import (
     GroupLike,
     Ready,
@@ -167,12 +168,27 @@ class DiLoCo(torch.optim.Optimizer):
         self._frozen = [i for i, p in enumerate(everything) if not p.requires_grad]
         if not params:
             raise ConfigError("DiLoCo needs at least one parameter with requires_grad=True")
-        self._fragment_buckets: list[list[Bucket]] = []
-        for run in split_fragments(params, fragments):
-            first = sum(len(b) for b in self._fragment_buckets)
-            self._fragment_buckets.append(
-                plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first)
-            )
+        # Islands (docs/islands.md): this rank keeps the outer state of its canonical
+        # buckets only; lowband.optim._shards maps the island's shards onto them.
+        self._shards: ShardPlan | None = None
+        self._fragment_buckets: list[list[Any]] = []
+        if is_island_group(group):
+            if offload != "cpu":
+                raise ConfigError("with islands the global copy lives on the CPU: offload='cpu'")
+            self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes, fragments=fragments)
+            self._fragment_buckets = self._shards.owned
+            self._meter.stats.flows = len(group.flows)
+            if not self._shards.buckets:
+                raise ConfigError(
+                    f"island rank {group.local_rank} owns no values: the model is smaller than "
+                    f"segments={group.segments}"
+                )
+        else:
+            for run in split_fragments(params, fragments):
+                first = sum(len(b) for b in self._fragment_buckets)
+                self._fragment_buckets.append(
+                    plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first)
+                )
         self._buckets = [b for run in self._fragment_buckets for b in run]
         self._global = [self._buffer(b) for b in self._buckets]
         # One staging buffer for every bucket: the group snapshots its input when a
@@ -180,9 +196,7 @@ class DiLoCo(torch.optim.Optimizer):
         self._staging = torch.zeros(
             max(b.numel for b in self._buckets), dtype=torch.float32, device=self._global[0].device
         )
-        with torch.no_grad():
-            for b, g in zip(self._buckets, self._global):
-                gather_into(b, g)
+        self._read_global()
         self._outer: torch.optim.Optimizer
         if outer_optimizer is None:
             self._outer = torch.optim.SGD(
@@ -194,13 +208,18 @@ class DiLoCo(torch.optim.Optimizer):
                 raise ConfigError("outer_optimizer must return a torch.optim.Optimizer")
         config = {"optimizer": "DiLoCo", **self._config()}
         frozen = [everything[i] for i in self._frozen]
+        if self._shards is not None:
+            plans = [(self._shards, self._global)]
+            if frozen:
+                fplan = ShardPlan(frozen, group, bucket_bytes=bucket_bytes)
+                plans.append((fplan, [v for f in range(len(fplan.owned)) for v in fplan.gather(f)]))
+            agree_on_start_islands(group, self._meter, config, plans)  # the globals are updated
+            return
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
         if agree_on_start(group, self._meter, config, start):
-            with torch.no_grad():
-                for b, g in zip(self._buckets, self._global):
-                    gather_into(b, g)
+            self._read_global()
 
     # -- construction helpers -------------------------------------------------
 
@@ -209,14 +228,27 @@ class DiLoCo(torch.optim.Optimizer):
         pin = device.type == "cpu" and torch.cuda.is_available()
         return torch.zeros(bucket.numel, dtype=torch.float32, device=device, pin_memory=pin)
 
+    def _read_global(self) -> None:
+        with torch.no_grad():
+            if self._shards is not None:
+                for f, run in enumerate(self._fragment_buckets):
+                    for b, v in zip(run, self._shards.gather(f)):
+                        self._global[b.index].copy_(v)
+                return
+            for b, g in zip(self._buckets, self._global):
+                gather_into(b, g)
+
     def _config(self) -> dict[str, Any]:
         config = {
             "sync_every": self.sync_every,
             "fragments": self.fragments,
             "overlap": self.overlap,
             "codec": str(self.codec) if self.codec is not None else None,
-            "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
         }
+        if self._shards is None:
+            config["buckets"] = [[list(p.shape) for p in b.params] for b in self._buckets]
+        else:
+            config["islands"] = self._shards.describe()
         if self.aggregate != "mean":  # only then, so that earlier checkpoints still load
             config["aggregate"] = self.aggregate
         if self._frozen:  # likewise: positions of the requires_grad=False parameters
@@ -280,6 +312,21 @@ class DiLoCo(torch.optim.Optimizer):
     def _launch(self, fragment: int, *, apply_at: int) -> _Pending:
         buckets = self._fragment_buckets[fragment]
         works: list[WorkLike] = []
+        if self._shards is not None:  # an island collective; then this rank's flows
+            local = self._shards.gather(fragment)
+            self._meter.launched(len(buckets))
+            for b, delta in zip(buckets, local):
+                torch.sub(self._global[b.index], delta, out=delta)
+                works.append(
+                    self._shards.flow(b).all_reduce(
+                        delta,
+                        codec=self.codec,
+                        op=self.aggregate,
+                        error_feedback=self.error_feedback,
+                        key=f"diloco.{b.key}",
+                    )
+                )
+            return _Pending(fragment, apply_at, works)
         self._meter.launched(len(buckets))
         for b in buckets:
             delta = self._staging[: b.numel]
@@ -307,6 +354,15 @@ class DiLoCo(torch.optim.Optimizer):
             g = self._global[b.index]
             g.grad = avg.reshape(-1).to(device=g.device, dtype=torch.float32)
         self._outer.step()
+        if self._shards is not None:
+            for b in buckets:
+                self._global[b.index].grad = None
+            self._shards.scatter(
+                pending.fragment,
+                [self._global[b.index] for b in buckets],
+                weight=None if self.overlap == 0 else 1.0 - self.mixing,
+            )
+            return
         for b in buckets:
             g = self._global[b.index]
             g.grad = None
@@ -348,7 +404,9 @@ class DiLoCo(torch.optim.Optimizer):
             "config": self._config(),
             "step": self._step_count,
             "global": [g.detach().clone() for g in self._global],
-            "local": [self._local_copy(b) for b in self._buckets],
+            "local": self._shards.local_copies()
+            if self._shards is not None
+            else [self._local_copy(b) for b in self._buckets],
             "outer": copy.deepcopy(self._outer.state_dict()),
             "error_feedback": self.error_feedback.state_dict()
             if self.error_feedback is not None
@@ -379,7 +437,9 @@ class DiLoCo(torch.optim.Optimizer):
                 )
             g.copy_(saved)
         with torch.no_grad():
-            for b, saved in zip(self._buckets, mine["local"]):
+            if self._shards is not None:
+                self._shards.load_local(mine["local"])
+            for b, saved in zip(self._buckets if self._shards is None else (), mine["local"]):
                 scatter_from(b, saved)
         self._load_outer(mine["outer"])
         if (mine["error_feedback"] is None) != (self.error_feedback is None):

@@ -34,6 +34,8 @@ class CommStats:
     syncs: int = 0
     seconds_in_comm: float = 0.0
     seconds_waited: float = 0.0
+    #: parallel WAN groups this rank's traffic runs over (islands: one per owned segment)
+    flows: int = 1
     per_peer: dict[int, PeerStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -78,5 +80,6 @@ class CommStats:
                 "syncs": self.syncs,
                 "seconds_in_comm": self.seconds_in_comm,
                 "seconds_waited": self.seconds_waited,
+                "flows": self.flows,
                 "per_peer": {k: vars(v).copy() for k, v in self.per_peer.items()},
             }
