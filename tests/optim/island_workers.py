@@ -112,7 +112,7 @@ def island(
     try:
         group = lowband.init_group(
             island=dist.group.WORLD, island_id=k, islands=len(sizes), store=coordinator,
-            group_name=name, peer_timeout=10.0 if die is not None else 60.0, on_failure=on_failure,
+            group_name=name, peer_timeout=5.0 if die is not None else 60.0, on_failure=on_failure,
         )
 
         def build() -> tuple[torch.nn.Module, Any]:
