@@ -157,6 +157,11 @@ class DeMo(torch.optim.Optimizer):
             raise ConfigError(
                 "DeMo needs a group (lowband.init_group(...)); a single peer is a group of 1"
             )
+        if hasattr(group, "flows") and hasattr(group, "island"):
+            raise ConfigError(
+                "DeMo does not run over islands yet (its DCT tiles span whole parameters, which "
+                "FSDP2 shards cut): use DiLoCo, sparseloco or CompressedGradients across islands"
+            )
         if not isinstance(overlap, bool):
             raise ConfigError(f"Invalid overlap: {overlap!r} (True or False)")
         defaults = dict(

@@ -167,8 +167,6 @@ def init_island_group(
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        raise ConfigError("init_group(island=...) needs torch.distributed initialized first (the island)")
     if island_id is None:
         island_id = _env_int(ENV_ISLAND, "island_id= (this island's id, 0..islands-1)")
     if islands is None:
@@ -182,6 +180,8 @@ def init_island_group(
             f"or set ${ENV_COORDINATOR} (the coordinator torchrun would start is per job, so it "
             "cannot join islands launched by separate torchrun commands)"
         )
+    if not dist.is_initialized():
+        raise ConfigError("init_group(island=...) needs torch.distributed initialized first (the island)")
     if islands < 1 or not 0 <= island_id < islands:
         raise ConfigError(f"island_id {island_id} is not in [0, islands={islands})")
     local_rank = dist.get_rank(island)

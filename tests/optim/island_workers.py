@@ -31,6 +31,10 @@ def build_optimizer(method: str, params: Any, group: Any, codec: Any) -> Any:
     inner = torch.optim.AdamW(params, lr=1e-2)
     if method == "compressed":
         return CompressedGradients(inner, group=group, codec=codec)
+    if method == "sparseloco":
+        from lowband.optim import sparseloco
+
+        return sparseloco(inner, group=group, sync_every=3, codec="topk:k=8,tile=64+q2")
     if method == "streaming":
         return DiLoCo(inner, group=group, sync_every=4, fragments=2, overlap=1, codec=codec)
     return DiLoCo(inner, group=group, sync_every=3, codec=codec)

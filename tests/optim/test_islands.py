@@ -116,3 +116,31 @@ def test_dead_island_is_dropped(coordinator: str) -> None:
     assert all(r["syncs"] == 3 for r in alive)
     # alone after the first sync, island 0 is flat DiLoCo of one replica from there on
     _same(alive[0]["params"], alive[1]["params"])
+
+
+def test_compressed_gradients_over_islands_equal_flat(coordinator: str) -> None:
+    results = _run(coordinator, [2, 1], wrap=["fsdp", "plain"], method="compressed", steps=4)
+    want = _flat(2, "compressed", steps=4)
+    for r in results:
+        _same(r["params"], want[r["island"]])
+    assert all(r["syncs"] == 4 for r in results)
+
+
+def test_sparseloco_uneven_islands_equal_even_islands(coordinator: str) -> None:
+    uneven = _run(coordinator, [2, 1], wrap=["ddp", "plain"], method="sparseloco")
+    even = _run(coordinator, [2, 2], wrap=["ddp", "fsdp"], method="sparseloco")
+    by_island = {r["island"]: r["params"] for r in even}
+    for r in uneven:
+        _same(r["params"], by_island[r["island"]])
+
+
+def test_islands_need_a_shared_coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowband
+    from lowband.errors import ConfigError
+
+    monkeypatch.delenv("LOWBAND_COORDINATOR", raising=False)
+    with pytest.raises(ConfigError, match="one lowband coordinator shared by every island"):
+        lowband.init_group(island=object(), island_id=0, islands=2)
+    monkeypatch.delenv("LOWBAND_ISLAND", raising=False)
+    with pytest.raises(ConfigError, match="LOWBAND_ISLAND"):
+        lowband.init_group(island=object(), islands=2, store="127.0.0.1:1")
