@@ -413,6 +413,8 @@ class DiLoCo(torch.optim.Optimizer):
             else None,
             "pending": pending,
         }
+        if self._shards is not None:  # this rank's canonical buckets (docs/islands.md)
+            state["diloco"]["owned"] = [b.key for b in self._buckets]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -423,6 +425,11 @@ class DiLoCo(torch.optim.Optimizer):
         if mine["config"] != self._config():
             raise ConfigMismatch(
                 f"checkpoint was made with {mine['config']!r}, this optimizer is {self._config()!r}"
+            )
+        if self._shards is not None and mine.get("owned") != [b.key for b in self._buckets]:
+            raise ConfigMismatch(
+                f"checkpoint holds canonical buckets {mine.get('owned')}, this island rank owns "
+                f"{[b.key for b in self._buckets]}: resume each rank from its own file, same island shape"
             )
         inner = {k: v for k, v in state_dict.items() if k != "diloco"}
         self.inner.load_state_dict(inner)
