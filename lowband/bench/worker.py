@@ -124,7 +124,7 @@ def _train_one(
     from lowband.bench.data import get_batch
 
     torch.manual_seed(spec.seed)
-    model = CharTransformer(spec.model)
+    model: Any = CharTransformer(spec.model)
     replica, local, size = rank, 0, 1
     if spec.islands:
         replica, local = locate(rank, spec.islands)

@@ -80,7 +80,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
-def _held_range(p: torch.Tensor) -> tuple[int, int]:
+def _held_range(p: Any) -> tuple[int, int]:
     """The flat range of the full parameter that this rank's local tensor holds."""
     if not _is_dtensor(p):
         return 0, p.numel()
@@ -121,7 +121,7 @@ class ShardPlan:
         self.offsets = offsets
         mine = [_held_range(p) for p in self.params]
         for p, (lo, hi) in zip(self.params, mine):
-            local = p.to_local() if _is_dtensor(p) else p
+            local = p.to_local() if _is_dtensor(p) else p  # type: ignore[attr-defined]
             if local.numel() != hi - lo:
                 raise ConfigError(f"a local shard holds {local.numel()} values, its range {hi - lo}")
         held: list[Any] = [None] * L
@@ -191,7 +191,7 @@ class ShardPlan:
                 return None
             p.grad = torch.zeros_like(p)
             t = p.grad
-        local = t.to_local() if _is_dtensor(t) else t
+        local = t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
         local = local.detach()
         if not local.is_contiguous():
             raise ConfigError("a local shard is not contiguous; islands need contiguous shards")
@@ -225,7 +225,7 @@ class ShardPlan:
         self, sends: dict[int, list[torch.Tensor]], recvs: dict[int, int]
     ) -> dict[int, torch.Tensor]:
         """Point-to-point within the island: one packed fp32 message per pair and direction."""
-        works = []
+        works: list[Any] = []
         got: dict[int, torch.Tensor] = {}
         for peer in sorted(set(sends) | set(recvs)):
             dst = dist.get_global_rank(self.pg, peer)

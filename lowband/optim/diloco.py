@@ -31,7 +31,6 @@ import torch
 
 from lowband.errors import ConfigError, ConfigMismatch
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_from, split_fragments
-from lowband.optim._shards import ShardPlan, agree_on_start_islands, is_island_group
 from lowband.optim._common import (
     GroupLike,
     Ready,
@@ -45,6 +44,7 @@ from lowband.optim._common import (
     resolve_codec,
     resolve_error_feedback,
 )
+from lowband.optim._shards import ShardPlan, agree_on_start_islands, is_island_group
 from lowband.transport import CommStats
 
 __all__ = ["DiLoCo"]
@@ -173,15 +173,16 @@ class DiLoCo(torch.optim.Optimizer):
         self._shards: ShardPlan | None = None
         self._fragment_buckets: list[list[Any]] = []
         if is_island_group(group):
+            island: Any = group
             if offload != "cpu":
                 raise ConfigError("with islands the global copy lives on the CPU: offload='cpu'")
             self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes, fragments=fragments)
             self._fragment_buckets = self._shards.owned
-            self._meter.stats.flows = len(group.flows)
+            self._meter.stats.flows = len(island.flows)
             if not self._shards.buckets:
                 raise ConfigError(
-                    f"island rank {group.local_rank} owns no values: the model is smaller than "
-                    f"segments={group.segments}"
+                    f"island rank {island.local_rank} owns no values: the model is smaller than "
+                    f"segments={island.segments}"
                 )
         else:
             for run in split_fragments(params, fragments):
@@ -189,7 +190,7 @@ class DiLoCo(torch.optim.Optimizer):
                 self._fragment_buckets.append(
                     plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first)
                 )
-        self._buckets = [b for run in self._fragment_buckets for b in run]
+        self._buckets: list[Any] = [b for run in self._fragment_buckets for b in run]
         self._global = [self._buffer(b) for b in self._buckets]
         # One staging buffer for every bucket: the group snapshots its input when a
         # collective is launched, so the pseudo-gradient need not outlive the call.
@@ -239,7 +240,7 @@ class DiLoCo(torch.optim.Optimizer):
                 gather_into(b, g)
 
     def _config(self) -> dict[str, Any]:
-        config = {
+        config: dict[str, Any] = {
             "sync_every": self.sync_every,
             "fragments": self.fragments,
             "overlap": self.overlap,

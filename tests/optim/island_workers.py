@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import threading
 import time
 from typing import Any
 
@@ -50,10 +51,14 @@ def train_steps(net: torch.nn.Module, opt: Any, replica: int, steps: range, part
         opt.step()
 
 
+_init_lock = threading.Lock()
+
+
 def flat(group: Any, method: str, steps: int, codec: Any) -> list[torch.Tensor]:
-    """One whole replica per rank of a plain lowband group."""
+    """One whole replica per rank of a plain lowband group (a ThreadGroup: one thread each)."""
     torch.set_num_threads(1)
-    net = model()
+    with _init_lock:  # model() seeds torch's global generator: one thread at a time
+        net = model()
     opt = build_optimizer(method, net.parameters(), group, codec)
     train_steps(net, opt, group.rank, range(steps), None)
     return [p.detach().clone() for p in net.parameters()]
