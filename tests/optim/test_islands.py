@@ -144,3 +144,40 @@ def test_islands_need_a_shared_coordinator(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("LOWBAND_ISLAND", raising=False)
     with pytest.raises(ConfigError, match="LOWBAND_ISLAND"):
         lowband.init_group(island=object(), islands=2, store="127.0.0.1:1")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LOWBAND_SLOW_ISLANDS") != "1", reason="opt-in: LOWBAND_SLOW_ISLANDS=1")
+def test_torchrun_islands_with_a_shared_coordinator(coordinator: str, tmp_path) -> None:
+    """The recipe of docs/islands.md: torchrun per island, $LOWBAND_* for the rest."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("island_torchrun.py")
+    procs = []
+    try:
+        for k, n in enumerate((2, 1)):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            env = {**os.environ, "LOWBAND_COORDINATOR": coordinator, "LOWBAND_ISLAND": str(k),
+                   "LOWBAND_ISLANDS": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                 "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ))
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), outs
+    lines = [line.split() for out in outs for line in out.splitlines() if line.startswith("island ")]
+    assert sorted((int(x[1]), int(x[3]), int(x[5]), int(x[7])) for x in lines) == [
+        (0, 0, 2, 1), (0, 1, 2, 1), (1, 0, 2, 2)
+    ]
+    assert len({x[9] for x in lines}) == 1  # 6 steps end on a sync: one model everywhere
