@@ -24,6 +24,7 @@ of a bucket sees the same bits whatever the island's shape.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -160,6 +161,7 @@ class ShardPlan:
                     pos += 1
             self.owned.append(run_)
         self.buckets = [b for run in self.owned for b in run]
+        self._route_cache: dict[int, list[tuple[Any, ...]]] = {}
 
     # -- the layout ------------------------------------------------------------------
 
@@ -176,11 +178,13 @@ class ShardPlan:
 
     def _pieces(self, start: int, stop: int, key: int) -> list[_Piece]:
         out = []
-        for i in range(len(self.params)):
+        i = bisect.bisect_right(self.offsets, start) - 1  # the parameter holding `start`
+        while i < len(self.params) and self.offsets[i] < stop:
             a, b = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
             if a < b:
                 base = self.offsets[i]
                 out.append(_Piece(i, a - base, b - base, key, a - start))
+            i += 1
         return out
 
     def _local(self, i: int, *, grads: bool, create: bool = False) -> torch.Tensor | None:
@@ -197,10 +201,13 @@ class ShardPlan:
             raise ConfigError("a local shard is not contiguous; islands need contiguous shards")
         return local.view(-1)
 
-    def _routes(self, fragment: int) -> list[tuple[_Piece, int, int]]:
+    def _routes(self, fragment: int) -> list[tuple[Any, ...]]:
         """``(piece, owner, holders...)``: each piece of the fragment's buckets split so
-        that one rank holds all of it; the owner is listed with every rank that holds it."""
-        routes = []
+        that one rank holds all of it; the owner is listed with every rank that holds it.
+        Computed once per fragment (the layout never changes)."""
+        if fragment in self._route_cache:
+            return self._route_cache[fragment]
+        routes: list[tuple[Any, ...]] = []
         for k, s, lo, hi in self.all_buckets[fragment]:
             owner = self.group.owner(s)
             for piece in self._pieces(lo, hi, k):
@@ -217,6 +224,7 @@ class ShardPlan:
                         raise ConfigError(f"no rank of the island holds values {a}..{b} of parameter {piece.param}")
                     part = _Piece(piece.param, a, b, k, piece.offset + a - piece.lo)
                     routes.append((part, owner, *holders))
+        self._route_cache[fragment] = routes
         return routes
 
     # -- collectives of the island ------------------------------------------------------
