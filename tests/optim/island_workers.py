@@ -52,6 +52,8 @@ def train_steps(net: torch.nn.Module, opt: Any, replica: int, steps: range, part
 
 
 _init_lock = threading.Lock()
+#: payload bytes each flat rank's optimizer sent in the last flat run (by rank)
+flat_bytes: dict[int, int] = {}
 
 
 def flat(group: Any, method: str, steps: int, codec: Any) -> list[torch.Tensor]:
@@ -61,6 +63,7 @@ def flat(group: Any, method: str, steps: int, codec: Any) -> list[torch.Tensor]:
         net = model()
     opt = build_optimizer(method, net.parameters(), group, codec)
     train_steps(net, opt, group.rank, range(steps), None)
+    flat_bytes[group.rank] = opt.stats.bytes_sent
     return [p.detach().clone() for p in net.parameters()]
 
 

@@ -76,6 +76,13 @@ def test_uneven_2_plus_1_equals_flat_bit_for_bit(coordinator: str) -> None:
     # the island of 1 owns both canonical segments: two flows from its one rank
     assert [r["flows"] for r in results] == [1, 1, 2]
     assert all(r["island_flows"] == 2 for r in results)
+    # WAN payload bytes per island: the flat peer's, but for the headers of one more payload
+    # per sync and peer (two segments: two buckets where the flat run has one)
+    from island_workers import flat_bytes
+
+    for k in (0, 1):
+        island_bytes = sum(r["bytes_sent"] for r in results if r["island"] == k)
+        assert 0 <= island_bytes - flat_bytes[k] <= 3 * 2 * 128, (island_bytes, flat_bytes[k])
     # outer state per rank: half the model on each rank of the island of 2
     assert results[0]["outer_bytes"] + results[1]["outer_bytes"] == results[2]["outer_bytes"]
 
