@@ -27,8 +27,8 @@ from lowband.optim._common import (
     resolve_codec,
     resolve_error_feedback,
 )
-from lowband.optim._shards import ShardPlan, agree_on_start_islands, is_island_group
 from lowband.transport import CommStats
+from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["CompressedGradients"]
 
@@ -108,7 +108,7 @@ class CompressedGradients(torch.optim.Optimizer):
         self._shards: ShardPlan | None = None
         if is_island_group(group):
             self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes)
-            self._meter.stats.flows = len(getattr(group, "flows"))
+            self._meter.stats.flows = len(group.flows)
             config["islands"] = self._shards.describe()
             plans = [(self._shards, [v for f in range(len(self._shards.owned)) for v in self._shards.gather(f)])]
             if frozen:

@@ -44,8 +44,8 @@ from lowband.optim._common import (
     resolve_codec,
     resolve_error_feedback,
 )
-from lowband.optim._shards import ShardPlan, agree_on_start_islands, is_island_group
 from lowband.transport import CommStats
+from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["DiLoCo"]
 
@@ -169,14 +169,15 @@ class DiLoCo(torch.optim.Optimizer):
         if not params:
             raise ConfigError("DiLoCo needs at least one parameter with requires_grad=True")
         # Islands (docs/islands.md): this rank keeps the outer state of its canonical
-        # buckets only; lowband.optim._shards maps the island's shards onto them.
+        # buckets only; lowband.transport._shards maps the island's shards onto them.
         self._shards: ShardPlan | None = None
         self._fragment_buckets: list[list[Any]] = []
         if is_island_group(group):
             island: Any = group
             if offload != "cpu":
                 raise ConfigError("with islands the global copy lives on the CPU: offload='cpu'")
-            self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes, fragments=fragments)
+            runs = [len(run) for run in split_fragments(params, fragments)]
+            self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes, runs=runs)
             self._fragment_buckets = self._shards.owned
             self._meter.stats.flows = len(island.flows)
             if not self._shards.buckets:

@@ -17,7 +17,7 @@ same canonical segment with the same members in the same order, the result does 
 depend on the island shapes (docs/islands.md).
 
 The optimizers map each rank's shards onto the canonical segments with
-``lowband.optim._shards``; this module only builds the groups.
+``lowband.transport._shards``; this module only builds the groups.
 """
 
 from __future__ import annotations

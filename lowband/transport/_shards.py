@@ -7,7 +7,9 @@ outer reduction between islands runs over a canonical layout that no island's
 sharding changes: the flat concatenation of the full trainable parameters in optimizer
 order; a streaming fragment is a run of whole parameters (``split_fragments``); each
 fragment is cut into ``segments`` contiguous segments and each segment into buckets of
-at most ``bucket_bytes``. Segment ``s`` belongs to local rank ``s * L // segments`` of an
+at most ``bucket_bytes`` (or, with ``cut="params"``, into ``segments`` runs of whole
+parameters, for optimizers whose state follows a parameter's shape, as DeMo's DCT tiles
+do). Segment ``s`` belongs to local rank ``s * L // segments`` of an
 island of ``L`` ranks (``IslandGroup.owner``), which reduces it over that segment's WAN
 flow.
 
@@ -35,9 +37,8 @@ import torch
 import torch.distributed as dist
 
 from lowband.errors import ConfigError
-from lowband.optim._buckets import split_fragments
 
-__all__ = ["CanonBucket", "ShardPlan", "is_island_group"]
+__all__ = ["CanonBucket", "ShardPlan", "agree_on_start_islands", "is_island_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,16 @@ class ShardPlan:
     """
 
     def __init__(
-        self, params: Sequence[torch.Tensor], group: Any, *, bucket_bytes: int, fragments: int = 1
+        self,
+        params: Sequence[torch.Tensor],
+        group: Any,
+        *,
+        bucket_bytes: int,
+        runs: Sequence[int] | None = None,
+        cut: str = "even",
     ) -> None:
+        """``runs``: the number of parameters of each streaming fragment (default: one
+        fragment of all); ``cut``: ``"even"`` (segments of equal size) or ``"params"``."""
         if bucket_bytes < 4:
             raise ConfigError(f"bucket_bytes must be >= 4, got {bucket_bytes}")
         self.params = list(params)
@@ -135,17 +144,26 @@ class ShardPlan:
 
         # canonical buckets: fragment -> segment -> buckets of at most bucket_bytes
         limit = bucket_bytes // 4
-        index = dict(zip(map(id, self.params), range(len(self.params))))
         self.all_buckets: list[list[tuple[int, int, int, int]]] = []  # [fragment] (key, segment, start, stop)
         key = 0
-        for run in split_fragments(self.params, fragments):
-            f0 = offsets[index[id(run[0])]]
-            f1 = offsets[index[id(run[-1])] + 1]
+        if cut not in ("even", "params"):
+            raise ConfigError(f"cut must be 'even' or 'params', got {cut!r}")
+        runs = [len(self.params)] if runs is None else list(runs)
+        if sum(runs) != len(self.params) or min(runs) < 1:
+            raise ConfigError(f"fragment runs {runs} do not cover {len(self.params)} parameters")
+        first = 0
+        for count_ in runs:
+            i0, i1 = first, first + count_
+            first = i1
+            f0, f1 = offsets[i0], offsets[i1]
             n = f1 - f0
             frag = []
             for s in range(group.segments):
-                a, b = f0 + n * s // group.segments, f0 + n * (s + 1) // group.segments
-                count = -(-(b - a) // limit)
+                if cut == "even":
+                    a, b = f0 + n * s // group.segments, f0 + n * (s + 1) // group.segments
+                else:
+                    a, b = (offsets[i0 + j] for j in _param_cut(numels[i0:i1], group.segments, s))
+                count = -(-(b - a) // limit) if cut == "even" else int(b > a)
                 for j in range(count):
                     lo, hi = a + (b - a) * j // count, a + (b - a) * (j + 1) // count
                     frag.append((key, s, lo, hi))
@@ -348,6 +366,24 @@ class ShardPlan:
                     f"{local.numel()}: resume with the same island shape"
                 )
             local.copy_(s.reshape(-1).to(device=local.device, dtype=local.dtype))
+
+
+def _param_cut(numels: Sequence[int], segments: int, s: int) -> tuple[int, int]:
+    """Segment ``s`` of ``segments`` as parameter positions ``[j0, j1)``: whole parameters,
+    each starting where the running total of elements first reaches ``s / segments``."""
+    total = sum(numels)
+    starts = []
+    acc = 0
+    for n in numels:
+        starts.append(acc)
+        acc += n
+    def first_at(k: int) -> int:
+        if k == 0:
+            return 0
+        if k == segments:
+            return len(numels)
+        return next((j for j, a in enumerate(starts) if a * segments >= total * k), len(numels))
+    return first_at(s), first_at(s + 1)
 
 
 def agree_on_start_islands(
