@@ -133,6 +133,15 @@ class DeMo(torch.optim.Optimizer):
     (``group.stats``), counted over the exchange's time window.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # islands (docs/islands.md): whole-parameter segments, a DeMo per owned segment
+        group = kwargs.get("group")
+        if hasattr(group, "flows") and hasattr(group, "island"):
+            from lowband.distro.islands import IslandDeMo
+
+            return IslandDeMo(*args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -156,11 +165,6 @@ class DeMo(torch.optim.Optimizer):
         if group is None:
             raise ConfigError(
                 "DeMo needs a group (lowband.init_group(...)); a single peer is a group of 1"
-            )
-        if hasattr(group, "flows") and hasattr(group, "island"):
-            raise ConfigError(
-                "DeMo does not run over islands yet (its DCT tiles span whole parameters, which "
-                "FSDP2 shards cut): use DiLoCo, sparseloco or CompressedGradients across islands"
             )
         if not isinstance(overlap, bool):
             raise ConfigError(f"Invalid overlap: {overlap!r} (True or False)")

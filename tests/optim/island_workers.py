@@ -29,6 +29,8 @@ def batch(replica: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_optimizer(method: str, params: Any, group: Any, codec: Any) -> Any:
+    if method == "demo":
+        return lowband.DeMo(params, lr=1e-2, group=group, topk=4, chunk=8, overlap=True)
     inner = torch.optim.AdamW(params, lr=1e-2)
     if method == "compressed":
         return CompressedGradients(inner, group=group, codec=codec)

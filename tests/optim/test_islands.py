@@ -100,12 +100,15 @@ def test_uneven_islands_reduce_like_equal_islands_with_a_codec(coordinator: str)
     )
 
 
-def test_sharded_checkpoint_resumes_bit_for_bit(coordinator: str) -> None:
+@pytest.mark.parametrize("method", ["streaming", "demo"])
+def test_sharded_checkpoint_resumes_bit_for_bit(coordinator: str, method: str) -> None:
     """Save mid-run (FSDP2 model state dict and the optimizer's, per rank: each rank keeps
     its own shards and outer state), rebuild, load, finish: the same bits as without the
-    break. Streaming fragments with overlap, so a sync in flight is saved too."""
+    break. Streaming fragments with overlap, so a sync in flight is saved too (DeMo with
+    overlap: its exchange in flight)."""
     results = _run(
-        coordinator, [2, 1], wrap=["fsdp", "plain"], method="streaming", codec="q8", steps=10, resume_at=5
+        coordinator, [2, 1], wrap=["fsdp", "plain"], method=method, codec="q8" if method == "streaming" else None,
+        steps=10, resume_at=5,
     )
     for r in results:
         _same(r["params"], r["straight"])
@@ -188,3 +191,16 @@ def test_torchrun_islands_with_a_shared_coordinator(coordinator: str, tmp_path) 
         (0, 0, 2, 1), (0, 1, 2, 1), (1, 0, 2, 2)
     ]
     assert len({x[9] for x in lines}) == 1  # 6 steps end on a sync: one model everywhere
+
+
+def test_demo_uneven_islands_equal_even_islands(coordinator: str) -> None:
+    """DeMo over islands: whole-parameter segments, one DeMo per segment on its owner."""
+    uneven = _run(coordinator, [2, 1], wrap=["fsdp", "plain"], method="demo", steps=5)
+    even = _run(coordinator, [2, 2], wrap=["fsdp", "ddp"], method="demo", steps=5)
+    by_island = {r["island"]: r["params"] for r in even}
+    for r in uneven:
+        _same(r["params"], by_island[r["island"]])
+    # overlap=True: the 5th exchange is still in flight
+    assert [r["flows"] for r in uneven] == [1, 1, 2] and all(r["syncs"] == 4 for r in uneven)
+    # every step exchanges: the islands hold one model (DeMo applies the same update everywhere)
+    _same(uneven[0]["params"], uneven[2]["params"])
