@@ -20,8 +20,8 @@ from lowband.errors import ConfigError
 
 __all__ = ["ISLAND_METHODS", "parse_islands", "per_island", "compare", "format_comparison"]
 
-#: The methods that run over islands (DeMo does not yet; ddp is the flat baseline's own).
-ISLAND_METHODS = ("diloco", "streaming-diloco-q4", "sparseloco")
+#: The methods that run over islands (ddp, dense data parallelism, is the flat baseline's own).
+ISLAND_METHODS = ("diloco", "streaming-diloco-q4", "sparseloco", "demo")
 DEFAULT_ISLAND_METHODS = "diloco,sparseloco"
 
 

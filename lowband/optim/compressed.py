@@ -38,7 +38,7 @@ class CompressedGradients(torch.optim.Optimizer):
 
     Args:
         inner_optimizer: the user's optimizer; its ``param_groups`` and ``state`` are shared.
-        group: a ``lowband.init_group`` group.
+        group: a ``lowband.init_group`` group, or an island group (docs/islands.md).
         codec: ``None`` (dense fp32), a ``lowband.compress`` spec string or codec.
         error_feedback: ``True`` (decay 1, the default), ``False``, a decay in (0, 1],
             or an ``ErrorFeedback``; off for ``codec=None``, which loses nothing.

@@ -70,7 +70,8 @@ class DiLoCo(torch.optim.Optimizer):
         inner_optimizer: the user's optimizer (AdamW, ...); its ``param_groups`` and
             ``state`` are this optimizer's, so learning-rate schedulers, gradient
             clipping and ``torch.amp.GradScaler`` work unchanged.
-        group: a ``lowband.init_group`` group.
+        group: a ``lowband.init_group`` group, or an island group
+            (``init_group(island=...)``, docs/islands.md: FSDP2 or DDP inside each island).
         sync_every: inner steps between two syncs of a fragment (H in the papers).
         outer_lr, outer_momentum, nesterov: the default outer optimizer, SGD.
         outer_optimizer: ``factory(global_buckets) -> torch.optim.Optimizer`` in place

@@ -28,8 +28,8 @@ def test_flags() -> None:
     args = parse_args(["--islands", "2+1", "--quick"])
     assert args.islands == (2, 1) and args.workers == 2
     assert args.methods == ("diloco", "sparseloco")
-    with pytest.raises(ConfigError, match="not 'demo'"):
-        parse_args(["--islands", "2x2", "--methods", "diloco,demo"])
+    with pytest.raises(ConfigError, match="not 'ddp'"):
+        parse_args(["--islands", "2x2", "--methods", "diloco,ddp"])
     with pytest.raises(ConfigError, match="contradicts"):
         parse_args(["--islands", "2x2", "--workers", "4"])
     with pytest.raises(ConfigError, match="split evenly"):
