@@ -131,12 +131,16 @@ def island(
 
         def build() -> tuple[torch.nn.Module, Any]:
             net = model()
-            if wrap[k] == "fsdp":
+            if wrap[k] in ("fsdp", "hsdp"):
+                from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
 
+                # hsdp: 2 replicas of 2 shards each (placements Replicate, Shard(0))
+                shape = (L // 2, 2) if wrap[k] == "hsdp" else (L,)
+                mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
                 for layer in (net[0], net[2]):
-                    fully_shard(layer)
-                fully_shard(net)
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(net, mesh=mesh)
             elif wrap[k] == "ddp":
                 net = torch.nn.parallel.DistributedDataParallel(net)
             return net, build_optimizer(method, net.parameters(), group, codec)

@@ -204,3 +204,14 @@ def test_demo_uneven_islands_equal_even_islands(coordinator: str) -> None:
     assert [r["flows"] for r in uneven] == [1, 1, 2] and all(r["syncs"] == 4 for r in uneven)
     # every step exchanges: the islands hold one model (DeMo applies the same update everywhere)
     _same(uneven[0]["params"], uneven[2]["params"])
+
+
+def test_hsdp_4_plus_fsdp_2_equals_flat_bit_for_bit(coordinator: str) -> None:
+    """4+2: four canonical segments; HSDP (2 replicas x 2 shards) in the island of 4, FSDP2
+    in the island of 2, whose ranks own two segments (two flows) each."""
+    results = _run(coordinator, [4, 2], wrap=["hsdp", "fsdp"])
+    want = _flat(2)
+    for r in results:
+        _same(r["params"], want[r["island"]])
+    assert [r["flows"] for r in results] == [1, 1, 1, 1, 2, 2]
+    assert all(r["island_flows"] == 4 for r in results)
