@@ -166,13 +166,31 @@ def test_coordinator_torch_store_port_binds_what_was_asked() -> None:
     assert listeners == [f"127.0.0.1:{port}"], listeners
 
 
+def _rendezvous_args(rdzv: str, host: int, emu: object, port: str) -> list[str]:
+    """torchrun's rendezvous options for node ``host`` of two, as a user on such hosts passes them.
+
+    c10d: torchrun decides which node hosts its store by matching the endpoint against this
+    machine's hostname and its addresses; in these namespaces (as on hosts whose hostname
+    resolves to 127.0.x.1) it matches on neither node, so no node hosts it ("The connection to
+    the C10d store has failed"): ``--rdzv_conf is_host=1`` on the endpoint's node says so.
+    The address torchrun hands its workers (MASTER_ADDR) is rank 0's node's hostname unless
+    ``--local_addr`` names the address the others can reach (docs/troubleshooting.md).
+    """
+    addr0 = emu.host_address(0)  # type: ignore[attr-defined]
+    if rdzv == "static":
+        return ["--node_rank", str(host), "--master_addr", addr0, "--master_port", port]
+    return ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{addr0}:{port}", "--rdzv_id", "first-contact",
+            "--rdzv_conf", f"is_host={int(host == 0)}",
+            "--local_addr", emu.host_address(host)]  # type: ignore[attr-defined]
+
+
 @pytest.mark.slow
 @pytest.mark.root
-def test_torchrun_two_nodes_in_two_namespaces_without_host() -> None:
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_torchrun_two_nodes_in_two_namespaces_without_host(rdzv: str) -> None:
     """`torchrun --nnodes 2` on two emulated hosts with their own addresses: the README's
-    quickstart as written, no host= and no coordinator started by hand. Static rendezvous
-    (--master_addr, --node_rank): torchrun's c10d rendezvous could not reach its own store
-    across these namespaces in this test (see the closing note of issue 13)."""
+    quickstart as written, no host= and no coordinator started by hand; with static
+    rendezvous (--master_addr, --node_rank) and with c10d rendezvous (--rdzv_endpoint)."""
     from lowband.wan import LinkEmulator, Topology
     from lowband.wan._netns import netns_available
 
@@ -183,17 +201,18 @@ def test_torchrun_two_nodes_in_two_namespaces_without_host() -> None:
     with LinkEmulator(Topology.uniform(2, rate="1gbit", rtt="2ms"), mode="netns") as emu:
         port = str(_free_port())
         nodes = [
-            emu.popen(h, [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(h),
-                          "--master_addr", emu.host_address(0), "--master_port", port,
+            emu.popen(h, [torchrun, "--nnodes", "2", "--nproc_per_node", "1",
+                          *_rendezvous_args(rdzv, h, emu, port),
                           str(ROOT / "examples" / "quickstart.py")],
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
             for h in range(2)
         ]
         outs = []
-        for p in nodes:
-            try:
+        try:
+            for p in nodes:
                 outs.append(p.communicate(timeout=180)[0])
-            finally:
+        finally:  # every node ends here, also when one did not finish in time
+            for p in nodes:
                 if p.poll() is None:
                     p.kill()
                     p.wait(10)
