@@ -148,7 +148,9 @@ def _torchrun_coordinator(torch_store: str, group_name: str, security: Any, time
             host, port, None, False, datetime.timedelta(seconds=timeout), wait_for_workers=False
         )
     except (RuntimeError, OSError) as e:
-        raise TransportError(f"cannot reach torchrun's TCPStore at {torch_store}: {e}") from None
+        raise TransportError(
+            f"cannot reach torchrun's TCPStore at {torch_store}: {e}{_loopback_hint(host)}"
+        ) from None
     run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     key = f"lowband/{run}/{group_name}/coordinator"
     me = f"{os.uname().nodename}:{os.getpid()}"
@@ -172,6 +174,31 @@ def _torchrun_coordinator(torch_store: str, group_name: str, security: Any, time
             f"no lowband coordinator address appeared in torchrun's store within {timeout:g}s: {e}"
         ) from None
     return tcp.get(key).decode()
+
+
+def _loopback_hint(host: str) -> str:
+    """Why a worker on node N > 0 cannot reach MASTER_ADDR, when the reason is plain to see.
+
+    torchrun's c10d rendezvous hands its workers rank 0's node's hostname unless ``--local_addr``
+    is given; where that name resolves to a loopback address (as on hosts whose /etc/hosts maps
+    it to 127.0.x.1), the workers of every other node look for the store on themselves.
+    """
+    import ipaddress
+    import socket
+
+    if os.environ.get("GROUP_RANK", "0") == "0":
+        return ""
+    try:
+        addrs = {ipaddress.ip_address(a[4][0]) for a in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError):
+        return ""
+    if not addrs or not all(a.is_loopback for a in addrs):
+        return ""
+    return (
+        f"; MASTER_ADDR {host!r} resolves to {', '.join(sorted(map(str, addrs)))} on this node "
+        f"(node {os.environ['GROUP_RANK']}): pass torchrun --local_addr ADDRESS (an address the other "
+        "nodes reach) on every node, or make the hostname resolve to it"
+    )
 
 
 def _int(name: str, value: str) -> int:

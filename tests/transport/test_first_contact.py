@@ -221,3 +221,14 @@ def test_torchrun_two_nodes_in_two_namespaces_without_host(rdzv: str) -> None:
     lines = re.findall(r"rank (\d): loss [\d.]+, (\d+) syncs", out)
     assert sorted(r for r, _ in lines) == ["0", "1"] and all(s == "5" for _, s in lines), out
     assert "binds 127.0.0.1" not in out
+
+
+def test_a_worker_of_another_node_told_master_addr_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nnodes 2 without --local_addr, where rank 0's hostname resolves to loopback:
+    node 1's workers cannot reach the store, and the error says why and what to pass."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "first-contact")
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "GROUP_RANK": "1",
+                 "MASTER_ADDR": "localhost", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(TransportError, match=r"MASTER_ADDR 'localhost' resolves to .*127\.0\.0\.1.*--local_addr"):
+        lowband.init_group(init_timeout=2)
