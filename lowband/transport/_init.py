@@ -19,10 +19,12 @@ wire-format versions, the backend, ``on_failure`` and the caller's ``config``
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import importlib
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +35,37 @@ __all__ = ["init_group", "parse_address"]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("zmq", "torch")
+# Groups still open when the interpreter exits are closed then: a script that ends right after
+# its last collective (no group.close(), as in the README's first lines) has sent its share of
+# it, but the peers may not have received all of it yet; close() waits for their acks.
+_open_groups: weakref.WeakSet[Group] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _close_open_groups() -> None:
+    for group in list(_open_groups):
+        try:
+            group.close()
+        except Exception as e:  # at exit: say what went wrong, never mask the exit status
+            log.warning("closing group at exit: %s", e)
+
+
+def _close_at_exit(group: Group) -> None:
+    """Close ``group`` at interpreter exit unless it was closed before.
+
+    atexit runs its hooks last registered first. pyzmq's garbage collector (which carries
+    zero-copy sends) registers its own hook, which shuts it down, when it is imported; so it
+    is imported first and this hook registered after it, to run while sends still work.
+    """
+    global _exit_hook_registered
+    _open_groups.add(group)
+    if not _exit_hook_registered:
+        try:
+            importlib.import_module("zmq.utils.garbage")
+        except ImportError:  # no pyzmq: no zmq group either
+            pass
+        atexit.register(_close_open_groups)
+        _exit_hook_registered = True
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -125,6 +158,7 @@ def init_group(
         group.close()
         raise
     log.info("rank %d/%d joined group %r over %s (store %s)", rank, world_size, group_name, backend, store)
+    _close_at_exit(group)
     return group
 
 

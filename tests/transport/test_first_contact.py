@@ -232,3 +232,26 @@ def test_a_worker_of_another_node_told_master_addr_is_loopback(monkeypatch: pyte
         monkeypatch.setenv(k, v)
     with pytest.raises(TransportError, match=r"MASTER_ADDR 'localhost' resolves to .*127\.0\.0\.1.*--local_addr"):
         lowband.init_group(init_timeout=2)
+
+
+@pytest.mark.slow
+def test_a_script_that_ends_without_close_leaves_its_peers_whole() -> None:
+    """The README's first lines end with no group.close(): the last collective must still reach
+    every peer (open groups close, and wait for their peers' acks, at interpreter exit)."""
+    with start_coordinator() as co:
+        procs = [
+            subprocess.Popen([sys.executable, str(SCRIPTS / "no_close.py"), str(r), co.address],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+            for r in range(2)
+        ]
+        outs = []
+        try:
+            for p in procs:
+                outs.append(p.communicate(timeout=120)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"RESULT rank {r}: 1.5 True" in out, (r, out)
