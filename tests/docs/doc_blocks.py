@@ -54,7 +54,8 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        path = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path
+        return f"{path}:{self.line}"
 
     @property
     def is_code(self) -> bool:
@@ -112,7 +113,7 @@ def blocks(path: Path) -> list[Block]:
         while k >= 0 and not lines[k].strip():
             k -= 1
         note_m = _NOTE.match(lines[k]) if k >= 0 else None
-        where = f"{path.relative_to(ROOT)}:{start + 1}"
+        where = f"{path}:{start + 1}"
         note = parse_note(note_m["body"], where) if note_m else {}
         out.append(Block(path, start + 1, CODE_LANGS.get(tag, tag), "\n".join(body) + "\n", note))
     return out

@@ -14,10 +14,11 @@ import re
 import socket
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from doc_blocks import ROOT, Block, all_blocks, summary
+from doc_blocks import ROOT, Block, all_blocks, blocks, summary
 from doc_blocks_worker import GIVENS, prelude, run_block
 
 from lowband.testing import spawn_group, start_store
@@ -75,19 +76,15 @@ def _run_python(block: Block, tmp: Path) -> None:
         _check(proc, block)
     else:
         n = int(note.get("ranks", "1"))
-        env: dict[str, str] = {}
-        with start_coordinator() as co:
-            host, _, port = co.address.rpartition(":")
-            store = None
-            if n > 1 or "group" in block.given:
+        with ExitStack() as stack:
+            env: dict[str, str] = {}
+            if n > 1 or "group" in block.given:  # env:// as init_group() reads it
+                host, _, port = stack.enter_context(start_coordinator()).address.rpartition(":")
                 env = {"WORLD_SIZE": str(n), "MASTER_ADDR": host, "MASTER_PORT": port}
             if "gloo" in block.given or "ddp_model" in block.given:
-                store, addr = start_store()
-                env["DOCTEST_TORCH_STORE"] = addr
-            try:
-                spawn_group(n, run_block, block.code, block.given, env, block.id, timeout=TIMEOUT)
-            finally:
-                del store
+                store, env["DOCTEST_TORCH_STORE"] = start_store()
+                stack.callback(lambda: store)  # served until the block is done
+            spawn_group(n, run_block, block.code, block.given, env, block.id, timeout=TIMEOUT)
 
 
 def _run_bash(block: Block, tmp: Path) -> None:
@@ -134,3 +131,20 @@ def test_no_command_hides_in_an_untagged_block() -> None:
 def test_there_are_blocks_to_run() -> None:
     print(summary(BLOCKS))
     assert len(CODE) > len([b for b in CODE if b.skipped]) > 0, summary(BLOCKS)
+
+
+def test_a_block_that_does_not_run_fails_and_a_marked_one_is_skipped(tmp_path: Path) -> None:
+    """The harness itself: a page whose block breaks fails its test; marks are read."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n```python\nprint(model)   # no model here\n```\n\n"
+        "<!-- doc-test: given=model -->\n```python\nprint(model)\n```\n\n"
+        '<!-- doc-test: skip reason="needs a GPU" -->\n```bash\nnvidia-smi\n```\n\n'
+        "```\nshown output\n```\n"
+    )
+    broken, given, marked, text = blocks(page)
+    assert (broken.lang, given.given, marked.note, text.is_code) == (
+        "python", ["model"], {"skip": "", "reason": "needs a GPU"}, False)
+    with pytest.raises(NameError, match="model"):
+        _run_python(broken, tmp_path)
+    _run_python(given, tmp_path)
