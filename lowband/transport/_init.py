@@ -19,10 +19,12 @@ wire-format versions, the backend, ``on_failure`` and the caller's ``config``
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import importlib
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +35,37 @@ __all__ = ["init_group", "parse_address"]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("zmq", "torch")
+# Groups still open when the interpreter exits are closed then: a script that ends right after
+# its last collective (no group.close(), as in the README's first lines) has sent its share of
+# it, but the peers may not have received all of it yet; close() waits for their acks.
+_open_groups: weakref.WeakSet[Group] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _close_open_groups() -> None:
+    for group in list(_open_groups):
+        try:
+            group.close()
+        except Exception as e:  # at exit: say what went wrong, never mask the exit status
+            log.warning("closing group at exit: %s", e)
+
+
+def _close_at_exit(group: Group) -> None:
+    """Close ``group`` at interpreter exit unless it was closed before.
+
+    atexit runs its hooks last registered first. pyzmq's garbage collector (which carries
+    zero-copy sends) registers its own hook, which shuts it down, when it is imported; so it
+    is imported first and this hook registered after it, to run while sends still work.
+    """
+    global _exit_hook_registered
+    _open_groups.add(group)
+    if not _exit_hook_registered:
+        try:
+            importlib.import_module("zmq.utils.garbage")
+        except ImportError:  # no pyzmq: no zmq group either
+            pass
+        atexit.register(_close_open_groups)
+        _exit_hook_registered = True
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -154,6 +187,7 @@ def init_group(
         group.close()
         raise
     log.info("rank %d/%d joined group %r over %s (store %s)", rank, world_size, group_name, backend, store)
+    _close_at_exit(group)
     return group
 
 
@@ -177,7 +211,9 @@ def _torchrun_coordinator(torch_store: str, group_name: str, security: Any, time
             host, port, None, False, datetime.timedelta(seconds=timeout), wait_for_workers=False
         )
     except (RuntimeError, OSError) as e:
-        raise TransportError(f"cannot reach torchrun's TCPStore at {torch_store}: {e}") from None
+        raise TransportError(
+            f"cannot reach torchrun's TCPStore at {torch_store}: {e}{_loopback_hint(host)}"
+        ) from None
     run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     key = f"lowband/{run}/{group_name}/coordinator"
     me = f"{os.uname().nodename}:{os.getpid()}"
@@ -201,6 +237,31 @@ def _torchrun_coordinator(torch_store: str, group_name: str, security: Any, time
             f"no lowband coordinator address appeared in torchrun's store within {timeout:g}s: {e}"
         ) from None
     return tcp.get(key).decode()
+
+
+def _loopback_hint(host: str) -> str:
+    """Why a worker on node N > 0 cannot reach MASTER_ADDR, when the reason is plain to see.
+
+    torchrun's c10d rendezvous hands its workers rank 0's node's hostname unless ``--local_addr``
+    is given; where that name resolves to a loopback address (as on hosts whose /etc/hosts maps
+    it to 127.0.x.1), the workers of every other node look for the store on themselves.
+    """
+    import ipaddress
+    import socket
+
+    if os.environ.get("GROUP_RANK", "0") == "0":
+        return ""
+    try:
+        addrs = {ipaddress.ip_address(a[4][0]) for a in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError):
+        return ""
+    if not addrs or not all(a.is_loopback for a in addrs):
+        return ""
+    return (
+        f"; MASTER_ADDR {host!r} resolves to {', '.join(sorted(map(str, addrs)))} on this node "
+        f"(node {os.environ['GROUP_RANK']}): pass torchrun --local_addr ADDRESS (an address the other "
+        "nodes reach) on every node, or make the hostname resolve to it"
+    )
 
 
 def _int(name: str, value: str) -> int:

@@ -166,13 +166,31 @@ def test_coordinator_torch_store_port_binds_what_was_asked() -> None:
     assert listeners == [f"127.0.0.1:{port}"], listeners
 
 
+def _rendezvous_args(rdzv: str, host: int, emu: object, port: str) -> list[str]:
+    """torchrun's rendezvous options for node ``host`` of two, as a user on such hosts passes them.
+
+    c10d: torchrun decides which node hosts its store by matching the endpoint against this
+    machine's hostname and its addresses; in these namespaces (as on hosts whose hostname
+    resolves to 127.0.x.1) it matches on neither node, so no node hosts it ("The connection to
+    the C10d store has failed"): ``--rdzv_conf is_host=1`` on the endpoint's node says so.
+    The address torchrun hands its workers (MASTER_ADDR) is rank 0's node's hostname unless
+    ``--local_addr`` names the address the others can reach (docs/troubleshooting.md).
+    """
+    addr0 = emu.host_address(0)  # type: ignore[attr-defined]
+    if rdzv == "static":
+        return ["--node_rank", str(host), "--master_addr", addr0, "--master_port", port]
+    return ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{addr0}:{port}", "--rdzv_id", "first-contact",
+            "--rdzv_conf", f"is_host={int(host == 0)}",
+            "--local_addr", emu.host_address(host)]  # type: ignore[attr-defined]
+
+
 @pytest.mark.slow
 @pytest.mark.root
-def test_torchrun_two_nodes_in_two_namespaces_without_host() -> None:
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_torchrun_two_nodes_in_two_namespaces_without_host(rdzv: str) -> None:
     """`torchrun --nnodes 2` on two emulated hosts with their own addresses: the README's
-    quickstart as written, no host= and no coordinator started by hand. Static rendezvous
-    (--master_addr, --node_rank): torchrun's c10d rendezvous could not reach its own store
-    across these namespaces in this test (see the closing note of issue 13)."""
+    quickstart as written, no host= and no coordinator started by hand; with static
+    rendezvous (--master_addr, --node_rank) and with c10d rendezvous (--rdzv_endpoint)."""
     from lowband.wan import LinkEmulator, Topology
     from lowband.wan._netns import netns_available
 
@@ -183,17 +201,18 @@ def test_torchrun_two_nodes_in_two_namespaces_without_host() -> None:
     with LinkEmulator(Topology.uniform(2, rate="1gbit", rtt="2ms"), mode="netns") as emu:
         port = str(_free_port())
         nodes = [
-            emu.popen(h, [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(h),
-                          "--master_addr", emu.host_address(0), "--master_port", port,
+            emu.popen(h, [torchrun, "--nnodes", "2", "--nproc_per_node", "1",
+                          *_rendezvous_args(rdzv, h, emu, port),
                           str(ROOT / "examples" / "quickstart.py")],
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
             for h in range(2)
         ]
         outs = []
-        for p in nodes:
-            try:
+        try:
+            for p in nodes:
                 outs.append(p.communicate(timeout=180)[0])
-            finally:
+        finally:  # every node ends here, also when one did not finish in time
+            for p in nodes:
                 if p.poll() is None:
                     p.kill()
                     p.wait(10)
@@ -202,3 +221,37 @@ def test_torchrun_two_nodes_in_two_namespaces_without_host() -> None:
     lines = re.findall(r"rank (\d): loss [\d.]+, (\d+) syncs", out)
     assert sorted(r for r, _ in lines) == ["0", "1"] and all(s == "5" for _, s in lines), out
     assert "binds 127.0.0.1" not in out
+
+
+def test_a_worker_of_another_node_told_master_addr_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nnodes 2 without --local_addr, where rank 0's hostname resolves to loopback:
+    node 1's workers cannot reach the store, and the error says why and what to pass."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "first-contact")
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "GROUP_RANK": "1",
+                 "MASTER_ADDR": "localhost", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(TransportError, match=r"MASTER_ADDR 'localhost' resolves to .*127\.0\.0\.1.*--local_addr"):
+        lowband.init_group(init_timeout=2)
+
+
+@pytest.mark.slow
+def test_a_script_that_ends_without_close_leaves_its_peers_whole() -> None:
+    """The README's first lines end with no group.close(): the last collective must still reach
+    every peer (open groups close, and wait for their peers' acks, at interpreter exit)."""
+    with start_coordinator() as co:
+        procs = [
+            subprocess.Popen([sys.executable, str(SCRIPTS / "no_close.py"), str(r), co.address],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+            for r in range(2)
+        ]
+        outs = []
+        try:
+            for p in procs:
+                outs.append(p.communicate(timeout=120)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"RESULT rank {r}: 1.5 True" in out, (r, out)
