@@ -7,7 +7,7 @@ step, with ``m`` in fp32 whatever the parameter's dtype::
 
     p   *= 1 - lr * weight_decay                 # decoupled weight decay
     m    = decay * m + lr * grad
-    c    = DCT-II of chunk x chunk tiles of m    # lowband.distro._tiling
+    c    = DCT-II of chunk x chunk tiles of m    # lowband.compress._dct
     q    = top-k of each tile of c, values coded # one payload per bucket (_wire)
     m   -= IDCT(decoded q)                       # what was sent leaves the momentum
     Q    = mean over participants of every peer's decoded q
@@ -24,7 +24,7 @@ one of the combined update per bucket and step, instead of three (the state form
 
 A param group's 1-D parameters (biases, norm gains) are packed into one vector and
 tiled with the matrices' ``chunk x chunk`` tiles, so they travel at the same density
-and usually in the same payload (:meth:`TileLayout.for_packed`). The packing is redone
+and usually in the same payload (:func:`lowband.distro._bucket.packed_layout`). The packing is redone
 each step from the parameters that have a gradient, so these keep ``m`` in their own
 shape and follow the steps above literally.
 
@@ -49,12 +49,12 @@ from typing import Any
 import torch
 
 from lowband.compress import Payload
-from lowband.distro._bucket import Entry, buckets, per_param, spans, split
+from lowband.distro._bucket import Entry, buckets, param_layout, per_param, spans, split
 from lowband.distro._start import agree_on_start
-from lowband.distro._state import MOMENTUM, MOMENTUM_DCT, checked_state
+from lowband.distro._state import MOMENTUM, MOMENTUM_DCT, TILING, checked_state
 from lowband.distro._state import PENDING as _PENDING
 from lowband.distro._stats import add_transport, transport_counts
-from lowband.distro._tiling import TileLayout, dct2
+from lowband.compress import dct2
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
 from lowband.errors import CodecError, ConfigError
 from lowband.transport._stats import CommStats
@@ -357,7 +357,7 @@ class DeMo(torch.optim.Optimizer):
         if MOMENTUM_DCT not in st:
             return None
         chunk = next(g["chunk"] for g in self.param_groups if any(q is p for q in g["params"]))
-        return TileLayout.for_shape(p.shape, chunk).inverse(st[MOMENTUM_DCT])
+        return param_layout(p.shape, chunk).inverse(st[MOMENTUM_DCT])
 
     def _resolve(self) -> None:
         """Wait for the exchange in flight and store each parameter's update in its state."""
@@ -415,7 +415,9 @@ class DeMo(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Torch's state dict; an exchange in flight is finished first so its update is saved."""
         self._resolve()
-        return super().state_dict()
+        sd = super().state_dict()
+        sd["tiling"] = TILING  # how N-D momenta are laid out (see lowband.distro._state)
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping every saved buffer's dtype (torch would cast fp32 momentum to bf16).
