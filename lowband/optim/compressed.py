@@ -8,7 +8,6 @@ the next step's gradient, so nothing is lost for good.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +17,7 @@ from lowband.errors import ConfigError
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets
 from lowband.optim._common import (
     GroupLike,
-    StatsMeter,
-    agree_on_start,
+    wait_counted,
     amp_found_inf,
     amp_unscale,
     check_finite_grads,
@@ -27,7 +25,7 @@ from lowband.optim._common import (
     resolve_codec,
     resolve_error_feedback,
 )
-from lowband.transport import CommStats
+from lowband.transport import CommStats, agree_on_start
 
 __all__ = ["CompressedGradients"]
 
@@ -81,7 +79,7 @@ class CompressedGradients(torch.optim.Optimizer):
         self.codec = resolve_codec(codec)
         self.aggregate = resolve_aggregate(aggregate, self.codec)
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
-        self._meter = StatsMeter(group)
+        self._stats = CommStats()
         self._reduced = False
         # Parameters with requires_grad=False are not reduced (they have no gradient to
         # send); they only take part in the start-up check, so peers start alike.
@@ -107,12 +105,15 @@ class CompressedGradients(torch.optim.Optimizer):
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
-        agree_on_start(group, self._meter, config, start)
+        agree_on_start(
+            group, config, [p for b in start for p in b.params], stats=self._stats,
+            bucket_bytes=bucket_bytes,
+        )
 
     @property
     def stats(self) -> CommStats:
         """Bytes and time of this optimizer's collectives."""
-        return self._meter.stats
+        return self._stats
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "inner"):
@@ -131,7 +132,6 @@ class CompressedGradients(torch.optim.Optimizer):
     def _reduce(self) -> None:
         works = []
         had: list[list[bool]] = []
-        self._meter.launched(len(self._buckets))
         for b, buf in zip(self._buckets, self._staging):
             had.append(gather_into(b, buf, grads=True))
             works.append(
@@ -143,10 +143,8 @@ class CompressedGradients(torch.optim.Optimizer):
                     key=f"grads.{b.index}",
                 )
             )
-        t0 = time.perf_counter()
-        results = [w.wait() for w in works]
-        self._meter.finished(len(works), waited=time.perf_counter() - t0)
-        self._meter.count_sync()
+        results = wait_counted(works, self._stats)
+        self._stats.count_sync()
         for b, avg, flags in zip(self._buckets, results, had):
             for (p, start, stop), has in zip(b.slices(), flags):
                 part = avg[start:stop].view_as(p)
@@ -164,9 +162,8 @@ class CompressedGradients(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         found_inf = amp_found_inf(self)
         if found_inf is not None:
-            self._meter.launched(1)
-            flags = self.group.all_reduce(torch.tensor([float(found_inf)]), op="sum").wait()
-            self._meter.finished(1)
+            work = self.group.all_reduce(torch.tensor([float(found_inf)]), op="sum")
+            (flags,) = wait_counted([work], self._stats)
             if float(flags[0]) > 0:
                 self._reduced = False
                 return loss  # some peer overflowed: every peer skips this step alike

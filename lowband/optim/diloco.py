@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +33,8 @@ from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_fr
 from lowband.optim._common import (
     GroupLike,
     Ready,
-    StatsMeter,
+    wait_counted,
     WorkLike,
-    agree_on_start,
     amp_found_inf,
     amp_skip_and_unscale,
     check_finite_grads,
@@ -44,7 +42,7 @@ from lowband.optim._common import (
     resolve_codec,
     resolve_error_feedback,
 )
-from lowband.transport import CommStats
+from lowband.transport import CommStats, agree_on_start
 
 __all__ = ["DiLoCo"]
 
@@ -155,7 +153,7 @@ class DiLoCo(torch.optim.Optimizer):
         self.codec = resolve_codec(codec)
         self.aggregate = resolve_aggregate(aggregate, self.codec)
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
-        self._meter = StatsMeter(group)
+        self._stats = CommStats()
         self._step_count = 0
         self._pending: list[_Pending] = []
 
@@ -197,7 +195,10 @@ class DiLoCo(torch.optim.Optimizer):
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
-        if agree_on_start(group, self._meter, config, start):
+        if agree_on_start(
+            group, config, [p for b in start for p in b.params], stats=self._stats,
+            bucket_bytes=bucket_bytes,
+        ):
             with torch.no_grad():
                 for b, g in zip(self._buckets, self._global):
                     gather_into(b, g)
@@ -228,7 +229,7 @@ class DiLoCo(torch.optim.Optimizer):
     @property
     def stats(self) -> CommStats:
         """Bytes and time of this optimizer's collectives (DESIGN.md, "Three byte counters")."""
-        return self._meter.stats
+        return self._stats
 
     @property
     def outer_optimizer(self) -> torch.optim.Optimizer:
@@ -280,7 +281,6 @@ class DiLoCo(torch.optim.Optimizer):
     def _launch(self, fragment: int, *, apply_at: int) -> _Pending:
         buckets = self._fragment_buckets[fragment]
         works: list[WorkLike] = []
-        self._meter.launched(len(buckets))
         for b in buckets:
             delta = self._staging[: b.numel]
             gather_into(b, delta)
@@ -298,11 +298,8 @@ class DiLoCo(torch.optim.Optimizer):
 
     def _apply(self, pending: _Pending) -> None:
         buckets = self._fragment_buckets[pending.fragment]
-        t0 = time.perf_counter()
-        results = [w.wait() for w in pending.works]
-        if not all(isinstance(w, Ready) for w in pending.works):  # Ready ones were counted already
-            self._meter.finished(len(buckets), waited=time.perf_counter() - t0)
-        self._meter.count_sync()
+        results = wait_counted(pending.works, self._stats)
+        self._stats.count_sync()
         for b, avg in zip(buckets, results):
             g = self._global[b.index]
             g.grad = avg.reshape(-1).to(device=g.device, dtype=torch.float32)
@@ -331,10 +328,7 @@ class DiLoCo(torch.optim.Optimizer):
         """
         pending = []
         for p in self._pending:
-            t0 = time.perf_counter()
-            results = [w.wait() for w in p.works]
-            if not all(isinstance(w, Ready) for w in p.works):
-                self._meter.finished(len(p.works), waited=time.perf_counter() - t0)
+            results = wait_counted(p.works, self._stats)
             p.works = [Ready(r) for r in results]
             pending.append(
                 {

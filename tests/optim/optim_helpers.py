@@ -63,9 +63,9 @@ class Recording:
         self.calls.append("broadcast")
         return self._group.broadcast(tensor, src)
 
-    def verify(self, config: Any) -> None:
+    def verify(self, config: Any, **kwargs: Any) -> None:
         self.calls.append("verify")
-        self._group.verify(config)
+        self._group.verify(config, **kwargs)
 
 
 class LoraModel(torch.nn.Module):
