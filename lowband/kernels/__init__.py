@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from lowband.kernels._dispatch import (
     available_backends,
-    checksum,
     dct_tiles,
     decode_gaps,
     dequantize,
@@ -29,6 +28,7 @@ from lowband.kernels._dispatch import (
     topk_tiles,
     unpack_bits,
 )
+from lowband.kernels._checksum import checksum
 from lowband.kernels._ref import HALF_RANGE, dct_basis, packed_size, tile_to_global, topk_count
 
 __all__ = [

@@ -22,6 +22,7 @@ import torch
 
 from lowband.errors import BackendUnavailable, ConfigError
 from lowband.kernels import _native, _ref
+from lowband.kernels._checksum import checksum
 
 __all__ = [
     "BACKENDS",
@@ -36,7 +37,6 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
-    "checksum",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _announce(op: str, chosen: str, device: torch.device) -> None:
     if device.type == "cpu" and chosen == "torch":
         log.warning(
             "lowband.kernels: %s runs on the torch reference on CPU because the native kernels are "
-            "unavailable (%s): quantize, top-k and checksums run as multi-pass torch ops, several times "
+            "unavailable (%s): quantize, top-k and index coding run as multi-pass torch ops, several times "
             "slower (benchmarks/bench_kernels.py --backend torch). Rebuild with a C compiler: pip install -e .",
             op,
             _native.missing_reason(),
@@ -142,8 +142,10 @@ def resolve(op: str, device: torch.device | str = "cpu", *, backend: str | None 
     arguments (minus ``backend=``). Raises ConfigError for an unknown op or backend and
     BackendUnavailable as the wrappers do.
     """
+    if op == "checksum":  # one implementation (lowband.kernels._checksum), no backends
+        return checksum
     if op not in _OPS:
-        raise ConfigError(f"unknown kernel op {op!r}; choose one of {sorted(_OPS)}")
+        raise ConfigError(f"unknown kernel op {op!r}; choose one of {sorted(_OPS | {'checksum'})}")
     return _impl(op, backend, torch.device(device))
 
 
@@ -206,8 +208,3 @@ def encode_gaps(idx: torch.Tensor, *, backend: str | None = None) -> bytes:
 def decode_gaps(data: Any, count: int, limit: int, *, backend: str | None = None) -> torch.Tensor:
     """Strict inverse of :func:`encode_gaps` (see ``_ref.decode_gaps``)."""
     return _impl("decode_gaps", backend, _CPU)(data, count, limit)
-
-
-def checksum(data: Any, *, backend: str | None = None) -> int:
-    """lb64 payload checksum (see ``_ref.checksum``)."""
-    return _impl("checksum", backend, _CPU)(data)

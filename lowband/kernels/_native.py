@@ -38,7 +38,6 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
-    "checksum",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lb_dequantize": (_i32, [_p, _p, _i64, _i32, _i64, _p, _i32, _i32]),
     "lb_topk_tiles": (_i32, [_p, _i32, _p, ctypes.c_float, _i64, _i64, _i64, _p, _p, _i32]),
     "lb_scatter_accumulate": (_i32, [_p, _i64, _i32, _p, _p, _p, _p, _i32]),
-    "lb_checksum": (ctypes.c_uint64, [_p, _i64, _i32]),
     "lb_encode_gaps": (_i64, [_p, _i64, _p]),
     "lb_decode_gaps": (_i32, [_p, _i64, _i64, _i64, _p]),
     "lb_pack_bits": (_i32, [_p, _i64, _i32, _p]),
@@ -435,8 +433,3 @@ def decode_gaps(data: bytes | memoryview | np.ndarray, count: int, limit: int) -
         raise CodecError(f"position out of range (limit {limit})")
     return out
 
-
-def checksum(data: bytes | memoryview | np.ndarray) -> int:
-    """lb64 of the bytes (see :func:`lowband.kernels._ref.checksum`)."""
-    buf = _as_bytes(data)
-    return int(_L().lb_checksum(buf.ctypes.data, buf.size, _threads()))

@@ -14,7 +14,7 @@ unspecified order. Sub-byte codes are packed in the quantize kernel when the blo
 is a multiple of the codes per byte, by a second light pass otherwise (packing and
 unpacking live in :mod:`lowband.kernels._triton_bits`). ``dct_tiles``
 runs on torch's matmul (cuBLAS), which is what a Triton ``tl.dot`` would reimplement.
-The byte-stream ops (varints, lb64) are host-side only and have no Triton kernel.
+The byte-stream ops (varints) are host-side only and have no Triton kernel.
 
 triton is imported by this module and ``_triton_bits`` only, and they only when a Triton
 kernel is first asked for.

@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from lowband.errors import BackendUnavailable, ConfigError
+from lowband.errors import ConfigError
 from lowband.transport.group import Group
 
 __all__ = ["init_group", "parse_address"]
@@ -103,12 +103,7 @@ def init_group(
             group_name=group_name, init_timeout=init_timeout, options=options,
         )
     else:
-        try:
-            zmq_backend = importlib.import_module("lowband.transport._zmq")
-        except ModuleNotFoundError as e:
-            if e.name != "lowband.transport._zmq":
-                raise
-            raise BackendUnavailable("backend='zmq' is not built yet in this checkout; use backend='torch'") from None
+        zmq_backend = importlib.import_module("lowband.transport._zmq")
         options.setdefault("join_timeout", init_timeout)
         options.setdefault("closed_is_lost", on_failure == "raise")
         carrier = zmq_backend.open_carrier(
@@ -182,7 +177,7 @@ def _int(name: str, value: str) -> int:
 
 
 def _handshake(backend: str, world_size: int, on_failure: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
-    from lowband import WIRE_VERSION, __version__
+    from lowband._version import WIRE_VERSION, __version__
 
     return {
         "lowband": __version__,
