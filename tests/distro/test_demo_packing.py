@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from _demo_util import checkpoint, load_checkpoint
@@ -11,15 +9,12 @@ from _demo_util import checkpoint, load_checkpoint
 from lowband.distro import DeMo
 from lowband.distro._bucket import packed_layout
 from lowband.errors import ConfigError
-from lowband.testing import ThreadGroup
-
-_SEED_LOCK = threading.Lock()
+from lowband.testing import ThreadGroup, seeded
 
 
 def _net(seed: int = 0, *, biases: bool = True) -> torch.nn.Module:
     """Two 64x64-tiled weights plus 1-D parameters (biases, LayerNorm) of 576 values."""
-    with _SEED_LOCK:
-        torch.manual_seed(seed)
+    with seeded(seed):
         return torch.nn.Sequential(
             torch.nn.Linear(64, 128, bias=biases),
             torch.nn.LayerNorm(128, elementwise_affine=biases),
