@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_default_is_native_on_cpu_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     assert kernels.available_backends("cpu")[0] == "native"
     _dispatch._announced.discard(("encode_gaps", "cpu"))
+    _dispatch._resolved.clear()  # resolved once per op: resolve again, so it is logged again
     with caplog.at_level(logging.INFO, logger="lowband.kernels._dispatch"):
         kernels.encode_gaps(torch.tensor([1, 5]))
         kernels.encode_gaps(torch.tensor([2, 7]))
