@@ -12,6 +12,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 __all__ = ["CommStats", "PeerStats"]
 
@@ -28,6 +29,18 @@ class PeerStats:
 
 @dataclass
 class CommStats:
+    #: The totals (every field but ``per_peer``), in the order of :meth:`as_dict`.
+    TOTALS: ClassVar[tuple[str, ...]] = (
+        "bytes_sent",
+        "bytes_received",
+        "transport_bytes_sent",
+        "transport_bytes_received",
+        "messages",
+        "syncs",
+        "seconds_in_comm",
+        "seconds_waited",
+    )
+
     bytes_sent: int = 0
     bytes_received: int = 0
     transport_bytes_sent: int = 0
@@ -98,7 +111,7 @@ class CommStats:
     def add(self, other: CommStats) -> None:
         """Add ``other``'s counts (a collective's, say) to these."""
         with other._lock:
-            counts = {k: getattr(other, k) for k in _TOTALS}
+            counts = {k: getattr(other, k) for k in self.TOTALS}
             peers = {r: vars(p).copy() for r, p in other.per_peer.items()}
         with self._lock:
             for k, v in counts.items():
@@ -110,26 +123,6 @@ class CommStats:
 
     def as_dict(self) -> dict[str, object]:
         with self._lock:
-            return {
-                "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received,
-                "transport_bytes_sent": self.transport_bytes_sent,
-                "transport_bytes_received": self.transport_bytes_received,
-                "messages": self.messages,
-                "syncs": self.syncs,
-                "seconds_in_comm": self.seconds_in_comm,
-                "seconds_waited": self.seconds_waited,
-                "per_peer": {k: vars(v).copy() for k, v in self.per_peer.items()},
-            }
-
-
-_TOTALS = (
-    "bytes_sent",
-    "bytes_received",
-    "transport_bytes_sent",
-    "transport_bytes_received",
-    "messages",
-    "syncs",
-    "seconds_in_comm",
-    "seconds_waited",
-)
+            out: dict[str, object] = {k: getattr(self, k) for k in self.TOTALS}
+            out["per_peer"] = {k: vars(v).copy() for k, v in self.per_peer.items()}
+            return out
