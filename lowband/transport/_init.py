@@ -26,6 +26,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from lowband._endpoint import Endpoint
 from lowband.errors import ConfigError
 from lowband.transport.group import Group
 
@@ -36,13 +37,10 @@ BACKENDS = ("zmq", "torch")
 
 
 def parse_address(addr: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ConfigError if malformed."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"store address must be 'host:port', got {addr!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ConfigError if malformed
+    (the rule is :class:`lowband._endpoint.Endpoint`'s)."""
+    ep = Endpoint.parse(addr, "store address")
+    return ep.host, ep.port
 
 
 def _from_env(name: str) -> str:
