@@ -39,7 +39,7 @@ import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROUND_COLLECTIVES = 3  # sync, flag, state
 DIM, HIDDEN, BATCH = 8, 16, 32
@@ -362,11 +362,12 @@ def run(
                 later = [x for x in later if x[1] != "restart"]
                 stopped.clear()
             if stop_round is not None and joined <= done | {r for r, p in procs.items() if not p.is_alive()}:
-                for c, r in list(conns.items()):  # what is left never joined: end it
+                for left, r in list(conns.items()):  # what is left never joined: end it
                     procs[r].kill()
-                    del conns[c]
+                    del conns[left]
                 break
-            for c in wait(list(conns), timeout=0.2):
+            for ready in wait(list(conns), timeout=0.2):
+                c = cast(Connection, ready)
                 r = conns[c]
                 try:
                     msg = c.recv()

@@ -47,11 +47,10 @@ from typing import Any
 
 import torch
 
-from lowband.compress import Payload
+from lowband.compress import Payload, dct2
 from lowband.distro._bucket import Entry, buckets, param_layout, per_param, spans, split
 from lowband.distro._state import MOMENTUM, MOMENTUM_DCT, TILING, checked_state
 from lowband.distro._state import PENDING as _PENDING
-from lowband.compress import dct2
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
 from lowband.errors import CodecError, ConfigError
 from lowband.transport import CommStats, agree_on_start

@@ -15,6 +15,7 @@ last bits). The native and triton ``quantize``/``topk_tiles`` also take ``out=``
 
 from __future__ import annotations
 
+from lowband.kernels._checksum import checksum
 from lowband.kernels._dispatch import (
     available_backends,
     dct_tiles,
@@ -28,7 +29,6 @@ from lowband.kernels._dispatch import (
     topk_tiles,
     unpack_bits,
 )
-from lowband.kernels._checksum import checksum
 from lowband.kernels._ref import HALF_RANGE, dct_basis, packed_size, tile_to_global, topk_count
 
 __all__ = [

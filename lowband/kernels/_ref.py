@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from lowband.errors import CodecError
+from lowband.kernels import _checks
 
 __all__ = [
     "HALF_RANGE",
@@ -87,7 +88,7 @@ def uniform_hash(index: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _check_finite(v: torch.Tensor) -> None:
     if v.numel() and not bool(torch.isfinite(v).all()):
-        raise CodecError("input holds NaN or Inf: quantizers, sign and top-k accept finite values only")
+        raise _checks.nonfinite()
 
 
 def _blocks(v: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
@@ -118,6 +119,7 @@ def quantize(
     given it is overwritten with ``v - decoded`` (error feedback). ``sign=True``
     (bits must be 1) uses the mean-|v| scale. Non-finite input raises CodecError.
     """
+    _checks.quantize_args(bits, block, sign, HALF_RANGE)
     h = HALF_RANGE[bits]
     v = x.reshape(-1).to(torch.float32)
     if residual is not None:
@@ -262,6 +264,7 @@ def topk_tiles(
     ``(local, values)``: int32 tile-local indices, ascending within each tile, and
     the fp32 values at those positions; tiles follow each other in order.
     """
+    _checks.topk_args(k, tile)
     v = x.reshape(-1).to(torch.float32)
     if residual is not None:
         r = residual.reshape(-1)

@@ -17,13 +17,13 @@ from lowband.errors import ConfigError
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets
 from lowband.optim._common import (
     GroupLike,
-    wait_counted,
     amp_found_inf,
     amp_unscale,
     check_finite_grads,
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
+    wait_counted,
 )
 from lowband.transport import CommStats, agree_on_start
 
@@ -92,7 +92,7 @@ class CompressedGradients(torch.optim.Optimizer):
             )
         self._buckets: list[Bucket] = plan_buckets(params, bucket_bytes=bucket_bytes)
         self._staging = [torch.zeros(b.numel, dtype=torch.float32) for b in self._buckets]
-        config = {
+        config: dict[str, Any] = {
             "optimizer": "CompressedGradients",
             "codec": str(self.codec) if self.codec is not None else None,
             "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],

@@ -33,7 +33,6 @@ from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_fr
 from lowband.optim._common import (
     GroupLike,
     Ready,
-    wait_counted,
     WorkLike,
     amp_found_inf,
     amp_skip_and_unscale,
@@ -41,6 +40,7 @@ from lowband.optim._common import (
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
+    wait_counted,
 )
 from lowband.transport import CommStats, agree_on_start
 
@@ -211,7 +211,7 @@ class DiLoCo(torch.optim.Optimizer):
         return torch.zeros(bucket.numel, dtype=torch.float32, device=device, pin_memory=pin)
 
     def _config(self) -> dict[str, Any]:
-        config = {
+        config: dict[str, Any] = {
             "sync_every": self.sync_every,
             "fragments": self.fragments,
             "overlap": self.overlap,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from _demo_util import make_mlp, train_step
 
-from lowband.distro import DeMo
 from lowband.compress import TileLayout, dct2
+from lowband.distro import DeMo
 from lowband.distro._bucket import param_layout
 from lowband.distro._wire import bucket_codec
 from lowband.errors import ConfigError

@@ -9,7 +9,6 @@ bf16 and fp16, ties and all-zero blocks and tiles.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
