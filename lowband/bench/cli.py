@@ -96,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the same small character-level transformer with each method on "
         "emulated internet links; report bytes, time and loss against dense data parallelism.",
     )
-    ap.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default 4)")
+    ap.add_argument(
+        "--islands",
+        help="islands of processes instead of one process per worker: NxL (N islands of L ranks, "
+        "e.g. 2x2) or L1+L2+... (e.g. 2+1); FSDP2 inside each, lowband between; also runs the "
+        "flat run of the same model and compares (docs/islands.md)",
+    )
     ap.add_argument(
         "--bandwidth", default="100mbit", help="each host's rate, up and down (default 100mbit)"
     )
@@ -106,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--methods",
-        default=DEFAULT_METHODS,
+        default=None,
         help=f"comma-separated: ddp, diloco, streaming-diloco-q4, sparseloco, demo, grad:<codec spec> "
         f"(default {DEFAULT_METHODS})",
     )
@@ -162,6 +168,7 @@ class BenchArgs:
     threads: int
     progress: bool
     verbose: bool
+    islands: tuple[int, ...] = ()  # ranks per island; () = one process per worker
 
 
 def parse_args(argv: list[str]) -> BenchArgs:
@@ -175,6 +182,18 @@ def parse_args(argv: list[str]) -> BenchArgs:
         raise ConfigError(f"--quick contradicts --preset {ns.preset}")
     name = "quick" if ns.quick else (ns.preset or "default")
     preset = PRESETS[name]
+    islands: tuple[int, ...] = ()
+    if ns.islands is not None:
+        from lowband.bench.islands import DEFAULT_ISLAND_METHODS, check_methods, parse_islands
+
+        islands = parse_islands(ns.islands)
+        if ns.workers is not None and ns.workers != len(islands):
+            raise ConfigError(f"--workers {ns.workers} contradicts --islands {ns.islands} ({len(islands)} islands)")
+        ns.workers = len(islands)
+        ns.methods = ns.methods or DEFAULT_ISLAND_METHODS
+        check_methods(tuple(parse_methods(ns.methods)))
+    ns.workers = 4 if ns.workers is None else ns.workers
+    ns.methods = ns.methods or DEFAULT_METHODS
     if ns.workers < 2:
         raise ConfigError(
             f"--workers must be at least 2 (got {ns.workers}): one worker sends nothing"
@@ -201,8 +220,13 @@ def parse_args(argv: list[str]) -> BenchArgs:
         raise ConfigError(f"--jitter {ns.jitter} is larger than --delay {ns.delay}")
     if ns.data is not None and not os.path.isfile(ns.data):
         raise ConfigError(f"--data {ns.data!r} is not a file")
+    if islands and any(preset.batch_size % n for n in islands):
+        raise ConfigError(
+            f"--batch-size {preset.batch_size} must split evenly between the ranks of every island {islands}"
+        )
     cores = os.cpu_count() or 1
-    threads = ns.threads if ns.threads is not None else max(1, cores // ns.workers)
+    processes = sum(islands) if islands else ns.workers
+    threads = ns.threads if ns.threads is not None else max(1, cores // processes)
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     return BenchArgs(
@@ -221,6 +245,7 @@ def parse_args(argv: list[str]) -> BenchArgs:
         threads=threads,
         progress=not ns.no_progress,
         verbose=ns.verbose,
+        islands=islands,
     )
 
 
@@ -287,7 +312,8 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     params = CharTransformer(mcfg).num_parameters()
     train = _train_config(args)
     print(
-        f"lowband bench ({args.preset_name}): {args.workers} workers, "
+        f"lowband bench ({args.preset_name}): {args.workers} workers"
+        f"{' (islands ' + '+'.join(map(str, args.islands)) + ')' if args.islands else ''}, "
         f"{format_rate(args.bandwidth_bps)} up/down, {args.delay_s * 1e3:g} ms one way "
         f"(jitter {args.jitter_s * 1e3:g} ms); model {args.preset.model} ({params:,} params); "
         f"{train.steps} steps x {train.batch_size} x {mcfg.block_size} bytes per worker\n"
@@ -297,12 +323,21 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     started = time.time()
     load_at_start = list(os.getloadavg())  # other work on the machine slows every method
 
+    processes = sum(args.islands) if args.islands else args.workers
+
+    def by_worker(out: Any, m: str) -> tuple[Any, Any]:
+        if not args.islands:
+            return out.results[m], out.curves.get(m, {})
+        from lowband.bench.islands import per_island
+
+        return per_island(out.results[m], out.curves.get(m, {}), args.islands)
+
     def assemble(out: Any, complete: bool) -> dict[str, Any]:
         """Results of the methods every worker finished; written to results.json."""
         methods = {
-            m: report.summarize(m, out.results[m], out.curves.get(m, {}), out.link.get(m))
+            m: report.summarize(m, *by_worker(out, m), out.link.get(m))
             for m in args.methods
-            if len(out.results.get(m, {})) == args.workers
+            if len(out.results.get(m, {})) == processes
         }
         for m in methods:
             methods[m]["settings"] = describe_method(m, train)
@@ -329,6 +364,7 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
                 "batch_size": args.preset.eval_batch_size,
             },
             "seed": args.seed,
+            "islands": list(args.islands) or None,
             "threads_per_worker": args.threads,
             "cpu_count": os.cpu_count(),
             "load_average_at_start": load_at_start,
@@ -372,6 +408,7 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
         link=LinkSettings(args.bandwidth_bps, args.delay_s, args.jitter_s, mode=args.emulator),
         progress=args.progress,
         on_method_done=lambda partial, _method: assemble(partial, complete=False),
+        islands=args.islands,
     )
     results = assemble(out, complete=True)
     methods, settings = results["methods"], results["settings"]
@@ -400,6 +437,24 @@ def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     return results
 
 
+def run_islands(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
+    """The flat run (into ``OUT/flat``), the islands run (into ``OUT``), then their comparison."""
+    from lowband.bench import report
+    from lowband.bench.islands import compare, format_comparison
+
+    shape = "+".join(map(str, args.islands))
+    print(f"== flat run: {len(args.islands)} processes, one whole replica each ==", flush=True)
+    flat = run(replace(args, islands=(), out=args.out / "flat", threads=args.threads), argv=argv)
+    print(f"\n== islands run: {shape} ({sum(args.islands)} processes, FSDP2 inside each island) ==", flush=True)
+    isl = run(args, argv=argv)
+    rows = compare(flat, isl, args.islands)
+    isl["islands_vs_flat"] = rows
+    report.write_json(args.out / "results.json", isl)
+    print()
+    print(format_comparison(rows))
+    return isl
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lowband bench [flags]``; returns an exit code (2: bad flags, 130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -415,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        run(args, argv=argv)
+        if args.islands:
+            run_islands(args, argv=argv)
+        else:
+            run(args, argv=argv)
     except ConfigError as e:  # found before any process started (corpus, model)
         print(f"lowband bench: error: {e}", file=sys.stderr)
         return 2

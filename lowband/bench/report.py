@@ -75,6 +75,10 @@ def summarize(
             "final_train_loss": results[r]["final_train_loss"],
             "final_val_loss": results[r]["final_val_loss"],
         }
+        if results[r].get("outer_state_bytes") is not None:
+            row["outer_state_bytes"] = int(results[r]["outer_state_bytes"])
+        if "ranks" in results[r]:  # an island: its ranks' own figures (lowband.bench.islands)
+            row["ranks"] = results[r]["ranks"]
         if link is not None and r in link:
             row["link_bytes_sent"] = int(link[r]["up"])
             row["link_bytes_received"] = int(link[r]["down"])

@@ -127,20 +127,33 @@ def run_workers(
     progress: bool = True,
     start_timeout: float = 300.0,
     on_method_done: Callable[[RunOutput, str], None] | None = None,
+    islands: tuple[int, ...] = (),
 ) -> RunOutput:
     """Start the emulator, coordinator and ``workers`` processes; train every method; collect.
 
     ``spec_kwargs`` are the :class:`WorkerSpec` fields other than ``world_size`` and ``store``.
     ``on_method_done(out, method)`` runs as soon as every worker has finished a method (its
     link bytes included), so a long run keeps the methods it finished if it is stopped later.
+
+    ``islands`` (ranks per island): one emulated host per island, ``sum(islands)`` processes,
+    those of island ``k`` on host ``k`` (they share its access link); results are by process.
     """
     import multiprocessing
 
     from lowband.wan import LinkEmulator, Topology
 
+    hosts = len(islands) if islands else workers
     topo = Topology.uniform(
-        workers, rate=link.bandwidth_bps, rtt=2 * link.delay_s, jitter=link.jitter_s
+        hosts, rate=link.bandwidth_bps, rtt=2 * link.delay_s, jitter=link.jitter_s
     )
+    host_of = list(range(workers))
+    ports: tuple[int, ...] = ()
+    if islands:
+        from lowband.bench.worker import locate
+
+        workers = sum(islands)
+        host_of = [locate(r, islands)[0] for r in range(workers)]
+        ports = tuple(_free_port() for _ in islands)
     ctx = multiprocessing.get_context("spawn")
     events: Any = ctx.Queue()
     barrier: Any = ctx.Barrier(workers + 1)
@@ -157,10 +170,12 @@ def run_workers(
             backend="zmq",
             bandwidth_bps=link.bandwidth_bps,
             rtt_s=2 * link.delay_s,
+            islands=tuple(islands),
+            island_ports=ports,
             **spec_kwargs,
         )
         procs = [
-            net.spawn(r, run_worker, args=(r, spec, events, barrier), name=f"bench-worker{r}")
+            net.spawn(host_of[r], run_worker, args=(r, spec, events, barrier), name=f"bench-worker{r}")
             for r in range(workers)
         ]
         edges = _EdgeReader(net, barrier, methods)
@@ -183,6 +198,14 @@ def run_workers(
         log.info("workers ended")
         edges.join(timeout=5)
         return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class _EdgeReader(threading.Thread):

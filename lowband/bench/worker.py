@@ -11,6 +11,13 @@ Events go to the launcher on a queue as plain tuples:
 ``("ready", rank)``, ``("progress", rank, method, step, loss)``,
 ``("eval", rank, method, record)``, ``("done", rank, method, result)``,
 ``("error", rank, method, traceback_text)``.
+
+Islands (``lowband bench --islands 2x2``, docs/islands.md): ``spec.islands`` holds the
+ranks per island; process ``rank`` is local rank ``local`` of island ``k``. Each island's
+processes form a gloo process group (its TCPStore served by its local rank 0 on the
+host's loopback at ``spec.island_ports[k]``) and run the model under FSDP2 (an island of
+1: the plain model); the island's batch (``batch_size`` sequences, from replica ``k``'s
+stream: the same data as worker ``k`` of the flat run) is split between its ranks.
 """
 
 from __future__ import annotations
@@ -54,6 +61,44 @@ class WorkerSpec:
     rtt_s: float = 0.1
     peer_timeout: float = 60.0
     progress_every: int = 5
+    islands: tuple[int, ...] = ()  # ranks per island; () = one whole replica per process
+    island_ports: tuple[int, ...] = ()
+
+
+def locate(rank: int, islands: tuple[int, ...]) -> tuple[int, int]:
+    """Process ``rank`` of an islands run -> (island id, local rank)."""
+    for k, n in enumerate(islands):
+        if rank < n:
+            return k, rank
+        rank -= n
+    raise ValueError(f"rank {rank} beyond islands {islands}")
+
+
+def outer_state_bytes(opt: Any) -> int | None:
+    """Host bytes of an optimizer's outer state: global copy, outer optimizer state and
+    error-feedback residuals (None for a method without any)."""
+    n, found = 0, False
+    outer = getattr(opt, "outer_optimizer", None)
+    if outer is not None:
+        found = True
+        for g in outer.param_groups:
+            n += sum(p.numel() * p.element_size() for p in g["params"])
+        for st in outer.state.values():
+            n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+    ef = getattr(opt, "error_feedback", None)
+    if ef is not None:
+        found = True
+        n += sum(v.numel() * v.element_size() for v in ef.residuals.values())
+    return n if found else None
+
+
+def _shard(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:  # type: ignore[union-attr]
+        fully_shard(block)
+    fully_shard(model)
+    return model
 
 
 def _snapshot(stats: Any) -> dict[str, float]:
@@ -71,8 +116,14 @@ def _train_one(
     from lowband.bench.data import get_batch
 
     torch.manual_seed(spec.seed)
-    model = CharTransformer(spec.model)
-    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + rank)
+    model: Any = CharTransformer(spec.model)
+    replica, local, size = rank, 0, 1
+    if spec.islands:
+        replica, local = locate(rank, spec.islands)
+        size = spec.islands[replica]
+        if size > 1:
+            model = _shard(model)
+    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + replica)
     before_setup = _snapshot(group.stats)
     t_setup = time.perf_counter()
     stepper = build_method(name, model, group, spec.train)
@@ -109,6 +160,8 @@ def _train_one(
             x, y = get_batch(
                 corpus.train, spec.train.batch_size, spec.model.block_size, generator=gen
             )
+            if size > 1:  # this rank's share of its island's batch
+                x, y = x.chunk(size)[local], y.chunk(size)[local]
             loss = stepper.step(x, y)
             done = step + 1
             if done % spec.progress_every == 0 or done == spec.train.steps:
@@ -128,6 +181,10 @@ def _train_one(
             "syncs": stepper.syncs,
             "setup": {k: at_start[k] - before_setup[k] for k in _STAT_FIELDS},
             "comm": {k: end[k] - at_start[k] for k in _STAT_FIELDS},
+            "outer_state_bytes": outer_state_bytes(stepper.optimizer),
+            "flows": int(getattr(group.stats, "flows", 1)),
+            "island": replica,
+            "local_rank": local,
         }
     finally:
         stepper.close()
@@ -156,20 +213,27 @@ def run_worker(rank: int, spec: WorkerSpec, events: Any, barrier: Any) -> None:
         if spec.backend == "zmq":
             # In proxy mode, peers must dial each other through the emulator's relays.
             options["connect_map"] = connect_endpoint
-        group = lowband.init_group(
-            rank=rank,
-            world_size=spec.world_size,
-            store=spec.store,
-            backend=spec.backend,
-            peer_timeout=spec.peer_timeout,
-            **options,
-        )
+        if spec.islands:
+            group = _join_islands(rank, spec, options)
+        else:
+            group = lowband.init_group(
+                rank=rank,
+                world_size=spec.world_size,
+                store=spec.store,
+                backend=spec.backend,
+                peer_timeout=spec.peer_timeout,
+                **options,
+            )
         try:
             events.put(("ready", rank))
             for name in spec.methods:
                 _train_one(name, rank, spec, group, corpus, events, barrier)
         finally:
             group.close()
+            if spec.islands:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
     except BaseException:  # report every failure, Ctrl-C included, then exit
         events.put(("error", rank, name, traceback.format_exc()))
         try:
@@ -177,3 +241,30 @@ def run_worker(rank: int, spec: WorkerSpec, events: Any, barrier: Any) -> None:
         except Exception:  # noqa: BLE001 - best effort while failing
             pass
         raise
+
+
+def _join_islands(rank: int, spec: WorkerSpec, options: dict[str, Any]) -> Any:
+    """This process's island (gloo over the host's loopback), then lowband between islands."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    import lowband
+
+    k, local = locate(rank, spec.islands)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # island traffic stays on the host
+    store = dist.TCPStore(
+        "127.0.0.1", spec.island_ports[k], spec.islands[k], local == 0,
+        datetime.timedelta(seconds=120), wait_for_workers=False,
+    )
+    dist.init_process_group("gloo", store=store, rank=local, world_size=spec.islands[k])
+    return lowband.init_group(
+        island=dist.group.WORLD,
+        island_id=k,
+        islands=len(spec.islands),
+        store=spec.store,
+        backend=spec.backend,
+        peer_timeout=spec.peer_timeout,
+        **options,
+    )

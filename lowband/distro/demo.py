@@ -127,6 +127,15 @@ class DeMo(torch.optim.Optimizer):
     counted; heartbeats and acknowledgements are the group's alone (``group.stats``).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # islands (docs/islands.md): whole-parameter segments, a DeMo per owned segment
+        group = kwargs.get("group")
+        if hasattr(group, "flows") and hasattr(group, "island"):
+            from lowband.distro.islands import IslandDeMo
+
+            return IslandDeMo(*args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

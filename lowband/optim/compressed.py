@@ -26,6 +26,7 @@ from lowband.optim._common import (
     wait_counted,
 )
 from lowband.transport import CommStats, agree_on_start
+from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["CompressedGradients"]
 
@@ -35,7 +36,7 @@ class CompressedGradients(torch.optim.Optimizer):
 
     Args:
         inner_optimizer: the user's optimizer; its ``param_groups`` and ``state`` are shared.
-        group: a ``lowband.init_group`` group.
+        group: a ``lowband.init_group`` group, or an island group (docs/islands.md).
         codec: ``None`` (dense fp32), a ``lowband.compress`` spec string or codec.
         error_feedback: ``True`` (decay 1, the default), ``False``, a decay in (0, 1],
             or an ``ErrorFeedback``; off for ``codec=None``, which loses nothing.
@@ -90,18 +91,32 @@ class CompressedGradients(torch.optim.Optimizer):
             raise ConfigError(
                 "CompressedGradients needs at least one parameter with requires_grad=True"
             )
-        self._buckets: list[Bucket] = plan_buckets(params, bucket_bytes=bucket_bytes)
-        self._staging = [torch.zeros(b.numel, dtype=torch.float32) for b in self._buckets]
+        self._params = params
         config: dict[str, Any] = {
             "optimizer": "CompressedGradients",
             "codec": str(self.codec) if self.codec is not None else None,
-            "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
         }
         if self.aggregate != "mean":
             config["aggregate"] = self.aggregate
         if frozen_at:
             config["frozen"] = frozen_at
         frozen = [everything[i] for i in frozen_at]
+        # Islands (docs/islands.md): the island's gradients (already averaged inside it by
+        # FSDP2 or DDP) are reduced over the canonical layout, each rank its own buckets.
+        self._shards: ShardPlan | None = None
+        if is_island_group(group):
+            self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes)
+            self._stats.flows = len(group.flows)
+            config["islands"] = self._shards.describe()
+            plans = [(self._shards, [v for f in range(len(self._shards.owned)) for v in self._shards.gather(f)])]
+            if frozen:
+                fplan = ShardPlan(frozen, group, bucket_bytes=bucket_bytes)
+                plans.append((fplan, [v for f in range(len(fplan.owned)) for v in fplan.gather(f)]))
+            agree_on_start_islands(group, config, plans, stats=self._stats)
+            return
+        self._buckets: list[Bucket] = plan_buckets(params, bucket_bytes=bucket_bytes)
+        self._staging = [torch.zeros(b.numel, dtype=torch.float32) for b in self._buckets]
+        config["buckets"] = [[list(p.shape) for p in b.params] for b in self._buckets]
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
@@ -126,10 +141,29 @@ class CompressedGradients(torch.optim.Optimizer):
     def reduce_gradients(self) -> None:
         """All-reduce (mean) this peer's gradients with the peers' and write the average back."""
         # before anything is launched or a residual changes: a raise leaves all as it was
-        check_finite_grads(self, [p for b in self._buckets for p in b.params])
+        check_finite_grads(self, self._params)
         self._reduce()
 
+    def _reduce_islands(self, shards: ShardPlan) -> None:
+        # a missing gradient counts as zeros and receives the average (never stays None)
+        for f, buckets in enumerate(shards.owned):
+            bufs = shards.gather(f, grads=True)
+            works = [
+                shards.flow(b).all_reduce(
+                    buf, codec=self.codec, op=self.aggregate,
+                    error_feedback=self.error_feedback, key=f"grads.{b.key}",
+                )
+                for b, buf in zip(buckets, bufs)
+            ]
+            results = wait_counted(works, self._stats)
+            shards.scatter(f, results, grads=True)
+        self._stats.count_sync()
+        self._reduced = True
+
     def _reduce(self) -> None:
+        if self._shards is not None:
+            self._reduce_islands(self._shards)
+            return
         works = []
         had: list[list[bool]] = []
         for b, buf in zip(self._buckets, self._staging):

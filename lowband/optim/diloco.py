@@ -43,6 +43,7 @@ from lowband.optim._common import (
     wait_counted,
 )
 from lowband.transport import CommStats, agree_on_start
+from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["DiLoCo"]
 
@@ -67,7 +68,8 @@ class DiLoCo(torch.optim.Optimizer):
         inner_optimizer: the user's optimizer (AdamW, ...); its ``param_groups`` and
             ``state`` are this optimizer's, so learning-rate schedulers, gradient
             clipping and ``torch.amp.GradScaler`` work unchanged.
-        group: a ``lowband.init_group`` group.
+        group: a ``lowband.init_group`` group, or an island group
+            (``init_group(island=...)``, docs/islands.md: FSDP2 or DDP inside each island).
         sync_every: inner steps between two syncs of a fragment (H in the papers).
         outer_lr, outer_momentum, nesterov: the default outer optimizer, SGD.
         outer_optimizer: ``factory(global_buckets) -> torch.optim.Optimizer`` in place
@@ -165,22 +167,37 @@ class DiLoCo(torch.optim.Optimizer):
         self._frozen = [i for i, p in enumerate(everything) if not p.requires_grad]
         if not params:
             raise ConfigError("DiLoCo needs at least one parameter with requires_grad=True")
-        self._fragment_buckets: list[list[Bucket]] = []
-        for run in split_fragments(params, fragments):
-            first = sum(len(b) for b in self._fragment_buckets)
-            self._fragment_buckets.append(
-                plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first)
-            )
-        self._buckets = [b for run in self._fragment_buckets for b in run]
+        # Islands (docs/islands.md): this rank keeps the outer state of its canonical
+        # buckets only; lowband.transport._shards maps the island's shards onto them.
+        self._shards: ShardPlan | None = None
+        self._fragment_buckets: list[list[Any]] = []
+        if is_island_group(group):
+            island: Any = group
+            if offload != "cpu":
+                raise ConfigError("with islands the global copy lives on the CPU: offload='cpu'")
+            runs = [len(run) for run in split_fragments(params, fragments)]
+            self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes, runs=runs)
+            self._fragment_buckets = self._shards.owned
+            self._stats.flows = len(island.flows)
+            if not self._shards.buckets:
+                raise ConfigError(
+                    f"island rank {island.local_rank} owns no values: the model is smaller than "
+                    f"segments={island.segments}"
+                )
+        else:
+            for run in split_fragments(params, fragments):
+                first = sum(len(b) for b in self._fragment_buckets)
+                self._fragment_buckets.append(
+                    plan_buckets(run, bucket_bytes=bucket_bytes, first_index=first)
+                )
+        self._buckets: list[Any] = [b for run in self._fragment_buckets for b in run]
         self._global = [self._buffer(b) for b in self._buckets]
         # One staging buffer for every bucket: the group snapshots its input when a
         # collective is launched, so the pseudo-gradient need not outlive the call.
         self._staging = torch.zeros(
             max(b.numel for b in self._buckets), dtype=torch.float32, device=self._global[0].device
         )
-        with torch.no_grad():
-            for b, g in zip(self._buckets, self._global):
-                gather_into(b, g)
+        self._read_global()
         self._outer: torch.optim.Optimizer
         if outer_optimizer is None:
             self._outer = torch.optim.SGD(
@@ -192,6 +209,13 @@ class DiLoCo(torch.optim.Optimizer):
                 raise ConfigError("outer_optimizer must return a torch.optim.Optimizer")
         config = {"optimizer": "DiLoCo", **self._config()}
         frozen = [everything[i] for i in self._frozen]
+        if self._shards is not None:
+            plans = [(self._shards, self._global)]
+            if frozen:
+                fplan = ShardPlan(frozen, group, bucket_bytes=bucket_bytes)
+                plans.append((fplan, [v for f in range(len(fplan.owned)) for v in fplan.gather(f)]))
+            agree_on_start_islands(group, config, plans, stats=self._stats)  # the globals are updated
+            return
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
@@ -199,9 +223,7 @@ class DiLoCo(torch.optim.Optimizer):
             group, config, [p for b in start for p in b.params], stats=self._stats,
             bucket_bytes=bucket_bytes,
         ):
-            with torch.no_grad():
-                for b, g in zip(self._buckets, self._global):
-                    gather_into(b, g)
+            self._read_global()
 
     # -- construction helpers -------------------------------------------------
 
@@ -210,14 +232,27 @@ class DiLoCo(torch.optim.Optimizer):
         pin = device.type == "cpu" and torch.cuda.is_available()
         return torch.zeros(bucket.numel, dtype=torch.float32, device=device, pin_memory=pin)
 
+    def _read_global(self) -> None:
+        with torch.no_grad():
+            if self._shards is not None:
+                for f, run in enumerate(self._fragment_buckets):
+                    for b, v in zip(run, self._shards.gather(f)):
+                        self._global[b.index].copy_(v)
+                return
+            for b, g in zip(self._buckets, self._global):
+                gather_into(b, g)
+
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "sync_every": self.sync_every,
             "fragments": self.fragments,
             "overlap": self.overlap,
             "codec": str(self.codec) if self.codec is not None else None,
-            "buckets": [[list(p.shape) for p in b.params] for b in self._buckets],
         }
+        if self._shards is None:
+            config["buckets"] = [[list(p.shape) for p in b.params] for b in self._buckets]
+        else:
+            config["islands"] = self._shards.describe()
         if self.aggregate != "mean":  # only then, so that earlier checkpoints still load
             config["aggregate"] = self.aggregate
         if self._frozen:  # likewise: positions of the requires_grad=False parameters
@@ -281,6 +316,20 @@ class DiLoCo(torch.optim.Optimizer):
     def _launch(self, fragment: int, *, apply_at: int) -> _Pending:
         buckets = self._fragment_buckets[fragment]
         works: list[WorkLike] = []
+        if self._shards is not None:  # an island collective; then this rank's flows
+            local = self._shards.gather(fragment)
+            for b, delta in zip(buckets, local):
+                torch.sub(self._global[b.index], delta, out=delta)
+                works.append(
+                    self._shards.flow(b).all_reduce(
+                        delta,
+                        codec=self.codec,
+                        op=self.aggregate,
+                        error_feedback=self.error_feedback,
+                        key=f"diloco.{b.key}",
+                    )
+                )
+            return _Pending(fragment, apply_at, works)
         for b in buckets:
             delta = self._staging[: b.numel]
             gather_into(b, delta)
@@ -304,6 +353,15 @@ class DiLoCo(torch.optim.Optimizer):
             g = self._global[b.index]
             g.grad = avg.reshape(-1).to(device=g.device, dtype=torch.float32)
         self._outer.step()
+        if self._shards is not None:
+            for b in buckets:
+                self._global[b.index].grad = None
+            self._shards.scatter(
+                pending.fragment,
+                [self._global[b.index] for b in buckets],
+                weight=None if self.overlap == 0 else 1.0 - self.mixing,
+            )
+            return
         for b in buckets:
             g = self._global[b.index]
             g.grad = None
@@ -342,13 +400,17 @@ class DiLoCo(torch.optim.Optimizer):
             "config": self._config(),
             "step": self._step_count,
             "global": [g.detach().clone() for g in self._global],
-            "local": [self._local_copy(b) for b in self._buckets],
+            "local": self._shards.local_copies()
+            if self._shards is not None
+            else [self._local_copy(b) for b in self._buckets],
             "outer": copy.deepcopy(self._outer.state_dict()),
             "error_feedback": self.error_feedback.state_dict()
             if self.error_feedback is not None
             else None,
             "pending": pending,
         }
+        if self._shards is not None:  # this rank's canonical buckets (docs/islands.md)
+            state["diloco"]["owned"] = [b.key for b in self._buckets]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -359,6 +421,11 @@ class DiLoCo(torch.optim.Optimizer):
         if mine["config"] != self._config():
             raise ConfigMismatch(
                 f"checkpoint was made with {mine['config']!r}, this optimizer is {self._config()!r}"
+            )
+        if self._shards is not None and mine.get("owned") != [b.key for b in self._buckets]:
+            raise ConfigMismatch(
+                f"checkpoint holds canonical buckets {mine.get('owned')}, this island rank owns "
+                f"{[b.key for b in self._buckets]}: resume each rank from its own file, same island shape"
             )
         inner = {k: v for k, v in state_dict.items() if k != "diloco"}
         self.inner.load_state_dict(inner)
@@ -373,7 +440,9 @@ class DiLoCo(torch.optim.Optimizer):
                 )
             g.copy_(saved)
         with torch.no_grad():
-            for b, saved in zip(self._buckets, mine["local"]):
+            if self._shards is not None:
+                self._shards.load_local(mine["local"])
+            for b, saved in zip(self._buckets if self._shards is None else (), mine["local"]):
                 scatter_from(b, saved)
         self._load_outer(mine["outer"])
         if (mine["error_feedback"] is None) != (self.error_feedback is None):

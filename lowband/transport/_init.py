@@ -63,6 +63,10 @@ def init_group(
     group_name: str = "default",
     init_timeout: float = 300.0,
     timeout: float | None = None,
+    island: Any = None,
+    island_id: int | None = None,
+    islands: int | None = None,
+    segments: int | None = None,
     **options: Any,
 ) -> Group:
     """Join a group of ``world_size`` peers as ``rank``; see DESIGN.md, "The public contract".
@@ -71,7 +75,32 @@ def init_group(
     ``backend="zmq"``, a torch ``TCPStore`` for ``backend="torch"``).
     ``config`` is checked against every peer's at the handshake. ``options`` go
     to the backend's carrier (for ZeroMQ: streams per peer, rate cap, ...).
+
+    ``island=`` (a ``torch.distributed`` process group, e.g. ``dist.group.WORLD``) joins
+    this rank's island to the other islands and returns a
+    :class:`lowband.transport.islands.IslandGroup` (docs/islands.md): ``island_id`` and
+    ``islands`` (else ``$LOWBAND_ISLAND``, ``$LOWBAND_ISLANDS``) and ``store`` (else
+    ``$LOWBAND_COORDINATOR``) are then required, ``rank`` and ``world_size`` not taken.
     """
+    if island is not None:
+        from lowband.transport.islands import init_island_group
+
+        if rank is not None or world_size is not None:
+            raise ConfigError("with island=, pass island_id= and islands=, not rank/world_size")
+
+        def join(r: int, n: int, addr: str, name: str, cfg: Mapping[str, Any]) -> Group:
+            return init_group(
+                r, n, addr, backend, security=security, peer_timeout=peer_timeout,
+                on_failure=on_failure, config={**dict(config or {}), **cfg}, group_name=name,
+                init_timeout=init_timeout, timeout=timeout, **options,
+            )
+
+        return init_island_group(  # type: ignore[return-value]
+            island, island_id=island_id, islands=islands, store=store, segments=segments,
+            group_name=group_name, join=join,
+        )
+    if island_id is not None or islands is not None or segments is not None:
+        raise ConfigError("island_id=, islands= and segments= need island=")
     env = rank is None and world_size is None and store is None
     under_torchrun = store is None and "TORCHELASTIC_RUN_ID" in os.environ
     if rank is None:

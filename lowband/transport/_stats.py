@@ -29,7 +29,8 @@ class PeerStats:
 
 @dataclass
 class CommStats:
-    #: The totals (every field but ``per_peer``), in the order of :meth:`as_dict`.
+    #: The counters that add up (every field but ``flows`` and ``per_peer``), in the order
+    #: of :meth:`as_dict`.
     TOTALS: ClassVar[tuple[str, ...]] = (
         "bytes_sent",
         "bytes_received",
@@ -49,6 +50,8 @@ class CommStats:
     syncs: int = 0
     seconds_in_comm: float = 0.0
     seconds_waited: float = 0.0
+    #: parallel WAN groups this rank's traffic runs over (islands: one per owned segment)
+    flows: int = 1
     per_peer: dict[int, PeerStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # the collective whose messages this thread is moving (see ``tracking``)
@@ -124,5 +127,6 @@ class CommStats:
     def as_dict(self) -> dict[str, object]:
         with self._lock:
             out: dict[str, object] = {k: getattr(self, k) for k in self.TOTALS}
+            out["flows"] = self.flows
             out["per_peer"] = {k: vars(v).copy() for k, v in self.per_peer.items()}
             return out

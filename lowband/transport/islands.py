@@ -1,0 +1,230 @@
+"""Islands: a fast cluster (one ``torch.distributed`` process group) inside, lowband between.
+
+An *island* is a node or cluster whose ranks train one replica together over a fast
+interconnect (FSDP2, DDP, HSDP over NCCL; gloo on CPU). Islands are joined by internet
+links. ``lowband.init_group(island=dist.group.WORLD)`` returns an :class:`IslandGroup`.
+
+The outer reduction runs over a *canonical layout* of the whole model that does not
+depend on how any island shards it: the flat concatenation of the full trainable
+parameters in optimizer order, cut into ``segments`` contiguous segments (default: the
+least common multiple of the island sizes). In an island of ``L`` ranks, local rank
+``r`` owns segments ``s`` with ``s * L // segments == r``. Each segment has its own WAN
+group (a *flow*): one member per island, the owner of that segment there, ranked by
+island id. Same-shaped islands of ``L`` ranks therefore use ``L`` flows, local rank ``i``
+with local rank ``i`` of every other island (as INTELLECT-1 did); an island of 1 beside
+islands of 2 takes part in both flows from its one rank. Because every flow reduces the
+same canonical segment with the same members in the same order, the result does not
+depend on the island shapes (docs/islands.md).
+
+The optimizers map each rank's shards onto the canonical segments with
+``lowband.transport._shards``; this module only builds the groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+from lowband.errors import ConfigError
+from lowband.transport._stats import CommStats
+from lowband.transport.group import Group
+
+__all__ = ["IslandGroup", "init_island_group", "segment_owner"]
+
+log = logging.getLogger(__name__)
+
+#: More segments than this means many WAN groups per rank: ask for ``segments=`` then.
+MAX_SEGMENTS = 64
+
+ENV_ISLAND = "LOWBAND_ISLAND"
+ENV_ISLANDS = "LOWBAND_ISLANDS"
+ENV_COORDINATOR = "LOWBAND_COORDINATOR"
+
+
+def segment_owner(segment: int, island_size: int, segments: int) -> int:
+    """The local rank that owns canonical ``segment`` in an island of ``island_size`` ranks."""
+    return segment * island_size // segments
+
+
+class IslandGroup:
+    """This rank's place among the islands, and the WAN groups (flows) it takes part in.
+
+    Attributes:
+        island: the ``torch.distributed`` process group of this rank's island.
+        island_id, islands: this island's id and the number of islands.
+        sizes: the number of ranks of every island, by island id.
+        local_rank, local_size: this rank in its island.
+        segments: the number of canonical segments.
+        flows: ``{segment: Group}`` for the segments this rank owns; each Group has one
+            member per island (rank = island id).
+    """
+
+    def __init__(
+        self,
+        *,
+        island: Any,
+        island_id: int,
+        sizes: tuple[int, ...],
+        local_rank: int,
+        segments: int,
+        flows: dict[int, Group],
+    ) -> None:
+        self.island = island
+        self.island_id = island_id
+        self.sizes = sizes
+        self.islands = len(sizes)
+        self.local_rank = local_rank
+        self.local_size = sizes[island_id]
+        self.segments = segments
+        self.flows = flows
+
+    # GroupLike's rank/world_size: this rank's island among the islands
+    @property
+    def rank(self) -> int:
+        return self.island_id
+
+    @property
+    def world_size(self) -> int:
+        return self.islands
+
+    @property
+    def on_failure(self) -> str:
+        return next(iter(self.flows.values())).on_failure
+
+    def owner(self, segment: int, island_id: int | None = None) -> int:
+        """The local rank owning ``segment`` in island ``island_id`` (default: this one)."""
+        size = self.sizes[self.island_id if island_id is None else island_id]
+        return segment_owner(segment, size, self.segments)
+
+    def owned(self) -> list[int]:
+        """The canonical segments this rank owns, in order."""
+        return [s for s in range(self.segments) if self.owner(s) == self.local_rank]
+
+    @property
+    def island_flows(self) -> int:
+        """WAN flows of this whole island: one per segment, whichever rank owns it."""
+        return self.segments
+
+    @property
+    def stats(self) -> CommStats:
+        """The sum of this rank's flows; ``per_peer`` is keyed by island id; ``flows`` counts them."""
+        out = CommStats()
+        for g in self.flows.values():
+            out.add(g.stats)
+        out.flows = len(self.flows)
+        return out
+
+    def close(self) -> None:
+        for g in self.flows.values():
+            g.close()
+
+    def __enter__(self) -> IslandGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"IslandGroup(island={self.island_id}/{self.islands}, sizes={self.sizes}, "
+            f"local_rank={self.local_rank}, segments={self.segments}, flows={sorted(self.flows)})"
+        )
+
+
+def _env_int(name: str, what: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise ConfigError(f"init_group(island=...) needs {what}: pass it or set ${name}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name} must be an integer, got {value!r}") from None
+
+
+def init_island_group(
+    island: Any,
+    *,
+    island_id: int | None,
+    islands: int | None,
+    store: str | None,
+    segments: int | None,
+    group_name: str,
+    join: Any,
+) -> IslandGroup:
+    """Build an :class:`IslandGroup`; ``join(rank, world_size, store, group_name, config)``
+    joins one lowband group (``init_group`` with the caller's other arguments)."""
+    import torch
+    import torch.distributed as dist
+
+    if island_id is None:
+        island_id = _env_int(ENV_ISLAND, "island_id= (this island's id, 0..islands-1)")
+    if islands is None:
+        islands = _env_int(ENV_ISLANDS, "islands= (the number of islands)")
+    if store is None:
+        store = os.environ.get(ENV_COORDINATOR)
+    if store is None:
+        raise ConfigError(
+            "islands need one lowband coordinator shared by every island: start it with "
+            "`lowband coordinator --bind HOST:PORT` and pass init_group(island=..., store='HOST:PORT') "
+            f"or set ${ENV_COORDINATOR} (the coordinator torchrun would start is per job, so it "
+            "cannot join islands launched by separate torchrun commands)"
+        )
+    if not dist.is_initialized():
+        raise ConfigError("init_group(island=...) needs torch.distributed initialized first (the island)")
+    if islands < 1 or not 0 <= island_id < islands:
+        raise ConfigError(f"island_id {island_id} is not in [0, islands={islands})")
+    local_rank = dist.get_rank(island)
+    local_size = dist.get_world_size(island)
+    leader = dist.get_global_rank(island, 0) if island is not dist.group.WORLD else 0
+
+    # Island sizes: the island leaders tell each other (a small lowband group), then
+    # each leader tells its island.
+    sizes_box: list[Any] = [None]
+    if local_rank == 0:
+        directory = join(island_id, islands, store, f"{group_name}/islands", {"role": "directory"})
+        try:
+            onehot = torch.zeros(islands)
+            onehot[island_id] = float(local_size)
+            summed = directory.all_reduce(onehot, op="sum").wait()
+            sizes_box[0] = tuple(int(v) for v in summed.tolist())
+        finally:
+            _close_after_barrier(directory)
+    dist.broadcast_object_list(sizes_box, src=leader, group=island)
+    sizes: tuple[int, ...] = sizes_box[0]
+    if min(sizes) < 1:
+        raise ConfigError(f"island sizes {sizes}: every island needs at least one rank")
+    if segments is None:
+        segments = math.lcm(*sizes)
+        if segments > MAX_SEGMENTS:
+            raise ConfigError(
+                f"island sizes {sizes} give {segments} canonical segments (their lcm), over "
+                f"{MAX_SEGMENTS}: pass segments= (a multiple of the largest island's size)"
+            )
+    if segments < max(sizes):
+        raise ConfigError(f"segments={segments} is below the largest island's size {max(sizes)}")
+    config = {"islands": list(sizes), "segments": segments}
+    flows: dict[int, Group] = {}
+    try:
+        for s in range(segments):  # in segment order on every rank, so no join waits in a cycle
+            if segment_owner(s, local_size, segments) == local_rank:
+                flows[s] = join(island_id, islands, store, f"{group_name}/seg{s}", config)
+    except BaseException:
+        for g in flows.values():
+            g.close()
+        raise
+    group = IslandGroup(
+        island=island, island_id=island_id, sizes=sizes, local_rank=local_rank,
+        segments=segments, flows=flows,
+    )
+    log.info("joined islands as %r", group)
+    return group
+
+
+def _close_after_barrier(group: Group) -> None:
+    # a leader that closes first could strand a peer still receiving its last message
+    try:
+        group.barrier(timeout=60.0)
+    finally:
+        group.close()
