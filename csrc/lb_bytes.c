@@ -1,61 +1,7 @@
-/* Byte-level kernels of the wire format: the lb64 payload checksum, LEB128 gap
- * coding of sorted positions (strictly validated on decode: untrusted bytes never
- * read or write out of bounds), and bit packing of index/code widths. */
+/* Byte-level kernels of the wire format: LEB128 gap coding of sorted positions
+ * (strictly validated on decode: untrusted bytes never read or write out of bounds),
+ * and bit packing of index/code widths. */
 #include "lb_common.h"
-
-#define LB_K1 0x9E3779B97F4A7C15ull
-#define LB_K2 0xBF58476D1CE4E5B9ull
-
-static inline uint64_t lb_fmix64(uint64_t z) {
-    z ^= z >> 33;
-    z *= 0xFF51AFD7ED558CCDull;
-    z ^= z >> 33;
-    z *= 0xC4CEB9FE1A85EC53ull;
-    z ^= z >> 33;
-    return z;
-}
-
-static inline uint64_t lb_mix(uint64_t w, uint64_t i) {
-    uint64_t x = (w ^ (i * LB_K1)) * LB_K2;
-    return x ^ (x >> 31);
-}
-
-static uint64_t mix_range(const uint8_t *p, int64_t lo, int64_t hi) {
-    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    int64_t i = lo;
-    for (; i + 4 <= hi; i += 4) {
-        uint64_t w[4];
-        memcpy(w, p + 8 * i, 32);
-        a0 += lb_mix(w[0], (uint64_t)i);
-        a1 += lb_mix(w[1], (uint64_t)i + 1);
-        a2 += lb_mix(w[2], (uint64_t)i + 2);
-        a3 += lb_mix(w[3], (uint64_t)i + 3);
-    }
-    for (; i < hi; i++) {
-        uint64_t w;
-        memcpy(&w, p + 8 * i, 8);
-        a0 += lb_mix(w, (uint64_t)i);
-    }
-    return a0 + a1 + a2 + a3;
-}
-
-/* lb64 of n bytes (see checksum() in _ref.py). Little-endian hosts only. */
-uint64_t lb_checksum(const uint8_t *p, int64_t n, int nthreads) {
-    int64_t m = n / 8;
-    uint64_t acc = 0;
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if (n < (1 << 20)) nt = 1;
-    const int64_t per = 1 << 15; /* words per dynamically scheduled chunk (256 KiB) */
-    int64_t chunks = (m + per - 1) / per;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(+ : acc)
-    for (int64_t ch = 0; ch < chunks; ch++) acc += mix_range(p, ch * per, (ch + 1) * per < m ? (ch + 1) * per : m);
-    if (n % 8) {
-        uint64_t w = 0;
-        memcpy(&w, p + 8 * m, (size_t)(n % 8));
-        acc += lb_mix(w, (uint64_t)m);
-    }
-    return lb_fmix64(acc ^ (uint64_t)n);
-}
 
 /* LEB128 gaps of strictly increasing non-negative positions into out (room for
  * 10 bytes a position). Returns the byte count, or -1 if not strictly increasing. */

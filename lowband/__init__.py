@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-#: Version of the payload and transport wire formats; peers must agree on it.
-WIRE_VERSION = 1
+from lowband._version import WIRE_VERSION, __version__
 
 __all__ = [
     "__version__",

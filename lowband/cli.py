@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from lowband import __version__
+        from lowband._version import __version__
 
         print(f"lowband {__version__}")
         return 0

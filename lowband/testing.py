@@ -34,6 +34,15 @@ seconds of ``import torch``)::
     store, addr = start_store()              # a real torch TCPStore, served from this process
     results = spawn_group(4, worker, addr, timeout=60)   # ``fn(rank, world_size, *args)`` per process
 
+Small models and data that the optimizer tests share (ranks as threads share torch's
+global generator, so ``seeded`` holds a lock while it draws)::
+
+    model = tiny_mlp(16, 96, 4, seed=0)                      # Linear/Tanh/Linear, seeded
+    x, y = regression_batch(rank, step, rows=32, features=16, outputs=4,
+                            target=lambda v: torch.tanh(1.5 * v), noise=0.05)
+    loss = train_step(model, opt, x, y)                       # zero_grad, MSE, backward, step
+    RecordingGroup(group).calls                               # the collectives called, in order
+
 ``spawn_group`` runs on the shared :class:`ProcessPool` (``default_pool()``; the
 ``process_pool`` fixture of ``tests/conftest.py`` closes it at the end of the
 session, and an ``atexit`` hook does as well). A worker that dies (``kill_self()``
@@ -45,14 +54,18 @@ do errors raised by ``fn``) or the first error is raised.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
+
+import torch
 
 from lowband.errors import CollectiveTimeout
 from lowband.transport._local import LocalHub
@@ -62,11 +75,19 @@ __all__ = [
     "interruptible",
     "ProcessDied",
     "ProcessPool",
+    "RecordingGroup",
     "ThreadGroup",
     "default_pool",
+    "flat_params",
     "kill_self",
+    "load_state_bytes",
+    "regression_batch",
+    "seeded",
     "spawn_group",
     "start_store",
+    "state_bytes",
+    "tiny_mlp",
+    "train_step",
 ]
 
 
@@ -145,6 +166,102 @@ class ThreadGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RecordingGroup:
+    """A group seen through a log of the collectives called on it (delegation, no patching)."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
+
+    def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(f"all_reduce:{kwargs.get('key', '')}")
+        return self._group.all_reduce(tensor, *args, **kwargs)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Any:
+        self.calls.append("broadcast")
+        return self._group.broadcast(tensor, src)
+
+    def verify(self, config: Any, **kwargs: Any) -> None:
+        self.calls.append("verify")
+        self._group.verify(config, **kwargs)
+
+
+# -- small models and data ----------------------------------------------------------------------
+
+_SEED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` for the block, one thread at a time: the ranks of a
+    :class:`ThreadGroup` share torch's global generator."""
+    with _SEED_LOCK:
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_mlp(*widths: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+    """``Linear`` layers of ``widths`` (``tiny_mlp(16, 96, 4)``) with ``Tanh`` between, drawn
+    under :func:`seeded`."""
+    layers: list[torch.nn.Module] = []
+    with seeded(seed):
+        for i, (a, b) in enumerate(zip(widths, widths[1:])):
+            if i:
+                layers.append(torch.nn.Tanh())
+            layers.append(torch.nn.Linear(a, b))
+        return torch.nn.Sequential(*layers).to(dtype)
+
+
+def regression_batch(
+    rank: int,
+    step: int,
+    *,
+    rows: int,
+    features: int,
+    outputs: int,
+    target: Callable[[torch.Tensor], torch.Tensor],
+    noise: float,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s batch of step ``step``: ``x`` normal, ``y = target(x[:, :outputs])``
+    plus ``noise`` times normal noise, from a generator seeded by (rank, step)."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(rows, features, generator=g)
+    y = target(x[:, :outputs]) + noise * torch.randn(rows, outputs, generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """One step of mean-squared error on ``(x, y)`` (the loss in fp32); returns the loss."""
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter of ``model``, in fp32, end to end."""
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> bytes:
+    """Model and optimizer state as ``torch.save`` writes them (what a resume reads back)."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def load_state_bytes(saved: bytes) -> dict[str, Any]:
+    """What :func:`state_bytes` wrote: ``{"model": ..., "opt": ...}``."""
+    return torch.load(io.BytesIO(saved), weights_only=True)
 
 
 # -- real processes -----------------------------------------------------------------------------

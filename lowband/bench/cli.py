@@ -293,7 +293,7 @@ def _check_links_carried(method: dict[str, Any], mode: str) -> None:
 
 def run(args: BenchArgs, *, argv: list[str]) -> dict[str, Any]:
     """Run the benchmark and write its files; returns the results dictionary."""
-    from lowband import __version__
+    from lowband._version import __version__
     from lowband.bench import report
     from lowband.bench._units import format_rate
     from lowband.bench.data import load_corpus

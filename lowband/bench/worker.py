@@ -32,21 +32,13 @@ import torch
 
 from lowband.bench.methods import TrainConfig, build_method
 from lowband.bench.model import CharTransformer, ModelConfig, evaluate_loss
+from lowband.transport import CommStats
 
 __all__ = ["WorkerSpec", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-_STAT_FIELDS = (
-    "bytes_sent",
-    "bytes_received",
-    "transport_bytes_sent",
-    "transport_bytes_received",
-    "messages",
-    "syncs",
-    "seconds_in_comm",
-    "seconds_waited",
-)
+_STAT_FIELDS = CommStats.TOTALS
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ bounds, :mod:`lowband.compress._payload` for the byte layout.
 
 from lowband.compress._cast import Cast
 from lowband.compress._codec import Codec
-from lowband.compress._dct import DCT
-from lowband.compress._feedback import ErrorFeedback
+from lowband.compress._dct import DCT, TileLayout, dct2
+from lowband.compress._feedback import ErrorFeedback, encode_with_feedback
 from lowband.compress._payload import MAX_PAYLOAD_BYTES, Payload
 from lowband.compress._quant import BlockQuant, Sign
 from lowband.compress._spec import parse
@@ -27,8 +27,11 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "Payload",
     "Sign",
+    "TileLayout",
     "TopK",
+    "dct2",
     "decode",
+    "encode_with_feedback",
     "parse",
 ]
 

@@ -21,7 +21,6 @@ _FP16_MAX = 65504.0
 @dataclass(frozen=True)
 class Cast:
     name: str = "fp32"
-    lossy_zero: bool = False  # zero is exact on every cast
 
     def __post_init__(self) -> None:
         if self.name not in _WIDTH:

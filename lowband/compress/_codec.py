@@ -50,10 +50,6 @@ class Codec:
         """True when only some positions travel: reduce by all-gather, not reduce-scatter."""
         return self.topk is not None
 
-    @property
-    def lossless(self) -> bool:
-        return self.topk is None and isinstance(self.value, Cast) and self.value.name == "fp32"
-
     # -- sizes ---------------------------------------------------------------------------------
 
     def _raw_bounds(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -29,7 +29,7 @@ from lowband.compress._codec import Codec
 from lowband.compress._payload import Payload
 from lowband.errors import ConfigError
 
-__all__ = ["ErrorFeedback", "check_contraction"]
+__all__ = ["ErrorFeedback", "check_contraction", "encode_with_feedback"]
 
 
 def check_contraction(codec: Codec) -> None:
@@ -44,6 +44,24 @@ def check_contraction(codec: Codec) -> None:
             "without bound; use 'sign' in place of 'q1' (the same bit per value, scaled by "
             "mean|v|), or turn error feedback off"
         )
+
+
+def encode_with_feedback(
+    codec: Codec, x: torch.Tensor, residual: torch.Tensor, decay: float = 1.0
+) -> Payload:
+    """Encode ``x + decay * residual`` and keep in ``residual`` (fp32, x.numel()) what was not sent.
+
+    Quantizers and top-k do it in the pass that encodes; a codec with a ``dct`` stage keeps
+    the residual in the input domain, so what was sent is decoded once and subtracted.
+    """
+    if codec.dct is None:
+        return codec.encode(x, residual=residual, decay=decay)
+    v = x.detach().reshape(-1).to(torch.float32) + (residual * decay if decay != 1.0 else residual)
+    p = codec.encode(v.view(x.shape), dtype=x.dtype)
+    sent = torch.zeros_like(v)
+    codec.decode_into(p, sent, accumulate=False)
+    residual.copy_(v - sent)
+    return p
 
 
 class ErrorFeedback:
@@ -73,15 +91,7 @@ class ErrorFeedback:
         c = self.codec if codec is None else codec
         if codec is not None:
             check_contraction(c)
-        r = self.residual(key, x)
-        if c.dct is None:
-            return c.encode(x, residual=r, decay=self.decay)
-        v = x.detach().reshape(-1).to(torch.float32) + (r * self.decay if self.decay != 1.0 else r)
-        p = c.encode(v.view(x.shape), dtype=x.dtype)
-        sent = torch.zeros_like(v)
-        c.decode_into(p, sent, accumulate=False)
-        r.copy_(v - sent)
-        return p
+        return encode_with_feedback(c, x, self.residual(key, x), self.decay)
 
     def reset(self, key: str | None = None) -> None:
         if key is None:

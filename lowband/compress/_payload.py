@@ -12,8 +12,8 @@ Header (little-endian), version 1::
     shape        ndim x u64
     spec         spec_len bytes
     lengths      nbuf x u64  byte length of each buffer frame
-    checksums    nbuf x u64  lb64 of each buffer frame
-    head_sum     u64         lb64 of every header byte before it
+    checksums    nbuf x u64  XXH3-64 of each buffer frame
+    head_sum     u64         XXH3-64 of every header byte before it
 
 No pickle, no JSON: every field has a fixed width and a cap, so
 :meth:`Payload.from_frames` validates magic, version, dtype, shape, spec, every
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lowband import WIRE_VERSION
+from lowband._version import WIRE_VERSION
 from lowband.errors import CodecError
 from lowband.kernels import checksum
 
-__all__ = ["Payload", "DTYPES", "MAX_PAYLOAD_BYTES", "Buffer"]
+__all__ = ["Payload", "DTYPES", "MAX_PAYLOAD_BYTES"]
 
 MAGIC = b"LBND"
 _FIXED = struct.Struct("<4sBBBBHH")
@@ -48,7 +48,6 @@ MAX_PAYLOAD_BYTES = 1 << 34
 DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
-Buffer = "torch.Tensor | bytes | bytearray | memoryview"
 
 
 def _as_bytes_view(buf: object) -> memoryview:
@@ -152,7 +151,7 @@ class Payload:
             raise CodecError(f"header frame has {head.nbytes} bytes, {hsize} expected")
         (head_sum,) = struct.unpack_from("<Q", head, hsize - 8)
         if checksum(head[: hsize - 8]) != head_sum:
-            raise CodecError("header checksum mismatch: corrupted or tampered header")
+            raise CodecError("header checksum mismatch: the header was corrupted (a checksum catches accidents, not tampering: CURVE authenticates)")
         if len(frames) != 1 + nbuf:
             raise CodecError(f"payload has {len(frames) - 1} buffer frames, header says {nbuf}")
         off = _FIXED.size
@@ -188,7 +187,7 @@ class Payload:
         if verify:
             for i, (b, s) in enumerate(zip(bufs, sums)):
                 if checksum(b) != s:
-                    raise CodecError(f"buffer {i} checksum mismatch: corrupted or tampered payload")
+                    raise CodecError(f"buffer {i} checksum mismatch: the payload was corrupted (a checksum catches accidents, not tampering: CURVE authenticates)")
         p = cls(spec=spec, dtype=dtype, shape=tuple(shape), buffers=bufs)
         p._frames = [bytes(head), *bufs]
         return p

@@ -42,14 +42,12 @@ class BlockQuant:
     bits: int = 8
     block: int = 256
     stochastic: bool = False
-    lossy_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in kernels.HALF_RANGE:
             raise ConfigError(f"q{self.bits} is not a grid: choose q8, q4, q2 or q1")
         if self.block < 8 or self.block % 8 or self.block > (1 << 20):
             raise ConfigError(f"block must be a multiple of 8 between 8 and 2**20, got {self.block}")
-        object.__setattr__(self, "lossy_zero", self.bits <= 2)
 
     def __str__(self) -> str:
         opts = []
@@ -84,7 +82,6 @@ class BlockQuant:
 @dataclass(frozen=True)
 class Sign(BlockQuant):
     bits: int = 1
-    lossy_zero: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

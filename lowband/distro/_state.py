@@ -4,7 +4,7 @@ Each parameter with a gradient so far has, in ``optimizer.state[p]``:
 
 * ``momentum_dct`` (parameters of two or more dimensions): the fp32 momentum as the DCT-II
   coefficients of its tiles, shape ``(ntiles, tile_numel)`` of
-  ``TileLayout.for_shape(p.shape, chunk)`` (tile-major, as :meth:`TileLayout.forward`
+  ``param_layout(p.shape, chunk)`` (tile-major, as :meth:`TileLayout.forward`
   lays them out). DeMo updates it in the DCT domain (see :mod:`lowband.distro.demo`).
 * ``momentum`` (1-D parameters and scalars, which are packed with their group's other
   1-D parameters): the fp32 momentum in the parameter's own shape.
@@ -13,20 +13,28 @@ Each parameter with a gradient so far has, in ``optimizer.state[p]``:
 
 A checkpoint written before the momentum moved to the DCT domain holds ``momentum`` in
 the parameter's shape for every parameter; :func:`checked_state` converts it (one
-forward DCT, exact to fp32 rounding).
+forward DCT, exact to fp32 rounding). One written before N-D parameters were tiled as
+``(dim0, rest)`` (a state dict without ``"tiling": TILING``) holds the ``momentum_dct`` of a
+parameter of three or more dimensions in the older layout ``(prod(shape[:-1]), shape[-1])``
+(now the split with the fewest tiles, see :mod:`lowband.compress._dct`);
+it is converted the same way (an inverse DCT in the old layout, a forward in the new).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from lowband.distro._tiling import TileLayout
+from lowband.compress import TileLayout
+from lowband.distro._bucket import param_layout
 from lowband.errors import ConfigError
 
-__all__ = ["MOMENTUM", "MOMENTUM_DCT", "PENDING", "checked_state"]
+__all__ = ["MOMENTUM", "MOMENTUM_DCT", "PENDING", "TILING", "checked_state"]
+
+TILING = 2  # the state dict's "tiling": N-D parameters split where they have the fewest tiles
 
 MOMENTUM = "momentum"
 MOMENTUM_DCT = "momentum_dct"
@@ -45,6 +53,7 @@ def checked_state(
     saved param group's hyperparameters. Anything malformed raises ConfigError before
     the optimizer is touched.
     """
+    legacy = isinstance(state_dict, dict) and state_dict.get("tiling") != TILING
     if not (
         isinstance(state_dict, dict)
         and isinstance(state_dict.get("state"), dict)
@@ -69,11 +78,13 @@ def checked_state(
         for i, p in zip(g["params"], ps):
             saved = state_dict["state"].get(i)
             if saved is not None:
-                out[p] = _buffers(saved, p, g["chunk"], f"parameter {i} (group {n})")
+                out[p] = _buffers(saved, p, g["chunk"], f"parameter {i} (group {n})", legacy)
     return out
 
 
-def _buffers(saved: Any, p: torch.Tensor, chunk: int, where: str) -> dict[str, torch.Tensor]:
+def _buffers(
+    saved: Any, p: torch.Tensor, chunk: int, where: str, legacy: bool
+) -> dict[str, torch.Tensor]:
     if not isinstance(saved, dict):
         raise ConfigError(f"{where}: its state is a {type(saved).__name__}, not a dict")
     unknown = set(saved) - {MOMENTUM, MOMENTUM_DCT, PENDING}
@@ -92,14 +103,23 @@ def _buffers(saved: Any, p: torch.Tensor, chunk: int, where: str) -> dict[str, t
             )
         _shape(bufs, MOMENTUM, tuple(p.shape), where)
         return bufs
-    lay = TileLayout.for_shape(p.shape, chunk)
+    lay = param_layout(p.shape, chunk)
     if MOMENTUM in bufs:
         if MOMENTUM_DCT in bufs:
             raise ConfigError(f"{where}: both '{MOMENTUM}' and '{MOMENTUM_DCT}'")
         _shape(bufs, MOMENTUM, tuple(p.shape), where)
         bufs[MOMENTUM_DCT] = lay.forward(bufs.pop(MOMENTUM))  # an older checkpoint
+    elif legacy and p.dim() >= 3 and MOMENTUM_DCT in bufs:
+        old = _legacy_layout(tuple(p.shape), chunk)
+        _shape(bufs, MOMENTUM_DCT, (old.ntiles, old.tile_numel), where)
+        bufs[MOMENTUM_DCT] = lay.forward(old.inverse(bufs[MOMENTUM_DCT]))
     _shape(bufs, MOMENTUM_DCT, (lay.ntiles, lay.tile_numel), where)
     return bufs
+
+
+def _legacy_layout(shape: tuple[int, ...], chunk: int) -> TileLayout:
+    """The layout of an N-D parameter before issue 17.5: ``(prod(shape[:-1]), shape[-1])``."""
+    return TileLayout.for_matrix(shape, (math.prod(shape[:-1]), shape[-1]), chunk, full_tiles=False)
 
 
 def _shape(bufs: dict[str, torch.Tensor], key: str, want: tuple[int, ...], where: str) -> None:

@@ -1,7 +1,7 @@
 """What DeMo puts on the wire for one bucket of tiles, and how peers' buckets combine.
 
 A bucket holds the tile-major DCT coefficients of every parameter of one param group
-whose tiles have the same shape of ``T`` values (see :mod:`lowband.distro._tiling`; a
+whose tiles have the same shape of ``T`` values (see :mod:`lowband.compress._dct`; a
 group's 1-D parameters are packed and ride in the bucket of the ``chunk x chunk``
 tiles), concatenated into one flat fp32 vector, so one step sends one payload per
 bucket: usually one per param group.
@@ -30,13 +30,14 @@ loud relative to the coefficients all peers agree on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from lowband.compress import Codec, Payload, parse
+from lowband.compress import Codec, Payload, Sign, TopK, parse
 from lowband.errors import CodecError, ConfigError, ConfigMismatch
 
 __all__ = ["BucketCodec", "bucket_codec", "value_spec", "combine"]
@@ -54,16 +55,20 @@ class BucketCodec:
 
 
 def value_spec(codec: str | Codec | None) -> str | None:
-    """Validate a user value codec (``codec=`` of DeMo); None means per-tile signs."""
-    if codec is None:
-        return None
+    """Validate a user value codec (``codec=`` of DeMo); None means per-tile signs.
+
+    Returns the canonical spec (what a param group and its state dict hold)."""
+    return None if codec is None else str(_value_codec(codec))
+
+
+def _value_codec(codec: str | Codec) -> Codec:
     c = parse(codec)
     if c.topk is not None or c.dct is not None:
         raise ConfigError(
             f"DeMo's codec= is the value codec of the selected coefficients (e.g. 'q4', 'fp16', 'sign'); "
             f"{str(c)!r} names its own dct/topk stage: set DeMo's chunk= and topk= instead"
         )
-    return str(c)
+    return c
 
 
 def _sign_block(n: int) -> int:
@@ -72,12 +77,16 @@ def _sign_block(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def bucket_codec(tile: int, *, topk: int, value: str | None) -> BucketCodec:
-    """The codec for tiles of ``tile`` values: sparse top-``topk`` or dense, whichever is smaller."""
-    dense = parse(value if value is not None else f"sign:block={_sign_block(tile)}")
+    """The codec for tiles of ``tile`` values: sparse top-``topk`` or dense, whichever is smaller.
+
+    ``value`` is a param group's value codec (:func:`value_spec`); None: per-tile signs.
+    """
+    fixed = None if value is None else _value_codec(value)
+    dense = fixed or Codec(value=Sign(block=_sign_block(tile)))
     choice = BucketCodec(dense, tile, sparse=False)
     if topk < tile:
-        vals = value if value is not None else f"sign:block={_sign_block(topk)}"
-        sparse = parse(f"topk:k={topk},tile={tile}+{vals}")
+        vals = fixed or Codec(value=Sign(block=_sign_block(topk)))
+        sparse = dataclasses.replace(vals, topk=TopK(k=topk, tile=tile))
         g = torch.Generator().manual_seed(0)
         probe = torch.randn(_PROBE_TILES * tile, generator=g)
         if sparse.encode(probe).nbytes < dense.encode(probe).nbytes:

@@ -7,7 +7,7 @@ step, with ``m`` in fp32 whatever the parameter's dtype::
 
     p   *= 1 - lr * weight_decay                 # decoupled weight decay
     m    = decay * m + lr * grad
-    c    = DCT-II of chunk x chunk tiles of m    # lowband.distro._tiling
+    c    = DCT-II of chunk x chunk tiles of m    # lowband.compress._dct
     q    = top-k of each tile of c, values coded # one payload per bucket (_wire)
     m   -= IDCT(decoded q)                       # what was sent leaves the momentum
     Q    = mean over participants of every peer's decoded q
@@ -24,7 +24,7 @@ one of the combined update per bucket and step, instead of three (the state form
 
 A param group's 1-D parameters (biases, norm gains) are packed into one vector and
 tiled with the matrices' ``chunk x chunk`` tiles, so they travel at the same density
-and usually in the same payload (:meth:`TileLayout.for_packed`). The packing is redone
+and usually in the same payload (:func:`lowband.distro._bucket.packed_layout`). The packing is redone
 each step from the parameters that have a gradient, so these keep ``m`` in their own
 shape and follow the steps above literally.
 
@@ -41,23 +41,19 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lowband.compress import Payload
-from lowband.distro._bucket import Entry, buckets, per_param, spans, split
-from lowband.distro._start import agree_on_start
-from lowband.distro._state import MOMENTUM, MOMENTUM_DCT, checked_state
+from lowband.compress import Payload, dct2
+from lowband.distro._bucket import Entry, buckets, param_layout, per_param, spans, split
+from lowband.distro._state import MOMENTUM, MOMENTUM_DCT, TILING, checked_state
 from lowband.distro._state import PENDING as _PENDING
-from lowband.distro._stats import add_transport, transport_counts
-from lowband.distro._tiling import TileLayout, dct2
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
 from lowband.errors import CodecError, ConfigError
-from lowband.transport._stats import CommStats
+from lowband.transport import CommStats, agree_on_start
 
 __all__ = ["DeMo"]
 
@@ -82,8 +78,6 @@ class _Bucket:
 @dataclass
 class _Exchange:
     buckets: list[_Bucket] = field(default_factory=list)
-    started: float = 0.0
-    transport_before: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def _check(g: dict[str, Any]) -> None:
@@ -127,10 +121,10 @@ class DeMo(torch.optim.Optimizer):
             (a different subset per peer), so the robust rules of the dense all-reduce
             (``"trimmed_mean"``, ``"median"``, ``"norm_clip"``) raise ConfigError.
 
-    ``opt.stats`` (a :class:`~lowband.transport.CommStats`) counts the payload bytes of
-    this optimizer's exchanges: each step sends this rank's payload to, and receives one
-    payload from, every other participant. Transport bytes are the group's
-    (``group.stats``), counted over the exchange's time window.
+    ``opt.stats`` (a :class:`~lowband.transport.CommStats`) adds up the exact counts of
+    this optimizer's exchanges (each ``Work``'s): each step sends this rank's payload to,
+    and receives one payload from, every other participant. The start-up handshake is not
+    counted; heartbeats and acknowledgements are the group's alone (``group.stats``).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -181,7 +175,6 @@ class DeMo(torch.optim.Optimizer):
         self.overlap = overlap
         self.stats = CommStats()
         self._inflight: _Exchange | None = None
-        self._transport_mark: dict[int, tuple[int, int]] = {}  # group counters last accounted
         super().__init__(params, defaults)
         agree_on_start(
             group, self._handshake(), [p for g in self.param_groups for p in g["params"]]
@@ -285,8 +278,6 @@ class DeMo(torch.optim.Optimizer):
                 torch._foreach_add_(vm, [p.grad for p in vectors], alpha=lr)
             for entries in buckets(matrices, vectors, g["chunk"]):
                 ex.buckets.append(self._encode(g, entries))
-        ex.transport_before = transport_counts(self.group)
-        ex.started = time.perf_counter()
         for b in ex.buckets:
             b.work = self.group.all_gather(b.payload)
         return ex
@@ -366,24 +357,17 @@ class DeMo(torch.optim.Optimizer):
         if MOMENTUM_DCT not in st:
             return None
         chunk = next(g["chunk"] for g in self.param_groups if any(q is p for q in g["params"]))
-        return TileLayout.for_shape(p.shape, chunk).inverse(st[MOMENTUM_DCT])
+        return param_layout(p.shape, chunk).inverse(st[MOMENTUM_DCT])
 
     def _resolve(self) -> None:
         """Wait for the exchange in flight and store each parameter's update in its state."""
         ex, self._inflight = self._inflight, None
         if ex is None:
             return
-        rank = self.group.rank
-        waited = 0.0
         for b in ex.buckets:
-            t0 = time.perf_counter()
             payloads = list(b.work.wait())
-            waited += time.perf_counter() - t0
+            self.stats.add(b.work.stats)
             mean, _ = combine(b.codec.codec, payloads, b.numel, b.entries[0].params[0].device)
-            for r, pl in enumerate(payloads):
-                if r != rank and pl is not None:
-                    self.stats.count_send(r, b.payload.nbytes, 0)
-                    self.stats.count_recv(r, pl.nbytes, 0)
             update = dct2(mean.view(-1, *b.entries[0].layout.tile_shape), inverse=True)
             if b.group["sign"]:
                 update.sign_()
@@ -392,20 +376,7 @@ class DeMo(torch.optim.Optimizer):
                 # often a view of the bucket's update: no copy (a state_dict saves the
                 # shared storage once; load_state_dict makes each its own tensor)
                 self.state[p][_PENDING] = part.to(p.device)
-        with self.stats._lock:
-            self.stats.syncs += 1
-            self.stats.seconds_waited += waited
-            self.stats.seconds_in_comm += time.perf_counter() - ex.started
-        # Exchanges may overlap (overlap=True queues one behind the other): count each of the
-        # group's transport bytes once, from the later of this launch and the last account.
-        after = transport_counts(self.group)
-        zero = (0, 0)
-        before = {
-            r: tuple(map(max, ex.transport_before.get(r, zero), self._transport_mark.get(r, zero)))
-            for r in after
-        }
-        add_transport(self.stats, before, after)  # type: ignore[arg-type]
-        self._transport_mark = after
+        self.stats.count_sync()
 
     def _apply_pending(self) -> None:
         by_kind: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
@@ -424,7 +395,9 @@ class DeMo(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Torch's state dict; an exchange in flight is finished first so its update is saved."""
         self._resolve()
-        return super().state_dict()
+        sd = super().state_dict()
+        sd["tiling"] = TILING  # how N-D momenta are laid out (see lowband.distro._state)
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping every saved buffer's dtype (torch would cast fp32 momentum to bf16).

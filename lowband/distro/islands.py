@@ -19,7 +19,7 @@ import torch
 
 from lowband.errors import ConfigError
 from lowband.transport._shards import ShardPlan
-from lowband.transport._stats import CommStats, PeerStats
+from lowband.transport._stats import CommStats
 
 __all__ = ["IslandDeMo"]
 
@@ -92,16 +92,7 @@ class IslandDeMo(torch.optim.Optimizer):
         """The sum over this rank's segments; ``flows`` counts them."""
         out = CommStats()
         for inner in self._inner.values():
-            d = inner.stats.as_dict()
-            for name in ("bytes_sent", "bytes_received", "transport_bytes_sent",
-                         "transport_bytes_received", "messages"):
-                setattr(out, name, getattr(out, name) + int(d[name]))
-            out.seconds_in_comm += float(d["seconds_in_comm"])
-            out.seconds_waited += float(d["seconds_waited"])
-            for peer, counts in d["per_peer"].items():
-                mine = out.per_peer.setdefault(int(peer), PeerStats())
-                for name, value in counts.items():
-                    setattr(mine, name, getattr(mine, name) + int(value))
+            out.add(inner.stats)
         out.syncs = min((inner.stats.syncs for inner in self._inner.values()), default=0)
         out.flows = len(self.group.flows)
         return out

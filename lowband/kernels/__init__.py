@@ -15,9 +15,9 @@ last bits). The native and triton ``quantize``/``topk_tiles`` also take ``out=``
 
 from __future__ import annotations
 
+from lowband.kernels._checksum import checksum
 from lowband.kernels._dispatch import (
     available_backends,
-    checksum,
     dct_tiles,
     decode_gaps,
     dequantize,

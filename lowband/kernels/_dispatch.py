@@ -22,6 +22,7 @@ import torch
 
 from lowband.errors import BackendUnavailable, ConfigError
 from lowband.kernels import _native, _ref
+from lowband.kernels._checksum import checksum
 
 __all__ = [
     "BACKENDS",
@@ -36,7 +37,6 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
-    "checksum",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _announce(op: str, chosen: str, device: torch.device) -> None:
     if device.type == "cpu" and chosen == "torch":
         log.warning(
             "lowband.kernels: %s runs on the torch reference on CPU because the native kernels are "
-            "unavailable (%s): quantize, top-k and checksums run as multi-pass torch ops, several times "
+            "unavailable (%s): quantize, top-k and index coding run as multi-pass torch ops, several times "
             "slower (benchmarks/bench_kernels.py --backend torch). Rebuild with a C compiler: pip install -e .",
             op,
             _native.missing_reason(),
@@ -106,6 +106,19 @@ def _announce(op: str, chosen: str, device: torch.device) -> None:
 
 
 def _impl(op: str, backend: str | None, device: torch.device) -> Any:
+    """The function that runs ``op`` for ``backend`` on ``device``, resolved once per
+    (op, backend, device type, TRITON_INTERPRET): the wrappers below are called per buffer."""
+    key = (op, backend, device.type, os.environ.get("TRITON_INTERPRET"))
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _lookup(op, backend, device)
+    return fn
+
+
+_resolved: dict[tuple[str, str | None, str, str | None], Any] = {}
+
+
+def _lookup(op: str, backend: str | None, device: torch.device) -> Any:
     if backend is None:
         for chosen in available_backends(device):
             fn = getattr(_module(chosen), op, None)
@@ -142,23 +155,49 @@ def resolve(op: str, device: torch.device | str = "cpu", *, backend: str | None 
     arguments (minus ``backend=``). Raises ConfigError for an unknown op or backend and
     BackendUnavailable as the wrappers do.
     """
+    if op == "checksum":  # one implementation (lowband.kernels._checksum), no backends
+        return checksum
     if op not in _OPS:
-        raise ConfigError(f"unknown kernel op {op!r}; choose one of {sorted(_OPS)}")
+        raise ConfigError(f"unknown kernel op {op!r}; choose one of {sorted(_OPS | {'checksum'})}")
     return _impl(op, backend, torch.device(device))
 
 
 def quantize(
-    x: torch.Tensor, *, backend: str | None = None, **kw: Any
+    x: torch.Tensor,
+    *,
+    bits: int,
+    block: int = 256,
+    sign: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
+    residual: torch.Tensor | None = None,
+    decay: float = 1.0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused error feedback + blockwise quantize + bit pack (see ``_ref.quantize``)."""
-    return _impl("quantize", backend, x.device)(x, **kw)
+    """Fused error feedback + blockwise quantize + bit pack (see ``_ref.quantize``).
+
+    ``out=(codes, steps)`` reuses buffers (native and triton; the reference allocates)."""
+    fn = _impl("quantize", backend, x.device)
+    extra = {} if out is None else {"out": out}
+    return fn(x, bits=bits, block=block, sign=sign, stochastic=stochastic, seed=seed,
+              residual=residual, decay=decay, **extra)
 
 
 def dequantize(
-    codes: torch.Tensor, steps: torch.Tensor, *, backend: str | None = None, **kw: Any
+    codes: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    bits: int,
+    n: int,
+    block: int = 256,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Unpack + decode, optionally accumulating into fp32 (see ``_ref.dequantize``)."""
-    return _impl("dequantize", backend, codes.device)(codes, steps, **kw)
+    fn = _impl("dequantize", backend, codes.device)
+    return fn(codes, steps, bits=bits, n=n, block=block, out=out, accumulate=accumulate)
 
 
 def pack_bits(u: torch.Tensor, bits: int, *, backend: str | None = None) -> torch.Tensor:
@@ -174,10 +213,21 @@ def unpack_bits(
 
 
 def topk_tiles(
-    x: torch.Tensor, *, backend: str | None = None, **kw: Any
+    x: torch.Tensor,
+    *,
+    k: int,
+    tile: int,
+    residual: torch.Tensor | None = None,
+    decay: float = 1.0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tile top-k by magnitude (see ``_ref.topk_tiles``)."""
-    return _impl("topk_tiles", backend, x.device)(x, **kw)
+    """Per-tile top-k by magnitude (see ``_ref.topk_tiles``).
+
+    ``out=(local, values)`` reuses buffers (native and triton; the reference allocates)."""
+    fn = _impl("topk_tiles", backend, x.device)
+    extra = {} if out is None else {"out": out}
+    return fn(x, k=k, tile=tile, residual=residual, decay=decay, **extra)
 
 
 def scatter_accumulate(
@@ -206,8 +256,3 @@ def encode_gaps(idx: torch.Tensor, *, backend: str | None = None) -> bytes:
 def decode_gaps(data: Any, count: int, limit: int, *, backend: str | None = None) -> torch.Tensor:
     """Strict inverse of :func:`encode_gaps` (see ``_ref.decode_gaps``)."""
     return _impl("decode_gaps", backend, _CPU)(data, count, limit)
-
-
-def checksum(data: Any, *, backend: str | None = None) -> int:
-    """lb64 payload checksum (see ``_ref.checksum``)."""
-    return _impl("checksum", backend, _CPU)(data)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lowband.errors import CodecError, ConfigError
-from lowband.kernels import _ref
+from lowband.kernels import _checks, _ref
 from lowband.kernels._ref import HALF_RANGE, check_packed, packed_size, topk_count
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
-    "checksum",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lb_dequantize": (_i32, [_p, _p, _i64, _i32, _i64, _p, _i32, _i32]),
     "lb_topk_tiles": (_i32, [_p, _i32, _p, ctypes.c_float, _i64, _i64, _i64, _p, _p, _i32]),
     "lb_scatter_accumulate": (_i32, [_p, _i64, _i32, _p, _p, _p, _p, _i32]),
-    "lb_checksum": (ctypes.c_uint64, [_p, _i64, _i32]),
     "lb_encode_gaps": (_i64, [_p, _i64, _p]),
     "lb_decode_gaps": (_i32, [_p, _i64, _i64, _i64, _p]),
     "lb_pack_bits": (_i32, [_p, _i64, _i32, _p]),
@@ -173,12 +171,7 @@ def quantize(
     On NaN or Inf input this raises CodecError after the pass, and the residual's
     contents are then unspecified (the reference leaves it untouched).
     """
-    if bits not in HALF_RANGE:
-        raise CodecError(f"unsupported bit width {bits}")
-    if block < 1:
-        raise ConfigError(f"block must be >= 1, got {block}")
-    if sign and bits != 1:
-        raise ConfigError("the sign grid uses 1-bit codes")
+    _checks.quantize_args(bits, block, sign, HALF_RANGE)
     v = _flat_input(x)
     n = v.numel()
     nb = -(-n // block)
@@ -200,9 +193,7 @@ def quantize(
         _threads(),
     )
     if rc == _NONFINITE:
-        raise CodecError(
-            "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
-        )
+        raise _checks.nonfinite()
     if rc != _OK:
         raise ConfigError(f"native quantize rejected its arguments (status {rc})")
     if copy_back and residual is not None and r is not None:
@@ -311,10 +302,7 @@ def topk_tiles(
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`lowband.kernels._ref.topk_tiles`; ``out=(local, values)`` reuses buffers."""
-    if not 1 <= tile <= 65536:
-        raise CodecError(f"tile {tile} must be in 1..65536")
-    if k < 0:
-        raise ConfigError(f"k must be >= 0, got {k}")
+    _checks.topk_args(k, tile)
     v = _flat_input(x)
     n = v.numel()
     m = topk_count(n, k=k, tile=tile)
@@ -347,9 +335,7 @@ def topk_tiles(
     if copy_back and residual is not None and r is not None:
         residual.view(-1).copy_(r)
     if rc == _NONFINITE and k > 0:
-        raise CodecError(
-            "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
-        )
+        raise _checks.nonfinite()
     if rc == _NOMEM:
         raise MemoryError("native top-k could not allocate its tile buffers")
     if rc not in (_OK, _NONFINITE):
@@ -435,8 +421,3 @@ def decode_gaps(data: bytes | memoryview | np.ndarray, count: int, limit: int) -
         raise CodecError(f"position out of range (limit {limit})")
     return out
 
-
-def checksum(data: bytes | memoryview | np.ndarray) -> int:
-    """lb64 of the bytes (see :func:`lowband.kernels._ref.checksum`)."""
-    buf = _as_bytes(data)
-    return int(_L().lb_checksum(buf.ctypes.data, buf.size, _threads()))

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from lowband.errors import CodecError
+from lowband.kernels import _checks
 
 __all__ = [
     "HALF_RANGE",
@@ -59,7 +60,6 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
-    "checksum",
     "uniform_hash",
 ]
 
@@ -88,7 +88,7 @@ def uniform_hash(index: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _check_finite(v: torch.Tensor) -> None:
     if v.numel() and not bool(torch.isfinite(v).all()):
-        raise CodecError("input holds NaN or Inf: quantizers, sign and top-k accept finite values only")
+        raise _checks.nonfinite()
 
 
 def _blocks(v: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
@@ -119,6 +119,7 @@ def quantize(
     given it is overwritten with ``v - decoded`` (error feedback). ``sign=True``
     (bits must be 1) uses the mean-|v| scale. Non-finite input raises CodecError.
     """
+    _checks.quantize_args(bits, block, sign, HALF_RANGE)
     h = HALF_RANGE[bits]
     v = x.reshape(-1).to(torch.float32)
     if residual is not None:
@@ -263,6 +264,7 @@ def topk_tiles(
     ``(local, values)``: int32 tile-local indices, ascending within each tile, and
     the fp32 values at those positions; tiles follow each other in order.
     """
+    _checks.topk_args(k, tile)
     v = x.reshape(-1).to(torch.float32)
     if residual is not None:
         r = residual.reshape(-1)
@@ -403,53 +405,3 @@ def decode_gaps(data: bytes | memoryview | np.ndarray, count: int, limit: int) -
     if pos[-1] >= limit or (pos < 0).any():
         raise CodecError(f"position {int(pos[-1])} out of range (limit {limit})")
     return torch.from_numpy(pos)
-
-
-_K1 = np.uint64(0x9E3779B97F4A7C15)
-_K2 = np.uint64(0xBF58476D1CE4E5B9)
-
-
-def _fmix64(z: int) -> int:
-    m = (1 << 64) - 1
-    z ^= z >> 33
-    z = (z * 0xFF51AFD7ED558CCD) & m
-    z ^= z >> 33
-    z = (z * 0xC4CEB9FE1A85EC53) & m
-    z ^= z >> 33
-    return z
-
-
-def checksum(data: bytes | memoryview | np.ndarray) -> int:
-    """lb64: the payload checksum (64-bit, order-sensitive, not cryptographic).
-
-    Words ``w[i]`` are the little-endian uint64s of the data zero-padded to a multiple
-    of 8 bytes. ``x = (w[i] ^ (i * K1)) * K2; x ^= x >> 31``; ``acc`` is the sum of
-    all x (mod 2**64); the result is ``fmix64(acc ^ length)``. Every word is mixed
-    independently, so SIMD and threads compute it at memory speed; any single
-    changed word changes the sum.
-    """
-    b = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
-    n = b.size
-    m = n // 8
-    acc = np.uint64(0)
-    with np.errstate(over="ignore"):
-        if m:
-            w = b[: m * 8].view("<u8")
-            acc = _mix_sum(w, 0)
-        if n % 8:
-            tail = np.zeros(8, dtype=np.uint8)
-            tail[: n % 8] = b[m * 8 :]
-            acc = acc + _mix_sum(tail.view("<u8"), m)
-    return _fmix64(int(acc) ^ n)
-
-
-def _mix_sum(w: np.ndarray, start: int) -> np.uint64:
-    out = np.uint64(0)
-    step = 1 << 20  # bounded temporaries
-    for s in range(0, w.size, step):
-        ww = w[s : s + step]
-        i = np.arange(start + s, start + s + ww.size, dtype=np.uint64)
-        x = (ww ^ (i * _K1)) * _K2
-        x ^= x >> np.uint64(31)
-        out = out + x.sum(dtype=np.uint64)
-    return out

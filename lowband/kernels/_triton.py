@@ -14,7 +14,7 @@ unspecified order. Sub-byte codes are packed in the quantize kernel when the blo
 is a multiple of the codes per byte, by a second light pass otherwise (packing and
 unpacking live in :mod:`lowband.kernels._triton_bits`). ``dct_tiles``
 runs on torch's matmul (cuBLAS), which is what a Triton ``tl.dot`` would reimplement.
-The byte-stream ops (varints, lb64) are host-side only and have no Triton kernel.
+The byte-stream ops (varints) are host-side only and have no Triton kernel.
 
 triton is imported by this module and ``_triton_bits`` only, and they only when a Triton
 kernel is first asked for.
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from lowband.errors import CodecError, ConfigError
-from lowband.kernels import _ref
+from lowband.kernels import _checks, _ref
 from lowband.kernels._ref import HALF_RANGE, packed_size, topk_count
 from lowband.kernels._triton_bits import CHUNK as _CHUNK
 from lowband.kernels._triton_bits import pack_bits, pack_into, unpack_bits
@@ -220,12 +220,7 @@ def quantize(
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`lowband.kernels._ref.quantize`; ``out=(codes, steps)`` reuses buffers."""
-    if bits not in HALF_RANGE:
-        raise CodecError(f"unsupported bit width {bits}")
-    if block < 1:
-        raise ConfigError(f"block must be >= 1, got {block}")
-    if sign and bits != 1:
-        raise ConfigError("the sign grid uses 1-bit codes")
+    _checks.quantize_args(bits, block, sign, HALF_RANGE)
     v = _flat(x)
     n = v.numel()
     nb = -(-n // block)
@@ -252,9 +247,7 @@ def quantize(
         SIGN=sign, STOCH=stochastic, BLOCK=width, G=rows, **_NOFMA,
     )  # fmt: skip
     if bool(bad.any()):
-        raise CodecError(
-            "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
-        )
+        raise _checks.nonfinite()
     if not pack:
         pack_into(target, bits, codes)
     if copy_back and residual is not None and r is not None:
@@ -324,10 +317,7 @@ def topk_tiles(
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`lowband.kernels._ref.topk_tiles`; ``out=(local, values)`` reuses buffers."""
-    if not 1 <= tile <= 65536:
-        raise CodecError(f"tile {tile} must be in 1..65536")
-    if k < 0:
-        raise ConfigError(f"k must be >= 0, got {k}")
+    _checks.topk_args(k, tile)
     v = _flat(x)
     n = v.numel()
     m = topk_count(n, k=k, tile=tile)
@@ -354,9 +344,7 @@ def topk_tiles(
         if bool(bad.any()):
             if copy_back and residual is not None and r is not None:
                 residual.view(-1).copy_(r)
-            raise CodecError(
-                "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
-            )
+            raise _checks.nonfinite()
     if copy_back and residual is not None and r is not None:
         residual.view(-1).copy_(r)
     return local, vals

@@ -1,28 +1,25 @@
 """Pieces the optimizer wrappers share: the group protocol they program against,
-per-optimizer byte counters, codec and error-feedback arguments, and GradScaler support.
+adding up their collectives' counts, codec and error-feedback arguments, and GradScaler
+support.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
 
 from lowband.errors import CodecError, ConfigError
-from lowband.optim._buckets import Bucket, gather_into, scatter_from
-from lowband.transport import CommStats, PeerStats
+from lowband.transport import CommStats
 
 __all__ = [
-    "agree_on_start",
     "amp_found_inf",
     "amp_unscale",
     "GroupLike",
     "WorkLike",
-    "StatsMeter",
+    "wait_counted",
     "Ready",
     "resolve_aggregate",
     "resolve_codec",
@@ -35,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 class WorkLike(Protocol):
+    stats: CommStats
+
     def wait(self) -> Any: ...
 
 
@@ -49,85 +48,29 @@ class GroupLike(Protocol):
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> WorkLike: ...
 
-    def verify(self, config: Any) -> None: ...
+    def verify(self, config: Any, *, stats: CommStats | None = None) -> None: ...
 
 
 class Ready:
-    """A finished collective restored from a checkpoint: ``wait()`` returns its result."""
+    """A finished collective restored from a checkpoint: ``wait()`` returns its result.
+
+    Its ``stats`` are empty: the collective's counts were added when it was waited for."""
 
     def __init__(self, result: torch.Tensor) -> None:
         self.result = result
+        self.stats = CommStats()
 
     def wait(self) -> torch.Tensor:
         return self.result
 
 
-_COUNTERS = (
-    "bytes_sent",
-    "bytes_received",
-    "transport_bytes_sent",
-    "transport_bytes_received",
-    "messages",
-)
-
-
-class StatsMeter:
-    """This optimizer's share of its group's traffic, as a :class:`CommStats`.
-
-    The group counts every byte it moves; the meter adds to ``stats`` the group's
-    traffic while at least one of this optimizer's collectives is in flight. A group
-    shared with other users at the same moments is therefore counted for both.
-    ``syncs`` counts this optimizer's synchronizations and ``seconds_waited`` the
-    time its ``step()`` spent blocked on results.
-    """
-
-    def __init__(self, group: GroupLike) -> None:
-        self.stats = CommStats()
-        self._group = group
-        self._inflight = 0
-        self._last: dict[str, Any] = self._snapshot()
-        self._t_last = time.perf_counter()
-
-    def _snapshot(self) -> dict[str, Any]:
-        stats = getattr(self._group, "stats", None)
-        return stats.as_dict() if stats is not None else {}
-
-    def _observe(self) -> None:
-        now = self._snapshot()
-        t = time.perf_counter()
-        if self._inflight > 0 and now:
-            s = self.stats
-            with s._lock:
-                for name in _COUNTERS:
-                    setattr(
-                        s, name, getattr(s, name) + int(now[name]) - int(self._last.get(name, 0))
-                    )
-                s.seconds_in_comm += t - self._t_last
-                old_peers = self._last.get("per_peer", {})
-                for peer, counts in now.get("per_peer", {}).items():
-                    mine = s.per_peer.setdefault(peer, PeerStats())
-                    before = old_peers.get(peer, {})
-                    for name, value in counts.items():
-                        setattr(
-                            mine, name, getattr(mine, name) + int(value) - int(before.get(name, 0))
-                        )
-        self._last, self._t_last = now, t
-
-    def launched(self, count: int = 1) -> None:
-        """Call just before handing ``count`` collectives to the group."""
-        self._observe()
-        self._inflight += count
-
-    def finished(self, count: int = 1, *, waited: float = 0.0) -> None:
-        """Call once ``count`` collectives have returned their results."""
-        self._observe()
-        self._inflight -= count
-        with self.stats._lock:
-            self.stats.seconds_waited += waited
-
-    def count_sync(self) -> None:
-        with self.stats._lock:
-            self.stats.syncs += 1
+def wait_counted(works: list[Any], stats: CommStats) -> list[Any]:
+    """Wait for ``works`` in order and add each one's exact counts to ``stats``."""
+    out = []
+    for w in works:
+        out.append(w.wait())
+        stats.add(w.stats)
+    return out
 
 
 def resolve_codec(codec: Any) -> Any:
@@ -224,47 +167,3 @@ def check_finite_grads(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor
                 f"a gradient holds NaN or Inf: {type(opt).__name__}.step() changed nothing; "
                 "skip this step (torch.amp.GradScaler does that for you)"
             )
-
-
-def agree_on_start(
-    group: GroupLike, meter: StatsMeter, config: dict[str, Any], buckets: list[Bucket]
-) -> bool:
-    """Collective: check ``config`` against every peer (ConfigMismatch names the
-    difference), then compare a digest of the parameters with rank 0's and, if any
-    peer differs, broadcast rank 0's parameters bucket by bucket. Returns whether
-    parameters were broadcast. Nothing big is sent when the peers already agree.
-    """
-    if group.world_size == 1:
-        return False
-    meter.launched(1)
-    try:
-        group.verify(config)
-    finally:
-        meter.finished(1)
-    h = hashlib.sha256()
-    staging = torch.empty(max(b.numel for b in buckets), dtype=torch.float32)
-    for b in buckets:
-        gather_into(b, staging[: b.numel])
-        h.update(staging[: b.numel].numpy().tobytes())
-    digest = h.digest()
-    # 16 float32 values of 16 bits each: exact in fp32 and in any reduction
-    mine = torch.tensor(
-        [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 32, 2)], dtype=torch.float32
-    )
-    ref = mine.clone()
-    meter.launched(2)
-    group.broadcast(ref, src=0).wait()
-    flag = group.all_reduce(torch.tensor([float(not torch.equal(ref, mine))]), op="sum").wait()
-    meter.finished(2)
-    if float(flag[0]) == 0:
-        return False
-    logger.info("parameters differ between peers: broadcasting rank 0's (%d buckets)", len(buckets))
-    meter.launched(len(buckets))
-    with torch.no_grad():
-        for b in buckets:
-            buf = staging[: b.numel]
-            gather_into(b, buf)
-            group.broadcast(buf, src=0).wait()
-            scatter_from(b, buf)
-    meter.finished(len(buckets))
-    return True

@@ -8,7 +8,6 @@ the next step's gradient, so nothing is lost for good.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,16 +17,15 @@ from lowband.errors import ConfigError
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets
 from lowband.optim._common import (
     GroupLike,
-    StatsMeter,
-    agree_on_start,
     amp_found_inf,
     amp_unscale,
     check_finite_grads,
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
+    wait_counted,
 )
-from lowband.transport import CommStats
+from lowband.transport import CommStats, agree_on_start
 from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["CompressedGradients"]
@@ -82,7 +80,7 @@ class CompressedGradients(torch.optim.Optimizer):
         self.codec = resolve_codec(codec)
         self.aggregate = resolve_aggregate(aggregate, self.codec)
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
-        self._meter = StatsMeter(group)
+        self._stats = CommStats()
         self._reduced = False
         # Parameters with requires_grad=False are not reduced (they have no gradient to
         # send); they only take part in the start-up check, so peers start alike.
@@ -108,13 +106,13 @@ class CompressedGradients(torch.optim.Optimizer):
         self._shards: ShardPlan | None = None
         if is_island_group(group):
             self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes)
-            self._meter.stats.flows = len(group.flows)
+            self._stats.flows = len(group.flows)
             config["islands"] = self._shards.describe()
             plans = [(self._shards, [v for f in range(len(self._shards.owned)) for v in self._shards.gather(f)])]
             if frozen:
                 fplan = ShardPlan(frozen, group, bucket_bytes=bucket_bytes)
                 plans.append((fplan, [v for f in range(len(fplan.owned)) for v in fplan.gather(f)]))
-            agree_on_start_islands(group, self._meter, config, plans)
+            agree_on_start_islands(group, config, plans, stats=self._stats)
             return
         self._buckets: list[Bucket] = plan_buckets(params, bucket_bytes=bucket_bytes)
         self._staging = [torch.zeros(b.numel, dtype=torch.float32) for b in self._buckets]
@@ -122,12 +120,15 @@ class CompressedGradients(torch.optim.Optimizer):
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
-        agree_on_start(group, self._meter, config, start)
+        agree_on_start(
+            group, config, [p for b in start for p in b.params], stats=self._stats,
+            bucket_bytes=bucket_bytes,
+        )
 
     @property
     def stats(self) -> CommStats:
         """Bytes and time of this optimizer's collectives."""
-        return self._meter.stats
+        return self._stats
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "inner"):
@@ -147,7 +148,6 @@ class CompressedGradients(torch.optim.Optimizer):
         # a missing gradient counts as zeros and receives the average (never stays None)
         for f, buckets in enumerate(shards.owned):
             bufs = shards.gather(f, grads=True)
-            self._meter.launched(len(buckets))
             works = [
                 shards.flow(b).all_reduce(
                     buf, codec=self.codec, op=self.aggregate,
@@ -155,11 +155,9 @@ class CompressedGradients(torch.optim.Optimizer):
                 )
                 for b, buf in zip(buckets, bufs)
             ]
-            t0 = time.perf_counter()
-            results = [w.wait() for w in works]
-            self._meter.finished(len(works), waited=time.perf_counter() - t0)
+            results = wait_counted(works, self._stats)
             shards.scatter(f, results, grads=True)
-        self._meter.count_sync()
+        self._stats.count_sync()
         self._reduced = True
 
     def _reduce(self) -> None:
@@ -168,7 +166,6 @@ class CompressedGradients(torch.optim.Optimizer):
             return
         works = []
         had: list[list[bool]] = []
-        self._meter.launched(len(self._buckets))
         for b, buf in zip(self._buckets, self._staging):
             had.append(gather_into(b, buf, grads=True))
             works.append(
@@ -180,10 +177,8 @@ class CompressedGradients(torch.optim.Optimizer):
                     key=f"grads.{b.index}",
                 )
             )
-        t0 = time.perf_counter()
-        results = [w.wait() for w in works]
-        self._meter.finished(len(works), waited=time.perf_counter() - t0)
-        self._meter.count_sync()
+        results = wait_counted(works, self._stats)
+        self._stats.count_sync()
         for b, avg, flags in zip(self._buckets, results, had):
             for (p, start, stop), has in zip(b.slices(), flags):
                 part = avg[start:stop].view_as(p)
@@ -201,9 +196,8 @@ class CompressedGradients(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         found_inf = amp_found_inf(self)
         if found_inf is not None:
-            self._meter.launched(1)
-            flags = self.group.all_reduce(torch.tensor([float(found_inf)]), op="sum").wait()
-            self._meter.finished(1)
+            work = self.group.all_reduce(torch.tensor([float(found_inf)]), op="sum")
+            (flags,) = wait_counted([work], self._stats)
             if float(flags[0]) > 0:
                 self._reduced = False
                 return loss  # some peer overflowed: every peer skips this step alike

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lowband.errors import CodecError, ConfigError
-from lowband.optim._common import StatsMeter, resolve_codec, resolve_error_feedback
+from lowband.optim._common import resolve_codec, resolve_error_feedback
 from lowband.transport import CommStats
 
 __all__ = ["DDPCommHook", "ddp_comm_hook"]
@@ -37,8 +37,8 @@ def ddp_comm_hook(
 class DDPCommHook:
     """Average each gradient bucket over the peers, compressed with ``codec``.
 
-    ``stats`` counts payload bytes. Over a lowband group they are the group's
-    counters while the hook's collectives run. Over a ``torch.distributed`` process
+    ``stats`` counts payload bytes. Over a lowband group they are the exact counts of
+    the hook's collectives (each ``Work``'s). Over a ``torch.distributed`` process
     group the hook counts each peer's payload once per other peer (what an
     all-gather delivers); torch's own length exchange and padding are not counted.
     """
@@ -54,14 +54,13 @@ class DDPCommHook:
             raise ConfigError(
                 f"ddp_comm_hook needs a lowband group or a torch ProcessGroup, got {type(group).__name__}"
             )
-        self._meter: Any = None if self._torch else StatsMeter(group)
         self._stats = CommStats()
         # id(param) -> (bucket key, start, stop): where each parameter's residual lives
         self._where: dict[int, tuple[str, int, int]] = {}
 
     @property
     def stats(self) -> CommStats:
-        return self._stats if self._meter is None else self._meter.stats
+        return self._stats
 
     # Annotations are evaluated (no ``from __future__ import annotations`` here): DDP
     # compares them with ``dist.GradBucket`` and ``Future[Tensor]`` themselves.
@@ -73,13 +72,12 @@ class DDPCommHook:
         if self._torch:
             avg = self._all_gather_mean(flat, key)
         else:
-            meter = self._meter
-            meter.launched(1)
-            avg = self.group.all_reduce(
+            work = self.group.all_reduce(
                 flat, codec=self.codec, op="mean", error_feedback=self.error_feedback, key=key
-            ).wait()
-            meter.finished(1)
-            meter.count_sync()
+            )
+            avg = work.wait()
+            self._stats.add(work.stats)
+            self._stats.count_sync()
         flat.copy_(avg.reshape(-1))
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         fut.set_result(flat)
@@ -149,8 +147,7 @@ class DDPCommHook:
         out = torch.zeros(x.numel(), dtype=torch.float32)
         for p in payloads:  # rank order: identical bits on every peer
             self.codec.decode_into(p, out, accumulate=True)
-        with self._stats._lock:
-            self._stats.syncs += 1
+        self._stats.count_sync()
         return out.div_(world).to(flat.device)
 
 

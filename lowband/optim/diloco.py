@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,17 +33,16 @@ from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_fr
 from lowband.optim._common import (
     GroupLike,
     Ready,
-    StatsMeter,
     WorkLike,
-    agree_on_start,
     amp_found_inf,
     amp_skip_and_unscale,
     check_finite_grads,
     resolve_aggregate,
     resolve_codec,
     resolve_error_feedback,
+    wait_counted,
 )
-from lowband.transport import CommStats
+from lowband.transport import CommStats, agree_on_start
 from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["DiLoCo"]
@@ -157,7 +155,7 @@ class DiLoCo(torch.optim.Optimizer):
         self.codec = resolve_codec(codec)
         self.aggregate = resolve_aggregate(aggregate, self.codec)
         self.error_feedback = resolve_error_feedback(error_feedback, self.codec)
-        self._meter = StatsMeter(group)
+        self._stats = CommStats()
         self._step_count = 0
         self._pending: list[_Pending] = []
 
@@ -180,7 +178,7 @@ class DiLoCo(torch.optim.Optimizer):
             runs = [len(run) for run in split_fragments(params, fragments)]
             self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes, runs=runs)
             self._fragment_buckets = self._shards.owned
-            self._meter.stats.flows = len(island.flows)
+            self._stats.flows = len(island.flows)
             if not self._shards.buckets:
                 raise ConfigError(
                     f"island rank {island.local_rank} owns no values: the model is smaller than "
@@ -216,12 +214,15 @@ class DiLoCo(torch.optim.Optimizer):
             if frozen:
                 fplan = ShardPlan(frozen, group, bucket_bytes=bucket_bytes)
                 plans.append((fplan, [v for f in range(len(fplan.owned)) for v in fplan.gather(f)]))
-            agree_on_start_islands(group, self._meter, config, plans)  # the globals are updated
+            agree_on_start_islands(group, config, plans, stats=self._stats)  # the globals are updated
             return
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
-        if agree_on_start(group, self._meter, config, start):
+        if agree_on_start(
+            group, config, [p for b in start for p in b.params], stats=self._stats,
+            bucket_bytes=bucket_bytes,
+        ):
             self._read_global()
 
     # -- construction helpers -------------------------------------------------
@@ -263,7 +264,7 @@ class DiLoCo(torch.optim.Optimizer):
     @property
     def stats(self) -> CommStats:
         """Bytes and time of this optimizer's collectives (DESIGN.md, "Three byte counters")."""
-        return self._meter.stats
+        return self._stats
 
     @property
     def outer_optimizer(self) -> torch.optim.Optimizer:
@@ -317,7 +318,6 @@ class DiLoCo(torch.optim.Optimizer):
         works: list[WorkLike] = []
         if self._shards is not None:  # an island collective; then this rank's flows
             local = self._shards.gather(fragment)
-            self._meter.launched(len(buckets))
             for b, delta in zip(buckets, local):
                 torch.sub(self._global[b.index], delta, out=delta)
                 works.append(
@@ -330,7 +330,6 @@ class DiLoCo(torch.optim.Optimizer):
                     )
                 )
             return _Pending(fragment, apply_at, works)
-        self._meter.launched(len(buckets))
         for b in buckets:
             delta = self._staging[: b.numel]
             gather_into(b, delta)
@@ -348,11 +347,8 @@ class DiLoCo(torch.optim.Optimizer):
 
     def _apply(self, pending: _Pending) -> None:
         buckets = self._fragment_buckets[pending.fragment]
-        t0 = time.perf_counter()
-        results = [w.wait() for w in pending.works]
-        if not all(isinstance(w, Ready) for w in pending.works):  # Ready ones were counted already
-            self._meter.finished(len(buckets), waited=time.perf_counter() - t0)
-        self._meter.count_sync()
+        results = wait_counted(pending.works, self._stats)
+        self._stats.count_sync()
         for b, avg in zip(buckets, results):
             g = self._global[b.index]
             g.grad = avg.reshape(-1).to(device=g.device, dtype=torch.float32)
@@ -390,10 +386,7 @@ class DiLoCo(torch.optim.Optimizer):
         """
         pending = []
         for p in self._pending:
-            t0 = time.perf_counter()
-            results = [w.wait() for w in p.works]
-            if not all(isinstance(w, Ready) for w in p.works):
-                self._meter.finished(len(p.works), waited=time.perf_counter() - t0)
+            results = wait_counted(p.works, self._stats)
             p.works = [Ready(r) for r in results]
             pending.append(
                 {

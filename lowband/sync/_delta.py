@@ -15,8 +15,8 @@ of the next delta. That is error feedback with decay 1 whose residual is the gap
 to what the subscribers really hold (bf16 rounding included), so they track the
 learner without drift.
 
-Fingerprint: lb64 (:func:`lowband.kernels.checksum`) of each chunk's bytes,
-combined by lb64 over (name, dtype, shape, chunk sums) of every tensor.
+Fingerprint: XXH3-64 (:func:`lowband.kernels.checksum`) of each chunk's bytes,
+combined by XXH3-64 over (name, dtype, shape, chunk sums) of every tensor.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def chunk_sum(t: torch.Tensor) -> int:
 
 
 def fingerprint(specs: Sequence[TensorSpec], sums: Sequence[np.ndarray]) -> int:
-    """lb64 over each tensor's name, dtype, shape and the lb64 of each of its chunks."""
+    """XXH3-64 over each tensor's name, dtype, shape and the XXH3-64 of each of its chunks."""
     rec = bytearray()
     for spec, s in zip(specs, sums):
         name = spec.name.encode("utf-8")
@@ -187,7 +187,7 @@ class Op:
     pos: np.ndarray | None = None
     values: np.ndarray | None = None
     payload: Payload | None = None
-    #: Set while the op is applied ahead of its commit: the chunk's lb64 after it, and
+    #: Set while the op is applied ahead of its commit: the chunk's XXH3-64 after it, and
     #: what it overwrote (old bits at ``pos``, or the whole old chunk).
     sum_after: int | None = None
     undo: np.ndarray | torch.Tensor | None = None
@@ -259,7 +259,7 @@ def apply_op(op: Op, target: torch.Tensor, wire: torch.dtype, codec: Codec | Non
 def apply_with_undo(op: Op, target: torch.Tensor, wire: torch.dtype, codec: Codec | None) -> int:
     """Apply ``op`` to ``target`` now, keeping what it overwrote; the bytes kept.
 
-    Sets ``op.sum_after`` (the chunk's lb64 afterwards) so that committing the version
+    Sets ``op.sum_after`` (the chunk's XXH3-64 afterwards) so that committing the version
     costs nothing more; :func:`undo_op` puts the chunk back if the version never
     completes.
     """

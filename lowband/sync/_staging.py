@@ -173,7 +173,7 @@ class Snapshot:
                 )
 
     def sums(self) -> list[np.ndarray]:
-        """lb64 of every staged chunk."""
+        """XXH3-64 of every staged chunk."""
         out = []
         for i, t in enumerate(self.staged):
             ranges = (self.manifest.chunk_range(i, c) for c in range(self.manifest.chunks(i)))

@@ -3,14 +3,14 @@
 The structure travels as one frame of tagged values (little-endian); tensors go
 in their own frames: float tensors as lossless payloads (:mod:`lowband.compress`
 wire format, ``fp32``/``bf16``/``fp16``, checksummed), others (token ids, masks,
-float64) as raw bytes with their dtype, shape and lb64. Never pickle: the parser
+float64) as raw bytes with their dtype, shape and XXH3-64. Never pickle: the parser
 accepts only these tags, bounds depth, counts and sizes before allocating, and
 raises :class:`lowband.errors.CodecError` on anything else.
 
 Tags: 0 None, 1 False, 2 True, 3 int (i64), 4 float (f64), 5 str (u32 + UTF-8),
 6 bytes (u32 + raw), 7 list (u32 n), 8 tuple (u32 n), 9 dict (u32 n, then n
 str keys (u32 + UTF-8) each followed by a value), 10 float tensor (u32 first
-frame, u8 frame count), 11 raw tensor (u8 dtype, u8 ndim, ndim x u64, u32 frame, u64 lb64).
+frame, u8 frame count), 11 raw tensor (u8 dtype, u8 ndim, ndim x u64, u32 frame, u64 XXH3-64).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def loads(frames: list, *, max_bytes: int) -> Any:
             if n * torch.empty(0, dtype=dtype).element_size() != raw.nbytes:
                 raise CodecError(f"rollout tensor of shape {shape} has {raw.nbytes} bytes")
             if checksum(raw) != sum_:
-                raise CodecError("rollout tensor checksum mismatch: corrupted or tampered")
+                raise CodecError("rollout tensor checksum mismatch: corrupted (a checksum catches accidents, not tampering: CURVE authenticates)")
             t = (
                 torch.frombuffer(bytearray(raw), dtype=torch.uint8)
                 if raw.nbytes

@@ -12,7 +12,7 @@ hub accepts from the others (swarm sharing as in SAPO: peers learn from each
 other's rollouts) through :meth:`~RolloutChannel.shared`.
 
 Message: a header frame (``b"LBRO"``, protocol, kind, version u64, fingerprint u64,
-lb64 of the structure frame, frame count u32, worker name), then the rollout frames.
+XXH3-64 of the structure frame, frame count u32, worker name), then the rollout frames.
 The worker name is what the worker declares; with CURVE only holders of an
 allowed key can send at all.
 """
@@ -97,7 +97,7 @@ def _unpack(frames: list, *, max_bytes: int) -> tuple[int, Rollout | None]:
     if kind == _HELLO:
         return kind, None
     if nframes < 1 or checksum(frames[1]) != ssum:
-        raise CodecError("rollout structure checksum mismatch: corrupted or tampered")
+        raise CodecError("rollout structure checksum mismatch: corrupted (a checksum catches accidents, not tampering: CURVE authenticates)")
     data = loads(list(frames[1:]), max_bytes=max_bytes)
     return kind, Rollout(worker, version, finger, data, shared=kind == _SHARE)
 

@@ -14,12 +14,14 @@ from lowband.transport._stats import CommStats, PeerStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from lowband.transport._init import init_group
+    from lowband.transport._start import agree_on_start
     from lowband.transport.coordinator import start_coordinator
     from lowband.transport.group import Group, Work
     from lowband.transport.security import Curve
 
 __all__ = [
-    "Carrier", "CommStats", "Curve", "Group", "Key", "PeerStats", "Work", "init_group", "start_coordinator",
+    "Carrier", "CommStats", "Curve", "Group", "Key", "PeerStats", "Work", "agree_on_start", "init_group",
+    "start_coordinator",
 ]
 
 # Loaded on first use, so that the coordinator process and `lowband keys` do not import torch.
@@ -27,6 +29,7 @@ _LAZY = {
     "Group": "lowband.transport.group",
     "Work": "lowband.transport.group",
     "init_group": "lowband.transport._init",
+    "agree_on_start": "lowband.transport._start",
     "Curve": "lowband.transport.security",
     "start_coordinator": "lowband.transport.coordinator",
 }

@@ -176,16 +176,11 @@ def _payload(frames: Sequence[Frame], max_bytes: int, peer: int) -> Payload:
 
 def _encode(codec: Codec, x: torch.Tensor, residual: torch.Tensor | None, decay: float) -> Payload:
     """Encode ``x``; with ``residual`` (a view of the caller's buffer) do error feedback."""
+    from lowband.compress import encode_with_feedback
+
     if residual is None:
         return codec.encode(x)
-    if codec.dct is None:
-        return codec.encode(x, residual=residual, decay=decay)
-    v = x.reshape(-1).to(torch.float32) + (residual * decay if decay != 1.0 else residual)
-    p = codec.encode(v)
-    sent = torch.zeros_like(v)
-    codec.decode_into(p, sent, accumulate=False)
-    residual.copy_(v - sent)
-    return p
+    return encode_with_feedback(codec, x, residual, decay)
 
 
 # -- collectives ---------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from lowband.errors import BackendUnavailable, ConfigError
+from lowband._endpoint import Endpoint
+from lowband.errors import ConfigError
 from lowband.transport.group import Group
 
 __all__ = ["init_group", "parse_address"]
@@ -69,13 +70,10 @@ def _close_at_exit(group: Group) -> None:
 
 
 def parse_address(addr: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ConfigError if malformed."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"store address must be 'host:port', got {addr!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ConfigError if malformed
+    (the rule is :class:`lowband._endpoint.Endpoint`'s)."""
+    ep = Endpoint.parse(addr, "store address")
+    return ep.host, ep.port
 
 
 def _from_env(name: str) -> str:
@@ -165,12 +163,7 @@ def init_group(
             group_name=group_name, init_timeout=init_timeout, options=options,
         )
     else:
-        try:
-            zmq_backend = importlib.import_module("lowband.transport._zmq")
-        except ModuleNotFoundError as e:
-            if e.name != "lowband.transport._zmq":
-                raise
-            raise BackendUnavailable("backend='zmq' is not built yet in this checkout; use backend='torch'") from None
+        zmq_backend = importlib.import_module("lowband.transport._zmq")
         options.setdefault("join_timeout", init_timeout)
         options.setdefault("closed_is_lost", on_failure == "raise")
         carrier = zmq_backend.open_carrier(
@@ -272,7 +265,7 @@ def _int(name: str, value: str) -> int:
 
 
 def _handshake(backend: str, world_size: int, on_failure: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
-    from lowband import WIRE_VERSION, __version__
+    from lowband._version import WIRE_VERSION, __version__
 
     return {
         "lowband": __version__,

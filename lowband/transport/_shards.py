@@ -27,7 +27,6 @@ of a bucket sees the same bits whatever the island's shape.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from lowband.errors import ConfigError
+from lowband.transport._start import agree_on_start
+from lowband.transport._stats import CommStats
 
 __all__ = ["CanonBucket", "ShardPlan", "agree_on_start_islands", "is_island_group"]
 
@@ -387,40 +388,21 @@ def _param_cut(numels: Sequence[int], segments: int, s: int) -> tuple[int, int]:
 
 
 def agree_on_start_islands(
-    group: Any, meter: Any, config: dict[str, Any], plans: Sequence[tuple[ShardPlan, list[torch.Tensor]]]
+    group: Any, config: dict[str, Any], plans: Sequence[tuple[ShardPlan, list[torch.Tensor]]],
+    *, stats: CommStats | None = None,
 ) -> bool:
     """Collective of every rank of every island: check ``config`` on each of this rank's
     flows, compare a digest of each owned segment with island 0's, take island 0's values
-    where they differ, and write them into the island's shards. ``plans`` pairs each plan
-    with this rank's gathered buckets (in ``plan.buckets`` order; updated in place).
-    Returns whether any value changed (on every rank of the island alike)."""
+    where they differ (:func:`lowband.transport.agree_on_start` per flow), and write them
+    into the island's shards. ``plans`` pairs each plan with this rank's gathered buckets
+    (in ``plan.buckets`` order; updated in place). With ``stats``, the flows' collectives
+    are counted in it. Returns whether any value changed (on every rank of the island alike)."""
     changed = False
     if group.islands > 1:
         for s in sorted(group.flows):
-            flow = group.flows[s]
-            meter.launched(1)
-            try:
-                flow.verify(config)
-            finally:
-                meter.finished(1)
-            mine = [(v) for plan, values in plans for b, v in zip(plan.buckets, values) if b.segment == s]
-            h = hashlib.sha256()
-            for v in mine:
-                h.update(v.numpy().tobytes())
-            digest = h.digest()
-            d = torch.tensor([int.from_bytes(digest[i : i + 2], "little") for i in range(0, 32, 2)],
-                             dtype=torch.float32)
-            ref = d.clone()
-            meter.launched(2)
-            flow.broadcast(ref, src=0).wait()
-            flag = flow.all_reduce(torch.tensor([float(not torch.equal(ref, d))]), op="sum").wait()
-            meter.finished(2)
-            if float(flag[0]) != 0:
-                logger.info("segment %d differs between islands: taking island 0's values", s)
-                meter.launched(len(mine))
-                for v in mine:
-                    flow.broadcast(v, src=0).wait()
-                meter.finished(len(mine))
+            mine = [v for plan, values in plans for b, v in zip(plan.buckets, values) if b.segment == s]
+            if agree_on_start(group.flows[s], config, mine, stats=stats):
+                logger.info("segment %d differed between islands: took island 0's values", s)
                 changed = True
     flag_t = torch.tensor([1.0 if changed else 0.0], device=plans[0][0].device)
     dist.all_reduce(flag_t, op=dist.ReduceOp.MAX, group=group.island)

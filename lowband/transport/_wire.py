@@ -38,7 +38,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from lowband import WIRE_VERSION
+from lowband._version import WIRE_VERSION
 from lowband.errors import TransportError
 
 __all__ = [

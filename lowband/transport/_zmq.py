@@ -57,7 +57,7 @@ from typing import Any
 
 import zmq
 
-from lowband import WIRE_VERSION, __version__
+from lowband._version import WIRE_VERSION, __version__
 from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
 from lowband.transport._coord_client import CoordinatorClient, route_source
 from lowband.transport._stats import CommStats

@@ -87,7 +87,6 @@ class IOLoop:
         self.rejected = 0  # frames refused as malformed or hostile (tests read it)
         self._cmds: collections.deque[tuple[Any, ...]] = collections.deque()
         self._stop = False
-        self._lock = threading.Lock()
         self._rpipe, self._wpipe = os.pipe()
         os.set_blocking(self._rpipe, False)
         os.set_blocking(self._wpipe, False)

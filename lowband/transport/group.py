@@ -55,10 +55,15 @@ ON_FAILURE = ("raise", "drop")
 
 
 class Work(Generic[T]):
-    """Handle of a collective in flight: ``wait()`` returns its result or raises its error."""
+    """Handle of a collective in flight: ``wait()`` returns its result or raises its error.
+
+    ``stats`` counts this collective alone (its messages, run time and the time waited
+    on it; see :mod:`lowband.transport._stats`), complete once it is done.
+    """
 
     def __init__(self, stats: CommStats) -> None:
         self._stats = stats
+        self.stats = CommStats()
         self._done = threading.Event()
         self._result: T | None = None
         self._error: BaseException | None = None
@@ -72,8 +77,8 @@ class Work(Generic[T]):
         t0 = time.perf_counter()
         finished = self._done.wait(timeout)
         waited = time.perf_counter() - t0
-        with self._stats._lock:
-            self._stats.seconds_waited += waited
+        self._stats.count_time(waited=waited)
+        self.stats.count_time(waited=waited)
         if not finished:
             raise CollectiveTimeout(f"collective not finished after {timeout}s (it keeps running)")
         if self._error is not None:
@@ -219,11 +224,18 @@ class Group:
         """Return once every participant has reached this barrier."""
         self._submit(lambda rnd: C.exchange_blobs(rnd, b""), phases=(0,)).wait(timeout)
 
-    def verify(self, config: Mapping[str, Any], *, timeout: float | None = None) -> None:
+    def verify(
+        self,
+        config: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        stats: CommStats | None = None,
+    ) -> None:
         """Check that every peer passes the same ``config``; ConfigMismatch names the difference.
 
         Collective: every rank must call it at the same point. ``init_group`` checks
-        versions this way; optimizers check their settings and parameter shapes.
+        versions this way; optimizers check their settings and parameter shapes. With
+        ``stats``, the exchange's counts are added to it.
         """
         try:
             blob = json.dumps(config, sort_keys=True, default=str).encode()
@@ -233,7 +245,12 @@ class Group:
         def body(rnd: C.Round) -> dict[int, bytes]:
             return C.exchange_blobs(rnd, blob)
 
-        blobs = self._submit(body, phases=(0,)).wait(timeout)
+        work = self._submit(body, phases=(0,))
+        try:
+            blobs = work.wait(timeout)
+        finally:
+            if stats is not None and work.done():
+                stats.add(work.stats)
         mine = json.loads(blob)
         for r in sorted(blobs):
             if r == self.rank:
@@ -284,14 +301,16 @@ class Group:
             seq, body, phases, work = job
             t0 = time.perf_counter()
             try:
-                result, participants = self._run(seq, body, phases)
-                work._finish(result, None, participants)
+                with self.stats.tracking(work.stats):
+                    result, participants = self._run(seq, body, phases)
+                error = None
             except BaseException as e:  # handed to the caller through wait()
                 log.debug("rank %d: collective %d failed: %r", self.rank, seq, e)
-                work._finish(None, e, self.participants)
-            finally:
-                with self.stats._lock:
-                    self.stats.seconds_in_comm += time.perf_counter() - t0
+                result, participants, error = None, self.participants, e
+            took = time.perf_counter() - t0
+            self.stats.count_time(in_comm=took)
+            work.stats.count_time(in_comm=took)
+            work._finish(result, error, participants)
 
     def _run(self, seq: int, body: Callable[[C.Round], T], phases: tuple[int, ...]) -> tuple[T, tuple[int, ...]]:
         while True:

@@ -28,7 +28,7 @@ import os
 from typing import Any
 
 from lowband.errors import ConfigError
-from lowband.transport._stats import CommStats, PeerStats
+from lowband.transport._stats import CommStats
 from lowband.transport.group import Group
 
 __all__ = ["IslandGroup", "init_island_group", "segment_owner"]
@@ -112,16 +112,7 @@ class IslandGroup:
         """The sum of this rank's flows; ``per_peer`` is keyed by island id; ``flows`` counts them."""
         out = CommStats()
         for g in self.flows.values():
-            d = g.stats.as_dict()
-            for name in ("bytes_sent", "bytes_received", "transport_bytes_sent",
-                         "transport_bytes_received", "messages", "syncs"):
-                setattr(out, name, getattr(out, name) + int(d[name]))  # type: ignore[call-overload]
-            out.seconds_in_comm += float(d["seconds_in_comm"])  # type: ignore[arg-type]
-            out.seconds_waited += float(d["seconds_waited"])  # type: ignore[arg-type]
-            for peer, counts in d["per_peer"].items():  # type: ignore[attr-defined]
-                mine = out.per_peer.setdefault(int(peer), PeerStats())
-                for name, value in counts.items():
-                    setattr(mine, name, getattr(mine, name) + int(value))
+            out.add(g.stats)
         out.flows = len(self.flows)
         return out
 

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 
+from lowband._endpoint import Endpoint
 from lowband.errors import ConfigError, TransportError
 
 __all__ = [
@@ -95,8 +96,11 @@ def connect_endpoint(endpoint: str) -> str:
     """:func:`connect_address` for a ZeroMQ ``tcp://ip:port`` endpoint; others come back as is."""
     if not endpoint.startswith("tcp://") or _info() is None:
         return endpoint
-    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    if not sep or not port.isdigit() or host.startswith("["):
-        return endpoint  # not ip:port (an interface name, IPv6): not an emulated host
-    ip, port_ = connect_address(host, int(port))
+    try:
+        ep = Endpoint.parse(endpoint, any_port=True)
+    except ConfigError:
+        return endpoint  # not host:port (say, an interface name with a wildcard port)
+    if ep.ipv6:
+        return endpoint  # the emulated hosts are IPv4
+    ip, port_ = connect_address(ep.host, ep.port)
     return f"tcp://{ip}:{port_}"

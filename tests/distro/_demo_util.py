@@ -1,51 +1,27 @@
-"""Small models and per-rank data for the DeMo tests (imported by the test modules)."""
+"""The DeMo tests' model and per-rank data (the machinery is :mod:`lowband.testing`)."""
 
 from __future__ import annotations
 
-import io
-import threading
-
 import torch
 
-_SEED_LOCK = threading.Lock()  # ranks run as threads and share torch's global generator
+from lowband import testing
+from lowband.testing import flat_params  # noqa: F401  (re-exported for the tests)
+from lowband.testing import load_state_bytes as load_checkpoint  # noqa: F401
+from lowband.testing import state_bytes as checkpoint  # noqa: F401
 
 
 def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    with _SEED_LOCK:
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(
-            torch.nn.Linear(16, 96), torch.nn.Tanh(), torch.nn.Linear(96, 4)
-        ).to(dtype)
+    return testing.tiny_mlp(16, 96, 4, seed=seed, dtype=dtype)
 
 
 def batch(
     rank: int, step: int, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    x = torch.randn(32, 16, generator=g)
-    y = torch.tanh(x[:, :4] * 1.5) + 0.05 * torch.randn(32, 4, generator=g)
-    return x.to(dtype), y.to(dtype)
+    return testing.regression_batch(
+        rank, step, rows=32, features=16, outputs=4,
+        target=lambda v: torch.tanh(v * 1.5), noise=0.05, dtype=dtype,
+    )
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> float:
-    x, y = batch(rank, step, next(model.parameters()).dtype)
-    opt.zero_grad()
-    loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
-def flat_params(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
-
-
-def checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer) -> bytes:
-    """Model and optimizer state as ``torch.save`` writes them (what a resume reads back)."""
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    return buf.getvalue()
-
-
-def load_checkpoint(saved: bytes) -> dict:
-    return torch.load(io.BytesIO(saved), weights_only=True)
+    return testing.train_step(model, opt, *batch(rank, step, next(model.parameters()).dtype))

@@ -13,7 +13,8 @@ from lowband.testing import ThreadGroup
 
 def _run(group, *, with_frozen: bool):
     m = make_mlp()
-    base = torch.nn.Parameter(torch.randn(256, 256), requires_grad=False)
+    g = torch.Generator().manual_seed(0)  # not the global generator: ranks are threads
+    base = torch.nn.Parameter(torch.randn(256, 256, generator=g), requires_grad=False)
     before = base.detach().clone()
     params = [*m.parameters(), base] if with_frozen else list(m.parameters())
     opt = DeMo(params, lr=1e-2, group=group, topk=4, chunk=16, weight_decay=0.1)

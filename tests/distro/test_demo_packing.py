@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from _demo_util import checkpoint, load_checkpoint
 
 from lowband.distro import DeMo
-from lowband.distro._tiling import TileLayout
+from lowband.distro._bucket import packed_layout
 from lowband.errors import ConfigError
-from lowband.testing import ThreadGroup
-
-_SEED_LOCK = threading.Lock()
+from lowband.testing import ThreadGroup, seeded
 
 
 def _net(seed: int = 0, *, biases: bool = True) -> torch.nn.Module:
     """Two 64x64-tiled weights plus 1-D parameters (biases, LayerNorm) of 576 values."""
-    with _SEED_LOCK:
-        torch.manual_seed(seed)
+    with seeded(seed):
         return torch.nn.Sequential(
             torch.nn.Linear(64, 128, bias=biases),
             torch.nn.LayerNorm(128, elementwise_affine=biases),
@@ -40,16 +35,16 @@ def _step(m: torch.nn.Module, opt: DeMo, rank: int, s: int) -> None:
 def test_packed_layout_round_trips(n: int) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     for full in (False, True):
-        lay = TileLayout.for_packed(n, 64, full_tiles=full)
+        lay = packed_layout(n, 64, full_tiles=full)
         if full:  # chunk x chunk tiles whatever n: they join the matrices' bucket
             assert lay.tile_shape == (64, 64) and lay.ntiles == -(-n // 4096)
         else:  # alone, a short vector is padded no further than its last 64-wide row
             assert lay.tile_cols == min(64, n) and lay.tile_numel < n + 64
         c = lay.forward(x)
         torch.testing.assert_close(lay.inverse(c), x, rtol=0, atol=1e-5 * float(x.abs().max()))
-    assert TileLayout.for_packed(5000, 64, full_tiles=False).tile_shape == (64, 64)
+    assert packed_layout(5000, 64, full_tiles=False).tile_shape == (64, 64)
     with pytest.raises(ConfigError):
-        TileLayout.for_packed(0, 64, full_tiles=True)
+        packed_layout(0, 64, full_tiles=True)
 
 
 def test_1d_parameters_ride_in_the_matrices_bucket_at_their_density() -> None:
@@ -93,7 +88,7 @@ def test_packed_error_feedback_is_exact_and_updates_are_signs() -> None:
         # And what was sent is a sum of 8 cosines of the packed 64x64 tile, cropped to the
         # 576 real values: 8 coefficients of its zero-padded DCT carry much of its energy
         # (about half here; about 2 % for a dense random vector of the same size).
-        lay = TileLayout.for_packed(grads.numel(), 64, full_tiles=True)
+        lay = packed_layout(grads.numel(), 64, full_tiles=True)
         energy = lay.forward(sent).reshape(-1).square().sort(descending=True).values
         assert lay.ntiles == 1 and float(energy[:8].sum()) > 0.3 * float(energy.sum())
 

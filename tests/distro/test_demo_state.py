@@ -9,8 +9,9 @@ import pytest
 import torch
 from _demo_util import make_mlp, train_step
 
+from lowband.compress import TileLayout, dct2
 from lowband.distro import DeMo
-from lowband.distro._tiling import TileLayout, dct2
+from lowband.distro._bucket import param_layout
 from lowband.distro._wire import bucket_codec
 from lowband.errors import ConfigError
 from lowband.testing import ThreadGroup
@@ -32,7 +33,7 @@ def test_momentum_matches_the_spatial_algorithm_with_padding(solo) -> None:
     grads = [torch.randn(70, 90, generator=g) for _ in range(8)]
     p = torch.nn.Parameter(start.clone())
     opt = DeMo([p], lr=lr, group=solo, topk=8, decay=decay)
-    lay = TileLayout.for_shape((70, 90), 64)
+    lay = param_layout((70, 90), 64)
     codec = bucket_codec(64 * 64, topk=8, value=None).codec
     m, ref = torch.zeros(70, 90), start.clone()
     for grad in grads:
@@ -64,7 +65,7 @@ def test_state_format_saved_and_resumed_bit_for_bit(solo) -> None:
     sd = opt.state_dict()["state"]
     for i, p in enumerate(m.parameters()):  # weights: DCT coefficients; biases: their shape
         if p.dim() > 1:
-            lay = TileLayout.for_shape(p.shape, 64)
+            lay = param_layout(p.shape, 64)
             assert set(sd[i]) == {"momentum_dct"}
             assert sd[i]["momentum_dct"].shape == (lay.ntiles, lay.tile_numel)
         else:
@@ -164,3 +165,21 @@ def test_older_checkpoint_with_spatial_momentum_is_converted(solo) -> None:
     for p in m.parameters():
         key = "momentum_dct" if p.dim() > 1 else "momentum"
         torch.testing.assert_close(other.state[p][key], opt.state[p][key], rtol=0, atol=1e-7)
+
+
+def test_checkpoint_of_the_old_nd_tiling_is_converted(solo) -> None:
+    # Before issue 17.5 an N-D parameter's momentum_dct was laid out as
+    # (prod(shape[:-1]), shape[-1]); a state dict without "tiling" is read that way.
+    conv = torch.nn.Parameter(torch.zeros(16, 8, 3, 3))
+    opt = DeMo([conv], lr=1e-2, group=solo, topk=8, chunk=16)
+    old = TileLayout.for_matrix(tuple(conv.shape), (16 * 8 * 3, 3), 16, full_tiles=False)
+    momentum = torch.randn(conv.shape, generator=torch.Generator().manual_seed(3))
+    sd = opt.state_dict()
+    assert sd.pop("tiling") == 2
+    sd["state"] = {0: {"momentum_dct": old.forward(momentum)}}
+    opt.load_state_dict(sd)
+    torch.testing.assert_close(opt.momentum(conv), momentum, rtol=0, atol=1e-5)
+    assert opt.state[conv]["momentum_dct"].shape == (param_layout(conv.shape, 16).ntiles, 256)
+    sd = opt.state_dict()  # written now: read back as it is
+    opt.load_state_dict(sd)
+    torch.testing.assert_close(opt.momentum(conv), momentum, rtol=0, atol=1e-5)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lowband.compress import Payload
-from lowband.distro._tiling import TileLayout
+from lowband.compress import Payload, TileLayout, parse
+from lowband.distro._bucket import param_layout
 from lowband.distro._wire import bucket_codec, combine, value_spec
 from lowband.errors import ConfigError, ConfigMismatch
 
@@ -39,7 +39,7 @@ def _dct_matrix(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_to_fp32_precision(shape: tuple[int, ...]) -> None:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    lay = TileLayout.for_shape(shape, 64)
+    lay = param_layout(shape, 64)
     c = lay.forward(x)
     assert c.dtype == torch.float32 and c.shape == (lay.ntiles, lay.tile_numel)
     y = lay.inverse(c)
@@ -52,7 +52,7 @@ def test_round_trip_to_fp32_precision(shape: tuple[int, ...]) -> None:
 
 def test_forward_is_the_2d_dct_ii_of_each_tile() -> None:
     x = torch.randn(70, 65, generator=torch.Generator().manual_seed(2))
-    lay = TileLayout.for_shape(x.shape, 64)
+    lay = param_layout(x.shape, 64)
     assert (lay.tile_rows, lay.tile_cols, lay.grid) == (64, 64, (2, 2))
     c = lay.forward(x).double().reshape(2, 2, 64, 64)
     padded = torch.zeros(128, 128, dtype=torch.float64)
@@ -66,31 +66,53 @@ def test_forward_is_the_2d_dct_ii_of_each_tile() -> None:
 
 def test_rectangular_tiles_use_each_axis_basis() -> None:
     x = torch.randn(64, 7, generator=torch.Generator().manual_seed(3))
-    lay = TileLayout.for_shape(x.shape, 64)
+    lay = param_layout(x.shape, 64)
     want = _dct_matrix(64) @ x.double() @ _dct_matrix(7).T
     torch.testing.assert_close(lay.forward(x).double().reshape(64, 7), want, rtol=0, atol=1e-4)
 
 
 def test_prime_vocabulary_is_padded_not_cut_into_slivers() -> None:
-    lay = TileLayout.for_shape((50257, 7), 64)
+    lay = param_layout((50257, 7), 64)
     assert (lay.tile_rows, lay.tile_cols) == (64, 7)
     assert lay.ntiles == 786  # ceil(50257 / 64): the last tile carries 47 padded rows
-    lay = TileLayout.for_shape((50257, 768), 64)
+    lay = param_layout((50257, 768), 64)
     assert (lay.tile_rows, lay.tile_cols, lay.grid) == (64, 64, (786, 12))
 
 
-def test_leading_dims_flatten_into_rows_and_1d_is_a_row() -> None:
-    conv = TileLayout.for_shape((64, 32, 3, 3), 64)
-    assert (conv.rows, conv.cols, conv.tile_rows, conv.tile_cols) == (6144, 3, 64, 3)
-    bias = TileLayout.for_shape((300,), 64)
-    assert (bias.rows, bias.cols, bias.tile_rows, bias.tile_cols, bias.ntiles) == (1, 300, 1, 64, 5)
+def test_nd_weights_split_where_they_have_the_fewest_tiles() -> None:
+    # A conv weight (O, I, kh, kw) is (O, I*kh*kw): tiles span whole filters, not 3-wide
+    # slivers of (O*I*kh, kw) (issue 17, item 5).
+    conv = param_layout((64, 32, 3, 3), 64)
+    assert (conv.rows, conv.cols, conv.tile_rows, conv.tile_cols) == (64, 288, 64, 64)
+    # Stacked experts (E, out, in) with few experts: (E*out, in), not E-row-tall tiles.
+    experts = param_layout((8, 1024, 512), 64)
+    assert (experts.rows, experts.cols, experts.tile_shape) == (8192, 512, (64, 64))
+    # A vector is rows of chunk values, like the packed 1-D parameters.
+    bias = param_layout((300,), 64)
+    assert (bias.rows, bias.cols, bias.tile_rows, bias.tile_cols, bias.ntiles) == (5, 64, 5, 64, 1)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3, 3), (256, 128, 3, 3), (512, 512, 1, 1)])
+def test_conv_weight_costs_a_ninth_or_less_of_the_old_tiling(shape: tuple[int, ...]) -> None:
+    # What DeMo sends is topk values per tile: count the tiles of the old view.
+    new = param_layout(shape, 64)
+    old = TileLayout.for_matrix(shape, (math.prod(shape[:-1]), shape[-1]), 64, full_tiles=False)
+    assert new.ntiles * 8 <= old.ntiles
+
+
+def test_dct_stage_is_the_same_tiling_with_full_tiles() -> None:
+    x = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(5))
+    lay = TileLayout.for_shape(x.shape, 8, full_tiles=True)
+    assert lay.tile_shape == (8, 8) and (lay.rows, lay.cols) == (32, 144)
+    coef = parse("dct:chunk=8+fp32").dct.forward(x)  # type: ignore[union-attr]
+    assert torch.equal(coef, lay.forward(x).reshape(-1))
 
 
 def test_bad_chunk_or_empty_parameter() -> None:
     with pytest.raises(ConfigError):
-        TileLayout.for_shape((4, 4), 0)
+        param_layout((4, 4), 0)
     with pytest.raises(ConfigError):
-        TileLayout.for_shape((0, 4), 64)
+        param_layout((0, 4), 64)
 
 
 def test_sparse_bucket_wire_is_compact() -> None:

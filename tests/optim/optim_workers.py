@@ -29,22 +29,6 @@ def _held_out_loss(model: torch.nn.Module) -> float:
         return float(torch.nn.functional.mse_loss(model(x), y))
 
 
-def _finish_together(done_store: str, name: str, world: int) -> None:
-    """Wait, on a TCPStore outside the group, until every rank has finished its last
-    collective: ``group.close()`` does not wait for unacknowledged chunks to be delivered,
-    so a rank that closes first could strand a peer still receiving its last message."""
-    import time
-
-    import torch.distributed as dist
-
-    host, port = done_store.rsplit(":", 1)
-    tcp = dist.TCPStore(host, int(port), None, False, datetime.timedelta(seconds=60))
-    tcp.add(f"{name}/done", 1)
-    deadline = time.monotonic() + 60
-    while tcp.add(f"{name}/done", 0) < world and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def train(
     rank: int,
     world: int,
@@ -53,7 +37,6 @@ def train(
     name: str,
     method: str,
     steps: int,
-    done_store: str,
 ) -> dict[str, Any]:
     group = lowband.init_group(
         rank, world, store=store, backend=backend, group_name=name, peer_timeout=60.0
@@ -83,8 +66,7 @@ def train(
             "bytes_sent": opt.stats.bytes_sent,
         }
     finally:
-        _finish_together(done_store, name, world)
-        group.close()
+        group.close()  # waits until the peers have what was sent to them
 
 
 def ddp_train(
@@ -122,7 +104,6 @@ def ddp_train(
             "residual_keys": len(hook.error_feedback.residuals),
         }
     finally:
-        _finish_together(store, name, world)
         if group is not None:
             group.close()
         dist.destroy_process_group()

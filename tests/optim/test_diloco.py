@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from optim_helpers import Recording, batch, make_model, run_ranks, train_step
+from optim_helpers import batch, make_model, run_ranks, train_step
 
 from lowband.errors import ConfigError, ConfigMismatch
 from lowband.optim import DiLoCo
+from lowband.testing import RecordingGroup
 
 PLAIN = dict(outer_lr=1.0, outer_momentum=0.0, nesterov=False)
 
@@ -110,7 +111,7 @@ def test_identical_start_broadcasts_rank0_parameters() -> None:
 
 def test_identical_start_sends_nothing_big_when_peers_agree() -> None:
     def run(group):
-        group = Recording(group)
+        group = RecordingGroup(group)
         model = make_model()
         opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=4)
         return opt.stats.bytes_sent, [c for c in group.calls]
@@ -136,7 +137,7 @@ def test_mismatched_settings_raise_on_every_peer() -> None:
 
 def test_fragments_sync_at_staggered_steps() -> None:
     def run(group):
-        group = Recording(group)
+        group = RecordingGroup(group)
         model = make_model()
         opt = DiLoCo(
             torch.optim.SGD(model.parameters(), lr=0.1), group=group, sync_every=4, fragments=2

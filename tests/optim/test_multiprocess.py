@@ -38,18 +38,14 @@ def _check_converged(results, *, identical: bool) -> None:
 
 @pytest.mark.parametrize("method", ["diloco", "sparseloco", "compressed"])
 def test_converges_over_zeromq(coordinator: str, method: str) -> None:
-    store, addr = start_store()  # only for the shutdown handshake (see optim_workers)
-    results = spawn_group(
-        2, train, coordinator, "zmq", _name(method), method, 60, addr, timeout=180
-    )
+    results = spawn_group(2, train, coordinator, "zmq", _name(method), method, 60, timeout=180)
     _check_converged(results, identical=True)  # 60 steps end on a sync of every peer
-    del store
 
 
 @pytest.mark.parametrize("method", ["diloco", "streaming"])
 def test_converges_over_torch_gloo(method: str) -> None:
     store, addr = start_store()
-    results = spawn_group(2, train, addr, "torch", _name(method), method, 60, addr, timeout=180)
+    results = spawn_group(2, train, addr, "torch", _name(method), method, 60, timeout=180)
     # streaming mixes local and global values: peers are close but not equal
     _check_converged(results, identical=method == "diloco")
     del store

@@ -2,7 +2,7 @@
 
 Four peers (processes on the link emulator's netns hosts, the coordinator at the hub)
 train a tiny model with DiLoCo over ``init_group(backend="zmq", on_failure="drop")``,
-through the same engine as ``benchmarks/soak.py``, with a fixed schedule of faults:
+through the same engine as ``benchmarks/soak.py`` (:mod:`lowband.bench.soak`), with a fixed schedule of faults:
 
 * rank 0 kills itself (SIGKILL) inside a DiLoCo sync, then restarts from its last
   checkpoint (``lowband.save/load``) and rejoins, taking the global parameters from a
@@ -20,16 +20,10 @@ over their bytes), and so do all live peers after the final sync.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import soak  # noqa: E402
-
-from lowband.wan._netns import netns_available  # noqa: E402
+from lowband.bench import soak
+from lowband.wan._netns import netns_available
 
 pytestmark = pytest.mark.skipif(not netns_available()[0], reason="needs network namespaces (root)")
 

@@ -24,11 +24,16 @@ def rank_input(rank: int, n: int = N) -> torch.Tensor:
 def reduce_codecs(rank, world, addr, name, codecs):
     group = lowband.init_group(rank, world, store=addr, backend="zmq", peer_timeout=20, group_name=name, streams=2)
     try:
-        out = {c: group.all_reduce(rank_input(rank), codec=c, op="mean").wait() for c in codecs}
+        before = group.stats.as_dict()
+        works = {c: group.all_reduce(rank_input(rank), codec=c, op="mean") for c in codecs}
+        out = {c: w.wait() for c, w in works.items()}
         t = rank_input(rank, 77)
-        group.broadcast(t, src=world - 1).wait()
+        bw = group.broadcast(t, src=world - 1)
+        bw.wait()
         out["broadcast"] = t
         out["stats"] = group.stats.as_dict()
+        out["before"] = before
+        out["works"] = [w.stats.as_dict() for w in [*works.values(), bw]]
         return out
     finally:
         group.close()
@@ -54,6 +59,14 @@ def test_all_reduce_bit_identical_over_zmq(process_pool, coordinator: str) -> No
         assert torch.equal(res[r]["broadcast"], rank_input(world - 1, 77))
         assert res[r]["stats"]["bytes_sent"] > 0
         assert res[r]["stats"]["transport_bytes_sent"] > res[r]["stats"]["bytes_sent"]
+        # each Work counts its own messages exactly: together, all the group's payload
+        # messages since; the group's transport bytes also hold heartbeats and acks
+        works, now, was = res[r]["works"], res[r]["stats"], res[r]["before"]
+        for name in ("bytes_sent", "bytes_received", "messages"):
+            assert sum(w[name] for w in works) == now[name] - was[name], name
+        for name in ("transport_bytes_sent", "transport_bytes_received"):
+            assert sum(w[name] for w in works) <= now[name] - was[name], name
+        assert all(w["transport_bytes_sent"] > w["bytes_sent"] for w in works if w["bytes_sent"])
 
 
 def killed(rank, world, addr, name, victim):
