@@ -48,7 +48,7 @@ def check_contraction(codec: Codec) -> None:
 
 class ErrorFeedback:
     def __init__(self, codec: Codec | str, decay: float = 1.0) -> None:
-        from lowband.compress._spec import parse
+        from lowband.compress._codec import parse
 
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"error feedback decay must be in [0, 1], got {decay}")

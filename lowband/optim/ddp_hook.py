@@ -138,7 +138,7 @@ class DDPCommHook:
         payloads = []
         for peer, (data, size) in enumerate(zip(gathered, sizes)):
             p = Payload.from_frames(
-                _unpack(data[: int(size.item())]), max_bytes=blob.numel() * 4 + (1 << 20)
+                _unpack(data[: int(size.item())]), codec=self.codec, max_bytes=blob.numel() * 4 + (1 << 20)
             )
             if p.numel != x.numel():
                 raise CodecError(f"peer {peer} sent {p.numel} values for a bucket of {x.numel()}")

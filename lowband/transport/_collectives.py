@@ -165,11 +165,12 @@ def _raw_tensor(frames: Sequence[Frame], numel: int, peer: int) -> torch.Tensor:
         return torch.frombuffer(frames[0], dtype=torch.float32)
 
 
-def _payload(frames: Sequence[Frame], max_bytes: int, peer: int) -> Payload:
+def _payload(frames: Sequence[Frame], max_bytes: int, peer: int, codec: Codec | None = None) -> Payload:
+    """Validate a peer's payload once, against the codec this collective expects (if known)."""
     from lowband.compress import Payload
 
     try:
-        return Payload.from_frames(frames, max_bytes=max_bytes)
+        return Payload.from_frames(frames, codec=codec, max_bytes=max_bytes)
     except CodecError as e:
         raise _bad(peer, str(e)) from None
 
@@ -191,8 +192,8 @@ def _encode(codec: Codec, x: torch.Tensor, residual: torch.Tensor | None, decay:
 # -- collectives ---------------------------------------------------------------------------------
 
 
-def all_gather(rnd: Round, payload: Payload) -> dict[int, Payload]:
-    """Every participant's payload, by rank."""
+def all_gather(rnd: Round, payload: Payload, codec: Codec | None = None) -> dict[int, Payload]:
+    """Every participant's payload, by rank; with ``codec``, each must be encoded with it."""
     frames = payload.to_frames()
     for peer in rnd.others:
         rnd.send(peer, 0, frames, payload_bytes=payload.nbytes)
@@ -200,7 +201,7 @@ def all_gather(rnd: Round, payload: Payload) -> dict[int, Payload]:
     out = {rnd.rank: payload}
     for peer in rnd.others:
         _, got = rnd.recv(peer, 0)
-        out[peer] = _payload(got, rnd.max_bytes, peer)
+        out[peer] = _payload(got, rnd.max_bytes, peer, codec)
     return out
 
 
@@ -248,7 +249,7 @@ def _sparse(
     rnd: Round, flat: torch.Tensor, codec: Codec, *, mean: bool, residual: torch.Tensor | None, decay: float
 ) -> torch.Tensor:
     mine = _encode(codec, flat, residual, decay)
-    got = all_gather(rnd, mine)
+    got = all_gather(rnd, mine, codec)
     out = torch.zeros(flat.numel(), dtype=torch.float32)
     order = [got[r] for r in rnd.participants]
     for r, p in zip(rnd.participants, order):
@@ -303,7 +304,7 @@ def _dense(
                 if len(ctl) != _NORM.size:
                     raise _bad(peer, "no norm for norm_clip")
                 norms[peer] = _NORM.unpack(ctl)[0]
-            contrib[peer] = _raw_tensor(frames, n, peer) if codec is None else _payload(frames, rnd.max_bytes, peer)
+            contrib[peer] = _raw_tensor(frames, n, peer) if codec is None else _payload(frames, rnd.max_bytes, peer, codec)
         acc = _reduce_shard(P, contrib, n, codec, robust, [norms[r] for r in P] if send_norm else None)
         if mean and robust is None:
             acc.div_(len(P))
@@ -322,7 +323,7 @@ def _dense(
             piece = reduced
         else:
             _, frames = rnd.recv(owner, 1)
-            piece = _raw_tensor(frames, b - a, owner) if codec is None else _payload(frames, rnd.max_bytes, owner)
+            piece = _raw_tensor(frames, b - a, owner) if codec is None else _payload(frames, rnd.max_bytes, owner, codec)
         if isinstance(piece, torch.Tensor):
             out[a:b].copy_(piece)
         else:
@@ -332,10 +333,9 @@ def _dense(
 
 
 def _check(p: Payload, codec: Codec | None, n: int, peer: int) -> None:
+    """The shape check left after :func:`_payload` (which checked spec and lengths)."""
     if p.numel != n:
         raise _bad(peer, f"a payload of {p.numel} values, {n} expected")
-    if codec is not None and p.spec != str(codec):
-        raise _bad(peer, f"a payload encoded with {p.spec!r}, this collective uses {str(codec)!r}")
 
 
 def _reduce_shard(

@@ -92,7 +92,8 @@ class ZmqCarrier:
     ``coordinator`` is the coordinator's ``HOST:PORT``. ``host`` is the address this
     process binds and advertises; by default the address of the interface whose route
     reaches the coordinator (a loopback coordinator gives a loopback address). ``streams`` defaults to :func:`default_streams` of
-    ``bandwidth`` (bit/s) and ``rtt`` (s). ``rate_limit`` caps the upload (bytes/s).
+    ``bandwidth`` (bit/s) and ``rtt`` (s); ``io_threads`` is the number of libzmq I/O threads
+    (default: one per stream, at most four). ``rate_limit`` caps the upload (bytes/s).
     ``config`` is compared across peers at join: any difference raises ConfigMismatch.
     """
 
@@ -120,6 +121,7 @@ class ZmqCarrier:
         join_timeout: float = 300.0,
         connect_map: Callable[[str], str] | None = None,
         closed_is_lost: bool = True,
+        io_threads: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size or world_size > 65535:
             raise ConfigError(f"rank {rank} outside a group of {world_size}")
@@ -136,6 +138,8 @@ class ZmqCarrier:
         n_streams = default_streams(bandwidth, rtt) if streams is None else streams
         if not 1 <= n_streams <= 64:
             raise ConfigError(f"streams must be in [1, 64], got {n_streams}")
+        if io_threads is not None and not 1 <= io_threads <= 16:
+            raise ConfigError(f"io_threads must be in [1, 16], got {io_threads}")
         from lowband.transport.security import warn_if_exposed
 
         if host is None:
@@ -171,7 +175,8 @@ class ZmqCarrier:
         self._inbox: dict[tuple[int, Key], tuple[list[Any], int, int]] = {}
         self._floor_epoch = 0
         self._closed = False
-        self.ctx = zmq.Context(io_threads=max(1, min(4, n_streams)))
+        # libzmq's I/O threads move the bytes of the TCP streams; one per stream up to four
+        self.ctx = zmq.Context(io_threads=io_threads or max(1, min(4, n_streams)))
         self._auth = security.start_authenticator(self.ctx) if security is not None else None
         try:
             self.io = IOLoop(

@@ -365,7 +365,7 @@ def _resolve_codec(codec: Codec | str | None, ef: ErrorFeedback | None) -> Codec
     if ef is not None:
         if codec is None:
             codec = ef.codec
-        elif str(codec) != str(ef.codec):
+        elif codec.spec != ef.codec.spec:
             raise ConfigError(f"error_feedback is for codec {ef.codec}, the all_reduce uses {codec}")
     return codec
 
