@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Aborted",
     "Round",
+    "Scratch",
     "SHARD_ALIGN",
     "all_gather",
     "all_reduce",
@@ -113,6 +114,37 @@ class Round:
             raise TransportError(f"peer {peer} sent an unknown message kind {head[0]}")
         return head[1:], list(frames[1:])
 
+    def post(self, peer: int, phase: int, into: torch.Tensor) -> None:
+        """Ask the carrier to land the data frame of ``peer``'s message ``phase`` in ``into``
+        (contiguous); :meth:`recv_into` then finds it there, or copies it there."""
+        post = getattr(self.carrier, "post", None)
+        if post is not None and into.numel():
+            post(peer, (self.epoch, self.seq, phase), 1, _byte_view(into))
+
+    def recv_into(self, peer: int, phase: int, into: torch.Tensor) -> bytes:
+        """Receive ``peer``'s fp32 message ``phase`` into ``into``; returns its control bytes."""
+        ctl, frames = self.recv(peer, phase)
+        nbytes = into.numel() * into.element_size()
+        if len(frames) != 1 or memoryview(frames[0]).nbytes != nbytes:
+            got = [memoryview(f).nbytes for f in frames]
+            raise _bad(peer, f"fp32 frames of {got} bytes, expected one of {nbytes}")
+        if nbytes and not _is_view_of(frames[0], into):  # not landed in place: copy
+            into.view(-1).copy_(_raw_tensor(frames, into.numel(), peer))
+        return ctl
+
+    def wait_sent(self, messages: Sequence[tuple[int, int]]) -> bool:
+        """Wait until each ``(peer, phase)`` message sent was acknowledged, so its frames may be
+        reused; False when the carrier cannot tell (then they must not be)."""
+        wait = getattr(self.carrier, "wait_sent", None)
+        if wait is None:
+            return False
+        for peer, phase in messages:
+            try:
+                wait(peer, (self.epoch, self.seq, phase), timeout=self.timeout)
+            except CollectiveTimeout:
+                raise PeerLost(f"peer {peer} acknowledged nothing for {self.timeout}s", peers=(peer,)) from None
+        return True
+
     def check_lost(self) -> None:
         if self.lost:
             raise PeerLost(f"lost peers {sorted(self.lost)} while sending", peers=tuple(sorted(self.lost)))
@@ -135,6 +167,34 @@ class Round:
 # -- helpers ------------------------------------------------------------------------------------
 
 
+class Scratch:
+    """fp32 receive space reused from one collective to the next.
+
+    Touching fresh memory costs a page fault per 4 KiB, several times the copy itself, so
+    the rows that other peers' contributions land in are kept. A collective takes the
+    space (:meth:`take`) and gives it back (:meth:`give`) only when it succeeded: then every
+    message posted into it has arrived, and no late chunk can write there any more. One
+    collective at a time uses it (a group runs its collectives one after another).
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, numel: int) -> torch.Tensor:
+        buf, self._buf = self._buf, None
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32)
+        return buf[:numel]
+
+    def give(self, buf: torch.Tensor) -> None:
+        base = buf._base if buf._base is not None else buf
+        if self._buf is None or base.numel() > self._buf.numel():
+            self._buf = base
+
+    def clear(self) -> None:
+        self._buf = None
+
+
 def shard_bounds(n: int, parts: int, align: int = SHARD_ALIGN) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` ranges covering ``n`` values, one per part, aligned."""
     per = -(-n // parts) if parts else n
@@ -144,6 +204,24 @@ def shard_bounds(n: int, parts: int, align: int = SHARD_ALIGN) -> list[tuple[int
 
 def _raw_frames(t: torch.Tensor) -> list[Frame]:
     return [memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")]
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of contiguous CPU tensor ``t`` (no copy)."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("a posted tensor must be contiguous and on the CPU")
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _is_view_of(frame: Frame, t: torch.Tensor) -> bool:
+    """True when ``frame`` is exactly the memory of ``t`` (the carrier landed it in place)."""
+    import numpy as np
+
+    try:
+        arr = np.frombuffer(frame, dtype=np.uint8)
+    except (TypeError, ValueError):
+        return False
+    return arr.ctypes.data == t.data_ptr() and arr.size == t.numel() * t.element_size()
 
 
 def _bad(peer: int, message: str) -> CodecError:
@@ -236,13 +314,101 @@ def all_reduce(
     decay: float = 1.0,
     robust: Reducer | None = None,
     send_norm: bool = False,
+    inplace: bool = False,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """Reduce the fp32 vector ``flat`` over the participants; the result is a new fp32 vector."""
+    """Reduce the fp32 vector ``flat`` over the participants; the result is an fp32 vector:
+    ``flat`` itself when ``inplace`` (fp32 only; the caller then never needs ``flat`` again),
+    else a new one."""
     if codec is not None and codec.sparse:
         if robust is not None:
             raise CodecError(f"robust aggregation needs a dense codec; {codec} sends a subset of positions")
         return _sparse(rnd, flat, codec, mean=mean, residual=residual, decay=decay)
+    if codec is None:
+        return _dense_raw(rnd, flat, mean=mean, robust=robust, send_norm=send_norm, inplace=inplace, scratch=scratch)
     return _dense(rnd, flat, codec, mean=mean, residual=residual, decay=decay, robust=robust, send_norm=send_norm)
+
+
+def _dense_raw(
+    rnd: Round,
+    flat: torch.Tensor,
+    *,
+    mean: bool,
+    robust: Reducer | None,
+    send_norm: bool,
+    inplace: bool,
+    scratch: Scratch | None,
+) -> torch.Tensor:
+    """fp32 reduce-scatter + all-gather, every received shard landing where it is used.
+
+    Before sending anything, this rank posts where each message will land: each other
+    peer's contribution to the shard it owns in a row of ``rows``, each other owner's
+    reduced shard in its place in ``out``. The owned shard is summed in rank order
+    (``((c0 + c1) + c2) + ...``, the same float additions on every peer) into a row that
+    is no longer needed, which is what goes out in phase 1 (never ``out`` itself: the
+    caller may change ``out`` before the carrier has sent it), then copied into ``out``.
+    With ``inplace``, ``out`` is ``flat``: its other shards were sent in phase 0, and an
+    owner's reduced shard only comes back once it has received all of this rank's.
+    """
+    P = rnd.participants
+    me = P.index(rnd.rank)
+    bounds = shard_bounds(flat.numel(), len(P))
+    out = flat if inplace else torch.empty_like(flat)
+    a, b = bounds[me]
+    n = b - a
+    others = [r for r in P if r != rnd.rank]
+    k = len(P) if robust is not None else len(others)
+    space = scratch.take(k * n) if scratch is not None else torch.empty(k * n, dtype=torch.float32)
+    rows = space.view(k, n)
+    row_of = {r: rows[j] for j, r in enumerate(P if robust is not None else others)}
+    if n:
+        for peer in others:
+            rnd.post(peer, 0, row_of[peer])
+    for (a2, b2), owner in zip(bounds, P):
+        if owner != rnd.rank and b2 > a2:
+            rnd.post(owner, 1, out[a2:b2])
+    norm = _NORM.pack(float(flat.norm())) if send_norm else b""
+    # phase 0: every shard to its owner
+    for (a2, b2), owner in zip(bounds, P):
+        if owner != rnd.rank and b2 > a2:
+            rnd.send(owner, 0, _raw_frames(flat[a2:b2]), payload_bytes=(b2 - a2) * 4, control=norm)
+    rnd.check_lost()
+    if n:
+        norms: dict[int, float] = {rnd.rank: _NORM.unpack(norm)[0]} if send_norm else {}
+        for peer in others:
+            ctl = rnd.recv_into(peer, 0, row_of[peer])
+            if send_norm:
+                if len(ctl) != _NORM.size:
+                    raise _bad(peer, "no norm for norm_clip")
+                norms[peer] = _NORM.unpack(ctl)[0]
+        own = flat[a:b]
+        if robust is not None:
+            row_of[rnd.rank].copy_(own)
+            acc = robust(rows, [norms[r] for r in P] if send_norm else None)
+        else:
+            c = [own if r == rnd.rank else row_of[r] for r in P]
+            if len(P) == 1:
+                acc = own.clone()
+            else:
+                # accumulate into the first other peer's row: it is c[0] or c[1], both used up
+                acc = row_of[others[0]]
+                torch.add(c[0], c[1], out=acc)
+                for x in c[2:]:
+                    acc.add_(x)
+            if mean:
+                acc.div_(len(P))
+        for peer in others:
+            rnd.send(peer, 1, _raw_frames(acc), payload_bytes=acc.nbytes)
+        out[a:b].copy_(acc)
+        rnd.check_lost()
+    # phase 1: every other owner's reduced shard, landed in place
+    for (a2, b2), owner in zip(bounds, P):
+        if owner != rnd.rank and b2 > a2:
+            rnd.recv_into(owner, 1, out[a2:b2])
+    # the reduced shard went out from scratch space: reuse it once every peer has it all
+    if scratch is not None and rnd.wait_sent([(peer, 1) for peer in others] if n else []):
+        scratch.give(space)
+    return out
 
 
 def _sparse(

@@ -118,6 +118,8 @@ class Group:
             self._seq = int(self.joined_at[1])
             self.participants = tuple(carrier.members)  # type: ignore[attr-defined]
         self._lock = threading.Lock()
+        #: receive space the fp32 all-reduce reuses (fresh pages cost more than the copy)
+        self._scratch = C.Scratch()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -147,6 +149,7 @@ class Group:
         op: str = "mean",
         error_feedback: ErrorFeedback | None = None,
         key: str = "",
+        out: torch.Tensor | None = None,
     ) -> Work[torch.Tensor]:
         """Reduce ``tensor`` over the group; ``wait()`` gives an fp32 tensor of its shape.
 
@@ -154,7 +157,10 @@ class Group:
         (``"trimmed_mean"``, ``"median"``, ``"norm_clip"``; dense codecs only).
         ``codec=None`` sends fp32. With ``error_feedback``, what the codec did
         not send is kept under ``key`` and added next time (its codec must be
-        ``codec``). The input is snapshotted now and never modified.
+        ``codec``). The input is snapshotted now and never modified. ``out``: a
+        contiguous fp32 CPU tensor of as many values, which receives the snapshot
+        now and the result when done (``wait()`` returns it, reshaped); without it
+        the result is a new tensor.
         """
         codec_obj = _resolve_codec(codec, error_feedback)
         rule = robust_rule(op)
@@ -163,7 +169,16 @@ class Group:
         if not tensor.is_floating_point():
             raise ConfigError(f"all_reduce needs a floating point tensor, got {tensor.dtype}")
         shape, device = tensor.shape, tensor.device
-        flat = tensor.detach().reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
+        if out is None:
+            flat = tensor.detach().reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
+        else:
+            if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != tensor.numel():
+                raise ConfigError(f"out must be a contiguous fp32 CPU tensor of {tensor.numel()} values")
+            if out.data_ptr() == tensor.data_ptr() and tensor.dtype == torch.float32:
+                flat = out.view(-1)  # reduce in place: the snapshot is already there
+            else:
+                flat = out.view(-1)
+                flat.copy_(tensor.detach().reshape(-1))
 
         before: list[torch.Tensor] = []  # the residual as it was before the first attempt
 
@@ -176,7 +191,7 @@ class Group:
                     residual.copy_(before[0])
                 else:
                     before.append(residual.clone())
-            out = C.all_reduce(
+            result = C.all_reduce(
                 rnd,
                 flat,
                 codec=codec_obj,
@@ -185,8 +200,14 @@ class Group:
                 decay=1.0 if error_feedback is None else error_feedback.decay,
                 robust=rule,
                 send_norm=op == "norm_clip",
+                # a retry (drop mode) needs the input again; otherwise the snapshot becomes the result
+                inplace=self.on_failure == "raise",
+                scratch=self._scratch,
             )
-            return out.view(shape).to(device)
+            if result.data_ptr() != flat.data_ptr() and out is not None:
+                flat.copy_(result)
+                result = flat
+            return result.view(shape) if out is not None else result.view(shape).to(device)
 
         return self._submit(body, phases=(0, 1))
 
