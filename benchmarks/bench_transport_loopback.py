@@ -11,7 +11,8 @@ receiver's last, and the CPU seconds of both processes (``getrusage``, every thr
 lowband: four worker processes join, once, one ``init_group(backend="zmq")`` group per
 (peers, transport threads) configuration, with the coordinator in its own process; "transport
 threads" is the carrier's ``io_threads`` (libzmq I/O threads). One measurement is
-``all_reduce(op="mean")`` of ``--size`` bytes of fp32 from a barrier to the last peer's result;
+``all_reduce(op="mean", out=preallocated)`` of ``--size`` bytes of fp32 from a barrier to the last
+peer's result;
 CPU seconds are summed over the peers, every thread. Rounds are interleaved: each round measures
 the raw send and then every configuration once; the best round of each is reported.
 
@@ -62,6 +63,7 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
                     group_name=f"loop{peers}x{threads}", io_threads=threads or None,
                 )
         inputs = {p: torch.randn(n, generator=torch.Generator().manual_seed(7 + rank)) for p, _ in configs}
+        result = torch.zeros(n)  # preallocated output, as the raw receiver's buffer
         expected = {
             p: torch.stack([torch.randn(n, generator=torch.Generator().manual_seed(7 + r)) for r in range(p)]).mean(0)
             for p in {p for p, _ in configs} if rank < p
@@ -110,7 +112,7 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
                 sent0 = g.stats.transport_bytes_sent
                 c0 = _cpu()
                 t0 = time.monotonic()
-                out = g.all_reduce(inputs[peers], codec=None if codec == "fp32" else codec, op="mean").wait()
+                out = g.all_reduce(inputs[peers], codec=None if codec == "fp32" else codec, op="mean", out=result).wait()
                 t1 = time.monotonic()
                 c = _cpu() - c0
                 ok = codec != "fp32" or bool(torch.allclose(out, expected[peers], rtol=1e-5, atol=1e-6))

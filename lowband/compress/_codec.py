@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,16 @@ def parse(spec: str | Codec) -> Codec:
 @functools.lru_cache(maxsize=256)
 def _parse(spec: str) -> Codec:
     return Codec(**spec_fields(spec))
+
+
+def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
+    """A uint8 tensor over ``data`` without a copy. Decoders only read their buffers, so a
+    read-only buffer (a received frame) is fine; torch's warning about it is silenced."""
+    if not len(data):
+        return torch.zeros(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
+        return torch.frombuffer(data, dtype=torch.uint8)
 
 
 @dataclass(frozen=True, repr=False)
@@ -113,7 +124,7 @@ class Codec(Spec):
         raw: list[torch.Tensor] = []
         for b, (lo, hi) in zip(p.buffers, bounds):
             data = _lz4.decompress(b, lo=lo, hi=hi) if self.lz4 else b
-            raw.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.zeros(0, dtype=torch.uint8))
+            raw.append(_bytes_tensor(data))
         return raw
 
     def _decode_flat(self, p: Payload, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:

@@ -60,6 +60,7 @@ __all__ = [
     "encode_gaps",
     "decode_gaps",
     "checksum",
+    "max_code",
     "uniform_hash",
 ]
 
@@ -453,3 +454,11 @@ def _mix_sum(w: np.ndarray, start: int) -> np.uint64:
         x ^= x >> np.uint64(31)
         out = out + x.sum(dtype=np.uint64)
     return out
+
+
+def max_code(codes: torch.Tensor, bits: int, n: int) -> int:
+    """The largest of the ``n`` codes of ``bits`` (8 or 4) packed in ``codes`` (0 when n == 0):
+    what a decoder compares with its grid before it trusts the codes."""
+    if bits not in (8, 4):
+        raise CodecError(f"max_code takes 8- or 4-bit codes, got {bits}")
+    return int(unpack_bits(codes, bits, n).max()) if n else 0
