@@ -8,6 +8,12 @@ codec, DESIGN.md "Data flow") or a ``torch.distributed`` process group, for whic
 each peer's payload is all-gathered as bytes and every peer decodes and averages
 them in rank order (so results are identical on every peer).
 
+Over a lowband group the hook returns at once a ``torch.futures.Future`` that the
+group's worker completes when the bucket's collective is done, so DDP overlaps the
+communication of each bucket with the rest of the backward pass; the buckets' collectives
+run one after another in launch order, which DDP keeps the same on every rank. Over a
+process group the hook's all-gathers run before it returns (its future is complete).
+
 Error feedback (Seide et al. 2014; Karimireddy et al. 2019) is kept per parameter,
 not per bucket index: DDP rebuilds its buckets after the first iteration (and on
 ``static_graph`` changes), and the residual of every parameter moves with it into
@@ -15,6 +21,7 @@ whichever bucket it lands in.
 """
 
 import hashlib
+import threading
 from typing import Any
 
 import torch
@@ -55,6 +62,7 @@ class DDPCommHook:
                 f"ddp_comm_hook needs a lowband group or a torch ProcessGroup, got {type(group).__name__}"
             )
         self._meter: Any = None if self._torch else StatsMeter(group)
+        self._meter_lock = threading.Lock()  # buckets launch here and finish on the group's worker
         self._stats = CommStats()
         # id(param) -> (bucket key, start, stop): where each parameter's residual lives
         self._where: dict[int, tuple[str, int, int]] = {}
@@ -71,18 +79,42 @@ class DDPCommHook:
         flat = bucket.buffer()
         key = self._key(bucket, flat)
         if self._torch:
-            avg = self._all_gather_mean(flat, key)
-        else:
-            meter = self._meter
-            meter.launched(1)
-            avg = self.group.all_reduce(
-                flat, codec=self.codec, op="mean", error_feedback=self.error_feedback, key=key
-            ).wait()
-            meter.finished(1)
-            meter.count_sync()
-        flat.copy_(avg.reshape(-1))
+            flat.copy_(self._all_gather_mean(flat, key).reshape(-1))
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(flat)
+            return done
+        # A lowband group: the collective runs on the group's worker while DDP goes on with
+        # the backward pass; the future is completed by that worker, with the averaged
+        # bucket written into DDP's own buffer (in place for a CPU fp32 bucket).
+        with self._meter_lock:
+            self._meter.launched(1)
+        in_place = flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous()
+        work = self.group.all_reduce(
+            flat,
+            codec=self.codec,
+            op="mean",
+            error_feedback=self.error_feedback,
+            key=key,
+            out=flat if in_place else None,
+        )
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        fut.set_result(flat)
+
+        def complete(w: Any) -> None:
+            with self._meter_lock:
+                self._meter.finished(1)
+                self._meter.count_sync()
+            if w._error is not None:
+                fut.set_exception(w._error)
+                return
+            try:
+                if not in_place:
+                    flat.copy_(w._result.reshape(-1))
+            except BaseException as e:  # handed to DDP through the future
+                fut.set_exception(e)
+                return
+            fut.set_result(flat)
+
+        work.add_done_callback(complete)
         return fut
 
     # -- error feedback keyed by parameters ------------------------------------------

@@ -57,16 +57,42 @@ ON_FAILURE = ("raise", "drop")
 class Work(Generic[T]):
     """Handle of a collective in flight: ``wait()`` returns its result or raises its error."""
 
-    def __init__(self, stats: CommStats) -> None:
+    def __init__(self, stats: CommStats, rank: int = -1) -> None:
         self._stats = stats
+        self._rank = rank
         self._done = threading.Event()
         self._result: T | None = None
         self._error: BaseException | None = None
         #: Ranks whose inputs the result was computed from (set when done).
         self.participants: tuple[int, ...] = ()
+        self._callbacks: list[Callable[[Work[T]], None]] = []
+        self._cb_lock = threading.Lock()
 
     def done(self) -> bool:
         return self._done.is_set()
+
+    def add_done_callback(self, fn: Callable[[Work[T]], None]) -> None:
+        """Call ``fn(work)`` once the collective has finished (at once if it has), on the
+        group's worker thread: keep it short, and do not wait on other collectives in it."""
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def future(self) -> torch.futures.Future[T]:
+        """A ``torch.futures.Future`` that the transport completes with the result (or the
+        error): what a DDP communication hook returns so that DDP overlaps buckets."""
+        fut: torch.futures.Future[T] = torch.futures.Future()
+
+        def complete(w: Work[T]) -> None:
+            if w._error is not None:
+                fut.set_exception(w._error)
+            else:
+                fut.set_result(w._result)  # type: ignore[arg-type]
+
+        self.add_done_callback(complete)
+        return fut
 
     def wait(self, timeout: float | None = None) -> T:
         t0 = time.perf_counter()
@@ -82,7 +108,14 @@ class Work(Generic[T]):
 
     def _finish(self, result: T | None, error: BaseException | None, participants: tuple[int, ...]) -> None:
         self._result, self._error, self.participants = result, error, participants
-        self._done.set()
+        with self._cb_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a callback's bug must not stop the group's worker
+                log.exception("rank %d: a collective's done callback failed", self._rank)
 
 
 class Group:
@@ -288,7 +321,7 @@ class Group:
     def _submit(self, body: Callable[[C.Round], T], *, phases: tuple[int, ...]) -> Work[T]:
         if self._closed:
             raise TransportError("the group is closed")
-        work: Work[T] = Work(self.stats)
+        work: Work[T] = Work(self.stats, self.rank)
         with self._lock:
             self._seq += 1
             self._jobs.put((self._seq, body, phases, work))
