@@ -318,15 +318,18 @@ def all_reduce(
     scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Reduce the fp32 vector ``flat`` over the participants; the result is an fp32 vector:
-    ``flat`` itself when ``inplace`` (fp32 only; the caller then never needs ``flat`` again),
-    else a new one."""
+    ``flat`` itself when ``inplace`` (dense codecs and fp32; the caller then never needs
+    ``flat`` again), else a new one. ``scratch`` lends receive and accumulation space."""
     if codec is not None and codec.sparse:
         if robust is not None:
             raise CodecError(f"robust aggregation needs a dense codec; {codec} sends a subset of positions")
-        return _sparse(rnd, flat, codec, mean=mean, residual=residual, decay=decay)
+        return _sparse(rnd, flat, codec, mean=mean, residual=residual, decay=decay, inplace=inplace)
     if codec is None:
         return _dense_raw(rnd, flat, mean=mean, robust=robust, send_norm=send_norm, inplace=inplace, scratch=scratch)
-    return _dense(rnd, flat, codec, mean=mean, residual=residual, decay=decay, robust=robust, send_norm=send_norm)
+    return _dense(
+        rnd, flat, codec, mean=mean, residual=residual, decay=decay, robust=robust, send_norm=send_norm,
+        inplace=inplace, scratch=scratch,
+    )
 
 
 def _dense_raw(
@@ -412,11 +415,18 @@ def _dense_raw(
 
 
 def _sparse(
-    rnd: Round, flat: torch.Tensor, codec: Codec, *, mean: bool, residual: torch.Tensor | None, decay: float
+    rnd: Round,
+    flat: torch.Tensor,
+    codec: Codec,
+    *,
+    mean: bool,
+    residual: torch.Tensor | None,
+    decay: float,
+    inplace: bool = False,
 ) -> torch.Tensor:
     mine = _encode(codec, flat, residual, decay)
     got = all_gather(rnd, mine, codec)
-    out = torch.zeros(flat.numel(), dtype=torch.float32)
+    out = flat.zero_() if inplace else torch.zeros(flat.numel(), dtype=torch.float32)
     order = [got[r] for r in rnd.participants]
     for r, p in zip(rnd.participants, order):
         _check(p, codec, flat.numel(), r)
@@ -429,40 +439,43 @@ def _sparse(
 def _dense(
     rnd: Round,
     flat: torch.Tensor,
-    codec: Codec | None,
+    codec: Codec,
     *,
     mean: bool,
     residual: torch.Tensor | None,
     decay: float,
     robust: Reducer | None,
     send_norm: bool,
+    inplace: bool = False,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
+    """Dense codec: reduce-scatter of encoded shards, each owner re-encodes its sum once.
+
+    With ``inplace`` the result is decoded into ``flat`` (every shard of it was encoded
+    before anything is received, and payloads own their bytes). The owner's fp32
+    accumulator comes from ``scratch``: nothing the carrier holds points into it."""
     P = rnd.participants
     bounds = shard_bounds(flat.numel(), len(P))
     norm = _NORM.pack(float(flat.norm())) if send_norm else b""
     # phase 0: every shard to its owner, encoded once
-    own: Payload | torch.Tensor | None = None
+    own: Payload | None = None
     for (a, b), owner in zip(bounds, P):
         if b <= a:
             continue
-        if codec is None:
-            enc: Payload | torch.Tensor = flat[a:b]
-        else:
-            enc = _encode(codec, flat[a:b], None if residual is None else residual[a:b], decay)
+        enc = _encode(codec, flat[a:b], None if residual is None else residual[a:b], decay)
         if owner == rnd.rank:
             own = enc
-        elif isinstance(enc, torch.Tensor):
-            rnd.send(owner, 0, _raw_frames(enc), payload_bytes=enc.nbytes, control=norm)
         else:
             rnd.send(owner, 0, enc.to_frames(), payload_bytes=enc.nbytes, control=norm)
     rnd.check_lost()
     # the shard this rank owns: decode every contribution, add in rank order, encode once
     i = P.index(rnd.rank)
     a, b = bounds[i]
-    reduced: Payload | torch.Tensor | None = None
+    reduced: Payload | None = None
+    space: torch.Tensor | None = None
     if b > a:
         n = b - a
-        contrib: dict[int, Payload | torch.Tensor] = {rnd.rank: own}  # type: ignore[dict-item]
+        contrib: dict[int, Payload] = {rnd.rank: own}  # type: ignore[dict-item]
         norms: dict[int, float] = {rnd.rank: _NORM.unpack(norm)[0]} if send_norm else {}
         for peer in rnd.others:
             ctl, frames = rnd.recv(peer, 0)
@@ -470,18 +483,19 @@ def _dense(
                 if len(ctl) != _NORM.size:
                     raise _bad(peer, "no norm for norm_clip")
                 norms[peer] = _NORM.unpack(ctl)[0]
-            contrib[peer] = _raw_tensor(frames, n, peer) if codec is None else _payload(frames, rnd.max_bytes, peer, codec)
-        acc = _reduce_shard(P, contrib, n, codec, robust, [norms[r] for r in P] if send_norm else None)
+            contrib[peer] = _payload(frames, rnd.max_bytes, peer, codec)
+        k = n * (len(P) if robust is not None else 1)
+        space = scratch.take(k) if scratch is not None else torch.empty(k, dtype=torch.float32)
+        acc = _reduce_shard(P, contrib, n, codec, robust, [norms[r] for r in P] if send_norm else None, space)
         if mean and robust is None:
             acc.div_(len(P))
-        reduced = acc if codec is None else codec.encode(acc)
-        ctl_frames = _raw_frames(acc) if codec is None else reduced.to_frames()  # type: ignore[union-attr]
-        nbytes = acc.nbytes if codec is None else reduced.nbytes  # type: ignore[union-attr]
+        reduced = codec.encode(acc)
+        frames_out = reduced.to_frames()
         for peer in rnd.others:
-            rnd.send(peer, 1, ctl_frames, payload_bytes=nbytes)
+            rnd.send(peer, 1, frames_out, payload_bytes=reduced.nbytes)
         rnd.check_lost()
     # phase 1: gather every owner's reduced shard; everyone decodes the same bytes
-    out = torch.empty(flat.numel(), dtype=torch.float32)
+    out = flat if inplace else torch.empty(flat.numel(), dtype=torch.float32)
     for (a, b), owner in zip(bounds, P):
         if b <= a:
             continue
@@ -489,12 +503,11 @@ def _dense(
             piece = reduced
         else:
             _, frames = rnd.recv(owner, 1)
-            piece = _raw_tensor(frames, b - a, owner) if codec is None else _payload(frames, rnd.max_bytes, owner, codec)
-        if isinstance(piece, torch.Tensor):
-            out[a:b].copy_(piece)
-        else:
-            _check(piece, codec, b - a, owner)
-            codec.decode_into(piece, out[a:b], accumulate=False)  # type: ignore[union-attr]
+            piece = _payload(frames, rnd.max_bytes, owner, codec)
+        _check(piece, codec, b - a, owner)  # type: ignore[arg-type]
+        codec.decode_into(piece, out[a:b], accumulate=False)  # type: ignore[arg-type]
+    if scratch is not None and space is not None:
+        scratch.give(space)
     return out
 
 
@@ -506,30 +519,25 @@ def _check(p: Payload, codec: Codec | None, n: int, peer: int) -> None:
 
 def _reduce_shard(
     P: Sequence[int],
-    contrib: dict[int, Payload | torch.Tensor],
+    contrib: dict[int, Payload],
     n: int,
-    codec: Codec | None,
+    codec: Codec,
     robust: Reducer | None,
     norms: list[float] | None,
+    space: torch.Tensor,
 ) -> torch.Tensor:
+    """Decode every contribution into ``space`` (fp32, n values, P rows for a robust rule)
+    and combine them: summed in rank order from zero, or by the robust rule."""
     if robust is None:
-        acc = torch.zeros(n, dtype=torch.float32)
-        for i, r in enumerate(P):
-            c = contrib[r]
-            if isinstance(c, torch.Tensor):
-                acc.copy_(c) if i == 0 else acc.add_(c)
-            else:
-                _check(c, codec, n, r)
-                codec.decode_into(c, acc)  # type: ignore[union-attr]
+        acc = space[:n].zero_()
+        for r in P:
+            _check(contrib[r], codec, n, r)
+            codec.decode_into(contrib[r], acc)
         return acc
-    rows = torch.empty(len(P), n, dtype=torch.float32)
+    rows = space[: len(P) * n].view(len(P), n)
     for j, r in enumerate(P):
-        c = contrib[r]
-        if isinstance(c, torch.Tensor):
-            rows[j].copy_(c)
-        else:
-            _check(c, codec, n, r)
-            codec.decode_into(c, rows[j], accumulate=False)  # type: ignore[union-attr]
+        _check(contrib[r], codec, n, r)
+        codec.decode_into(contrib[r], rows[j], accumulate=False)
     return robust(rows, norms)
 
 
