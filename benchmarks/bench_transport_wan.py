@@ -79,7 +79,7 @@ def tcp_sink(q: Any, streams: int = 1) -> None:
         buf = bytearray(max(off + n for _, off, n in conns))
         view = memoryview(buf)
 
-        def pull(conn: socket.socket, off: int, need: int) -> None:
+        def pull(conn: socket.socket, off: int, need: int, view: memoryview = view) -> None:
             got = 0
             while got < need:
                 k = conn.recv_into(view[off + got : off + need], need - got)

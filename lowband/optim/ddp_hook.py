@@ -104,13 +104,13 @@ class DDPCommHook:
                 self._meter.finished(1)
                 self._meter.count_sync()
             if w._error is not None:
-                fut.set_exception(w._error)
+                fut.set_exception(w._error)  # type: ignore[arg-type]  # torch stubs type it as T
                 return
             try:
                 if not in_place:
                     flat.copy_(w._result.reshape(-1))
             except BaseException as e:  # handed to DDP through the future
-                fut.set_exception(e)
+                fut.set_exception(e)  # type: ignore[arg-type]
                 return
             fut.set_result(flat)
 

@@ -87,7 +87,7 @@ class Work(Generic[T]):
 
         def complete(w: Work[T]) -> None:
             if w._error is not None:
-                fut.set_exception(w._error)
+                fut.set_exception(w._error)  # type: ignore[arg-type]  # torch stubs type it as T
             else:
                 fut.set_result(w._result)  # type: ignore[arg-type]
 
