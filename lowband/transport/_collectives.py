@@ -79,6 +79,8 @@ class Round:
     max_bytes: int = 1 << 34
     sent: set[tuple[int, int]] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
+    #: (peer, phase) of the messages whose landing place was posted (see :meth:`post`)
+    posted: set[tuple[int, int]] = field(default_factory=set)
 
     @property
     def rank(self) -> int:
@@ -120,6 +122,7 @@ class Round:
         post = getattr(self.carrier, "post", None)
         if post is not None and into.numel():
             post(peer, (self.epoch, self.seq, phase), 1, _byte_view(into))
+            self.posted.add((peer, phase))
 
     def recv_into(self, peer: int, phase: int, into: torch.Tensor) -> bytes:
         """Receive ``peer``'s fp32 message ``phase`` into ``into``; returns its control bytes."""
@@ -151,6 +154,10 @@ class Round:
 
     def abort(self, lost: Sequence[int] = ()) -> None:
         """Send ABORT (naming ``lost``) in place of every message this rank still owes."""
+        unpost = getattr(self.carrier, "unpost", None)
+        if unpost is not None:  # nothing may land in this attempt's buffers any more
+            for peer, phase in self.posted:
+                unpost(peer, (self.epoch, self.seq, phase))
         lost = sorted(set(lost) | self.lost)
         marker = bytes([ABORT]) + struct.pack(f"<{len(lost)}H", *lost)
         for peer in self.others:

@@ -299,6 +299,14 @@ class ZmqCarrier:
             self._posted_keys.add((peer, key))
         self.io.call("post", peer, key, frame, arr)
 
+    def unpost(self, peer: int, key: Key) -> None:
+        """Withdraw a :meth:`post` (an abandoned collective): later chunks are held as usual."""
+        with self._cond:
+            if (peer, key) not in self._posted_keys:
+                return
+            self._posted_keys.discard((peer, key))
+        self.io.call("unpost", peer, key)
+
     def recv(
         self, peer: int, key: Key, *, timeout: float | None = None
     ) -> list[bytes | memoryview]:

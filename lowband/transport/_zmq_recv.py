@@ -107,6 +107,7 @@ class Inbound:
         #: (key, frame) -> where that frame lands; shared with the carrier, which posts
         #: before a peer's first chunk (and so before this Inbound) may exist
         self._posted: dict[tuple[Key, int], np.ndarray] = {} if posted is None else posted
+        self._abandoned: set[Key] = set()  # messages whose posted buffers were withdrawn
 
     def seen(self, link_seq: int) -> bool:
         return link_seq <= self.floor or link_seq in self._above
@@ -124,6 +125,7 @@ class Inbound:
             self.pending_bytes -= self._partial.pop(key).held
         for k in [k for k in self._posted if k[0][0] < epoch]:
             del self._posted[k]
+        self._abandoned = {k for k in self._abandoned if k[0] >= epoch}
 
     def post(self, key: Key, frame: int, into: np.ndarray) -> None:
         """Frame ``frame`` of message ``key`` lands in ``into`` (uint8, its exact length).
@@ -144,9 +146,17 @@ class Inbound:
         p.dest[frame] = into
 
     def unpost(self, key: Key) -> None:
-        """Drop postings for ``key`` that no message used (it arrived before the post)."""
+        """Withdraw the postings for ``key``: unused ones (the message arrived before the
+        post) are dropped; a message still landing in a posted buffer is abandoned (its
+        collective gave up, and the buffer is its caller's again): it is dropped, and its
+        later chunks are acknowledged and ignored."""
         for k in [k for k in self._posted if k[0] == key]:
             del self._posted[k]
+        p = self._partial.get(key)
+        if p is not None and any(d is not None for d in p.dest):
+            del self._partial[key]
+            self.pending_bytes -= p.held
+            self._abandoned.add(key)
 
     def accept(self, h: Header, head_len: int, body: memoryview) -> Completed | None:
         """Take one DATA chunk (already header-validated). Returns the message it
@@ -156,7 +166,7 @@ class Inbound:
                 f"peer {self.peer}: chunk body of {len(body)} bytes, header says {expected_body(h)}"
             )
         self._mark(h.link_seq)
-        if h.epoch < self.min_epoch:
+        if h.epoch < self.min_epoch or (self._abandoned and h.key in self._abandoned):
             return None  # an abandoned collective; acknowledged, then dropped
         p = self._partial.get(h.key)
         if p is None:

@@ -315,3 +315,20 @@ def test_a_post_after_the_first_chunks_moves_them_and_a_wrong_size_is_ignored() 
     ib2.post((0, 5, 1), 1, wrong)
     done = _feed(ib2, _chunks(frames, 4096, first_seq=100))
     assert bytes(done[0].frames[1]) == frames[1] and not wrong.any()
+
+
+def test_withdrawn_posting_stops_writing_into_the_buffer() -> None:
+    """An abandoned collective withdraws its postings: a message half landed is dropped and
+    its later chunks never touch the caller's buffer again."""
+    import numpy as np
+
+    frames = [b"\x00", os.urandom(20_000)]
+    chunks = _chunks(frames, 4096)
+    ib = Inbound(1, 9, max_pending_bytes=1 << 20)
+    into = np.zeros(20_000, dtype=np.uint8)
+    ib.post((0, 5, 1), 1, into)
+    _feed(ib, chunks[:3])
+    ib.unpost((0, 5, 1))
+    into[:] = 7
+    assert _feed(ib, chunks[3:]) == []
+    assert (into == 7).all() and ib.pending_bytes == 0 and ib.floor == len(chunks)
