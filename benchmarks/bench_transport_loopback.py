@@ -11,8 +11,9 @@ receiver's last, and the CPU seconds of both processes (``getrusage``, every thr
 lowband: four worker processes join, once, one ``init_group(backend="zmq")`` group per
 (peers, transport threads) configuration, with the coordinator in its own process; "transport
 threads" is the carrier's ``io_threads`` (libzmq I/O threads). One measurement is
-``all_reduce(op="mean", out=preallocated)`` of ``--size`` bytes of fp32 from a barrier to the last
-peer's result;
+an in-place ``all_reduce(buf, op="mean", out=buf)`` of ``--size`` bytes of fp32 (``buf``
+preallocated and refilled with the input before the barrier) from a barrier to the last peer's
+result;
 CPU seconds are summed over the peers, every thread. Rounds are interleaved: each round measures
 the raw send and then every configuration once; the best round of each is reported.
 
@@ -108,11 +109,12 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
             elif cmd[0] == "reduce":
                 _, peers, threads, codec = cmd
                 g = groups[(peers, threads)]
+                result.copy_(inputs[peers])  # in place, as torch.distributed does; not timed
                 g.barrier()
                 sent0 = g.stats.transport_bytes_sent
                 c0 = _cpu()
                 t0 = time.monotonic()
-                out = g.all_reduce(inputs[peers], codec=None if codec == "fp32" else codec, op="mean", out=result).wait()
+                out = g.all_reduce(result, codec=None if codec == "fp32" else codec, op="mean", out=result).wait()
                 t1 = time.monotonic()
                 c = _cpu() - c0
                 ok = codec != "fp32" or bool(torch.allclose(out, expected[peers], rtol=1e-5, atol=1e-6))

@@ -392,6 +392,11 @@ def _dense_raw(
                     raise _bad(peer, "no norm for norm_clip")
                 norms[peer] = _NORM.unpack(ctl)[0]
         own = flat[a:b]
+        # Sum straight into out when it already holds c0 or c1 (out is flat, this rank is one of
+        # the first two) and the carrier can say when the peers have it all: then out[a:b] is
+        # sent as is, and this call returns only once it was acknowledged (the caller may
+        # change out afterwards). Otherwise sum into a scratch row, send that, copy it to out.
+        direct = inplace and robust is None and me <= 1 and len(P) > 1 and hasattr(rnd.carrier, "wait_sent")
         if robust is not None:
             row_of[rnd.rank].copy_(own)
             acc = robust(rows, [norms[r] for r in P] if send_norm else None)
@@ -399,6 +404,11 @@ def _dense_raw(
             c = [own if r == rnd.rank else row_of[r] for r in P]
             if len(P) == 1:
                 acc = own.clone()
+            elif direct:
+                acc = out[a:b]  # holds c[me]; c[me] + c[1 - me] is c0 + c1 exactly
+                acc.add_(c[1 - me])
+                for x in c[2:]:
+                    acc.add_(x)
             else:
                 # accumulate into the first other peer's row: it is c[0] or c[1], both used up
                 acc = row_of[others[0]]
@@ -409,14 +419,17 @@ def _dense_raw(
                 acc.div_(len(P))
         for peer in others:
             rnd.send(peer, 1, _raw_frames(acc), payload_bytes=acc.nbytes)
-        out[a:b].copy_(acc)
+        if not direct:
+            out[a:b].copy_(acc)
         rnd.check_lost()
     # phase 1: every other owner's reduced shard, landed in place
     for (a2, b2), owner in zip(bounds, P):
         if owner != rnd.rank and b2 > a2:
             rnd.recv_into(owner, 1, out[a2:b2])
-    # the reduced shard went out from scratch space: reuse it once every peer has it all
-    if scratch is not None and rnd.wait_sent([(peer, 1) for peer in others] if n else []):
+    # the reduced shard went out from scratch space or from out: return (and reuse the space)
+    # once every peer has it all
+    acked = rnd.wait_sent([(peer, 1) for peer in others] if n else [])
+    if scratch is not None and acked:
         scratch.give(space)
     return out
 
