@@ -1,15 +1,27 @@
-"""4 peers all-reduce 64 MiB of fp32 on loopback: lowband (ZeroMQ) vs hivemind's averager.
+"""All-reduce on loopback beside a raw TCP socket, in the same run (issue 17).
 
-    python benchmarks/bench_transport_loopback.py [--size 64MiB] [--repeat 3] [--hivemind /tmp/hm/bin/python]
+    python benchmarks/bench_transport_loopback.py [--size 256MiB] [--repeat 3] [--threads 1,2]
+                                                  [--peers 2,4] [--codecs fp32,q8]
+    python benchmarks/bench_transport_loopback.py --hivemind /tmp/hm/bin/python   # issue 5's comparison
 
-lowband: four processes, ``init_group(backend="zmq")`` with the coordinator in its own process,
-``all_reduce(op="mean")`` timed from a barrier to the last peer's result, best of ``--repeat``.
-Every result is checked against the exact mean and across peers (identical bits).
+Baseline: one process sends ``--size`` bytes over a plain TCP socket on 127.0.0.1 to another,
+which ``recv_into``s a preallocated buffer: wall time from the sender's first byte to the
+receiver's last, and the CPU seconds of both processes (``getrusage``, every thread).
 
-hivemind (issue 5's reference): the same tensors averaged by ``hivemind.averaging.
-DecentralizedAverager`` in four processes of a separate environment (``python -m venv /tmp/hm &&
-/tmp/hm/bin/pip install hivemind``), timed the same way, each result checked against the exact
-mean. Both run in this one invocation, interleaved round by round, on the same machine.
+lowband: four worker processes join, once, one ``init_group(backend="zmq")`` group per
+(peers, transport threads) configuration, with the coordinator in its own process; "transport
+threads" is the carrier's ``io_threads`` (libzmq I/O threads). One measurement is
+an in-place ``all_reduce(buf, op="mean", out=buf)`` of ``--size`` bytes of fp32 (``buf``
+preallocated and refilled with the input before the barrier) from a barrier to the last peer's
+result;
+CPU seconds are summed over the peers, every thread. Rounds are interleaved: each round measures
+the raw send and then every configuration once; the best round of each is reported.
+
+Columns: ``time``; ``x raw``, the raw send's time over this one (the issue's ratio: 1 would be
+an all-reduce as fast as one one-way send of the same bytes); ``CPU s/GiB``, CPU seconds per GiB
+*sent* (transport bytes summed over the peers for lowband; the bytes written for raw); and
+``x raw CPU``, that figure over the raw socket's. Every fp32 result is checked against the exact
+mean and every result across peers (identical bits).
 """
 
 from __future__ import annotations
@@ -19,7 +31,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +42,159 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORLD = 4
+WORKERS = 4
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds: Any, q: Any) -> None:
+    import torch
+
+    import lowband
+
+    groups: dict[tuple[int, int], Any] = {}
+    try:
+        for peers, threads in configs:
+            if rank < peers:
+                groups[(peers, threads)] = lowband.init_group(
+                    rank, peers, store=coord, backend="zmq", peer_timeout=120,
+                    group_name=f"loop{peers}x{threads}", io_threads=threads or None,
+                )
+        inputs = {p: torch.randn(n, generator=torch.Generator().manual_seed(7 + rank)) for p, _ in configs}
+        result = torch.zeros(n)  # preallocated output, as the raw receiver's buffer
+        expected = {
+            p: torch.stack([torch.randn(n, generator=torch.Generator().manual_seed(7 + r)) for r in range(p)]).mean(0)
+            for p in {p for p, _ in configs} if rank < p
+        }
+        for g in groups.values():
+            g.all_reduce(inputs[g.world_size][:4096]).wait()  # connect every stream
+        q.put(("ready", rank))
+        buf = bytearray(n * 4) if rank == 1 else None
+        while True:
+            cmd = cmds.get()
+            if cmd[0] == "stop":
+                break
+            if cmd[0] == "raw_recv":
+                srv = socket.create_server(("127.0.0.1", 0))
+                q.put(("port", srv.getsockname()[1]))
+                conn, _ = srv.accept()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                view = memoryview(buf)  # type: ignore[arg-type]
+                c0 = _cpu()
+                got = 0
+                while got < len(view):
+                    k = conn.recv_into(view[got:])
+                    if not k:
+                        raise ConnectionError("raw sender closed early")
+                    got += k
+                t1 = time.monotonic()
+                q.put(("raw_recv", t1, _cpu() - c0))
+                conn.close()
+                srv.close()
+            elif cmd[0] == "raw_send":
+                data = memoryview(inputs[min(inputs)].numpy()).cast("B")
+                s = socket.create_connection(("127.0.0.1", cmd[1]))
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                c0 = _cpu()
+                t0 = time.monotonic()
+                s.sendall(data)
+                c = _cpu() - c0
+                s.shutdown(socket.SHUT_WR)
+                s.recv(1)
+                s.close()
+                q.put(("raw_send", t0, c))
+            elif cmd[0] == "reduce":
+                _, peers, threads, codec = cmd
+                g = groups[(peers, threads)]
+                result.copy_(inputs[peers])  # in place, as torch.distributed does; not timed
+                g.barrier()
+                sent0 = g.stats.transport_bytes_sent
+                c0 = _cpu()
+                t0 = time.monotonic()
+                out = g.all_reduce(result, codec=None if codec == "fp32" else codec, op="mean", out=result).wait()
+                t1 = time.monotonic()
+                c = _cpu() - c0
+                ok = codec != "fp32" or bool(torch.allclose(out, expected[peers], rtol=1e-5, atol=1e-6))
+                q.put(("reduce", rank, t0, t1, c, g.stats.transport_bytes_sent - sent0, ok,
+                       hashlib.sha256(out.numpy().tobytes()).hexdigest()))
+    finally:
+        for g in groups.values():
+            g.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowband.transport.coordinator import start_coordinator
+    from lowband.wan.topology import parse_bytes
+
+    size = parse_bytes(args.size)
+    n = size // 4
+    peers_list = [int(p) for p in args.peers.split(",")]
+    threads_list = [int(t) for t in args.threads.split(",")]
+    codecs = args.codecs.split(",")
+    configs = [(p, t) for p in peers_list for t in threads_list]
+    workers = max(max(peers_list), 2)
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    cmds = [ctx.Queue() for _ in range(workers)]
+    gib = 2**30
+    best: dict[str, tuple[float, float, float]] = {}  # name -> (time, cpu, bytes)
+    print(f"loopback, {size / 2**20:.0f} MiB, best of {args.repeat} interleaved rounds, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    with start_coordinator() as co:
+        procs = [ctx.Process(target=_worker, args=(r, co.address, n, configs, cmds[r], q)) for r in range(workers)]
+        for p in procs:
+            p.start()
+        try:
+            ready = 0
+            while ready < workers:
+                msg = q.get(timeout=600)
+                ready += msg[0] == "ready"
+            for k in range(args.repeat):
+                cmds[1].put(("raw_recv",))
+                port = q.get(timeout=120)[1]
+                cmds[0].put(("raw_send", port))
+                got = {m[0]: m for m in (q.get(timeout=600), q.get(timeout=600))}
+                t = got["raw_recv"][1] - got["raw_send"][1]
+                cpu = got["raw_recv"][2] + got["raw_send"][2]
+                _keep(best, "raw TCP one-way", t, cpu, size)
+                line = [f"round {k}: raw {t:.3f}s"]
+                for codec in codecs:
+                    for peers, threads in configs:
+                        for r in range(peers):
+                            cmds[r].put(("reduce", peers, threads, codec))
+                        rows = [q.get(timeout=900) for _ in range(peers)]
+                        t = max(r[3] for r in rows) - min(r[2] for r in rows)
+                        ok = all(r[6] for r in rows) and len({r[7] for r in rows}) == 1
+                        if not ok:
+                            print(f"  {peers}-peer {codec} at {threads} threads: WRONG RESULT", flush=True)
+                            return 1
+                        _keep(best, f"{peers}-peer {codec} io_threads={threads}", t,
+                              sum(r[4] for r in rows), sum(r[5] for r in rows))
+                        line.append(f"{peers}p/{codec}/{threads}t {t:.3f}s")
+                print("  " + ", ".join(line), flush=True)
+        finally:
+            for c in cmds:
+                c.put(("stop",))
+            for p in procs:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+    raw_t, raw_cpu, raw_b = best["raw TCP one-way"]
+    raw_cpg = raw_cpu / (raw_b / gib)
+    print(f"\n{'':34s} {'time':>8s} {'x raw':>7s} {'CPU s/GiB':>10s} {'x raw CPU':>10s}")
+    for name, (t, cpu, b) in best.items():
+        cpg = cpu / (b / gib)
+        print(f"{name:34s} {t:7.3f}s {raw_t / t:7.2f} {cpg:10.3f} {cpg / raw_cpg:10.2f}")
+    return 0
+
+
+def _keep(best: dict[str, tuple[float, float, float]], name: str, t: float, cpu: float, nbytes: float) -> None:
+    if name not in best or t < best[name][0]:
+        best[name] = (t, cpu, nbytes)
+
 
 HIVEMIND_PEER = r'''
 import json, sys, time, torch, hivemind
@@ -56,83 +222,50 @@ avg.shutdown(); dht.shutdown()
 '''
 
 
-def lowband_peer(rank: int, world: int, coord: str, n: int, rounds: int, q: Any, go: Any) -> None:
-    import torch
-
-    import lowband
-
-    g = lowband.init_group(rank, world, store=coord, backend="zmq", peer_timeout=60, group_name="loop")
-    try:
-        inputs = [torch.randn(n, generator=torch.Generator().manual_seed(7 + r)) for r in range(world)]
-        expected = torch.stack(inputs).mean(0)
-        g.all_reduce(inputs[rank][:4096]).wait()
-        for k in range(rounds):
-            go.get()
-            g.barrier()
-            t0 = time.monotonic()
-            out = g.all_reduce(inputs[rank], op="mean").wait()
-            t1 = time.monotonic()
-            ok = bool(torch.allclose(out, expected, rtol=1e-5, atol=1e-6))
-            q.put((k, rank, t0, t1, ok, hashlib.sha256(out.numpy().tobytes()).hexdigest()))
-    finally:
-        g.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="64MiB")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--hivemind", default="/tmp/hm/bin/python", help="python of the hivemind environment")
-    args = ap.parse_args(argv)
+def hivemind(args: argparse.Namespace) -> int:
+    """Issue 5's comparison: 4 peers, lowband vs hivemind's averager, interleaved round by round."""
     from lowband.transport.coordinator import start_coordinator
     from lowband.wan.topology import parse_bytes
 
+    world = 4
     n = parse_bytes(args.size) // 4
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    gos = [ctx.Queue() for _ in range(WORLD)]
-    hm_ok = os.path.exists(args.hivemind)
+    cmds = [ctx.Queue() for _ in range(world)]
     best = {"lowband": float("inf"), "hivemind": float("inf")}
-    print(f"all_reduce of {n * 4 / 2**20:.0f} MiB fp32, {WORLD} peers on loopback, best of {args.repeat}")
+    script = Path("/tmp/lowband_hivemind_peer.py")
+    script.write_text(HIVEMIND_PEER)
     with start_coordinator() as co:
-        procs = [ctx.Process(target=lowband_peer, args=(r, WORLD, co.address, n, args.repeat, q, gos[r]))
-                 for r in range(WORLD)]
+        procs = [ctx.Process(target=_worker, args=(r, co.address, n, [(world, 0)], cmds[r], q)) for r in range(world)]
         for p in procs:
             p.start()
-        hm: list[subprocess.Popen[str]] = []
-        if hm_ok:
-            script = Path("/tmp/lowband_hivemind_peer.py")
-            script.write_text(HIVEMIND_PEER)
-            first = subprocess.Popen([args.hivemind, str(script), "0", str(WORLD), str(n), str(args.repeat)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-            maddrs = json.loads(first.stdout.readline())["maddrs"]  # type: ignore[union-attr]
-            hm = [first] + [subprocess.Popen([args.hivemind, str(script), str(r), str(WORLD), str(n),
-                                              str(args.repeat), *maddrs],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                             start_new_session=True)
-                            for r in range(1, WORLD)]
-            time.sleep(5)
+        first = subprocess.Popen([args.hivemind, str(script), "0", str(world), str(n), str(args.repeat)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        maddrs = json.loads(first.stdout.readline())["maddrs"]  # type: ignore[union-attr]
+        hm = [first] + [subprocess.Popen([args.hivemind, str(script), str(r), str(world), str(n), str(args.repeat),
+                                          *maddrs], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         start_new_session=True) for r in range(1, world)]
         try:
+            for _ in range(world):
+                q.get(timeout=600)
+            time.sleep(5)
             for k in range(args.repeat):
-                for g in gos:
-                    g.put(k)
-                rows = [q.get(timeout=600) for _ in range(WORLD)]
+                for c in cmds:
+                    c.put(("reduce", world, 0, "fp32"))
+                rows = [q.get(timeout=600) for _ in range(world)]
                 t = max(r[3] for r in rows) - min(r[2] for r in rows)
-                ok = all(r[4] for r in rows) and len({r[5] for r in rows}) == 1
                 best["lowband"] = min(best["lowband"], t)
-                line = f"  round {k}: lowband {t:.3f} s ({'verified, identical' if ok else 'WRONG'})"
-                if hm:
-                    for p in hm:
-                        p.stdin.write("go\n")  # type: ignore[union-attr]
-                        p.stdin.flush()  # type: ignore[union-attr]
-                    res = [json.loads(p.stdout.readline()) for p in hm]  # type: ignore[union-attr]
-                    th = max(r["t1"] for r in res) - min(r["t0"] for r in res)
-                    hok = all(r["ok"] for r in res)
-                    best["hivemind"] = min(best["hivemind"], th)
-                    line += f" | hivemind {th:.3f} s ({'verified' if hok else 'WRONG RESULT'})"
-                print(line, flush=True)
+                for p in hm:
+                    p.stdin.write("go\n")  # type: ignore[union-attr]
+                    p.stdin.flush()  # type: ignore[union-attr]
+                res = [json.loads(p.stdout.readline()) for p in hm]  # type: ignore[union-attr]
+                th = max(r["t1"] for r in res) - min(r["t0"] for r in res)
+                best["hivemind"] = min(best["hivemind"], th)
+                ok = all(r[6] for r in rows) and all(r["ok"] for r in res)
+                print(f"  round {k}: lowband {t:.3f} s | hivemind {th:.3f} s ({'verified' if ok else 'WRONG'})")
         finally:
+            for c in cmds:
+                c.put(("stop",))
             for p in procs:
                 p.join(60)
                 if p.is_alive():
@@ -143,12 +276,26 @@ def main(argv: list[str] | None = None) -> int:
                 except ProcessLookupError:
                     pass
                 p.wait(10)
-    print(f"lowband best {best['lowband']:.3f} s")
-    if hm:
-        print(f"hivemind best {best['hivemind']:.3f} s: lowband is {best['hivemind'] / best['lowband']:.1f}x faster")
-    else:
-        print(f"hivemind not measured: {args.hivemind} does not exist")
+    print(f"lowband best {best['lowband']:.3f} s, hivemind best {best['hivemind']:.3f} s: "
+          f"lowband is {best['hivemind'] / best['lowband']:.1f}x faster")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="256MiB")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--peers", default="2,4")
+    ap.add_argument("--threads", default="1,2", help="transport (libzmq I/O) threads per carrier")
+    ap.add_argument("--codecs", default="fp32,q8")
+    ap.add_argument("--hivemind", help="python of a hivemind environment: run issue 5's comparison instead")
+    args = ap.parse_args(argv)
+    if args.hivemind:
+        if not os.path.exists(args.hivemind):
+            print(f"{args.hivemind} does not exist")
+            return 1
+        return hivemind(args)
+    return run(args)
 
 
 if __name__ == "__main__":

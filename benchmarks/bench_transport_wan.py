@@ -13,6 +13,12 @@ default basis: the wire carries 1514-byte frames per 1448-byte segment at the ma
 rate), so a perfect bulk transfer reaches 100%; the emulator's own link-byte counter (frames)
 is printed beside it.
 
+``ceiling``: ``link`` at rising ``--rates`` with a baseline of as many TCP sockets as lowband has
+streams: the highest rate at which that baseline still reaches 90% of the rate is the most the
+emulator holds; lowband's goodput there is printed as a share of the baseline's (target >= 90%).
+
+    python benchmarks/bench_transport_wan.py ceiling --rates 1gbit,2gbit,4gbit,8gbit --rtt 10ms
+
 ``allreduce``: 4 hosts, each ``rate`` up and down, ``delay`` one way, the coordinator at the hub;
 ``init_group(backend="zmq")`` and an fp32 ``all_reduce`` of ``size``, verified on every peer
 against the exact mean. Printed beside the bound (max bytes any host uploads / uplink + hops x
@@ -54,34 +60,65 @@ def run_coordinator(q: Any, hub: str) -> None:
     co.serve(stop_after=3600)
 
 
-def tcp_sink(q: Any) -> None:
-    srv = socket.create_server((local_address(), 0))
+def tcp_sink(q: Any, streams: int = 1) -> None:
+    """Receive one transfer over ``streams`` plain TCP connections (the ``size`` bytes split
+    into contiguous parts), each with ``recv_into`` a preallocated buffer."""
+    import threading
+
+    srv = socket.create_server((local_address(), 0), backlog=64)
     q.put(("sink", srv.getsockname()[1]))
     while True:
-        conn, _ = srv.accept()
-        need = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "little")
-        if need == 0:
+        conns = []
+        for _ in range(streams):
+            conn, _ = srv.accept()
+            head = conn.recv(16, socket.MSG_WAITALL)
+            conns.append((conn, int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little")))
+        total = sum(n for _, _, n in conns)
+        if total == 0:
             return
-        buf = bytearray(need)
-        view, got = memoryview(buf), 0
-        while got < need:
-            n = conn.recv_into(view[got:], need - got)
-            if n == 0:
-                break
-            got += n
+        buf = bytearray(max(off + n for _, off, n in conns))
+        view = memoryview(buf)
+
+        def pull(conn: socket.socket, off: int, need: int, view: memoryview = view) -> None:
+            got = 0
+            while got < need:
+                k = conn.recv_into(view[off + got : off + need], need - got)
+                if k == 0:
+                    break
+                got += k
+
+        threads = [threading.Thread(target=pull, args=c) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         q.put(("tcp_done", time.monotonic(), hashlib.sha256(buf).hexdigest()))
-        conn.close()
+        for conn, _, _ in conns:
+            conn.close()
 
 
-def tcp_source(q: Any, addr: str, port: int, size: int) -> None:
+def tcp_source(q: Any, addr: str, port: int, size: int, streams: int = 1) -> None:
+    import threading
+
     data = _payload(size)
-    s = socket.create_connection((addr, port))
-    s.sendall(size.to_bytes(8, "little"))
-    time.sleep(0.5)  # the header's round trip is not part of the figure
+    view = memoryview(data)
+    per = -(-size // streams)
+    parts = [(k * per, min(per, size - k * per)) for k in range(streams)]
+    socks = []
+    for off, n in parts:
+        s = socket.create_connection((addr, port))
+        s.sendall(off.to_bytes(8, "little") + n.to_bytes(8, "little"))
+        socks.append(s)
+    time.sleep(0.5)  # the headers' round trip is not part of the figure
+    threads = [threading.Thread(target=s.sendall, args=(view[off : off + n],)) for s, (off, n) in zip(socks, parts)]
     t0 = time.monotonic()
-    s.sendall(data)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     q.put(("tcp_start", t0, hashlib.sha256(data).hexdigest()))
-    s.close()
+    for s in socks:
+        s.close()
 
 
 def carrier_peer(q: Any, cmd: Any, rank: int, coord: str, streams: int | None, size: int, rounds: int,
@@ -119,7 +156,9 @@ def _expect(q: Any, tag: str, timeout: float = 3600) -> tuple:
     return item
 
 
-def bench_link(args: argparse.Namespace) -> int:
+def bench_link(args: argparse.Namespace) -> dict[str, float]:
+    """One rate: the TCP baseline (``--baseline-streams`` plain sockets) and one lowband message,
+    interleaved; returns the best goodputs (bit/s) and the lowband stream count."""
     rate, size = parse_rate(args.rate), parse_bytes(args.size)
     ctx = multiprocessing.get_context("spawn")
     q, cmd0, cmd1 = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -130,14 +169,15 @@ def bench_link(args: argparse.Namespace) -> int:
         link = (rate, parse_seconds(args.rtt))
         net.spawn(1, carrier_peer, args=(q, cmd1, 1, coord, args.streams, size, args.repeat, link))
         net.spawn(0, carrier_peer, args=(q, cmd0, 0, coord, args.streams, size, args.repeat, link))
-        net.spawn(1, tcp_sink, args=(q,))
+        base_streams = args.baseline_streams
+        net.spawn(1, tcp_sink, args=(q, base_streams))
         port = _expect(q, "sink", 120)[1]
         best = {"tcp": float("inf"), "zmq": float("inf")}
         streams = None
         print(f"link {args.rate} rtt {args.rtt}: {size / 2**20:.0f} MiB, best of {args.repeat}, netns mode")
         for r in range(args.repeat):
             before = net.link_bytes()[0]["up"]
-            p = net.spawn(0, tcp_source, args=(q, net.host_address(1), port, size))
+            p = net.spawn(0, tcp_source, args=(q, net.host_address(1), port, size, base_streams))
             got: dict[str, tuple] = {}
             for _ in range(2):
                 item = q.get(timeout=3600)
@@ -158,7 +198,7 @@ def bench_link(args: argparse.Namespace) -> int:
             time.sleep(1.0)
             zmq_link = net.link_bytes()[0]["up"] - before
             best["tcp"], best["zmq"] = min(best["tcp"], t), min(best["zmq"], tz)
-            print(f"  round {r}: 1 TCP stream {size * 8 / t / 1e6:8.1f} Mbit/s ({t:.2f} s, link bytes "
+            print(f"  round {r}: {base_streams} TCP stream(s) {size * 8 / t / 1e6:8.1f} Mbit/s ({t:.2f} s, link bytes "
                   f"{tcp_link / 2**20:.0f} MiB) | lowband {streams} streams {size * 8 / tz / 1e6:8.1f} Mbit/s "
                   f"({tz:.2f} s, link bytes {zmq_link / 2**20:.0f} MiB, verified)")
         line = net.line_stats()
@@ -167,7 +207,40 @@ def bench_link(args: argparse.Namespace) -> int:
         good = size * 8 / v
         print(f"{k:>4}: best {v:.2f} s  goodput {good / 1e6:.1f} Mbit/s = {100 * good / rate:.1f}% of the "
               f"link rate")
-    print(f"lowband / single stream: {best['tcp'] / best['zmq']:.2f}x")
+    print(f"lowband / {base_streams} TCP stream(s): {best['tcp'] / best['zmq']:.2f}x")
+    return {"tcp": size * 8 / best["tcp"], "zmq": size * 8 / best["zmq"], "streams": float(streams or 0)}
+
+
+def bench_ceiling(args: argparse.Namespace) -> int:
+    """The highest rate the emulator holds, and lowband's share of it (issue 17, "Done when").
+
+    For each rate of ``--rates`` (rising), the baseline is ``--baseline-streams`` plain TCP
+    sockets (as many as lowband's streams by default), which fill the link if the emulator can
+    carry it: the emulator "holds" a rate when that baseline reaches ``--hold`` (90%) of it. At
+    the highest rate it holds, lowband's goodput is reported as a share of the baseline's
+    (the target is >= 90%)."""
+    held: tuple[str, dict[str, float]] | None = None
+    for rate in args.rates.split(","):
+        sub = argparse.Namespace(**{**vars(args), "rate": rate})
+        if sub.baseline_streams is None:
+            from lowband.transport._zmq import default_streams
+
+            sub.streams = sub.streams or default_streams(parse_rate(rate), parse_seconds(args.rtt))
+            sub.baseline_streams = sub.streams
+        got = bench_link(sub)
+        share = got["tcp"] / parse_rate(rate)
+        print(f"== {rate}: baseline {share * 100:.1f}% of the rate, lowband {100 * got['zmq'] / got['tcp']:.1f}% "
+              f"of the baseline\n")
+        if share < args.hold:
+            break
+        held = (rate, got)
+    if held is None:
+        print(f"the emulator holds none of {args.rates} at {args.hold:.0%}")
+        return 1
+    rate, got = held
+    print(f"highest rate the emulator holds (baseline >= {args.hold:.0%}): {rate}; lowband there "
+          f"{got['zmq'] / 1e6:.0f} Mbit/s = {100 * got['zmq'] / got['tcp']:.1f}% of the baseline's "
+          f"{got['tcp'] / 1e6:.0f} Mbit/s (target >= 90%)")
     return 0
 
 
@@ -248,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--size", default="1GiB")
     lk.add_argument("--streams", type=int, default=None)
     lk.add_argument("--repeat", type=int, default=2)
+    lk.add_argument("--baseline-streams", type=int, default=1, help="plain TCP sockets of the baseline")
+    ce = sub.add_parser("ceiling")
+    ce.add_argument("--rates", default="1gbit,2gbit,4gbit,8gbit,16gbit")
+    ce.add_argument("--rtt", default="10ms")
+    ce.add_argument("--size", default="512MiB")
+    ce.add_argument("--streams", type=int, default=None)
+    ce.add_argument("--baseline-streams", type=int, default=None, help="default: lowband's stream count")
+    ce.add_argument("--hold", type=float, default=0.9)
+    ce.add_argument("--repeat", type=int, default=2)
     ar = sub.add_parser("allreduce")
     ar.add_argument("--rate", default="100mbit")
     ar.add_argument("--delay", default="50ms")
@@ -258,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("needs root for the netns link emulator")
         return 2
-    return bench_link(args) if args.what == "link" else bench_allreduce(args)
+    if args.what == "link":
+        bench_link(args)
+        return 0
+    return bench_ceiling(args) if args.what == "ceiling" else bench_allreduce(args)
 
 
 if __name__ == "__main__":

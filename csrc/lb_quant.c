@@ -375,3 +375,29 @@ int lb_dequantize(const uint8_t *codes, const float *steps, int64_t n, int bits,
     (void)vec;
     return LB_OK;
 }
+
+/* Largest code among n codes of `bits` (8 or 4; packed LSB first, as lb_pack_bits), so a
+ * decoder can refuse codes off its grid in one read of the packed bytes. -1 for bad args. */
+int lb_max_code(const uint8_t *codes, int64_t n, int bits, int nthreads) {
+    if (n < 0 || (bits != 8 && bits != 4)) return -1;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (n < (1 << 20)) nt = 1;
+    int64_t nbytes = bits == 8 ? n : n / 2; /* whole bytes; a 4-bit tail nibble below */
+    int top = 0;
+    if (bits == 8) {
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : top)
+        for (int64_t i = 0; i < nbytes; i++) top = codes[i] > top ? codes[i] : top;
+    } else {
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : top)
+        for (int64_t i = 0; i < nbytes; i++) {
+            int lo = codes[i] & 0x0F, hi = codes[i] >> 4;
+            int m = lo > hi ? lo : hi;
+            top = m > top ? m : top;
+        }
+        if (n % 2) {
+            int lo = codes[nbytes] & 0x0F;
+            top = lo > top ? lo : top;
+        }
+    }
+    return top;
+}

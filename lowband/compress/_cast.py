@@ -55,8 +55,8 @@ class Cast:
 
     def decode(self, bufs: list[torch.Tensor], n: int, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
         w = bufs[0].view(self.dtype)
-        if out is None:
-            return w.to(torch.float32)
+        if out is None:  # a new tensor: w may be a read-only received frame
+            return w.to(torch.float32, copy=True)
         if accumulate:
             out.add_(w)
         else:

@@ -9,72 +9,60 @@ whatever the wire carries.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from lowband.compress import _lz4
 from lowband.compress._cast import Cast
-from lowband.compress._dct import DCT
-from lowband.compress._payload import DTYPE_CODES, MAX_PAYLOAD_BYTES, Payload
-from lowband.compress._quant import BlockQuant
-from lowband.compress._topk import TopK
-from lowband.errors import CodecError
+from lowband.compress._payload import DTYPE_CODES, Payload
+from lowband.compress._spec import Spec, spec_fields
+from lowband.errors import CodecError, ConfigError
 
-__all__ = ["Codec"]
+__all__ = ["Codec", "parse"]
 
 _seeds = itertools.count(1)
 
 
-@dataclass(frozen=True)
-class Codec:
-    value: Cast | BlockQuant = field(default_factory=Cast)
-    topk: TopK | None = None
-    dct: DCT | None = None
-    lz4: bool = False
+def parse(spec: str | Codec) -> Codec:
+    """Parse a codec spec string (a Codec passes through). Raises ConfigError.
 
-    def __str__(self) -> str:
-        stages = [str(s) for s in (self.dct, self.topk) if s is not None]
-        stages.append(str(self.value))
-        if self.lz4:
-            stages.append("lz4")
-        return "+".join(stages)
+    Cached: a codec is resolved once where it enters (an optimizer, a collective's
+    configuration) and travels as this object; the same string gives the same Codec.
+    """
+    if isinstance(spec, Codec):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"a codec spec is a non-empty string, got {spec!r}")
+    return _parse(spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(spec: str) -> Codec:
+    return Codec(**spec_fields(spec))
+
+
+def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
+    """A uint8 tensor over ``data`` without a copy. Decoders only read their buffers, so a
+    read-only buffer (a received frame) is fine; torch's warning about it is silenced."""
+    if not len(data):
+        return torch.zeros(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
+@dataclass(frozen=True, repr=False)
+class Codec(Spec):
+    """A :class:`~lowband.compress._spec.Spec` that encodes and decodes."""
 
     def __repr__(self) -> str:
         return f"Codec({str(self)!r})"
 
-    @property
-    def sparse(self) -> bool:
-        """True when only some positions travel: reduce by all-gather, not reduce-scatter."""
-        return self.topk is not None
-
-    # -- sizes ---------------------------------------------------------------------------------
-
-    def _raw_bounds(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
-        n = 1
-        for s in shape:
-            n *= s
-        m = self.dct.padded_numel(shape) if self.dct is not None else n
-        if self.topk is None:
-            return [(s, s) for s in self.value.sizes(m)]
-        kk = self.topk.count(m)
-        return [self.topk.index_size_bounds(m)] + [(s, s) for s in self.value.sizes(kk)]
-
-    def check_lengths(self, shape: tuple[int, ...], lengths: Sequence[int], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
-        """Raise CodecError unless ``lengths`` are what this codec writes for ``shape``."""
-        bounds = self._raw_bounds(shape)
-        if len(lengths) != len(bounds):
-            raise CodecError(f"codec {self} writes {len(bounds)} buffers, payload has {len(lengths)}")
-        for i, (got, (lo, hi)) in enumerate(zip(lengths, bounds)):
-            if hi > max_bytes:
-                raise CodecError(f"buffer {i} would decode to {hi} bytes, over the cap of {max_bytes}")
-            if self.lz4:
-                if got > _lz4.bound(hi) or (lo > 0 and got == 0) or (lo == 0 and hi == 0 and got):
-                    raise CodecError(f"lz4 buffer {i} has {got} bytes, at most {_lz4.bound(hi)} expected")
-            elif not lo <= got <= hi:
-                raise CodecError(f"buffer {i} has {got} bytes, {lo}..{hi} expected for shape {shape} with {self}")
 
     # -- encode --------------------------------------------------------------------------------
 
@@ -118,19 +106,22 @@ class Codec:
         frames: list = [b.contiguous().view(torch.uint8).reshape(-1).cpu() for b in bufs]
         if self.lz4:
             frames = [_lz4.compress(memoryview(b.numpy())) for b in frames]
-        return Payload(spec=str(self), dtype=dtype, shape=shape, buffers=frames)
+        p = Payload(spec=self.spec, dtype=dtype, shape=shape, buffers=frames)
+        p.mark_checked()  # written by this codec for this shape
+        return p
 
     # -- decode --------------------------------------------------------------------------------
 
     def _buffers(self, p: Payload) -> list[torch.Tensor]:
-        if p.spec != str(self):
-            raise CodecError(f"payload was encoded with {p.spec!r}, not {str(self)!r}")
-        bounds = self._raw_bounds(p.shape)
-        self.check_lengths(p.shape, [b.nbytes for b in p.buffers])
+        if p.spec != self.spec:
+            raise CodecError(f"payload was encoded with {p.spec!r}, not {self.spec!r}")
+        bounds = self.raw_bounds(p.shape)
+        if not p.checked():  # from_frames and encode check once; a hand-built payload here
+            self.check_lengths(p.shape, [b.nbytes for b in p.buffers])
         raw: list[torch.Tensor] = []
         for b, (lo, hi) in zip(p.buffers, bounds):
             data = _lz4.decompress(b, lo=lo, hi=hi) if self.lz4 else b
-            raw.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.zeros(0, dtype=torch.uint8))
+            raw.append(_bytes_tensor(data))
         return raw
 
     def _decode_flat(self, p: Payload, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:

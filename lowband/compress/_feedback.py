@@ -66,7 +66,7 @@ def encode_with_feedback(
 
 class ErrorFeedback:
     def __init__(self, codec: Codec | str, decay: float = 1.0) -> None:
-        from lowband.compress._spec import parse
+        from lowband.compress._codec import parse
 
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"error feedback decay must be in [0, 1], got {decay}")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lowband._version import WIRE_VERSION
+from lowband.compress._spec import MAX_PAYLOAD_BYTES, Spec, parse_spec
 from lowband.errors import CodecError
 from lowband.kernels import checksum
 
@@ -42,8 +43,6 @@ _FIXED = struct.Struct("<4sBBBBHH")
 MAX_NDIM = 8
 MAX_BUFFERS = 8
 MAX_SPEC = 512
-#: Default cap on the bytes a payload may carry or decode to (frames and output).
-MAX_PAYLOAD_BYTES = 1 << 34
 
 DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
@@ -79,6 +78,8 @@ class Payload:
     shape: tuple[int, ...]
     buffers: list[memoryview]
     _frames: list[memoryview | bytes] | None = field(default=None, repr=False, compare=False)
+    #: (spec, shape, buffer lengths) as last checked against the codec that spec names
+    _checked: tuple[str, tuple[int, ...], tuple[int, ...]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.buffers = [_as_bytes_view(b) for b in self.buffers]
@@ -87,6 +88,15 @@ class Payload:
             raise CodecError(f"dtype {self.dtype} cannot travel in a payload")
         if len(self.shape) > MAX_NDIM or len(self.buffers) > MAX_BUFFERS or len(self.spec) > MAX_SPEC:
             raise CodecError("payload exceeds the header limits (ndim 8, buffers 8, spec 512)")
+
+    def mark_checked(self) -> None:
+        """Record that the buffer lengths are what the spec writes for the shape."""
+        self._checked = (self.spec, self.shape, tuple(b.nbytes for b in self.buffers))
+
+    def checked(self) -> bool:
+        """True when spec, shape and lengths are still those :meth:`mark_checked` saw."""
+        c = self._checked
+        return c is not None and c == (self.spec, self.shape, tuple(b.nbytes for b in self.buffers))
 
     @property
     def numel(self) -> int:
@@ -119,6 +129,7 @@ class Payload:
         cls,
         frames: Sequence[bytes | bytearray | memoryview],
         *,
+        codec: Spec | None = None,
         max_bytes: int = MAX_PAYLOAD_BYTES,
         verify: bool = True,
     ) -> Payload:
@@ -127,11 +138,11 @@ class Payload:
         Checks, in order and before any allocation: the frame count, magic, version,
         dtype, header length, header checksum, shape and spec (the spec must parse
         and the codec must expect exactly these buffer lengths for this shape),
-        the size cap, then each buffer's checksum. ``verify=False`` skips only the
-        buffer checksums (for a transport that already authenticates, such as CURVE).
+        the size cap, then each buffer's checksum. ``codec``: the codec the receiver
+        expects (a collective's); the spec must then be exactly ``str(codec)``, and
+        nothing is parsed. ``verify=False`` skips only the buffer checksums (for a
+        transport that already authenticates, such as CURVE).
         """
-        from lowband.compress._spec import parse  # the spec names the codec that checks lengths
-
         if not frames:
             raise CodecError("no frames")
         head = _as_bytes_view(frames[0])
@@ -173,21 +184,27 @@ class Payload:
         dtype = DTYPES[dcode]
         if numel * 4 > max_bytes:
             raise CodecError(f"shape {shape} decodes to more than the size cap of {max_bytes} bytes")
-        try:
-            codec = parse(spec)
-        except ValueError as e:
-            raise CodecError(f"payload names an invalid codec spec {spec!r}: {e}") from None
+        if codec is None:
+            try:
+                rule: Spec = parse_spec(spec)
+            except ValueError as e:
+                raise CodecError(f"payload names an invalid codec spec {spec!r}: {e}") from None
+        elif spec != codec.spec:
+            raise CodecError(f"payload encoded with {spec!r}, {codec.spec!r} expected")
+        else:
+            rule = codec
         bufs = [_as_bytes_view(f) for f in frames[1:]]
         for i, (b, n) in enumerate(zip(bufs, lengths)):
             if b.nbytes != n:
                 raise CodecError(f"buffer {i} has {b.nbytes} bytes, header says {n}")
         if sum(lengths) > max_bytes:
             raise CodecError(f"payload of {sum(lengths)} bytes exceeds the size cap of {max_bytes}")
-        codec.check_lengths(tuple(shape), list(lengths), max_bytes=max_bytes)
+        rule.check_lengths(tuple(shape), lengths, max_bytes=max_bytes)
         if verify:
             for i, (b, s) in enumerate(zip(bufs, sums)):
                 if checksum(b) != s:
                     raise CodecError(f"buffer {i} checksum mismatch: the payload was corrupted (a checksum catches accidents, not tampering: CURVE authenticates)")
         p = cls(spec=spec, dtype=dtype, shape=tuple(shape), buffers=bufs)
         p._frames = [bytes(head), *bufs]
+        p.mark_checked()
         return p

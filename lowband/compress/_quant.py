@@ -74,7 +74,7 @@ class BlockQuant:
         if steps.numel() and not bool((torch.isfinite(steps) & (steps >= 0)).all()):
             raise CodecError("block scales must be finite and non-negative")
         if self.bits in (8, 4) and n:
-            top = int(kernels.unpack_bits(bufs[0], self.bits, n).max())
+            top = kernels.max_code(bufs[0], self.bits, n)
             if top > 2 * kernels.HALF_RANGE[self.bits]:
                 raise CodecError(f"code {top} lies outside the q{self.bits} grid")
 

@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
+from lowband.compress._codec import parse
 from lowband.compress._payload import Payload
-from lowband.compress._spec import parse
 from lowband.errors import ConfigError
 
 __all__ = ["main"]

@@ -37,6 +37,7 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
+    "max_code",
 ]
 
 log = logging.getLogger(__name__)
@@ -256,3 +257,9 @@ def encode_gaps(idx: torch.Tensor, *, backend: str | None = None) -> bytes:
 def decode_gaps(data: Any, count: int, limit: int, *, backend: str | None = None) -> torch.Tensor:
     """Strict inverse of :func:`encode_gaps` (see ``_ref.decode_gaps``)."""
     return _impl("decode_gaps", backend, _CPU)(data, count, limit)
+
+
+def max_code(codes: torch.Tensor, bits: int, n: int, *, backend: str | None = None) -> int:
+    """Largest of ``n`` packed 8- or 4-bit codes (see ``_ref.max_code``)."""
+    return _impl("max_code", backend, _CPU)(codes, bits, n)
+

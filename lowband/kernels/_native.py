@@ -38,6 +38,7 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
+    "max_code",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lb_dequantize": (_i32, [_p, _p, _i64, _i32, _i64, _p, _i32, _i32]),
     "lb_topk_tiles": (_i32, [_p, _i32, _p, ctypes.c_float, _i64, _i64, _i64, _p, _p, _i32]),
     "lb_scatter_accumulate": (_i32, [_p, _i64, _i32, _p, _p, _p, _p, _i32]),
+    "lb_max_code": (_i32, [_p, _i64, _i32, _i32]),
     "lb_encode_gaps": (_i64, [_p, _i64, _p]),
     "lb_decode_gaps": (_i32, [_p, _i64, _i64, _i64, _p]),
     "lb_pack_bits": (_i32, [_p, _i64, _i32, _p]),
@@ -421,3 +423,11 @@ def decode_gaps(data: bytes | memoryview | np.ndarray, count: int, limit: int) -
         raise CodecError(f"position out of range (limit {limit})")
     return out
 
+
+def max_code(codes: torch.Tensor, bits: int, n: int) -> int:
+    """See :func:`lowband.kernels._ref.max_code`."""
+    _cpu(codes, "codes")
+    d = check_packed(codes, bits, n).to(torch.uint8).contiguous()
+    if bits not in (8, 4):
+        raise CodecError(f"max_code takes 8- or 4-bit codes, got {bits}")
+    return int(_L().lb_max_code(d.data_ptr(), n, bits, _threads())) if n else 0

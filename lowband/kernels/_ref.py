@@ -60,6 +60,7 @@ __all__ = [
     "dct_tiles",
     "encode_gaps",
     "decode_gaps",
+    "max_code",
     "uniform_hash",
 ]
 
@@ -405,3 +406,12 @@ def decode_gaps(data: bytes | memoryview | np.ndarray, count: int, limit: int) -
     if pos[-1] >= limit or (pos < 0).any():
         raise CodecError(f"position {int(pos[-1])} out of range (limit {limit})")
     return torch.from_numpy(pos)
+
+
+
+def max_code(codes: torch.Tensor, bits: int, n: int) -> int:
+    """The largest of the ``n`` codes of ``bits`` (8 or 4) packed in ``codes`` (0 when n == 0):
+    what a decoder compares with its grid before it trusts the codes."""
+    if bits not in (8, 4):
+        raise CodecError(f"max_code takes 8- or 4-bit codes, got {bits}")
+    return int(unpack_bits(codes, bits, n).max()) if n else 0

@@ -8,6 +8,12 @@ codec, DESIGN.md "Data flow") or a ``torch.distributed`` process group, for whic
 each peer's payload is all-gathered as bytes and every peer decodes and averages
 them in rank order (so results are identical on every peer).
 
+Over a lowband group the hook returns at once a ``torch.futures.Future`` that the
+group's worker completes when the bucket's collective is done, so DDP overlaps the
+communication of each bucket with the rest of the backward pass; the buckets' collectives
+run one after another in launch order, which DDP keeps the same on every rank. Over a
+process group the hook's all-gathers run before it returns (its future is complete).
+
 Error feedback (Seide et al. 2014; Karimireddy et al. 2019) is kept per parameter,
 not per bucket index: DDP rebuilds its buckets after the first iteration (and on
 ``static_graph`` changes), and the residual of every parameter moves with it into
@@ -70,17 +76,39 @@ class DDPCommHook:
         flat = bucket.buffer()
         key = self._key(bucket, flat)
         if self._torch:
-            avg = self._all_gather_mean(flat, key)
-        else:
-            work = self.group.all_reduce(
-                flat, codec=self.codec, op="mean", error_feedback=self.error_feedback, key=key
-            )
-            avg = work.wait()
-            self._stats.add(work.stats)
-            self._stats.count_sync()
-        flat.copy_(avg.reshape(-1))
+            flat.copy_(self._all_gather_mean(flat, key).reshape(-1))
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(flat)
+            return done
+        # A lowband group: the collective runs on the group's worker while DDP goes on with
+        # the backward pass; the future is completed by that worker, with the averaged
+        # bucket written into DDP's own buffer (in place for a CPU fp32 bucket).
+        in_place = flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous()
+        work = self.group.all_reduce(
+            flat,
+            codec=self.codec,
+            op="mean",
+            error_feedback=self.error_feedback,
+            key=key,
+            out=flat if in_place else None,
+        )
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        fut.set_result(flat)
+
+        def complete(w: Any) -> None:
+            self._stats.add(w.stats)
+            self._stats.count_sync()
+            if w._error is not None:
+                fut.set_exception(w._error)  # type: ignore[arg-type]  # torch stubs type it as T
+                return
+            try:
+                if not in_place:
+                    flat.copy_(w._result.reshape(-1))
+            except BaseException as e:  # handed to DDP through the future
+                fut.set_exception(e)  # type: ignore[arg-type]
+                return
+            fut.set_result(flat)
+
+        work.add_done_callback(complete)
         return fut
 
     # -- error feedback keyed by parameters ------------------------------------------
@@ -136,7 +164,7 @@ class DDPCommHook:
         payloads = []
         for peer, (data, size) in enumerate(zip(gathered, sizes)):
             p = Payload.from_frames(
-                _unpack(data[: int(size.item())]), max_bytes=blob.numel() * 4 + (1 << 20)
+                _unpack(data[: int(size.item())]), codec=self.codec, max_bytes=blob.numel() * 4 + (1 << 20)
             )
             if p.numel != x.numel():
                 raise CodecError(f"peer {peer} sent {p.numel} values for a bucket of {x.numel()}")

@@ -31,6 +31,13 @@ Semantics every Carrier honours (the collectives rely on them):
     once the peer is declared lost (neither heartbeat nor progress for the
     carrier's ``peer_timeout``: a slow transfer that moves is not lost), and
     ``CollectiveTimeout`` when ``timeout`` (seconds) runs out first.
+``post(peer, key, frame, into)`` (optional)
+    A hint that frame ``frame`` of message ``key`` from ``peer`` should land in
+    ``into``, a writable buffer of exactly that frame's length, posted before the
+    message is received: the carrier may write the frame there as it arrives
+    and deliver ``into`` in its place (no copy on the way). ``into`` must stay
+    untouched until that ``recv`` returns. A carrier may ignore the hint, and does
+    when the frame's length differs; callers check what they got.
 ``commit(key, alive)``
     Agreement on a participant set. Each surviving member proposes the ranks it
     still considers alive; the call blocks until every member not declared lost

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Aborted",
     "Round",
+    "Scratch",
     "SHARD_ALIGN",
     "all_gather",
     "all_reduce",
@@ -78,6 +79,8 @@ class Round:
     max_bytes: int = 1 << 34
     sent: set[tuple[int, int]] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
+    #: (peer, phase) of the messages whose landing place was posted (see :meth:`post`)
+    posted: set[tuple[int, int]] = field(default_factory=set)
 
     @property
     def rank(self) -> int:
@@ -113,12 +116,48 @@ class Round:
             raise TransportError(f"peer {peer} sent an unknown message kind {head[0]}")
         return head[1:], list(frames[1:])
 
+    def post(self, peer: int, phase: int, into: torch.Tensor) -> None:
+        """Ask the carrier to land the data frame of ``peer``'s message ``phase`` in ``into``
+        (contiguous); :meth:`recv_into` then finds it there, or copies it there."""
+        post = getattr(self.carrier, "post", None)
+        if post is not None and into.numel():
+            post(peer, (self.epoch, self.seq, phase), 1, _byte_view(into))
+            self.posted.add((peer, phase))
+
+    def recv_into(self, peer: int, phase: int, into: torch.Tensor) -> bytes:
+        """Receive ``peer``'s fp32 message ``phase`` into ``into``; returns its control bytes."""
+        ctl, frames = self.recv(peer, phase)
+        nbytes = into.numel() * into.element_size()
+        if len(frames) != 1 or memoryview(frames[0]).nbytes != nbytes:
+            got = [memoryview(f).nbytes for f in frames]
+            raise _bad(peer, f"fp32 frames of {got} bytes, expected one of {nbytes}")
+        if nbytes and not _is_view_of(frames[0], into):  # not landed in place: copy
+            into.view(-1).copy_(_raw_tensor(frames, into.numel(), peer))
+        return ctl
+
+    def wait_sent(self, messages: Sequence[tuple[int, int]]) -> bool:
+        """Wait until each ``(peer, phase)`` message sent was acknowledged, so its frames may be
+        reused; False when the carrier cannot tell (then they must not be)."""
+        wait = getattr(self.carrier, "wait_sent", None)
+        if wait is None:
+            return False
+        for peer, phase in messages:
+            try:
+                wait(peer, (self.epoch, self.seq, phase), timeout=self.timeout)
+            except CollectiveTimeout:
+                raise PeerLost(f"peer {peer} acknowledged nothing for {self.timeout}s", peers=(peer,)) from None
+        return True
+
     def check_lost(self) -> None:
         if self.lost:
             raise PeerLost(f"lost peers {sorted(self.lost)} while sending", peers=tuple(sorted(self.lost)))
 
     def abort(self, lost: Sequence[int] = ()) -> None:
         """Send ABORT (naming ``lost``) in place of every message this rank still owes."""
+        unpost = getattr(self.carrier, "unpost", None)
+        if unpost is not None:  # nothing may land in this attempt's buffers any more
+            for peer, phase in self.posted:
+                unpost(peer, (self.epoch, self.seq, phase))
         lost = sorted(set(lost) | self.lost)
         marker = bytes([ABORT]) + struct.pack(f"<{len(lost)}H", *lost)
         for peer in self.others:
@@ -135,6 +174,34 @@ class Round:
 # -- helpers ------------------------------------------------------------------------------------
 
 
+class Scratch:
+    """fp32 receive space reused from one collective to the next.
+
+    Touching fresh memory costs a page fault per 4 KiB, several times the copy itself, so
+    the rows that other peers' contributions land in are kept. A collective takes the
+    space (:meth:`take`) and gives it back (:meth:`give`) only when it succeeded: then every
+    message posted into it has arrived, and no late chunk can write there any more. One
+    collective at a time uses it (a group runs its collectives one after another).
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, numel: int) -> torch.Tensor:
+        buf, self._buf = self._buf, None
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32)
+        return buf[:numel]
+
+    def give(self, buf: torch.Tensor) -> None:
+        base = buf._base if buf._base is not None else buf
+        if self._buf is None or base.numel() > self._buf.numel():
+            self._buf = base
+
+    def clear(self) -> None:
+        self._buf = None
+
+
 def shard_bounds(n: int, parts: int, align: int = SHARD_ALIGN) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` ranges covering ``n`` values, one per part, aligned."""
     per = -(-n // parts) if parts else n
@@ -144,6 +211,24 @@ def shard_bounds(n: int, parts: int, align: int = SHARD_ALIGN) -> list[tuple[int
 
 def _raw_frames(t: torch.Tensor) -> list[Frame]:
     return [memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")]
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of contiguous CPU tensor ``t`` (no copy)."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("a posted tensor must be contiguous and on the CPU")
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _is_view_of(frame: Frame, t: torch.Tensor) -> bool:
+    """True when ``frame`` is exactly the memory of ``t`` (the carrier landed it in place)."""
+    import numpy as np
+
+    try:
+        arr = np.frombuffer(frame, dtype=np.uint8)
+    except (TypeError, ValueError):
+        return False
+    return arr.ctypes.data == t.data_ptr() and arr.size == t.numel() * t.element_size()
 
 
 def _bad(peer: int, message: str) -> CodecError:
@@ -165,11 +250,12 @@ def _raw_tensor(frames: Sequence[Frame], numel: int, peer: int) -> torch.Tensor:
         return torch.frombuffer(frames[0], dtype=torch.float32)
 
 
-def _payload(frames: Sequence[Frame], max_bytes: int, peer: int) -> Payload:
+def _payload(frames: Sequence[Frame], max_bytes: int, peer: int, codec: Codec | None = None) -> Payload:
+    """Validate a peer's payload once, against the codec this collective expects (if known)."""
     from lowband.compress import Payload
 
     try:
-        return Payload.from_frames(frames, max_bytes=max_bytes)
+        return Payload.from_frames(frames, codec=codec, max_bytes=max_bytes)
     except CodecError as e:
         raise _bad(peer, str(e)) from None
 
@@ -186,8 +272,8 @@ def _encode(codec: Codec, x: torch.Tensor, residual: torch.Tensor | None, decay:
 # -- collectives ---------------------------------------------------------------------------------
 
 
-def all_gather(rnd: Round, payload: Payload) -> dict[int, Payload]:
-    """Every participant's payload, by rank."""
+def all_gather(rnd: Round, payload: Payload, codec: Codec | None = None) -> dict[int, Payload]:
+    """Every participant's payload, by rank; with ``codec``, each must be encoded with it."""
     frames = payload.to_frames()
     for peer in rnd.others:
         rnd.send(peer, 0, frames, payload_bytes=payload.nbytes)
@@ -195,7 +281,7 @@ def all_gather(rnd: Round, payload: Payload) -> dict[int, Payload]:
     out = {rnd.rank: payload}
     for peer in rnd.others:
         _, got = rnd.recv(peer, 0)
-        out[peer] = _payload(got, rnd.max_bytes, peer)
+        out[peer] = _payload(got, rnd.max_bytes, peer, codec)
     return out
 
 
@@ -230,21 +316,132 @@ def all_reduce(
     decay: float = 1.0,
     robust: Reducer | None = None,
     send_norm: bool = False,
+    inplace: bool = False,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """Reduce the fp32 vector ``flat`` over the participants; the result is a new fp32 vector."""
+    """Reduce the fp32 vector ``flat`` over the participants; the result is an fp32 vector:
+    ``flat`` itself when ``inplace`` (dense codecs and fp32; the caller then never needs
+    ``flat`` again), else a new one. ``scratch`` lends receive and accumulation space."""
     if codec is not None and codec.sparse:
         if robust is not None:
             raise CodecError(f"robust aggregation needs a dense codec; {codec} sends a subset of positions")
-        return _sparse(rnd, flat, codec, mean=mean, residual=residual, decay=decay)
-    return _dense(rnd, flat, codec, mean=mean, residual=residual, decay=decay, robust=robust, send_norm=send_norm)
+        return _sparse(rnd, flat, codec, mean=mean, residual=residual, decay=decay, inplace=inplace)
+    if codec is None:
+        return _dense_raw(rnd, flat, mean=mean, robust=robust, send_norm=send_norm, inplace=inplace, scratch=scratch)
+    return _dense(
+        rnd, flat, codec, mean=mean, residual=residual, decay=decay, robust=robust, send_norm=send_norm,
+        inplace=inplace, scratch=scratch,
+    )
+
+
+def _dense_raw(
+    rnd: Round,
+    flat: torch.Tensor,
+    *,
+    mean: bool,
+    robust: Reducer | None,
+    send_norm: bool,
+    inplace: bool,
+    scratch: Scratch | None,
+) -> torch.Tensor:
+    """fp32 reduce-scatter + all-gather, every received shard landing where it is used.
+
+    Before sending anything, this rank posts where each message will land: each other
+    peer's contribution to the shard it owns in a row of ``rows``, each other owner's
+    reduced shard in its place in ``out``. The owned shard is summed in rank order
+    (``((c0 + c1) + c2) + ...``, the same float additions on every peer) into a row that
+    is no longer needed, which is what goes out in phase 1 (never ``out`` itself: the
+    caller may change ``out`` before the carrier has sent it), then copied into ``out``.
+    With ``inplace``, ``out`` is ``flat``: its other shards were sent in phase 0, and an
+    owner's reduced shard only comes back once it has received all of this rank's.
+    """
+    P = rnd.participants
+    me = P.index(rnd.rank)
+    bounds = shard_bounds(flat.numel(), len(P))
+    out = flat if inplace else torch.empty_like(flat)
+    a, b = bounds[me]
+    n = b - a
+    others = [r for r in P if r != rnd.rank]
+    k = len(P) if robust is not None else len(others)
+    space = scratch.take(k * n) if scratch is not None else torch.empty(k * n, dtype=torch.float32)
+    rows = space.view(k, n)
+    row_of = {r: rows[j] for j, r in enumerate(P if robust is not None else others)}
+    if n:
+        for peer in others:
+            rnd.post(peer, 0, row_of[peer])
+    for (a2, b2), owner in zip(bounds, P):
+        if owner != rnd.rank and b2 > a2:
+            rnd.post(owner, 1, out[a2:b2])
+    norm = _NORM.pack(float(flat.norm())) if send_norm else b""
+    # phase 0: every shard to its owner
+    for (a2, b2), owner in zip(bounds, P):
+        if owner != rnd.rank and b2 > a2:
+            rnd.send(owner, 0, _raw_frames(flat[a2:b2]), payload_bytes=(b2 - a2) * 4, control=norm)
+    rnd.check_lost()
+    if n:
+        norms: dict[int, float] = {rnd.rank: _NORM.unpack(norm)[0]} if send_norm else {}
+        for peer in others:
+            ctl = rnd.recv_into(peer, 0, row_of[peer])
+            if send_norm:
+                if len(ctl) != _NORM.size:
+                    raise _bad(peer, "no norm for norm_clip")
+                norms[peer] = _NORM.unpack(ctl)[0]
+        own = flat[a:b]
+        # Sum straight into out when it already holds c0 or c1 (out is flat, this rank is one of
+        # the first two) and the carrier can say when the peers have it all: then out[a:b] is
+        # sent as is, and this call returns only once it was acknowledged (the caller may
+        # change out afterwards). Otherwise sum into a scratch row, send that, copy it to out.
+        direct = inplace and robust is None and me <= 1 and len(P) > 1 and hasattr(rnd.carrier, "wait_sent")
+        if robust is not None:
+            row_of[rnd.rank].copy_(own)
+            acc = robust(rows, [norms[r] for r in P] if send_norm else None)
+        else:
+            c = [own if r == rnd.rank else row_of[r] for r in P]
+            if len(P) == 1:
+                acc = own.clone()
+            elif direct:
+                acc = out[a:b]  # holds c[me]; c[me] + c[1 - me] is c0 + c1 exactly
+                acc.add_(c[1 - me])
+                for x in c[2:]:
+                    acc.add_(x)
+            else:
+                # accumulate into the first other peer's row: it is c[0] or c[1], both used up
+                acc = row_of[others[0]]
+                torch.add(c[0], c[1], out=acc)
+                for x in c[2:]:
+                    acc.add_(x)
+            if mean:
+                acc.div_(len(P))
+        for peer in others:
+            rnd.send(peer, 1, _raw_frames(acc), payload_bytes=acc.nbytes)
+        if not direct:
+            out[a:b].copy_(acc)
+        rnd.check_lost()
+    # phase 1: every other owner's reduced shard, landed in place
+    for (a2, b2), owner in zip(bounds, P):
+        if owner != rnd.rank and b2 > a2:
+            rnd.recv_into(owner, 1, out[a2:b2])
+    # the reduced shard went out from scratch space or from out: return (and reuse the space)
+    # once every peer has it all
+    acked = rnd.wait_sent([(peer, 1) for peer in others] if n else [])
+    if scratch is not None and acked:
+        scratch.give(space)
+    return out
 
 
 def _sparse(
-    rnd: Round, flat: torch.Tensor, codec: Codec, *, mean: bool, residual: torch.Tensor | None, decay: float
+    rnd: Round,
+    flat: torch.Tensor,
+    codec: Codec,
+    *,
+    mean: bool,
+    residual: torch.Tensor | None,
+    decay: float,
+    inplace: bool = False,
 ) -> torch.Tensor:
     mine = _encode(codec, flat, residual, decay)
-    got = all_gather(rnd, mine)
-    out = torch.zeros(flat.numel(), dtype=torch.float32)
+    got = all_gather(rnd, mine, codec)
+    out = flat.zero_() if inplace else torch.zeros(flat.numel(), dtype=torch.float32)
     order = [got[r] for r in rnd.participants]
     for r, p in zip(rnd.participants, order):
         _check(p, codec, flat.numel(), r)
@@ -257,40 +454,43 @@ def _sparse(
 def _dense(
     rnd: Round,
     flat: torch.Tensor,
-    codec: Codec | None,
+    codec: Codec,
     *,
     mean: bool,
     residual: torch.Tensor | None,
     decay: float,
     robust: Reducer | None,
     send_norm: bool,
+    inplace: bool = False,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
+    """Dense codec: reduce-scatter of encoded shards, each owner re-encodes its sum once.
+
+    With ``inplace`` the result is decoded into ``flat`` (every shard of it was encoded
+    before anything is received, and payloads own their bytes). The owner's fp32
+    accumulator comes from ``scratch``: nothing the carrier holds points into it."""
     P = rnd.participants
     bounds = shard_bounds(flat.numel(), len(P))
     norm = _NORM.pack(float(flat.norm())) if send_norm else b""
     # phase 0: every shard to its owner, encoded once
-    own: Payload | torch.Tensor | None = None
+    own: Payload | None = None
     for (a, b), owner in zip(bounds, P):
         if b <= a:
             continue
-        if codec is None:
-            enc: Payload | torch.Tensor = flat[a:b]
-        else:
-            enc = _encode(codec, flat[a:b], None if residual is None else residual[a:b], decay)
+        enc = _encode(codec, flat[a:b], None if residual is None else residual[a:b], decay)
         if owner == rnd.rank:
             own = enc
-        elif isinstance(enc, torch.Tensor):
-            rnd.send(owner, 0, _raw_frames(enc), payload_bytes=enc.nbytes, control=norm)
         else:
             rnd.send(owner, 0, enc.to_frames(), payload_bytes=enc.nbytes, control=norm)
     rnd.check_lost()
     # the shard this rank owns: decode every contribution, add in rank order, encode once
     i = P.index(rnd.rank)
     a, b = bounds[i]
-    reduced: Payload | torch.Tensor | None = None
+    reduced: Payload | None = None
+    space: torch.Tensor | None = None
     if b > a:
         n = b - a
-        contrib: dict[int, Payload | torch.Tensor] = {rnd.rank: own}  # type: ignore[dict-item]
+        contrib: dict[int, Payload] = {rnd.rank: own}  # type: ignore[dict-item]
         norms: dict[int, float] = {rnd.rank: _NORM.unpack(norm)[0]} if send_norm else {}
         for peer in rnd.others:
             ctl, frames = rnd.recv(peer, 0)
@@ -298,18 +498,19 @@ def _dense(
                 if len(ctl) != _NORM.size:
                     raise _bad(peer, "no norm for norm_clip")
                 norms[peer] = _NORM.unpack(ctl)[0]
-            contrib[peer] = _raw_tensor(frames, n, peer) if codec is None else _payload(frames, rnd.max_bytes, peer)
-        acc = _reduce_shard(P, contrib, n, codec, robust, [norms[r] for r in P] if send_norm else None)
+            contrib[peer] = _payload(frames, rnd.max_bytes, peer, codec)
+        k = n * (len(P) if robust is not None else 1)
+        space = scratch.take(k) if scratch is not None else torch.empty(k, dtype=torch.float32)
+        acc = _reduce_shard(P, contrib, n, codec, robust, [norms[r] for r in P] if send_norm else None, space)
         if mean and robust is None:
             acc.div_(len(P))
-        reduced = acc if codec is None else codec.encode(acc)
-        ctl_frames = _raw_frames(acc) if codec is None else reduced.to_frames()  # type: ignore[union-attr]
-        nbytes = acc.nbytes if codec is None else reduced.nbytes  # type: ignore[union-attr]
+        reduced = codec.encode(acc)
+        frames_out = reduced.to_frames()
         for peer in rnd.others:
-            rnd.send(peer, 1, ctl_frames, payload_bytes=nbytes)
+            rnd.send(peer, 1, frames_out, payload_bytes=reduced.nbytes)
         rnd.check_lost()
     # phase 1: gather every owner's reduced shard; everyone decodes the same bytes
-    out = torch.empty(flat.numel(), dtype=torch.float32)
+    out = flat if inplace else torch.empty(flat.numel(), dtype=torch.float32)
     for (a, b), owner in zip(bounds, P):
         if b <= a:
             continue
@@ -317,48 +518,41 @@ def _dense(
             piece = reduced
         else:
             _, frames = rnd.recv(owner, 1)
-            piece = _raw_tensor(frames, b - a, owner) if codec is None else _payload(frames, rnd.max_bytes, owner)
-        if isinstance(piece, torch.Tensor):
-            out[a:b].copy_(piece)
-        else:
-            _check(piece, codec, b - a, owner)
-            codec.decode_into(piece, out[a:b], accumulate=False)  # type: ignore[union-attr]
+            piece = _payload(frames, rnd.max_bytes, owner, codec)
+        _check(piece, codec, b - a, owner)  # type: ignore[arg-type]
+        codec.decode_into(piece, out[a:b], accumulate=False)  # type: ignore[arg-type]
+    if scratch is not None and space is not None:
+        scratch.give(space)
     return out
 
 
 def _check(p: Payload, codec: Codec | None, n: int, peer: int) -> None:
+    """The shape check left after :func:`_payload` (which checked spec and lengths)."""
     if p.numel != n:
         raise _bad(peer, f"a payload of {p.numel} values, {n} expected")
-    if codec is not None and p.spec != str(codec):
-        raise _bad(peer, f"a payload encoded with {p.spec!r}, this collective uses {str(codec)!r}")
 
 
 def _reduce_shard(
     P: Sequence[int],
-    contrib: dict[int, Payload | torch.Tensor],
+    contrib: dict[int, Payload],
     n: int,
-    codec: Codec | None,
+    codec: Codec,
     robust: Reducer | None,
     norms: list[float] | None,
+    space: torch.Tensor,
 ) -> torch.Tensor:
+    """Decode every contribution into ``space`` (fp32, n values, P rows for a robust rule)
+    and combine them: summed in rank order from zero, or by the robust rule."""
     if robust is None:
-        acc = torch.zeros(n, dtype=torch.float32)
-        for i, r in enumerate(P):
-            c = contrib[r]
-            if isinstance(c, torch.Tensor):
-                acc.copy_(c) if i == 0 else acc.add_(c)
-            else:
-                _check(c, codec, n, r)
-                codec.decode_into(c, acc)  # type: ignore[union-attr]
+        acc = space[:n].zero_()
+        for r in P:
+            _check(contrib[r], codec, n, r)
+            codec.decode_into(contrib[r], acc)
         return acc
-    rows = torch.empty(len(P), n, dtype=torch.float32)
+    rows = space[: len(P) * n].view(len(P), n)
     for j, r in enumerate(P):
-        c = contrib[r]
-        if isinstance(c, torch.Tensor):
-            rows[j].copy_(c)
-        else:
-            _check(c, codec, n, r)
-            codec.decode_into(c, rows[j], accumulate=False)  # type: ignore[union-attr]
+        _check(contrib[r], codec, n, r)
+        codec.decode_into(contrib[r], rows[j], accumulate=False)
     return robust(rows, norms)
 
 

@@ -92,7 +92,8 @@ class ZmqCarrier:
     ``coordinator`` is the coordinator's ``HOST:PORT``. ``host`` is the address this
     process binds and advertises; by default the address of the interface whose route
     reaches the coordinator (a loopback coordinator gives a loopback address). ``streams`` defaults to :func:`default_streams` of
-    ``bandwidth`` (bit/s) and ``rtt`` (s). ``rate_limit`` caps the upload (bytes/s).
+    ``bandwidth`` (bit/s) and ``rtt`` (s); ``io_threads`` is the number of libzmq I/O threads
+    (default: one per stream, at most four). ``rate_limit`` caps the upload (bytes/s).
     ``config`` is compared across peers at join: any difference raises ConfigMismatch.
     """
 
@@ -120,6 +121,7 @@ class ZmqCarrier:
         join_timeout: float = 300.0,
         connect_map: Callable[[str], str] | None = None,
         closed_is_lost: bool = True,
+        io_threads: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size or world_size > 65535:
             raise ConfigError(f"rank {rank} outside a group of {world_size}")
@@ -136,6 +138,8 @@ class ZmqCarrier:
         n_streams = default_streams(bandwidth, rtt) if streams is None else streams
         if not 1 <= n_streams <= 64:
             raise ConfigError(f"streams must be in [1, 64], got {n_streams}")
+        if io_threads is not None and not 1 <= io_threads <= 16:
+            raise ConfigError(f"io_threads must be in [1, 16], got {io_threads}")
         from lowband.transport.security import warn_if_exposed
 
         if host is None:
@@ -169,9 +173,12 @@ class ZmqCarrier:
         self.security = security
         self._cond = threading.Condition()
         self._inbox: dict[tuple[int, Key], tuple[list[Any], int, int]] = {}
+        self._posted_keys: set[tuple[int, Key]] = set()
+        self._unacked: dict[tuple[int, Key], int] = {}  # chunks of a sent message not yet acknowledged
         self._floor_epoch = 0
         self._closed = False
-        self.ctx = zmq.Context(io_threads=max(1, min(4, n_streams)))
+        # libzmq's I/O threads move the bytes of the TCP streams; one per stream up to four
+        self.ctx = zmq.Context(io_threads=io_threads or max(1, min(4, n_streams)))
         self._auth = security.start_authenticator(self.ctx) if security is not None else None
         try:
             self.io = IOLoop(
@@ -273,10 +280,32 @@ class ZmqCarrier:
             for i, ln in enumerate(lengths)
             for off, n in chunk_spans(ln, self.chunk_size)
         ]
+        with self._cond:
+            self._unacked[(peer, key)] = self._unacked.get((peer, key), 0) + len(chunks)
         transport = self.io.build(peer, key, lengths, chunks, payload_bytes)
         if transport is None:
+            self.drop_unacked(peer)
             raise PeerLost(self._lost_message(peer, key), peers=(peer,))
         self.stats.count_send(peer, payload_bytes, transport)
+
+    def post(self, peer: int, key: Key, frame: int, into: Any) -> None:
+        """Frame ``frame`` of message ``key`` from ``peer`` should land in ``into`` (a writable
+        buffer of exactly its length): its chunks are copied there as they arrive, and ``into``
+        is delivered as that frame (see ``_carrier.py``)."""
+        from lowband.transport._zmq_recv import byte_array
+
+        arr = byte_array(into)
+        with self._cond:
+            self._posted_keys.add((peer, key))
+        self.io.call("post", peer, key, frame, arr)
+
+    def unpost(self, peer: int, key: Key) -> None:
+        """Withdraw a :meth:`post` (an abandoned collective): later chunks are held as usual."""
+        with self._cond:
+            if (peer, key) not in self._posted_keys:
+                return
+            self._posted_keys.discard((peer, key))
+        self.io.call("unpost", peer, key)
 
     def recv(
         self, peer: int, key: Key, *, timeout: float | None = None
@@ -290,6 +319,9 @@ class ZmqCarrier:
                 if got is not None:
                     frames, payload, transport = got
                     self._inbox_release(peer, frames)
+                    if (peer, key) in self._posted_keys:
+                        self._posted_keys.discard((peer, key))
+                        self.io.call("unpost", peer, key)  # a posting the message arrived before
                     break
                 if key[0] < self._floor_epoch:
                     raise TransportError(f"rank {self.rank}: {key} belongs to a forgotten epoch")
@@ -304,6 +336,44 @@ class ZmqCarrier:
                 self._cond.wait(0.1 if left is None else min(0.1, left))
         self.stats.count_recv(peer, payload, transport)
         return frames
+
+    def wait_sent(self, peer: int, key: Key, *, timeout: float | None = None) -> None:
+        """Return once ``peer`` has acknowledged every chunk of message ``key`` (so nothing of
+        its frames is read any more: the caller may reuse them). Raises PeerLost as ``recv``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (peer, key) in self._unacked:
+                if self._closed:
+                    raise TransportError(f"rank {self.rank}: carrier is closed")
+                if self.io.is_lost(peer):
+                    self._unacked.pop((peer, key), None)
+                    raise PeerLost(self._lost_message(peer, key), peers=(peer,))
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CollectiveTimeout(
+                        f"rank {self.rank}: rank {peer} did not acknowledge {key} in {timeout:g}s"
+                    )
+                self._cond.wait(0.1 if left is None else min(0.1, left))
+
+    def drop_unacked(self, peer: int) -> None:
+        """Stop counting what was sent to ``peer`` (lost, or restarted as a new process)."""
+        with self._cond:
+            for k in [k for k in self._unacked if k[0] == peer]:
+                del self._unacked[k]
+            self._cond.notify_all()
+
+    def _acked(self, peer: int, done: dict[Key, int]) -> None:
+        """Called by the I/O thread: ``done[key]`` more chunks of ``key`` were acknowledged."""
+        with self._cond:
+            for key, n in done.items():
+                left = self._unacked.get((peer, key))
+                if left is None:
+                    continue
+                if left <= n:
+                    del self._unacked[(peer, key)]
+                    self._cond.notify_all()
+                else:
+                    self._unacked[(peer, key)] = left - n
 
     def _lost_message(self, peer: int, key: Key) -> str:
         why = self.io.lost_reason(peer)
@@ -382,6 +452,8 @@ class ZmqCarrier:
             self._floor_epoch = max(self._floor_epoch, epoch)
             for k in [k for k in self._inbox if k[1][0] < epoch]:
                 self._inbox_release(k[0], self._inbox.pop(k)[0])
+            self._posted_keys = {k for k in self._posted_keys if k[1][0] >= epoch}
+            self._unacked = {k: v for k, v in self._unacked.items() if k[1][0] >= epoch}
         self.io.call("forget", epoch)
 
     def alive(self) -> set[int]:

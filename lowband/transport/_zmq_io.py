@@ -79,6 +79,7 @@ class IOLoop:
         )
         self.links: dict[int, Link] = {}
         self.inbound: dict[int, Inbound] = {}
+        self.posted: dict[int, dict[Any, Any]] = {}  # peer -> postings, shared with its Inbound
         self.last_alive: dict[int, float] = {}
         self.lost: set[int] = set()
         self._lost_why: dict[int, str] = {}
@@ -275,9 +276,27 @@ class IOLoop:
                 self._enqueue(*args)
             elif op == "connect":
                 self._connect(*args)
+            elif op == "post":
+                peer, key, frame, into = args
+                ib = self.inbound.get(peer)
+                if ib is not None:
+                    ib.post(key, frame, into)
+                else:
+                    self.posted.setdefault(peer, {})[(key, frame)] = into
+            elif op == "unpost":
+                peer, key = args
+                ib = self.inbound.get(peer)
+                if ib is not None:
+                    ib.unpost(key)
+                else:
+                    for k in [k for k in self.posted.get(peer, {}) if k[0] == key]:
+                        del self.posted[peer][k]
             elif op == "forget":
                 for ib in self.inbound.values():
                     ib.forget(args[0])
+                for posts in self.posted.values():
+                    for k in [k for k in posts if k[0][0] < args[0]]:
+                        del posts[k]
             elif op == "stop":
                 self._stop = True
 
@@ -288,6 +307,7 @@ class IOLoop:
             return
         if old is not None:
             old.close()
+            self.c.drop_unacked(peer)  # what the old process did not acknowledge, it never will
         c = self.c
         streams = []
         for i in range(c.streams):
@@ -337,7 +357,7 @@ class IOLoop:
                 offset=off,
                 payload_bytes=payload,
             )
-            link.enqueue(Chunk(seq, head, body, -1))
+            link.enqueue(Chunk(seq, head, body, -1, key))
 
     def _send_queued(self) -> None:
         for link in self.links.values():
@@ -390,6 +410,7 @@ class IOLoop:
                         h.sender,
                         h.incarnation,
                         max_pending_bytes=self.c.max_pending_bytes,
+                        posted=self.posted.setdefault(h.sender, {}),
                     )
                 self.last_alive[h.sender] = time.monotonic()
                 acks.setdefault(ident, []).append(h.link_seq)
@@ -479,7 +500,9 @@ class IOLoop:
                         raise TransportError(
                             f"kind {h.kind} from rank {h.sender} on a stream to {link.peer}"
                         )
-                    link.acked(h.link_seq, parse_ack(msg[1]))
+                    done = link.acked(h.link_seq, parse_ack(msg[1]))
+                    if done:
+                        self.c._acked(link.peer, done)
                 except TransportError as e:
                     self.rejected += 1
                     log.warning("rank %d: bad ack from rank %d: %s", self.c.rank, link.peer, e)
@@ -520,5 +543,6 @@ class IOLoop:
             log.warning("rank %d: rank %d lost: %s", self.c.rank, peer, why)
             link.queue.clear()
             link.unacked.clear()
+            self.c.drop_unacked(peer)
             with self.c._cond:
                 self.c._cond.notify_all()

@@ -93,6 +93,7 @@ class Chunk:
     header: bytes
     body: memoryview
     stream: int
+    key: tuple[int, int, int] = (0, 0, 0)  # the message it belongs to
 
     @property
     def nbytes(self) -> int:
@@ -163,12 +164,18 @@ class Link:
         self.cursor = i % n
         return sent
 
-    def acked(self, floor: int, seqs: tuple[int, ...]) -> None:
+    def acked(self, floor: int, seqs: tuple[int, ...]) -> dict[tuple[int, int, int], int]:
+        """Drop acknowledged chunks; returns how many of each message's chunks that was."""
+        done: dict[tuple[int, int, int], int] = {}
         for s in seqs:
-            self.unacked.pop(s, None)
+            ch = self.unacked.pop(s, None)
+            if ch is not None:
+                done[ch.key] = done.get(ch.key, 0) + 1
         if floor and self.unacked and min(self.unacked) <= floor:
             for s in [s for s in self.unacked if s <= floor]:
-                del self.unacked[s]
+                ch = self.unacked.pop(s)
+                done[ch.key] = done.get(ch.key, 0) + 1
+        return done
 
     def on_monitor(self, index: int, event: dict[str, Any]) -> None:
         st = self.streams[index]

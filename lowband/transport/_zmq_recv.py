@@ -12,6 +12,12 @@ offset seen twice under different sequence numbers, more buffered bytes than the
 cap) raises :class:`lowband.errors.TransportError`: the carrier then cuts the
 sender off.
 
+A receiver that knows where a frame must land (a collective's output shard) posts it
+(:meth:`Inbound.post`): that frame's chunks are then copied straight into the posted
+buffer as they arrive (in C, without the GIL: ``_copy``), never held, and the posted
+buffer is delivered as the frame. A posting whose length does not match the frame's
+is ignored (the collective then sees the wrong size and names the peer).
+
 Memory for partial messages is what arrived, never what a header claims: a chunk's
 buffer is kept as received until its message is complete (then the frame's chunks
 are joined once), and the number of chunks is counted, never listed, so a header
@@ -24,7 +30,10 @@ broken rule; what that sender holds stays under the cap).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from lowband.errors import TransportError
 from lowband.transport._wire import Header, chunk_count, expected_body
@@ -32,6 +41,21 @@ from lowband.transport._wire import Header, chunk_count, expected_body
 __all__ = ["Completed", "Inbound"]
 
 Key = tuple[int, int, int]
+
+
+def _copy(dst: np.ndarray, offset: int, src: memoryview) -> None:
+    """``dst[offset:offset + len(src)] = src`` by ``memmove`` (ctypes drops the GIL)."""
+    n = len(src)
+    if n:
+        ctypes.memmove(dst.ctypes.data + offset, np.frombuffer(src, dtype=np.uint8).ctypes.data, n)
+
+
+def byte_array(buf: object) -> np.ndarray:
+    """A writable 1-D uint8 array over ``buf`` (no copy)."""
+    arr = np.frombuffer(buf, dtype=np.uint8)  # type: ignore[call-overload]
+    if not arr.flags.writeable:
+        raise ValueError("a posted buffer must be writable")
+    return arr
 
 
 @dataclass
@@ -54,12 +78,24 @@ class _Partial:
     chunks: list[dict[int, memoryview]]
     held: int = 0
     transport_bytes: int = 0
+    #: per frame, the posted buffer its chunks are copied into (None: held as received)
+    dest: list[np.ndarray | None] = field(default_factory=list)
+
+
+_LANDED = memoryview(b"")
 
 
 class Inbound:
     """What one peer (one process incarnation) has sent us."""
 
-    def __init__(self, peer: int, incarnation: int, *, max_pending_bytes: int) -> None:
+    def __init__(
+        self,
+        peer: int,
+        incarnation: int,
+        *,
+        max_pending_bytes: int,
+        posted: dict[tuple[Key, int], np.ndarray] | None = None,
+    ) -> None:
         self.peer = peer
         self.incarnation = incarnation
         self.max_pending_bytes = max_pending_bytes
@@ -68,6 +104,10 @@ class Inbound:
         self._partial: dict[Key, _Partial] = {}
         self.pending_bytes = 0
         self.min_epoch = 0
+        #: (key, frame) -> where that frame lands; shared with the carrier, which posts
+        #: before a peer's first chunk (and so before this Inbound) may exist
+        self._posted: dict[tuple[Key, int], np.ndarray] = {} if posted is None else posted
+        self._abandoned: set[Key] = set()  # messages whose posted buffers were withdrawn
 
     def seen(self, link_seq: int) -> bool:
         return link_seq <= self.floor or link_seq in self._above
@@ -83,6 +123,40 @@ class Inbound:
         self.min_epoch = max(self.min_epoch, epoch)
         for key in [k for k in self._partial if k[0] < epoch]:
             self.pending_bytes -= self._partial.pop(key).held
+        for k in [k for k in self._posted if k[0][0] < epoch]:
+            del self._posted[k]
+        self._abandoned = {k for k in self._abandoned if k[0] >= epoch}
+
+    def post(self, key: Key, frame: int, into: np.ndarray) -> None:
+        """Frame ``frame`` of message ``key`` lands in ``into`` (uint8, its exact length).
+
+        Chunks of it that already arrived are copied in now and stop counting as held."""
+        p = self._partial.get(key)
+        if p is None:
+            self._posted[(key, frame)] = into
+            return
+        if frame >= len(p.lengths) or p.lengths[frame] != into.size or p.dest[frame] is not None:
+            return  # not the frame the poster expects: delivered as received
+        got = p.chunks[frame]
+        for off, body in got.items():
+            _copy(into, off, body)
+            p.held -= len(body)
+            self.pending_bytes -= len(body)
+        got.clear()
+        p.dest[frame] = into
+
+    def unpost(self, key: Key) -> None:
+        """Withdraw the postings for ``key``: unused ones (the message arrived before the
+        post) are dropped; a message still landing in a posted buffer is abandoned (its
+        collective gave up, and the buffer is its caller's again): it is dropped, and its
+        later chunks are acknowledged and ignored."""
+        for k in [k for k in self._posted if k[0] == key]:
+            del self._posted[k]
+        p = self._partial.get(key)
+        if p is not None and any(d is not None for d in p.dest):
+            del self._partial[key]
+            self.pending_bytes -= p.held
+            self._abandoned.add(key)
 
     def accept(self, h: Header, head_len: int, body: memoryview) -> Completed | None:
         """Take one DATA chunk (already header-validated). Returns the message it
@@ -92,7 +166,7 @@ class Inbound:
                 f"peer {self.peer}: chunk body of {len(body)} bytes, header says {expected_body(h)}"
             )
         self._mark(h.link_seq)
-        if h.epoch < self.min_epoch:
+        if h.epoch < self.min_epoch or (self._abandoned and h.key in self._abandoned):
             return None  # an abandoned collective; acknowledged, then dropped
         p = self._partial.get(h.key)
         if p is None:
@@ -100,6 +174,12 @@ class Inbound:
             p = _Partial(
                 h.lengths, h.chunk_size, h.payload_bytes, n_chunks, [{} for _ in h.lengths]
             )
+            p.dest = [None] * len(h.lengths)
+            if self._posted:
+                for i, n in enumerate(h.lengths):
+                    into = self._posted.pop((h.key, i), None)
+                    if into is not None and into.size == n:
+                        p.dest[i] = into
             self._partial[h.key] = p
         elif (p.lengths, p.chunk_size, p.payload_bytes) != (
             h.lengths,
@@ -114,14 +194,19 @@ class Inbound:
             raise TransportError(
                 f"peer {self.peer}: chunk {(h.frame_idx, h.offset)} of {h.key} sent twice under new numbers"
             )
-        if self.pending_bytes + len(body) > self.max_pending_bytes:
-            raise TransportError(
-                f"peer {self.peer}: {self.pending_bytes + len(body)} bytes of unfinished messages "
-                f"exceed the cap of {self.max_pending_bytes}"
-            )
-        got[h.offset] = body
-        p.held += len(body)
-        self.pending_bytes += len(body)
+        into = p.dest[h.frame_idx]
+        if into is not None:
+            _copy(into, h.offset, body)
+            got[h.offset] = _LANDED  # remembered (offset seen), nothing held
+        else:
+            if self.pending_bytes + len(body) > self.max_pending_bytes:
+                raise TransportError(
+                    f"peer {self.peer}: {self.pending_bytes + len(body)} bytes of unfinished messages "
+                    f"exceed the cap of {self.max_pending_bytes}"
+                )
+            got[h.offset] = body
+            p.held += len(body)
+            self.pending_bytes += len(body)
         p.remaining -= 1
         p.transport_bytes += head_len + len(body)
         if p.remaining:
@@ -129,9 +214,14 @@ class Inbound:
         del self._partial[h.key]
         self.pending_bytes -= p.held
         frames: list[bytes | memoryview] = []
-        for got in p.chunks:
-            if len(got) == 1:
+        for got, into, n in zip(p.chunks, p.dest, p.lengths):
+            if into is not None:
+                frames.append(memoryview(into))
+            elif len(got) == 1:
                 frames.append(next(iter(got.values())))  # one chunk: handed over without a copy
             else:
-                frames.append(memoryview(b"".join(got[o] for o in sorted(got))))
+                whole = np.empty(n, dtype=np.uint8)
+                for off, body in got.items():
+                    _copy(whole, off, body)
+                frames.append(memoryview(whole))
         return Completed(h.key, frames, p.payload_bytes, p.transport_bytes)

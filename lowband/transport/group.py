@@ -61,17 +61,43 @@ class Work(Generic[T]):
     on it; see :mod:`lowband.transport._stats`), complete once it is done.
     """
 
-    def __init__(self, stats: CommStats) -> None:
+    def __init__(self, stats: CommStats, rank: int = -1) -> None:
         self._stats = stats
         self.stats = CommStats()
+        self._rank = rank
         self._done = threading.Event()
         self._result: T | None = None
         self._error: BaseException | None = None
         #: Ranks whose inputs the result was computed from (set when done).
         self.participants: tuple[int, ...] = ()
+        self._callbacks: list[Callable[[Work[T]], None]] = []
+        self._cb_lock = threading.Lock()
 
     def done(self) -> bool:
         return self._done.is_set()
+
+    def add_done_callback(self, fn: Callable[[Work[T]], None]) -> None:
+        """Call ``fn(work)`` once the collective has finished (at once if it has), on the
+        group's worker thread: keep it short, and do not wait on other collectives in it."""
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def future(self) -> torch.futures.Future[T]:
+        """A ``torch.futures.Future`` that the transport completes with the result (or the
+        error): what a DDP communication hook returns so that DDP overlaps buckets."""
+        fut: torch.futures.Future[T] = torch.futures.Future()
+
+        def complete(w: Work[T]) -> None:
+            if w._error is not None:
+                fut.set_exception(w._error)  # type: ignore[arg-type]  # torch stubs type it as T
+            else:
+                fut.set_result(w._result)  # type: ignore[arg-type]
+
+        self.add_done_callback(complete)
+        return fut
 
     def wait(self, timeout: float | None = None) -> T:
         t0 = time.perf_counter()
@@ -87,7 +113,14 @@ class Work(Generic[T]):
 
     def _finish(self, result: T | None, error: BaseException | None, participants: tuple[int, ...]) -> None:
         self._result, self._error, self.participants = result, error, participants
-        self._done.set()
+        with self._cb_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a callback's bug must not stop the group's worker
+                log.exception("rank %d: a collective's done callback failed", self._rank)
 
 
 class Group:
@@ -123,6 +156,8 @@ class Group:
             self._seq = int(self.joined_at[1])
             self.participants = tuple(carrier.members)  # type: ignore[attr-defined]
         self._lock = threading.Lock()
+        #: receive space the fp32 all-reduce reuses (fresh pages cost more than the copy)
+        self._scratch = C.Scratch()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -152,6 +187,7 @@ class Group:
         op: str = "mean",
         error_feedback: ErrorFeedback | None = None,
         key: str = "",
+        out: torch.Tensor | None = None,
     ) -> Work[torch.Tensor]:
         """Reduce ``tensor`` over the group; ``wait()`` gives an fp32 tensor of its shape.
 
@@ -159,7 +195,10 @@ class Group:
         (``"trimmed_mean"``, ``"median"``, ``"norm_clip"``; dense codecs only).
         ``codec=None`` sends fp32. With ``error_feedback``, what the codec did
         not send is kept under ``key`` and added next time (its codec must be
-        ``codec``). The input is snapshotted now and never modified.
+        ``codec``). The input is snapshotted now and never modified. ``out``: a
+        contiguous fp32 CPU tensor of as many values, which receives the snapshot
+        now and the result when done (``wait()`` returns it, reshaped); without it
+        the result is a new tensor.
         """
         codec_obj = _resolve_codec(codec, error_feedback)
         rule = robust_rule(op)
@@ -168,7 +207,16 @@ class Group:
         if not tensor.is_floating_point():
             raise ConfigError(f"all_reduce needs a floating point tensor, got {tensor.dtype}")
         shape, device = tensor.shape, tensor.device
-        flat = tensor.detach().reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
+        if out is None:
+            flat = tensor.detach().reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
+        else:
+            if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != tensor.numel():
+                raise ConfigError(f"out must be a contiguous fp32 CPU tensor of {tensor.numel()} values")
+            if out.data_ptr() == tensor.data_ptr() and tensor.dtype == torch.float32:
+                flat = out.view(-1)  # reduce in place: the snapshot is already there
+            else:
+                flat = out.view(-1)
+                flat.copy_(tensor.detach().reshape(-1))
 
         before: list[torch.Tensor] = []  # the residual as it was before the first attempt
 
@@ -181,7 +229,7 @@ class Group:
                     residual.copy_(before[0])
                 else:
                     before.append(residual.clone())
-            out = C.all_reduce(
+            result = C.all_reduce(
                 rnd,
                 flat,
                 codec=codec_obj,
@@ -190,8 +238,14 @@ class Group:
                 decay=1.0 if error_feedback is None else error_feedback.decay,
                 robust=rule,
                 send_norm=op == "norm_clip",
+                # a retry (drop mode) needs the input again; otherwise the snapshot becomes the result
+                inplace=self.on_failure == "raise",
+                scratch=self._scratch,
             )
-            return out.view(shape).to(device)
+            if result.data_ptr() != flat.data_ptr() and out is not None:
+                flat.copy_(result)
+                result = flat
+            return result.view(shape) if out is not None else result.view(shape).to(device)
 
         return self._submit(body, phases=(0, 1))
 
@@ -284,7 +338,7 @@ class Group:
     def _submit(self, body: Callable[[C.Round], T], *, phases: tuple[int, ...]) -> Work[T]:
         if self._closed:
             raise TransportError("the group is closed")
-        work: Work[T] = Work(self.stats)
+        work: Work[T] = Work(self.stats, self.rank)
         with self._lock:
             self._seq += 1
             self._jobs.put((self._seq, body, phases, work))
@@ -384,7 +438,7 @@ def _resolve_codec(codec: Codec | str | None, ef: ErrorFeedback | None) -> Codec
     if ef is not None:
         if codec is None:
             codec = ef.codec
-        elif str(codec) != str(ef.codec):
+        elif codec.spec != ef.codec.spec:
             raise ConfigError(f"error_feedback is for codec {ef.codec}, the all_reduce uses {codec}")
     return codec
 

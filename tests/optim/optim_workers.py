@@ -107,3 +107,57 @@ def ddp_train(
         if group is not None:
             group.close()
         dist.destroy_process_group()
+
+
+def ddp_overlap_train(
+    rank: int, world: int, store: str, coordinator: str, name: str, wait_in_hook: bool, steps: int
+) -> dict[str, Any]:
+    """DDP (gloo) whose buckets go through the lowband hook over a ZeroMQ group (issue 17.3).
+
+    Small buckets, so several are in flight during one backward pass. ``wait_in_hook``
+    waits on each bucket's future inside the hook (the old, sequential behaviour): the
+    parameters must come out bit-identical to the overlapped run, since the same
+    collectives and error-feedback updates happen in the same order."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    host, port = store.rsplit(":", 1)
+    tcp = dist.TCPStore(host, int(port), None, False, datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=dist.PrefixStore(name, tcp), rank=rank, world_size=world)
+    group = lowband.init_group(rank, world, store=coordinator, backend="zmq", group_name=name + "-lb")
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(6)), torch.nn.Linear(64, 4))
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.02)
+        hook = ddp_comm_hook(group, "q8")
+        pending: list[bool] = []
+
+        def run_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations only
+            fut = hook(state, bucket)
+            pending.append(not fut.done())
+            if wait_in_hook:
+                fut.wait()
+            return fut
+
+        run_hook.__name__ = run_hook.__qualname__ = "lowband_ddp_comm_hook"
+        ddp.register_comm_hook(None, run_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        grads = []
+        for t in range(steps):
+            g = torch.Generator().manual_seed(1000 * rank + t)
+            x = torch.randn(16, 64, generator=g)
+            opt.zero_grad()
+            ddp(x).pow(2).mean().backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+            opt.step()
+        return {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "grads": grads,
+            "buckets": len(pending),
+            "pending": sum(pending),
+            "residual_keys": len(hook.error_feedback.residuals),
+        }
+    finally:
+        _finish_together(store, name, world)
+        group.close()
+        dist.destroy_process_group()

@@ -327,3 +327,41 @@ def test_error_feedback_applied_once_when_a_drop_forces_a_retry():
         x, residual, participants = results[r]
         assert participants == (0, 2) or participants == (0, 1, 2)
         assert torch.allclose(residual, x - c.decode(c.encode(x)), atol=1e-5)
+
+
+
+def test_all_reduce_out_and_future() -> None:
+    """Issue 17: ``out=`` receives the result in place (fp32 and codecs, raise and drop
+    modes); ``Work.future()`` is completed by the group with the result."""
+
+    def step(group):
+        x = torch.arange(10_000, dtype=torch.float32) * (group.rank + 1)
+        plain = group.all_reduce(x, codec="q8").wait()
+        out = torch.full((10_000,), 5.0)
+        w = group.all_reduce(x, codec="q8", out=out)
+        got = w.future().wait()
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, plain)
+        seen = []
+        w.add_done_callback(lambda work: seen.append(work.done()))  # already done: runs at once
+        fp32 = group.all_reduce(x.view(100, 100), out=torch.empty(10_000)).wait()
+        assert torch.equal(fp32.reshape(-1), group.all_reduce(x).wait())
+        return seen, tuple(fp32.shape)
+
+    for mode in ("raise", "drop"):
+        with ThreadGroup(2, on_failure=mode) as tg:
+            for seen, shape in tg.run(step):
+                assert seen == [True] and shape == (100, 100)
+
+
+def test_out_must_fit() -> None:
+    with ThreadGroup(1) as tg:
+        with pytest.raises(ConfigError, match="out must be"):
+            tg.groups[0].all_reduce(torch.ones(4), out=torch.empty(5))
+
+
+def test_future_carries_the_error() -> None:
+    with ThreadGroup(2, peer_timeout=2.0) as tg:
+        tg.kill(1)
+        fut = tg.groups[0].all_reduce(torch.ones(8)).future()
+        with pytest.raises(PeerLost):
+            fut.wait()

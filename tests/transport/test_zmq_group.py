@@ -111,3 +111,37 @@ def test_config_mismatch_fails_clearly(process_pool, coordinator: str) -> None:
     res = process_pool.run(2, mismatched, coordinator, f"mm-{os.getpid()}", timeout=120, return_exceptions=True)
     assert all(isinstance(e, ConfigMismatch) for e in res), res
     assert any("sync_every" in str(e) for e in res)
+
+
+def reduce_into(rank, world, addr, name):
+    """fp32 all-reduces of changing sizes into one preallocated ``out`` (issue 17.1): messages of
+    many chunks land in posted buffers, the receive space is reused across collectives, and a
+    result changed by the caller at once never reaches a peer (it was sent from scratch space)."""
+    group = lowband.init_group(
+        rank, world, store=addr, backend="zmq", peer_timeout=20, group_name=name, streams=2, chunk_size=4096
+    )
+    try:
+        out = torch.empty(N)
+        results = []
+        for k, n in enumerate([N, 3 * 4096 + 5, N, 9000, N]):
+            x = rank_input(rank, n) + k
+            r = group.all_reduce(x, op="sum", out=out[:n]).wait()
+            assert r.data_ptr() == out.data_ptr()
+            results.append(r.clone())
+            r.mul_(-7.0)  # the caller reuses its buffer at once
+        inbound = group.carrier.io.inbound
+        return results, {p: ib.pending_bytes for p, ib in inbound.items()}
+    finally:
+        group.close()
+
+
+def test_all_reduce_into_preallocated_out_over_zmq(process_pool, coordinator: str) -> None:
+    world = 3
+    res = process_pool.run(world, reduce_into, coordinator, f"into-{os.getpid()}", timeout=240)
+    for k, n in enumerate([N, 3 * 4096 + 5, N, 9000, N]):
+        exact = torch.stack([rank_input(r, n) + k for r in range(world)]).sum(0)
+        for r in range(world):
+            assert torch.equal(res[r][0][k], res[0][0][k])
+        assert torch.allclose(res[0][0][k], exact, rtol=1e-5, atol=1e-5)
+    for _, pending in res:
+        assert all(v == 0 for v in pending.values())

@@ -272,3 +272,63 @@ def test_far_future_epochs_are_refused_and_ahead_is_kept(coordinator: str) -> No
     finally:
         a.close()
         b.close()
+
+
+def test_posted_frame_lands_in_place_and_is_never_held() -> None:
+    """Issue 17.1: a posted frame's chunks are copied straight into the posted buffer, in any
+    order and with duplicates, hold nothing against the cap, and the buffer is the frame."""
+    import numpy as np
+
+    rng = random.Random(1)
+    frames = [b"\x00", rng.randbytes(50_000)]
+    chunks = _chunks(frames, 4096)
+    shuffled = chunks + chunks[2:4]
+    rng.shuffle(shuffled)
+    into = np.zeros(50_000, dtype=np.uint8)
+    ib = Inbound(1, 9, max_pending_bytes=8192)  # far below the message: nothing may be held
+    ib.post((0, 5, 1), 1, into)
+    done = _feed(ib, shuffled)
+    assert len(done) == 1 and bytes(done[0].frames[0]) == b"\x00"
+    landed = np.frombuffer(done[0].frames[1], dtype=np.uint8)
+    assert landed.ctypes.data == into.ctypes.data and bytes(into) == frames[1]
+    assert ib.pending_bytes == 0
+
+
+def test_a_post_after_the_first_chunks_moves_them_and_a_wrong_size_is_ignored() -> None:
+    import numpy as np
+
+    frames = [b"\x00", os.urandom(20_000)]
+    chunks = _chunks(frames, 4096)
+    ib = Inbound(1, 9, max_pending_bytes=1 << 20)
+    _feed(ib, chunks[:3])
+    held = ib.pending_bytes
+    assert held > 0
+    into = np.zeros(20_000, dtype=np.uint8)
+    ib.post((0, 5, 1), 1, into)
+    assert ib.pending_bytes < held  # frame 1's chunks moved into the posted buffer
+    done = _feed(ib, chunks[3:])
+    assert bytes(into) == frames[1] and ib.pending_bytes == 0
+    assert np.frombuffer(done[0].frames[1], dtype=np.uint8).ctypes.data == into.ctypes.data
+    # a posting of the wrong size is ignored: the frame arrives as received
+    ib2 = Inbound(1, 9, max_pending_bytes=1 << 20)
+    wrong = np.zeros(19_999, dtype=np.uint8)
+    ib2.post((0, 5, 1), 1, wrong)
+    done = _feed(ib2, _chunks(frames, 4096, first_seq=100))
+    assert bytes(done[0].frames[1]) == frames[1] and not wrong.any()
+
+
+def test_withdrawn_posting_stops_writing_into_the_buffer() -> None:
+    """An abandoned collective withdraws its postings: a message half landed is dropped and
+    its later chunks never touch the caller's buffer again."""
+    import numpy as np
+
+    frames = [b"\x00", os.urandom(20_000)]
+    chunks = _chunks(frames, 4096)
+    ib = Inbound(1, 9, max_pending_bytes=1 << 20)
+    into = np.zeros(20_000, dtype=np.uint8)
+    ib.post((0, 5, 1), 1, into)
+    _feed(ib, chunks[:3])
+    ib.unpost((0, 5, 1))
+    into[:] = 7
+    assert _feed(ib, chunks[3:]) == []
+    assert (into == 7).all() and ib.pending_bytes == 0 and ib.floor == len(chunks)
