@@ -158,6 +158,5 @@ def ddp_overlap_train(
             "residual_keys": len(hook.error_feedback.residuals),
         }
     finally:
-        _finish_together(store, name, world)
         group.close()
         dist.destroy_process_group()
