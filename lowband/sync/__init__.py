@@ -9,7 +9,15 @@
 """
 
 from lowband.sync.publisher import PublishStats, WeightPublisher
+from lowband.sync.relay import WeightRelay
 from lowband.sync.rollouts import Rollout, RolloutChannel
 from lowband.sync.subscriber import WeightSubscriber
 
-__all__ = ["PublishStats", "Rollout", "RolloutChannel", "WeightPublisher", "WeightSubscriber"]
+__all__ = [
+    "PublishStats",
+    "Rollout",
+    "RolloutChannel",
+    "WeightPublisher",
+    "WeightRelay",
+    "WeightSubscriber",
+]

@@ -158,8 +158,19 @@ class WeightPublisher:
         # the rest dropped (that client asks again after its retry_s).
         self._router.sndhwm = 32
         self._pubs: list[zmq.Socket] = []
+        # The announce stream: one small COMMIT per version (and the heartbeats), no chunks.
+        # Subscribers behind relays read the fingerprints they trust from it.
+        self._announce = self._ctx.socket(zmq.PUB)
+        self._announce.linger = 0
+        self._announce.sndhwm = 10_000
         try:
             port = bind_socket(self._router, ep, security, "WeightPublisher")
+            self.announce_port = bind_socket(
+                self._announce,
+                parse_endpoint(f"{ep.url(0)}", "announce"),
+                security,
+                "WeightPublisher announce",
+            )
             ports = []
             for _ in range(streams):
                 s = self._ctx.socket(zmq.PUB)
@@ -295,6 +306,8 @@ class WeightPublisher:
                 )
                 sock.send(head)
                 nbytes += len(head)
+                if s == 0:
+                    self._announce.send(head)
             self._seq, self._version = seq, version
         dense = sum(s.numel * p.element_size() for s, p in zip(self._specs, self._published))
         return PublishStats(
@@ -335,6 +348,8 @@ class WeightPublisher:
                     inc=self.incarnation,
                 )
                 sock.send(pack(h))
+                if s == 0:
+                    self._announce.send(pack(h))
 
     def _serve(self) -> None:
         poller = zmq.Poller()
@@ -369,7 +384,12 @@ class WeightPublisher:
                 return [
                     pack(
                         Header(
-                            MANIFEST, seq=seq, version=version, finger=finger, inc=self.incarnation
+                            MANIFEST,
+                            seq=seq,
+                            version=version,
+                            a=self.announce_port,
+                            finger=finger,
+                            inc=self.incarnation,
                         )
                     ),
                     self._manifest,
@@ -398,7 +418,7 @@ class WeightPublisher:
     # -- teardown --------------------------------------------------------------------------
 
     def _close_sockets(self) -> None:
-        for s in [self._router, *self._pubs]:
+        for s in [self._router, self._announce, *self._pubs]:
             s.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
