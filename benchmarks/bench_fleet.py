@@ -50,7 +50,10 @@ def _learner(params: int, tensors: int, fraction: float, conn: Connection) -> No
     from lowband.wan import local_address
 
     g = torch.Generator().manual_seed(0)
-    model = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in _shapes(params, tensors).items()}
+    model = {
+        k: torch.randn(s, generator=g).to(torch.bfloat16)
+        for k, s in _shapes(params, tensors).items()
+    }
     rng = np.random.default_rng(1)
     with WeightPublisher(model, bind=f"{local_address()}:0", chunk_elems=1 << 18) as pub:
         pub.publish()
@@ -78,7 +81,9 @@ def _relay(connect: list[str], origin: str | None, conn: Connection) -> None:
             raise SystemExit(f"relay stopped: {r.error}")
 
 
-def _actor(params: int, tensors: int, connect: list[str], origin: str | None, conn: Connection) -> None:
+def _actor(
+    params: int, tensors: int, connect: list[str], origin: str | None, conn: Connection
+) -> None:
     from lowband.errors import CollectiveTimeout
     from lowband.sync import WeightSubscriber
 
@@ -110,8 +115,10 @@ def _topology():  # type: ignore[no-untyped-def]
             if a < ACTOR0 and b < ACTOR0:
                 d[a][b] = 0.010
             else:  # an actor's own access delay dominates
-                d[a][b] = max(actor_delay[a - ACTOR0] if a >= ACTOR0 else 0.0,
-                              actor_delay[b - ACTOR0] if b >= ACTOR0 else 0.0)
+                d[a][b] = max(
+                    actor_delay[a - ACTOR0] if a >= ACTOR0 else 0.0,
+                    actor_delay[b - ACTOR0] if b >= ACTOR0 else 0.0,
+                )
     return Topology.from_links(links, d)
 
 
@@ -143,7 +150,9 @@ def _run(net, setup: str, args: argparse.Namespace) -> dict:  # type: ignore[no-
         others += [r1, r2]
         for i in range(N_ACTORS):
             mine, other = (a1, a2) if i < N_ACTORS // 2 else (a2, a1)
-            actors.append(start(ACTOR0 + i, _actor, args.params, args.tensors, [mine, other, addr], addr))
+            actors.append(
+                start(ACTOR0 + i, _actor, args.params, args.tensors, [mine, other, addr], addr)
+            )
     deadline = time.monotonic() + 300
     for c in actors:  # the first version (a snapshot), from wherever each actor gets it
         if not c.poll(max(1.0, deadline - time.monotonic())):
@@ -164,7 +173,9 @@ def _run(net, setup: str, args: argparse.Namespace) -> dict:  # type: ignore[no-
                 if v == version:
                     break
             if fp != finger:
-                raise SystemExit(f"{setup}: an actor holds fingerprint {fp:#x}, learner {finger:#x}")
+                raise SystemExit(
+                    f"{setup}: an actor holds fingerprint {fp:#x}, learner {finger:#x}"
+                )
             done.append(t)
             out["failovers"] += fo
         time.sleep(0.3)
@@ -198,13 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     for setup, r in results.items():
         med[setup] = statistics.median(r["times"])
         ratio = statistics.median(u / d for u, d in zip(r["upload"], r["delta"]))
-        print(f"{setup:>9} {med[setup]:9.2f} {min(r['times']):7.2f} {ratio:13.2f} {r['failovers']:9d}")
+        print(
+            f"{setup:>9} {med[setup]:9.2f} {min(r['times']):7.2f} {ratio:13.2f} {r['failovers']:9d}"
+        )
         r["ratio"] = ratio
     if "direct-1" in med and "tree-8" in med:
         k = med["tree-8"] / med["direct-1"]
         ok = k <= 1.5 and results["tree-8"]["ratio"] <= 2.0
-        print(f"tree-8 / direct-1 = {k:.2f} (target <= 1.5); learner upload "
-              f"{results['tree-8']['ratio']:.2f} x one delta (target <= 2): {'PASS' if ok else 'FAIL'}")
+        print(
+            f"tree-8 / direct-1 = {k:.2f} (target <= 1.5); learner upload "
+            f"{results['tree-8']['ratio']:.2f} x one delta (target <= 2): {'PASS' if ok else 'FAIL'}"
+        )
         if "direct-8" in med:
             print(f"direct-8 / direct-1 = {med['direct-8'] / med['direct-1']:.2f}")
         return 0 if ok else 1

@@ -32,7 +32,7 @@ import zmq
 from lowband.compress import Codec, parse
 from lowband.errors import CodecError, ConfigError
 from lowband.sync._delta import Encoded, bits, chunk_sum, encode_exact, encode_lossy, fingerprint
-from lowband.sync._model import named_tensors
+from lowband.sync._model import Selection, named_tensors, select
 from lowband.sync._net import bind_socket, parse_endpoint
 from lowband.sync._wire import (
     CHUNK,
@@ -93,6 +93,8 @@ class WeightPublisher:
             that subscriber resync).
         heartbeat_s: how often every stream repeats the latest sequence number (so a
             subscriber that lost the last version's messages resyncs without waiting).
+        only: publish just these tensors: a predicate on the name (``lambda n: "lora_" in n``
+            for peft LoRA adapters) or a collection of names.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class WeightPublisher:
         chunk_elems: int = 1 << 22,
         hwm: int = 100_000,
         heartbeat_s: float = 0.5,
+        only: Selection | None = None,
     ) -> None:
         if dtype is not None and dtype not in _WIRE_DTYPES:
             raise ConfigError(f"dtype must be one of {_WIRE_DTYPES} or None, got {dtype}")
@@ -118,7 +121,7 @@ class WeightPublisher:
         if not 1 <= chunk_elems <= 1 << 30:
             raise ConfigError(f"chunk_elems must be in 1..2**30, got {chunk_elems}")
         self.codec: Codec | None = None if codec == "exact" else parse(codec)
-        self._tensors = named_tensors(model)
+        self._tensors = select(named_tensors(model), only)
         specs = []
         for name, t in self._tensors:
             wire = t.dtype if dtype is None else dtype

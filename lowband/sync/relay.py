@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 
 class WeightRelay(WeightSubscriber):
+    _keeps_mirror = True
     """Subscribe to ``connect`` and serve the same versions at :attr:`address`, from a thread.
 
     Args:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from lowband.sync._delta import (
     fingerprint,
     undo_op,
 )
-from lowband.sync._model import check_manifest, named_tensors
+from lowband.sync._model import NameMap, check_manifest, map_names, named_tensors
 from lowband.sync._net import AuthWatch, Endpoint, connect_socket, parse_endpoint, to_key
 from lowband.sync._origin import Origin
 from lowband.sync._resync import SnapshotFetch
@@ -58,6 +58,8 @@ _MAX_DRAIN = 100_000  # messages read per poll round, so one call stays bounded
 
 
 class WeightSubscriber(SnapshotFetch):
+    _keeps_mirror = False  # a WeightRelay holds its own copy, built from the manifest
+
     """Keep ``model`` equal to a :class:`~lowband.sync.WeightPublisher`'s weights.
 
     Args:
@@ -72,6 +74,19 @@ class WeightSubscriber(SnapshotFetch):
         max_message_bytes: largest message frame accepted from the publisher.
         undo_budget: bytes of overwritten values kept per version while it is applied
             ahead of its commit; chunks past it are applied at the commit instead.
+        connect: the source, or several nearest first (relays, then the learner): the
+            subscriber leaves one that goes silent or sends weights that do not verify.
+        origin: the learner's address when ``connect`` names relays: every version must
+            match the fingerprint the learner itself announces.
+        name_map: publisher name -> this model's name (a mapping, or a function), for models
+            whose tensor names differ (a bare ``GPT2Model`` under a ``GPT2LMHeadModel``, an
+            inference engine's fused names).
+        strict: with False the model may hold tensors the publisher does not send (it
+            publishes a subset, such as LoRA adapters); the published ones must all be here.
+        load_weights: called after each verified version with ``(name, tensor)`` pairs of
+            the tensors it changed (every tensor after a snapshot), names mapped, shaped like
+            vLLM's ``model.load_weights``; with it ``model`` may be None, and the subscriber
+            keeps its own copy (the tensors passed are that copy: copy them, do not keep them).
     """
 
     def __init__(
@@ -87,11 +102,18 @@ class WeightSubscriber(SnapshotFetch):
         retry_s: float = 5.0,
         max_message_bytes: int = 1 << 33,
         undo_budget: int = 1 << 28,
+        name_map: NameMap | None = None,
+        strict: bool = True,
+        load_weights: Callable[[Iterable[tuple[str, torch.Tensor]]], object] | None = None,
     ) -> None:
         if max_pending < 1 or window < 1 or retry_s <= 0:
             raise ConfigError("max_pending and window must be >= 1, retry_s > 0")
         # None: a relay's own mirror, built from the first manifest.
+        if model is None and load_weights is None and not self._keeps_mirror:
+            raise ConfigError("pass a model, or load_weights= to take the tensors yourself")
         self._mirror = model is None
+        self._name_map, self._strict, self._load_weights = name_map, strict, load_weights
+        self._names: list[str] = []
         self._tensors = None if model is None else dict(named_tensors(model))
         sources = [connect] if isinstance(connect, str) else list(connect)
         if not sources:
@@ -403,21 +425,25 @@ class WeightSubscriber(SnapshotFetch):
 
     def _bind(self, m: Manifest) -> None:
         """Check the manifest against the model, then subscribe to the update streams."""
+        names = map_names([t.name for t in m.tensors], self._name_map)
         if self._mirror and (
             self._tensors is None
             or [(k, tuple(v.shape), v.dtype) for k, v in self._tensors.items()]
-            != [(t.name, t.shape, t.dtype) for t in m.tensors]
-        ):  # a relay holds exactly what its source serves
-            self._tensors = {t.name: torch.zeros(t.shape, dtype=t.dtype) for t in m.tensors}
+            != [(n, t.shape, t.dtype) for n, t in zip(names, m.tensors)]
+        ):  # a relay (or a load_weights callback) gets exactly what its source serves
+            self._tensors = {
+                n: torch.zeros(t.shape, dtype=t.dtype) for n, t in zip(names, m.tensors)
+            }
         assert self._tensors is not None
-        check_manifest(m, self._tensors)
+        check_manifest(m, self._tensors, names=names, strict=self._strict)
+        self._names = names
         try:
             self._codec = None if m.codec == "exact" else parse(m.codec)
         except ValueError as e:
             raise ConfigMismatch(f"publisher uses codec {m.codec!r}, unknown here: {e}") from None
         self._manifest = m
         self._limit = sum(m.chunks(i) for i in range(len(m.tensors)))
-        self._targets = [self._tensors[s.name].detach().view(-1) for s in m.tensors]
+        self._targets = [self._tensors[n].detach().view(-1) for n in names]
         self._sums = [np.zeros(m.chunks(i), dtype=np.uint64) for i in range(len(m.tensors))]
         for port in m.ports:
             s = self._ctx.socket(zmq.SUB)
@@ -514,9 +540,14 @@ class WeightSubscriber(SnapshotFetch):
             return None
         for op in ops:
             op.undo = None  # verified: the undo copies are not needed any more
-        return self._commit(seqs[-1], last.version, last.finger, got)
+        return self._commit(
+            seqs[-1], last.version, last.finger, got, sorted({t for t, _ in touched})
+        )
 
-    def _commit(self, seq: int, version: int, expected: int, got: int) -> int | None:
+    def _commit(
+        self, seq: int, version: int, expected: int, got: int, changed: list[int] | None = None
+    ) -> int | None:
+        """Record a verified version; ``changed``: indices of the tensors it wrote (None: all)."""
         for s in [s for s in self._pending if s <= seq]:
             del self._pending[s]
         if got != expected:
@@ -532,6 +563,10 @@ class WeightSubscriber(SnapshotFetch):
             return None
         self._seq, self._version, self._finger = seq, version, got
         self.versions_applied += 1
+        if self._load_weights is not None:
+            assert self._tensors is not None
+            idx = range(len(self._names)) if changed is None else changed
+            self._load_weights([(self._names[i], self._tensors[self._names[i]]) for i in idx])
         return version
 
     # -- teardown --------------------------------------------------------------------------
