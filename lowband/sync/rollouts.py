@@ -108,7 +108,13 @@ class RolloutChannel:
     Args:
         bind / connect: ``host:port`` (exactly one of them).
         name: this worker's name (workers only; default ``"worker"``).
-        max_lag: hub only: oldest accepted policy is ``latest - max_lag``.
+        staleness: hub only: ``"async"`` (default: actors generate with the policy they
+            have; rollouts up to ``max_lag`` versions behind the latest are accepted) or
+            ``"sequential"`` (on-policy: only rollouts of the latest version; actors wait
+            for it with :meth:`WeightSubscriber.wait_for`). Older rollouts are dropped and
+            counted as ``stale``.
+        max_lag: hub only, ``"async"``: oldest accepted policy is ``latest - max_lag``
+            (``"sequential"`` is ``max_lag=0``).
         share: worker only: also receive the rollouts the hub accepts from the others.
         security / server_key: CURVE as for :class:`~lowband.sync.WeightPublisher`.
         max_bytes: largest rollout accepted.
@@ -126,7 +132,8 @@ class RolloutChannel:
         bind: str | None = None,
         connect: str | None = None,
         name: str = "worker",
-        max_lag: int = 1,
+        max_lag: int | None = None,
+        staleness: str = "async",
         share: bool = False,
         security: Curve | None = None,
         server_key: bytes | str | None = None,
@@ -139,6 +146,16 @@ class RolloutChannel:
             raise ConfigError(
                 "RolloutChannel needs exactly one of bind= (the hub) or connect= (a worker)"
             )
+        if staleness not in ("async", "sequential"):
+            raise ConfigError(f"staleness must be 'async' or 'sequential', got {staleness!r}")
+        if staleness == "sequential" and max_lag not in (None, 0):
+            raise ConfigError(
+                f"staleness='sequential' accepts only the latest version, not max_lag={max_lag}"
+            )
+        max_lag = (0 if staleness == "sequential" else 1) if max_lag is None else int(max_lag)
+        self.staleness = staleness
+        #: Accepted rollouts by lag (latest version - the rollout's version, when pulled).
+        self.lags: dict[int, int] = {}
         if max_lag < 0 or history < 1 or max_bytes < 1 or hwm < 1 or max_workers < 1:
             raise ConfigError("max_lag must be >= 0; history, max_bytes, hwm, max_workers >= 1")
         self.max_workers = int(max_workers)
@@ -243,6 +260,9 @@ class RolloutChannel:
             self._count(r.worker, verdict)
             if verdict != "accepted":
                 continue
+            assert self._latest is not None
+            lag = self._latest - r.version
+            self.lags[lag] = self.lags.get(lag, 0) + 1
             out.append(r)
             for p in list(self._peers):
                 if p != peer:
@@ -272,6 +292,11 @@ class RolloutChannel:
     def counts(self) -> dict[str, dict[str, int]]:
         """Per worker: rollouts accepted, stale, unknown (fingerprint) and malformed."""
         return {k: dict(v) for k, v in self._counts.items()}
+
+    @property
+    def stale(self) -> int:
+        """Rollouts dropped for being more than ``max_lag`` versions old (all workers)."""
+        return sum(c["stale"] for c in self._counts.values())
 
     # -- a worker's side -------------------------------------------------------------------
 

@@ -208,6 +208,22 @@ class WeightSubscriber(SnapshotFetch):
         finally:
             self._rollback()  # a version still in flight leaves the model as it was
 
+    def wait_for(self, version: int, *, timeout: float | None = None) -> int:
+        """Apply versions until the model holds ``version`` or a newer one; its label.
+
+        The sequential (on-policy) schedule: an actor waits for the policy the learner
+        just published before it generates. Raises :class:`CollectiveTimeout` past ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._version is None or self._version < version:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise CollectiveTimeout(
+                    f"version {version} not reached within {timeout} s (at {self._version})"
+                )
+            self.update(block=True, timeout=left)
+        return self._version
+
     # -- receiving -------------------------------------------------------------------------
 
     def _send_hello(self) -> None:
