@@ -23,6 +23,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ _PROTO = 1
 _HEAD = struct.Struct("<4sBBHQQQI")
 _PUSH, _SHARE, _HELLO = 1, 2, 3
 _MAX_NAME = 256
-_OUTCOMES = ("accepted", "stale", "unknown", "malformed")
+_OUTCOMES = ("accepted", "stale", "unknown", "malformed", "rejected")
 _MAX_READS = 100_000  # messages one pull() or shared() reads, so one call stays bounded
 _DRAIN_S = 0.05  # past its deadline, a call reads what is queued for at most this long
 
@@ -124,6 +125,9 @@ class RolloutChannel:
             shares for a peer that does not read (counted in :attr:`dropped`).
         max_workers: hub only: worker names (and sharing peers) the hub keeps counts for;
             past it the least recently seen one is forgotten (LRU).
+        check: hub only: called on each rollout that passed the tag checks; False drops it
+            (counted as ``rejected``). For example, a :mod:`lowband.sync.commit` check that
+            recomputes a prefill with the policy's weights.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class RolloutChannel:
         history: int = 1024,
         hwm: int = 1000,
         max_workers: int = 4096,
+        check: Callable[[Rollout], bool] | None = None,
     ) -> None:
         if (bind is None) == (connect is None):
             raise ConfigError(
@@ -165,6 +170,7 @@ class RolloutChannel:
         if len(name.encode("utf-8")) > _MAX_NAME:
             raise ConfigError(f"worker name longer than {_MAX_NAME} bytes")
         self.is_hub = bind is not None
+        self.check = check
         self.name, self.max_lag, self.max_bytes, self.history = name, max_lag, max_bytes, history
         self._known: dict[int, int] = {}
         self._latest: int | None = None
@@ -257,6 +263,8 @@ class RolloutChannel:
                     self._peers.popitem(last=False)
                 continue
             verdict = self._judge(r) if kind == _PUSH else "malformed"
+            if verdict == "accepted" and self.check is not None and not self.check(r):
+                verdict = "rejected"
             self._count(r.worker, verdict)
             if verdict != "accepted":
                 continue
@@ -290,7 +298,8 @@ class RolloutChannel:
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
-        """Per worker: rollouts accepted, stale, unknown (fingerprint) and malformed."""
+        """Per worker: rollouts accepted, stale, unknown (fingerprint), malformed and rejected
+        (by ``check``)."""
         return {k: dict(v) for k, v in self._counts.items()}
 
     @property
