@@ -21,11 +21,14 @@ example ends, also on an error or Ctrl-C.
   log-probabilities; Shao et al. 2024) and publishes after every step.
 
 Printed: reward per step against the random policy, the rollouts' lag, payload bytes per
-version, and the time from ``publish()`` to the last actor holding that version.
+version, and the time from ``publish()`` until the last actor has applied that version
+(actors apply new versions between rollouts, so this includes their sampling time;
+``benchmarks/bench_fleet.py`` measures delivery alone).
 Pass: the mean reward over the last 20% of steps beats the random policy by at least
-``--margin`` (default 0.4), and no fingerprint mismatch anywhere.
+``--margin`` (default 0.25: over 31% of the digits right, against 6.25%), no fingerprint
+mismatch anywhere, and no namespace of this run left behind.
 
-    python examples/rl_fleet.py [--steps 60 --seed 0]          # root; a few minutes on 2 cores
+    python examples/rl_fleet.py [--steps 80 --seed 0]          # root; a few minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def make_policy(seed: int) -> torch.nn.Module:
         n_embd=64,
         n_layer=2,
         n_head=2,
+        resid_pdrop=0.0,  # no dropout: the learner's log-probabilities are the actor's
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -99,10 +105,11 @@ def learner(args: argparse.Namespace, conn: Connection) -> None:
         hub.policy(st.version, st.fingerprint)
         conn.send((pub.address, hub.address, st.dense_bytes))
         for step in range(1, args.steps + 1):
-            batch, deadline = [], time.monotonic() + 120
+            wait = 600 if step == 1 else 120  # the first: 8 actors import torch on 2 cores
+            batch, deadline = [], time.monotonic() + wait
             while len(batch) < args.batch:
                 if time.monotonic() > deadline:
-                    raise SystemExit("learner: no rollouts for 120 s")
+                    raise SystemExit(f"learner: no rollouts for {wait} s")
                 batch += hub.pull(args.batch - len(batch), timeout=1.0)
             policy.train()
             loss, rewards, lags = torch.zeros(()), [], []
@@ -203,12 +210,12 @@ def topology():  # type: ignore[no-untyped-def]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
-    ap.add_argument("--batch", type=int, default=8, help="rollouts (groups) per learner step")
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--group", type=int, default=16, help="completions sampled per prompt")
+    ap.add_argument("--batch", type=int, default=16, help="rollouts (groups) per learner step")
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-lag", type=int, default=2)
-    ap.add_argument("--margin", type=float, default=0.4)
+    ap.add_argument("--margin", type=float, default=0.25)
     ap.add_argument("--actor-pause", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rewards: list[float] = []
     with LinkEmulator(topology(), mode="netns") as net:
-        mine = set(net.namespaces())
+        own_ns = set(net.namespaces)
         lc = start(net, LEARNER, learner, args)
         if not lc.poll(300):
             raise SystemExit("the learner did not start")
@@ -262,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() - t_start > 900:
                     raise SystemExit("the run took more than 15 minutes")
                 continue
-            msg = lc.recv()
+            try:
+                msg = lc.recv()
+            except EOFError:
+                raise SystemExit("the learner ended early (its error is above)") from None
             if msg[0] == "done":
                 _, counts, stale = msg
                 break
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     if not c.poll(10):
                         break
-    left = sorted(mine & set(list_namespaces()))  # this run's; others may run their own
+    left = sorted(own_ns & set(list_namespaces()))  # this run's; others may run their own
     tail = rewards[-max(1, len(rewards) // 5) :]
     final = statistics.mean(tail)
     mismatches = sum(r.get("mismatches", 0) for r in reports)
