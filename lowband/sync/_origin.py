@@ -15,7 +15,7 @@ import time
 
 import zmq
 
-from lowband.errors import CodecError
+from lowband.errors import CodecError, ConfigError
 from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint
 from lowband.sync._wire import COMMIT, HEARTBEAT, HELLO, MANIFEST, Header, pack, parse_header
 from lowband.transport.security import Curve
@@ -101,8 +101,13 @@ class Origin:
         if h.inc != self.inc:
             if not hello:
                 return  # an old incarnation's stream; the new one's MANIFEST switches us
-            self.inc, self.trusted, self.latest = h.inc, {}, 0
+            if not 0 < h.a < 65536:
+                raise ConfigError(
+                    f"origin={self.ep.url()} sends no fingerprint stream: pass the learner's "
+                    "WeightPublisher address, not a relay's"
+                )
             self._subscribe(h.a)
+            self.inc, self.trusted, self.latest = h.inc, {}, 0
         self.heard_at = time.monotonic()
         if h.seq == 0 or h.seq >= 1 << 62:
             return
@@ -117,8 +122,6 @@ class Origin:
             self._poller.unregister(self.announce)
             self.announce.close(linger=0)
             self.announce = None
-        if not 0 < port < 65536:
-            raise CodecError(f"the origin announced no announce port ({port})")
         s = self._ctx.socket(zmq.SUB)
         s.linger = 0
         s.maxmsgsize = 4096

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from sync_helpers import TIMEOUT, same_bits, zeros_like
 
+from lowband.errors import ConfigError
 from lowband.sync import WeightPublisher, WeightRelay, WeightSubscriber
 from lowband.sync._wire import COMMIT, SNAP_REP, Header, pack, parse_header
 
@@ -134,3 +136,15 @@ def test_lying_relay_is_routed_around() -> None:
                     _sync(sub, pub.version)
                     assert same_bits(model, replica)
                 assert sub.failovers >= 1 and sub.fingerprint_mismatches >= 1
+
+
+def test_origin_must_be_the_learner() -> None:
+    model = _model()
+    with WeightPublisher(model) as pub, WeightRelay(connect=pub.address) as relay:
+        pub.publish()
+        _until(lambda: relay.version == pub.version)
+        with WeightSubscriber(
+            zeros_like(model), connect=relay.address, origin=relay.address
+        ) as sub:
+            with pytest.raises(ConfigError, match="learner"):
+                sub.update(block=True, timeout=TIMEOUT)
