@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
 from lowband.errors import ConfigError, ConfigMismatch
 from lowband.sync._wire import Manifest
 
-__all__ = ["check_manifest", "named_tensors"]
+__all__ = ["NameMap", "Selection", "check_manifest", "map_names", "named_tensors", "select"]
+
+#: Which tensors to publish: a predicate on the name, or the names themselves.
+Selection = Callable[[str], bool] | Collection[str]
+#: Publisher name -> subscriber name: a mapping (names absent keep theirs) or a function.
+NameMap = Mapping[str, str] | Callable[[str], str]
 
 
 def named_tensors(
@@ -49,20 +54,57 @@ def named_tensors(
     return out
 
 
-def check_manifest(m: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
+def select(
+    tensors: list[tuple[str, torch.Tensor]], only: Selection | None
+) -> list[tuple[str, torch.Tensor]]:
+    """The tensors ``only`` names (all when None); ConfigError if that leaves none, or if a
+    name it lists is not in the model."""
+    if only is None:
+        return tensors
+    if callable(only):
+        out = [(n, t) for n, t in tensors if only(n)]
+    else:
+        wanted = set(only)
+        unknown = sorted(wanted - {n for n, _ in tensors})[:5]
+        if unknown:
+            raise ConfigError(f"only= names tensors the model does not have: {unknown}")
+        out = [(n, t) for n, t in tensors if n in wanted]
+    if not out:
+        raise ConfigError("only= selects none of the model's floating-point tensors")
+    return out
+
+
+def map_names(names: list[str], name_map: NameMap | None) -> list[str]:
+    """Each publisher name as the subscriber calls it; ConfigMismatch if two land on one."""
+    if name_map is None:
+        out = names
+    elif callable(name_map):
+        out = [str(name_map(n)) for n in names]
+    else:
+        out = [str(name_map.get(n, n)) for n in names]
+    if len(set(out)) != len(out):
+        raise ConfigMismatch("name_map sends two published tensors to the same name")
+    return out
+
+
+def check_manifest(
+    m: Manifest, tensors: Mapping[str, torch.Tensor], *, names: list[str], strict: bool = True
+) -> None:
     """ConfigMismatch unless the subscriber's tensors match what the publisher serves.
 
-    Names and shapes must be equal; each dtype must be the published one, or float32
-    for bf16/fp16 weights (which it holds exactly).
+    ``names`` are the published tensors' names as the subscriber calls them. Every one
+    must be in ``tensors`` with the same shape, and (``strict``) no other; each dtype must
+    be the published one, or float32 for bf16/fp16 weights (which it holds exactly).
     """
-    names = {t.name for t in m.tensors}
-    if names != set(tensors):
-        missing, extra = sorted(names - set(tensors))[:5], sorted(set(tensors) - names)[:5]
+    missing = set(names) - set(tensors)
+    if missing or (strict and set(tensors) != set(names)):
+        extra = sorted(set(tensors) - set(names))[:5]
         raise ConfigMismatch(
-            f"publisher and subscriber models differ: missing {missing}, extra {extra}"
+            f"publisher and subscriber models differ: missing {sorted(missing)[:5]}, extra "
+            f"{extra}" + ("" if missing else " (pass strict=False to receive only a subset)")
         )
-    for spec in m.tensors:
-        t = tensors[spec.name]
+    for name, spec in zip(names, m.tensors):
+        t = tensors[name]
         if tuple(t.shape) != spec.shape:
             raise ConfigMismatch(
                 f"{spec.name!r}: publisher shape {spec.shape}, subscriber {tuple(t.shape)}"

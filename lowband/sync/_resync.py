@@ -10,6 +10,7 @@ is checked against the publisher's fingerprint before the model is written.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,14 +74,23 @@ class SnapshotFetch:
         target = snap.s_max
         while self._complete(target + 1):
             target += 1
-        ops = self._ops(list(range(lo_seq + 1, target + 1)))
-        snap.replay(ops, self._codec)
-        for i, sums in enumerate(snap.sums()):
-            self._sums[i][:] = sums
         if self._complete(target):
             version, expected = self._pending[target].version, self._pending[target].finger
         else:
             version, expected = snap.fingers[target]
+        if self._origin is not None:  # behind relays: the learner's fingerprint, not theirs
+            want = self._origin.finger(self._inc, target)
+            if want is None:  # not announced (yet): wait, then fetch a newer snapshot
+                if snap.done_at is None:
+                    snap.done_at = time.monotonic()
+                elif time.monotonic() - snap.done_at > self.retry_s:
+                    self._start_snapshot()
+                return None
+            expected = want
+        ops = self._ops(list(range(lo_seq + 1, target + 1)))
+        snap.replay(ops, self._codec)
+        for i, sums in enumerate(snap.sums()):
+            self._sums[i][:] = sums
         got = fingerprint(m.tensors, self._sums)
         if got != expected:  # the model still holds the last good version; fetch again
             self.fingerprint_mismatches += 1
@@ -88,7 +98,10 @@ class SnapshotFetch:
                 "WeightSubscriber: snapshot fingerprint mismatch at version %d; fetching again",
                 version,
             )
-            self._start_snapshot()
+            if len(self._sources) > 1:
+                self._fail_over("its snapshot does not match the fingerprint")
+            else:
+                self._start_snapshot()
             return None
         self._snap = None
         with torch.no_grad():

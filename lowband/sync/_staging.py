@@ -110,6 +110,8 @@ class Snapshot:
         self.fingers: dict[int, tuple[int, int]] = {}
         self.s_max = 0
         self.rounds = 0
+        #: When every chunk was in but the version's fingerprint was not yet announced.
+        self.done_at: float | None = None
 
     def next_requests(self) -> list[tuple[int, int]]:
         out = []

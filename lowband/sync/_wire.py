@@ -11,7 +11,9 @@ Every message starts with one fixed 80-byte header frame (little-endian)::
     chunk     u32  chunk index inside that tensor
     seq       u64  publish sequence number (consecutive from 1)
     version   u64  the user's version label of that sequence number
-    a, b, c   u64  kind-specific fields (documented at each ``pack_*``)
+    a, b, c   u64  kind-specific fields (CHUNK: message index, count, raw length; COMMIT and
+                   HEARTBEAT: messages, stream, streams; MANIFEST: a = the announce port,
+                   the PUB socket of COMMIT/HEARTBEAT headers only, 0 from a relay)
     finger    u64  fingerprint of the weights at ``seq`` (COMMIT, SNAP_REP, MANIFEST, HEARTBEAT)
     inc       u64  the publisher's incarnation: a random id drawn when it starts (0 in requests)
 

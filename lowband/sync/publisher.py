@@ -32,7 +32,7 @@ import zmq
 from lowband.compress import Codec, parse
 from lowband.errors import CodecError, ConfigError
 from lowband.sync._delta import Encoded, bits, chunk_sum, encode_exact, encode_lossy, fingerprint
-from lowband.sync._model import named_tensors
+from lowband.sync._model import Selection, named_tensors, select
 from lowband.sync._net import bind_socket, parse_endpoint
 from lowband.sync._wire import (
     CHUNK,
@@ -93,6 +93,8 @@ class WeightPublisher:
             that subscriber resync).
         heartbeat_s: how often every stream repeats the latest sequence number (so a
             subscriber that lost the last version's messages resyncs without waiting).
+        only: publish just these tensors: a predicate on the name (``lambda n: "lora_" in n``
+            for peft LoRA adapters) or a collection of names.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class WeightPublisher:
         chunk_elems: int = 1 << 22,
         hwm: int = 100_000,
         heartbeat_s: float = 0.5,
+        only: Selection | None = None,
     ) -> None:
         if dtype is not None and dtype not in _WIRE_DTYPES:
             raise ConfigError(f"dtype must be one of {_WIRE_DTYPES} or None, got {dtype}")
@@ -118,7 +121,7 @@ class WeightPublisher:
         if not 1 <= chunk_elems <= 1 << 30:
             raise ConfigError(f"chunk_elems must be in 1..2**30, got {chunk_elems}")
         self.codec: Codec | None = None if codec == "exact" else parse(codec)
-        self._tensors = named_tensors(model)
+        self._tensors = select(named_tensors(model), only)
         specs = []
         for name, t in self._tensors:
             wire = t.dtype if dtype is None else dtype
@@ -158,8 +161,19 @@ class WeightPublisher:
         # the rest dropped (that client asks again after its retry_s).
         self._router.sndhwm = 32
         self._pubs: list[zmq.Socket] = []
+        # The announce stream: one small COMMIT per version (and the heartbeats), no chunks.
+        # Subscribers behind relays read the fingerprints they trust from it.
+        self._announce = self._ctx.socket(zmq.PUB)
+        self._announce.linger = 0
+        self._announce.sndhwm = 10_000
         try:
             port = bind_socket(self._router, ep, security, "WeightPublisher")
+            self.announce_port = bind_socket(
+                self._announce,
+                parse_endpoint(f"{ep.url(0)}", "announce"),
+                security,
+                "WeightPublisher announce",
+            )
             ports = []
             for _ in range(streams):
                 s = self._ctx.socket(zmq.PUB)
@@ -295,6 +309,8 @@ class WeightPublisher:
                 )
                 sock.send(head)
                 nbytes += len(head)
+                if s == 0:
+                    self._announce.send(head)
             self._seq, self._version = seq, version
         dense = sum(s.numel * p.element_size() for s, p in zip(self._specs, self._published))
         return PublishStats(
@@ -335,6 +351,8 @@ class WeightPublisher:
                     inc=self.incarnation,
                 )
                 sock.send(pack(h))
+                if s == 0:
+                    self._announce.send(pack(h))
 
     def _serve(self) -> None:
         poller = zmq.Poller()
@@ -369,7 +387,12 @@ class WeightPublisher:
                 return [
                     pack(
                         Header(
-                            MANIFEST, seq=seq, version=version, finger=finger, inc=self.incarnation
+                            MANIFEST,
+                            seq=seq,
+                            version=version,
+                            a=self.announce_port,
+                            finger=finger,
+                            inc=self.incarnation,
                         )
                     ),
                     self._manifest,
@@ -398,7 +421,7 @@ class WeightPublisher:
     # -- teardown --------------------------------------------------------------------------
 
     def _close_sockets(self) -> None:
-        for s in [self._router, *self._pubs]:
+        for s in [self._router, self._announce, *self._pubs]:
             s.close(linger=0)
         if self._auth is not None:
             self._auth.stop()

@@ -23,6 +23,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ _PROTO = 1
 _HEAD = struct.Struct("<4sBBHQQQI")
 _PUSH, _SHARE, _HELLO = 1, 2, 3
 _MAX_NAME = 256
-_OUTCOMES = ("accepted", "stale", "unknown", "malformed")
+_OUTCOMES = ("accepted", "stale", "unknown", "malformed", "rejected")
 _MAX_READS = 100_000  # messages one pull() or shared() reads, so one call stays bounded
 _DRAIN_S = 0.05  # past its deadline, a call reads what is queued for at most this long
 
@@ -108,7 +109,13 @@ class RolloutChannel:
     Args:
         bind / connect: ``host:port`` (exactly one of them).
         name: this worker's name (workers only; default ``"worker"``).
-        max_lag: hub only: oldest accepted policy is ``latest - max_lag``.
+        staleness: hub only: ``"async"`` (default: actors generate with the policy they
+            have; rollouts up to ``max_lag`` versions behind the latest are accepted) or
+            ``"sequential"`` (on-policy: only rollouts of the latest version; actors wait
+            for it with :meth:`WeightSubscriber.wait_for`). Older rollouts are dropped and
+            counted as ``stale``.
+        max_lag: hub only, ``"async"``: oldest accepted policy is ``latest - max_lag``
+            (``"sequential"`` is ``max_lag=0``).
         share: worker only: also receive the rollouts the hub accepts from the others.
         security / server_key: CURVE as for :class:`~lowband.sync.WeightPublisher`.
         max_bytes: largest rollout accepted.
@@ -118,6 +125,9 @@ class RolloutChannel:
             shares for a peer that does not read (counted in :attr:`dropped`).
         max_workers: hub only: worker names (and sharing peers) the hub keeps counts for;
             past it the least recently seen one is forgotten (LRU).
+        check: hub only: called on each rollout that passed the tag checks; False drops it
+            (counted as ``rejected``). For example, a :mod:`lowband.sync.commit` check that
+            recomputes a prefill with the policy's weights.
     """
 
     def __init__(
@@ -126,7 +136,8 @@ class RolloutChannel:
         bind: str | None = None,
         connect: str | None = None,
         name: str = "worker",
-        max_lag: int = 1,
+        max_lag: int | None = None,
+        staleness: str = "async",
         share: bool = False,
         security: Curve | None = None,
         server_key: bytes | str | None = None,
@@ -134,11 +145,22 @@ class RolloutChannel:
         history: int = 1024,
         hwm: int = 1000,
         max_workers: int = 4096,
+        check: Callable[[Rollout], bool] | None = None,
     ) -> None:
         if (bind is None) == (connect is None):
             raise ConfigError(
                 "RolloutChannel needs exactly one of bind= (the hub) or connect= (a worker)"
             )
+        if staleness not in ("async", "sequential"):
+            raise ConfigError(f"staleness must be 'async' or 'sequential', got {staleness!r}")
+        if staleness == "sequential" and max_lag not in (None, 0):
+            raise ConfigError(
+                f"staleness='sequential' accepts only the latest version, not max_lag={max_lag}"
+            )
+        max_lag = (0 if staleness == "sequential" else 1) if max_lag is None else int(max_lag)
+        self.staleness = staleness
+        #: Accepted rollouts by lag (latest version - the rollout's version, when pulled).
+        self.lags: dict[int, int] = {}
         if max_lag < 0 or history < 1 or max_bytes < 1 or hwm < 1 or max_workers < 1:
             raise ConfigError("max_lag must be >= 0; history, max_bytes, hwm, max_workers >= 1")
         self.max_workers = int(max_workers)
@@ -148,6 +170,7 @@ class RolloutChannel:
         if len(name.encode("utf-8")) > _MAX_NAME:
             raise ConfigError(f"worker name longer than {_MAX_NAME} bytes")
         self.is_hub = bind is not None
+        self.check = check
         self.name, self.max_lag, self.max_bytes, self.history = name, max_lag, max_bytes, history
         self._known: dict[int, int] = {}
         self._latest: int | None = None
@@ -240,9 +263,14 @@ class RolloutChannel:
                     self._peers.popitem(last=False)
                 continue
             verdict = self._judge(r) if kind == _PUSH else "malformed"
+            if verdict == "accepted" and self.check is not None and not self.check(r):
+                verdict = "rejected"
             self._count(r.worker, verdict)
             if verdict != "accepted":
                 continue
+            assert self._latest is not None
+            lag = self._latest - r.version
+            self.lags[lag] = self.lags.get(lag, 0) + 1
             out.append(r)
             for p in list(self._peers):
                 if p != peer:
@@ -270,8 +298,14 @@ class RolloutChannel:
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
-        """Per worker: rollouts accepted, stale, unknown (fingerprint) and malformed."""
+        """Per worker: rollouts accepted, stale, unknown (fingerprint), malformed and rejected
+        (by ``check``)."""
         return {k: dict(v) for k, v in self._counts.items()}
+
+    @property
+    def stale(self) -> int:
+        """Rollouts dropped for being more than ``max_lag`` versions old (all workers)."""
+        return sum(c["stale"] for c in self._counts.values())
 
     # -- a worker's side -------------------------------------------------------------------
 

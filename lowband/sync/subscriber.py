@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +31,9 @@ from lowband.sync._delta import (
     fingerprint,
     undo_op,
 )
-from lowband.sync._model import check_manifest, named_tensors
-from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint, to_key
+from lowband.sync._model import NameMap, check_manifest, map_names, named_tensors
+from lowband.sync._net import AuthWatch, Endpoint, connect_socket, parse_endpoint, to_key
+from lowband.sync._origin import Origin
 from lowband.sync._resync import SnapshotFetch
 from lowband.sync._staging import Pending, Snapshot, mark_lost
 from lowband.sync._wire import (
@@ -56,6 +58,8 @@ _MAX_DRAIN = 100_000  # messages read per poll round, so one call stays bounded
 
 
 class WeightSubscriber(SnapshotFetch):
+    _keeps_mirror = False  # a WeightRelay holds its own copy, built from the manifest
+
     """Keep ``model`` equal to a :class:`~lowband.sync.WeightPublisher`'s weights.
 
     Args:
@@ -70,13 +74,27 @@ class WeightSubscriber(SnapshotFetch):
         max_message_bytes: largest message frame accepted from the publisher.
         undo_budget: bytes of overwritten values kept per version while it is applied
             ahead of its commit; chunks past it are applied at the commit instead.
+        connect: the source, or several nearest first (relays, then the learner): the
+            subscriber leaves one that goes silent or sends weights that do not verify.
+        origin: the learner's address when ``connect`` names relays: every version must
+            match the fingerprint the learner itself announces.
+        name_map: publisher name -> this model's name (a mapping, or a function), for models
+            whose tensor names differ (a bare ``GPT2Model`` under a ``GPT2LMHeadModel``, an
+            inference engine's fused names).
+        strict: with False the model may hold tensors the publisher does not send (it
+            publishes a subset, such as LoRA adapters); the published ones must all be here.
+        load_weights: called after each verified version with ``(name, tensor)`` pairs of
+            the tensors it changed (every tensor after a snapshot), names mapped, shaped like
+            vLLM's ``model.load_weights``; with it ``model`` may be None, and the subscriber
+            keeps its own copy (the tensors passed are that copy: copy them, do not keep them).
     """
 
     def __init__(
         self,
-        model: torch.nn.Module | dict[str, torch.Tensor],
+        model: torch.nn.Module | dict[str, torch.Tensor] | None,
         *,
-        connect: str,
+        connect: str | Sequence[str],
+        origin: str | None = None,
         security: Curve | None = None,
         server_key: bytes | str | None = None,
         max_pending: int = 64,
@@ -84,11 +102,26 @@ class WeightSubscriber(SnapshotFetch):
         retry_s: float = 5.0,
         max_message_bytes: int = 1 << 33,
         undo_budget: int = 1 << 28,
+        name_map: NameMap | None = None,
+        strict: bool = True,
+        load_weights: Callable[[Iterable[tuple[str, torch.Tensor]]], object] | None = None,
     ) -> None:
         if max_pending < 1 or window < 1 or retry_s <= 0:
             raise ConfigError("max_pending and window must be >= 1, retry_s > 0")
-        self._tensors = dict(named_tensors(model))
-        self._ep = parse_endpoint(connect, "WeightSubscriber connect")
+        # None: a relay's own mirror, built from the first manifest.
+        if model is None and load_weights is None and not self._keeps_mirror:
+            raise ConfigError("pass a model, or load_weights= to take the tensors yourself")
+        self._mirror = model is None
+        self._name_map, self._strict, self._load_weights = name_map, strict, load_weights
+        self._names: list[str] = []
+        self._tensors = None if model is None else dict(named_tensors(model))
+        sources = [connect] if isinstance(connect, str) else list(connect)
+        if not sources:
+            raise ConfigError("connect: give at least one publisher or relay address")
+        self._sources = [parse_endpoint(a, "WeightSubscriber connect") for a in sources]
+        self._src = 0
+        self._ep = self._sources[0]
+        self._shunned: dict[int, float] = {}  # source index -> until when it is avoided
         self._security, self._server_key = security, to_key(server_key)
         if security is not None and self._server_key is None:
             raise ConfigError("security is set: pass server_key, the publisher's public CURVE key")
@@ -96,25 +129,24 @@ class WeightSubscriber(SnapshotFetch):
         self.undo_budget = int(undo_budget)
         self._max_msg = int(max_message_bytes)
         self._ctx = zmq.Context()
-        self._dealer = self._ctx.socket(zmq.DEALER)
-        self._dealer.linger = 0
-        self._dealer.maxmsgsize = self._max_msg
-        self._dealer.sndhwm = self._dealer.rcvhwm = 1000
-        self._watch = AuthWatch(self._dealer) if security is not None else None
         self._subs: list[zmq.Socket] = []
         self._poller = zmq.Poller()
+        self._watch: AuthWatch | None = None
+        self._origin: Origin | None = None
         try:
-            connect_socket(
-                self._dealer,
-                self._ep.url(),
-                ipv6=self._ep.ipv6,
-                security=security,
-                server_key=self._server_key,
-            )
+            if origin is not None:
+                self._origin = Origin(
+                    origin,
+                    ctx=self._ctx,
+                    poller=self._poller,
+                    security=security,
+                    server_key=self._server_key,
+                    retry_s=retry_s,
+                )
+            self._dealer = self._open_dealer(self._ep)
         except BaseException:
             self.close()
             raise
-        self._poller.register(self._dealer, zmq.POLLIN)
         self._manifest: Manifest | None = None
         self._codec: Codec | None = None
         self._targets: list[torch.Tensor] = []
@@ -136,6 +168,8 @@ class WeightSubscriber(SnapshotFetch):
         self.rolled_back = 0
         #: Bytes of every frame received from the publisher.
         self.bytes_received = 0
+        #: Times this subscriber left a source (dead, silent or lying) for the next one.
+        self.failovers = 0
         self._send_hello()
 
     # -- public state ----------------------------------------------------------------------
@@ -174,6 +208,22 @@ class WeightSubscriber(SnapshotFetch):
         finally:
             self._rollback()  # a version still in flight leaves the model as it was
 
+    def wait_for(self, version: int, *, timeout: float | None = None) -> int:
+        """Apply versions until the model holds ``version`` or a newer one; its label.
+
+        The sequential (on-policy) schedule: an actor waits for the policy the learner
+        just published before it generates. Raises :class:`CollectiveTimeout` past ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._version is None or self._version < version:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise CollectiveTimeout(
+                    f"version {version} not reached within {timeout} s (at {self._version})"
+                )
+            self.update(block=True, timeout=left)
+        return self._version
+
     # -- receiving -------------------------------------------------------------------------
 
     def _send_hello(self) -> None:
@@ -183,14 +233,57 @@ class WeightSubscriber(SnapshotFetch):
         except zmq.Again:
             pass
 
+    def _open_dealer(self, ep: Endpoint) -> zmq.Socket:
+        """The request socket to source ``ep`` (manifest and snapshots)."""
+        d = self._ctx.socket(zmq.DEALER)
+        d.linger = 0
+        d.maxmsgsize = self._max_msg
+        d.sndhwm = d.rcvhwm = 1000
+        try:
+            self._watch = AuthWatch(d) if self._security is not None else None
+            connect_socket(
+                d, ep.url(), ipv6=ep.ipv6, security=self._security, server_key=self._server_key
+            )
+        except BaseException:
+            d.close(linger=0)
+            raise
+        self._poller.register(d, zmq.POLLIN)
+        return d
+
+    def _fail_over(self, why: str) -> None:
+        """Leave the current source (dead, silent or lying) for the next one not shunned."""
+        now = time.monotonic()
+        self._shunned[self._src] = now + 10 * self.retry_s
+        n = len(self._sources)
+        order = [(self._src + k) % n for k in range(1, n + 1)]
+        nxt = next((i for i in order if self._shunned.get(i, 0) <= now), order[0])
+        log.warning(
+            "WeightSubscriber: leaving source %s (%s) for %s",
+            self._ep.url(),
+            why,
+            self._sources[nxt].url(),
+        )
+        self.failovers += 1
+        self._unbind()
+        if self._watch is not None:
+            self._watch.close()
+        self._poller.unregister(self._dealer)
+        self._dealer.close(linger=0)
+        self._src, self._ep = nxt, self._sources[nxt]
+        self._dealer = self._open_dealer(self._ep)
+        self._heard_at = time.monotonic()
+        self._send_hello()
+
     def _pump(self, wait_ms: int) -> None:
         if self._watch is not None:
             self._watch.check()
         events = dict(self._poller.poll(wait_ms))
         if self._watch is not None and not events:
             self._watch.check()
+        if self._origin is not None:
+            self._origin.pump()
         n = 0
-        for sock in [self._dealer, *self._subs]:
+        for i, sock in enumerate([self._dealer, *self._subs]):
             while n < _MAX_DRAIN and not sock.closed:  # a restart closes the old streams
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -200,10 +293,10 @@ class WeightSubscriber(SnapshotFetch):
                 self.bytes_received += sum(len(f) for f in frames)
                 body = [f.buffer for f in frames]
                 try:
-                    if sock is self._dealer:
+                    if i == 0:
                         self._on_reply(body)
                     else:
-                        self._on_update(body)
+                        self._on_update(body, i - 1)
                 except CodecError as e:
                     log.warning("WeightSubscriber: dropped a malformed message: %s", e)
         self._retry()
@@ -211,6 +304,17 @@ class WeightSubscriber(SnapshotFetch):
     def _retry(self) -> None:
         now = time.monotonic()
         quiet = now - self._heard_at > self.retry_s  # streams silent: restarted publisher?
+        if len(self._sources) > 1 and now - self._heard_at > 2 * self.retry_s:
+            # Silent for two retries: with the learner heard from (or, without origin=, once a
+            # version was applied) the source is down, not the learner: take the next one.
+            o = self._origin
+            if (
+                (o.alive() and o.latest > 0)
+                if o is not None
+                else (self._seq > 0 or self._manifest is None)
+            ):
+                self._fail_over("silent")
+                return
         if (self._manifest is None or quiet) and now - self._hello_at > self.retry_s:
             self._send_hello()
         if self._snap is not None:
@@ -247,7 +351,7 @@ class WeightSubscriber(SnapshotFetch):
         if self._snap.fill(h, memoryview(body[1]).cast("B")):
             self._send_requests()
 
-    def _on_update(self, body: list) -> None:
+    def _on_update(self, body: list, stream: int) -> None:
         m = self._manifest
         assert m is not None
         h = parse_header(body, expect=(CHUNK, COMMIT, HEARTBEAT))
@@ -260,6 +364,8 @@ class WeightSubscriber(SnapshotFetch):
             return
         if h.kind == HEARTBEAT:
             mark_lost(self._pending, h, self._seq, len(m.ports), self.max_pending)
+            if self._waiting_first:  # a version exists that we did not see start: fetch it
+                self._start_snapshot()
             return
         if h.kind == CHUNK and (h.tensor >= len(m.tensors) or h.chunk >= m.chunks(h.tensor)):
             raise CodecError(f"update for chunk {h.chunk} of tensor {h.tensor}: no such chunk")
@@ -293,6 +399,16 @@ class WeightSubscriber(SnapshotFetch):
                 )
             p.applied.append(op)
 
+    def _distrust(self, seqs: list[int], why: str) -> None:
+        """Versions ``seqs`` did not check out: drop them, and leave their source if there is
+        another (a relay that lies is routed around); else fetch a snapshot again."""
+        for q in seqs:
+            self._pending.pop(q, None)
+        if len(self._sources) > 1:
+            self._fail_over(why)
+        else:
+            self._start_snapshot()
+
     def _rollback(self, seq: int | None = None) -> None:
         """Undo the ops applied ahead of version ``seq`` (default: the next one)."""
         p = self._pending.get(self._seq + 1 if seq is None else seq)
@@ -325,14 +441,25 @@ class WeightSubscriber(SnapshotFetch):
 
     def _bind(self, m: Manifest) -> None:
         """Check the manifest against the model, then subscribe to the update streams."""
-        check_manifest(m, self._tensors)
+        names = map_names([t.name for t in m.tensors], self._name_map)
+        if self._mirror and (
+            self._tensors is None
+            or [(k, tuple(v.shape), v.dtype) for k, v in self._tensors.items()]
+            != [(n, t.shape, t.dtype) for n, t in zip(names, m.tensors)]
+        ):  # a relay (or a load_weights callback) gets exactly what its source serves
+            self._tensors = {
+                n: torch.zeros(t.shape, dtype=t.dtype) for n, t in zip(names, m.tensors)
+            }
+        assert self._tensors is not None
+        check_manifest(m, self._tensors, names=names, strict=self._strict)
+        self._names = names
         try:
             self._codec = None if m.codec == "exact" else parse(m.codec)
         except ValueError as e:
             raise ConfigMismatch(f"publisher uses codec {m.codec!r}, unknown here: {e}") from None
         self._manifest = m
         self._limit = sum(m.chunks(i) for i in range(len(m.tensors)))
-        self._targets = [self._tensors[s.name].detach().view(-1) for s in m.tensors]
+        self._targets = [self._tensors[n].detach().view(-1) for n in names]
         self._sums = [np.zeros(m.chunks(i), dtype=np.uint64) for i in range(len(m.tensors))]
         for port in m.ports:
             s = self._ctx.socket(zmq.SUB)
@@ -376,6 +503,17 @@ class WeightSubscriber(SnapshotFetch):
                 )
                 self._start_snapshot()
             return None
+        if self._origin is not None:
+            # Apply only up to the newest version whose fingerprint the learner announced.
+            while seqs and self._origin.finger(self._inc, seqs[-1]) is None:
+                seqs.pop()
+            if not seqs:
+                return None
+            want = self._origin.finger(self._inc, seqs[-1])
+            if want != self._pending[seqs[-1]].finger:
+                self.fingerprint_mismatches += 1
+                self._distrust(seqs, "its commit's fingerprint is not the learner's")
+                return None
         m = self._manifest
         assert m is not None
         touched: dict[tuple[int, int], list[Op]] = {}
@@ -414,15 +552,18 @@ class WeightSubscriber(SnapshotFetch):
                 last.finger,
                 self._version,
             )
-            for q in seqs:
-                del self._pending[q]
-            self._start_snapshot()
+            self._distrust(seqs, "the weights it sent do not match their fingerprint")
             return None
         for op in ops:
             op.undo = None  # verified: the undo copies are not needed any more
-        return self._commit(seqs[-1], last.version, last.finger, got)
+        return self._commit(
+            seqs[-1], last.version, last.finger, got, sorted({t for t, _ in touched})
+        )
 
-    def _commit(self, seq: int, version: int, expected: int, got: int) -> int | None:
+    def _commit(
+        self, seq: int, version: int, expected: int, got: int, changed: list[int] | None = None
+    ) -> int | None:
+        """Record a verified version; ``changed``: indices of the tensors it wrote (None: all)."""
         for s in [s for s in self._pending if s <= seq]:
             del self._pending[s]
         if got != expected:
@@ -438,6 +579,10 @@ class WeightSubscriber(SnapshotFetch):
             return None
         self._seq, self._version, self._finger = seq, version, got
         self.versions_applied += 1
+        if self._load_weights is not None:
+            assert self._tensors is not None
+            idx = range(len(self._names)) if changed is None else changed
+            self._load_weights([(self._names[i], self._tensors[self._names[i]]) for i in idx])
         return version
 
     # -- teardown --------------------------------------------------------------------------
@@ -448,8 +593,11 @@ class WeightSubscriber(SnapshotFetch):
             return
         if self._watch is not None:
             self._watch.close()
-        for s in [self._dealer, *self._subs]:
-            s.close(linger=0)
+        if self._origin is not None:
+            self._origin.close()
+        for s in [getattr(self, "_dealer", None), *self._subs]:
+            if s is not None:
+                s.close(linger=0)
         self._ctx.term()
 
     def __enter__(self) -> WeightSubscriber:

@@ -137,8 +137,20 @@ def test_stale_forged_and_malformed_rollouts_are_dropped() -> None:
             assert sorted(r.version for r in got) == [2, 3]
             assert all(r.worker == "w0" and _same(r.data, roll) for r in got)
             c = hub.counts
-            assert c["w0"] == {"accepted": 2, "stale": 0, "unknown": 0, "malformed": 0}
-            assert c["w1"] == {"accepted": 0, "stale": 1, "unknown": 2, "malformed": 0}
+            assert c["w0"] == {
+                "accepted": 2,
+                "stale": 0,
+                "unknown": 0,
+                "malformed": 0,
+                "rejected": 0,
+            }
+            assert c["w1"] == {
+                "accepted": 0,
+                "stale": 1,
+                "unknown": 2,
+                "malformed": 0,
+                "rejected": 0,
+            }
             assert sum(v["malformed"] for v in c.values()) == 1
 
 
