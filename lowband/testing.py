@@ -65,8 +65,10 @@ __all__ = [
     "ThreadGroup",
     "default_pool",
     "kill_self",
+    "rss_bytes",
     "spawn_group",
     "start_store",
+    "zmq_carriers",
 ]
 
 
@@ -310,3 +312,39 @@ def start_store(host: str = "127.0.0.1") -> tuple[Any, str]:
 
     store, port = serve_store(host, 0, timeout=60)  # listens on `host` only
     return store, f"{host}:{port}"
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of process ``pid`` (this one by default), from ``/proc``."""
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no VmRSS for process {pid}")
+
+
+def zmq_carriers(address: str, n: int, *, group: str, timeout: float = 90.0, **options: Any) -> list[Any]:
+    """``n`` ZeroMQ carriers (ranks ``0..n-1`` of ``group``) in this process, joined through the
+    coordinator at ``address``; ``options`` go to each ``ZmqCarrier``. Close them when done."""
+    from lowband.transport._zmq import ZmqCarrier
+
+    out: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def make(r: int) -> None:
+        try:
+            out[r] = ZmqCarrier(r, n, coordinator=address, group=group, **options)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=make, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors or None in out:
+        for c in out:
+            if c is not None:
+                c.close()
+        raise errors[0] if errors else CollectiveTimeout(f"{n} carriers did not join in {timeout:g}s")
+    return out

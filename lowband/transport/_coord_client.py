@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import secrets
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from lowband.errors import ConfigError, ConfigMismatch, SecurityError, TransportError
 
-__all__ = ["CoordinatorClient", "StaleEpoch", "route_source"]
+__all__ = ["CoordinatorClient", "RankInUse", "StaleEpoch", "route_source"]
 
 _EVENTS = (
     zmq.EVENT_CONNECTED
@@ -50,6 +51,10 @@ _HANDSHAKE_MS = 3000
 
 class StaleEpoch(TransportError):
     """The coordinator has moved on: this peer asked about an old epoch or is no longer a member."""
+
+
+class RankInUse(ConfigError):
+    """Another live process holds this rank of the group (two processes started as one rank)."""
 
 
 def _endpoint(address: str) -> str:
@@ -97,6 +102,9 @@ class CoordinatorClient:
         self.sock.reconnect_ivl, self.sock.reconnect_ivl_max = 100, 2000  # ms, with backoff
         self.sock.tcp_keepalive, self.sock.tcp_keepalive_idle = 1, 20
         self.sock.handshake_ivl = _HANDSHAKE_MS
+        # a routing id of our own (random, never published): after a reconnect the coordinator
+        # still knows this connection as the one that holds our rank
+        self.sock.routing_id = b"\x01" + secrets.token_bytes(15)
         if ":" in self.endpoint.removeprefix("tcp://").rpartition(":")[0]:
             self.sock.ipv6 = 1
         if security is not None:
@@ -224,7 +232,9 @@ class CoordinatorClient:
                 if kind == "stale":
                     raise StaleEpoch(err)
                 if kind == "duplicate":
-                    raise ConfigError(err)
+                    raise RankInUse(err)
+                if kind == "security":
+                    raise SecurityError(f"the coordinator at {self.endpoint} refused {req.get('op')!r}: {err}")
                 raise TransportError(f"coordinator refused {req.get('op')!r}: {err}")
 
     def close(self) -> None:
