@@ -64,6 +64,7 @@ __all__ = [
     "ProcessPool",
     "ThreadGroup",
     "default_pool",
+    "flood_requests",
     "kill_self",
     "rss_bytes",
     "spawn_group",
@@ -348,3 +349,46 @@ def zmq_carriers(address: str, n: int, *, group: str, timeout: float = 90.0, **o
                 c.close()
         raise errors[0] if errors else CollectiveTimeout(f"{n} carriers did not join in {timeout:g}s")
     return out
+
+
+def flood_requests(address: str, reqs: Any, *, expect: int = 0, timeout: float = 30.0) -> int:
+    """Send JSON requests to the coordinator at ``address`` from one raw DEALER, as fast as it
+    takes them, reading the replies that come; then wait (at most ``timeout`` s) until the
+    coordinator has handled them all and ``expect`` replies came. Returns how many replies
+    were refusals (``ok`` false). For attack benchmarks and tests of the coordinator's caps."""
+    import json
+
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger, s.sndtimeo = 0, int(timeout * 1000)
+    s.connect(f"tcp://{address}")
+    errors = got = 0
+    barrier = False
+
+    def drain(wait_ms: int) -> bool:
+        nonlocal errors, got, barrier
+        if not s.poll(wait_ms):
+            return False
+        rep = json.loads(s.recv())
+        if rep.get("id") == "barrier":
+            barrier = True
+        elif rep.get("id") is not None:  # not a liveness probe
+            got += 1
+            errors += rep["ok"] is False
+        return True
+
+    try:
+        for req in reqs:
+            s.send(json.dumps(req).encode())
+            while drain(0):
+                pass
+        s.send(b'{"op": "ping", "id": "barrier"}')  # answered after every request before it
+        end = time.monotonic() + timeout
+        while (got < expect or not barrier) and time.monotonic() < end:
+            drain(200)
+    finally:
+        s.close(0)
+        ctx.term()
+    return errors
