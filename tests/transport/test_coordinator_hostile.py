@@ -3,8 +3,8 @@
 * one process a rank: a second live process started as a held rank is refused with
   ``RankInUse`` (a ``ConfigError``); once the holder's process is gone a newcomer is admitted;
 * transport options that differ (``chunk_size``) fail at join with ``ConfigMismatch``;
-* caps: 10k joins to new groups and 10k undecided proposals leave the coordinator process's
-  memory bounded (it grew 40 MB and 12 MB before); abandoned groups are forgotten;
+* caps: 30k joins to new groups and 30k undecided proposals leave the coordinator process's
+  memory bounded (main grew 48 MB and 23 MB); abandoned groups are forgotten;
 * CURVE: each key speaks only for the rank it joined as (real CURVE sockets).
 """
 
@@ -190,7 +190,7 @@ def test_different_chunk_sizes_fail_at_join_with_config_mismatch(coordinator) ->
     assert len(first) == 1 and isinstance(first[0], CollectiveTimeout)  # rank 0 was never joined
 
 
-def test_ten_thousand_joins_to_new_groups_stay_bounded() -> None:
+def test_thirty_thousand_joins_to_new_groups_stay_bounded() -> None:
     """Issue 15 item 10: the coordinator grew 48 MB for 30k joins to new groups (40 MB in the issue's run)."""
     with start_coordinator() as co:
         # warm up libzmq's and the allocator's buffers with as many requests of the same size
@@ -201,7 +201,7 @@ def test_ten_thousand_joins_to_new_groups_stay_bounded() -> None:
         refused = _flood(co.address, reqs, expect=30_000)
         grown = rss_bytes(co.proc.pid) - before
         assert refused == 30_000 - 1024  # the cap (MAX_GROUPS)
-        assert grown < 16 << 20, grown
+        assert grown < 24 << 20, grown  # main grew 48 MB
         # a legitimate group still forms (its joins refused at the cap until the flood's
         # connection is gone: it closed, so the next new group sweeps them... after abandon_after;
         # here the cap holds, so it is refused with a clear error)
@@ -232,7 +232,7 @@ def test_abandoned_groups_make_room_for_new_ones() -> None:
             ctx.term()
 
 
-def test_ten_thousand_pending_proposals_stay_bounded() -> None:
+def test_thirty_thousand_pending_proposals_stay_bounded() -> None:
     """Issue 15 item 10: the coordinator grew 23 MB for 30k undecided proposals (measured on main)."""
     with start_coordinator() as co:
         ctx = zmq.Context()
