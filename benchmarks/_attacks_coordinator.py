@@ -18,10 +18,9 @@ from typing import Any
 
 import zmq
 
-import lowband
-from lowband.errors import ConfigMismatch, SecurityError
+from lowband.errors import ConfigMismatch, RankInUse, SecurityError
 from lowband.testing import flood_requests, rss_bytes, zmq_carriers
-from lowband.transport._coord_client import CoordinatorClient, RankInUse
+from lowband.transport._coord_client import CoordinatorClient
 from lowband.transport._zmq import ZmqCarrier
 from lowband.transport.coordinator import MAX_GROUPS, start_coordinator
 from lowband.transport.security import Curve, generate_keys

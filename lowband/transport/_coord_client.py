@@ -28,9 +28,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lowband.errors import ConfigError, ConfigMismatch, SecurityError, TransportError
+from lowband.errors import ConfigError, ConfigMismatch, RankInUse, SecurityError, TransportError
 
-__all__ = ["CoordinatorClient", "RankInUse", "StaleEpoch", "route_source"]
+__all__ = ["CoordinatorClient", "StaleEpoch", "route_source"]
 
 _EVENTS = (
     zmq.EVENT_CONNECTED
@@ -51,10 +51,6 @@ _HANDSHAKE_MS = 3000
 
 class StaleEpoch(TransportError):
     """The coordinator has moved on: this peer asked about an old epoch or is no longer a member."""
-
-
-class RankInUse(ConfigError):
-    """Another live process holds this rank of the group (two processes started as one rank)."""
 
 
 def _endpoint(address: str) -> str:

@@ -58,8 +58,8 @@ from typing import Any
 import zmq
 
 from lowband import WIRE_VERSION, __version__
-from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
-from lowband.transport._coord_client import CoordinatorClient, RankInUse, route_source
+from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, RankInUse, TransportError
+from lowband.transport._coord_client import CoordinatorClient, route_source
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import MAX_FRAMES, chunk_spans
 from lowband.transport._zmq_io import IOLoop

@@ -98,7 +98,7 @@ def _mutate(rng: random.Random, req: dict) -> dict:
 
 def _check_state(m: Membership) -> None:
     assert len(m.groups) <= m.max_groups
-    for name, g in m.groups.items():
+    for g in m.groups.values():
         assert len(g.proposals) <= MAX_PENDING_KEYS
         for r in range(g.world_size):
             assert sum(1 for p in g.proposals.values() if r in p) <= MAX_PENDING_PER_RANK

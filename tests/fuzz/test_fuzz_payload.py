@@ -1,4 +1,8 @@
-"""Fuzz the payload decoder: mutated and random frames raise CodecError or decode within the cap."""
+"""Fuzz the payload decoder: mutated and random frames raise CodecError or decode within the cap.
+
+Byte-level mutations mostly stop at the checksums; ``test_field_mutated_payloads_past_their_checksums``
+changes fields (dtype, shape, spec, buffers, lengths) and recomputes the header's lengths and
+checksums, so the structural checks behind them are what is fuzzed."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowband import WIRE_VERSION as WIRE
 from lowband.compress import Payload, parse
 from lowband.errors import CodecError
 
@@ -99,9 +104,6 @@ def _pack(dcode: int, shape: list[int], spec: bytes, bufs: list[bytes], *, lengt
     head += struct.pack(f"<{len(bufs)}Q", *(sums if sums is not None else [checksum(b) for b in bufs]))
     head += struct.pack("<Q", checksum(bytes(head)))
     return [bytes(head), *bufs]
-
-
-from lowband import WIRE_VERSION as WIRE  # noqa: E402
 
 
 @fuzz_settings

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -19,11 +18,17 @@ import pytest
 import zmq
 
 import lowband
-
-from lowband.errors import CollectiveTimeout, ConfigError, ConfigMismatch, SecurityError, TransportError
+from lowband.errors import (
+    CollectiveTimeout,
+    ConfigError,
+    ConfigMismatch,
+    RankInUse,
+    SecurityError,
+    TransportError,
+)
 from lowband.testing import flood_requests as _flood
 from lowband.testing import rss_bytes, zmq_carriers
-from lowband.transport._coord_client import CoordinatorClient, RankInUse
+from lowband.transport._coord_client import CoordinatorClient
 from lowband.transport._wire import WIRE_VERSION
 from lowband.transport._zmq import DEFAULT_CHUNK, ZmqCarrier
 from lowband.transport.coordinator import (
