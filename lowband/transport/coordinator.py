@@ -32,8 +32,8 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
 **One process a rank.** The coordinator remembers, for each rank of each group, the
 process (incarnation) that holds it and the connection it asked from. A join for a
 held rank from another incarnation is refused with ``kind = "duplicate"`` while the
-holder's connection lives (the client raises :class:`lowband.errors.ConfigError` after a
-few seconds of retrying, long enough for a killed holder's connection to close); once the
+holder's connection lives (the client raises :class:`lowband.errors.RankInUse`, a
+``ConfigError``, after a few seconds of retrying, long enough for a killed holder's connection to close); once the
 holder is gone (its process ended, or ZeroMQ heartbeats found it silent for
 ``HOLDER_TIMEOUT_S``) the newcomer takes the rank, as a restarted peer does. Clients use a
 random routing id of their own, so a holder that reconnects is recognised again.
@@ -214,7 +214,7 @@ class Membership:
     def __init__(
         self,
         *,
-        is_live: Callable[[Any], bool] = lambda conn: True,
+        is_live: Callable[[Any], bool] = lambda conn: False,
         clock: Callable[[], float] = time.monotonic,
         max_groups: int = MAX_GROUPS,
         abandon_after: float = ABANDON_AFTER_S,
@@ -224,7 +224,8 @@ class Membership:
         self._waiting_join: dict[str, list[tuple[Any, int]]] = {}
         self._waiting_commit: dict[tuple[str, tuple[int, int, int]], list[Any]] = {}
         # who holds each rank (see "One process a rank" above); is_live(conn) says whether a
-        # connection is still there (the coordinator asks its socket)
+        # connection is still there (the Coordinator asks its socket; the default knows of
+        # none, so on its own a Membership admits every new incarnation, as it did before)
         self.holders: dict[tuple[str, int], Holder] = {}
         self._is_live, self._clock = is_live, clock
         self.max_groups, self.abandon_after = max_groups, abandon_after
@@ -312,7 +313,8 @@ class Membership:
                     f"rank {rank} advertises a public key that is not the CURVE key it "
                     "connected with", "security")
             for (gname, r), h in self.holders.items():
-                if gname == name and r != rank and h.key == key and self._is_live(h.conn):
+                if (gname == name and r != rank and h.key == key and _holds(g, r, h)
+                        and self._is_live(h.conn)):
                     raise RequestError(
                         f"this CURVE key already holds rank {r} of group {name!r}: with CURVE "
                         "each rank needs its own key pair (lowband keys generate)", "security")

@@ -63,7 +63,7 @@ def test_a_held_rank_is_refused_while_its_holder_lives_and_free_once_it_is_gone(
 
 
 def test_a_rank_the_group_dropped_is_free_for_a_restarted_process() -> None:
-    m = Membership()  # every connection live
+    m = Membership(is_live=lambda conn: True)  # every connection live
     m.join(("a", 1), _req(0, 10))
     m.join(("b", 1), _req(1, 20))
     m.ready()
@@ -91,7 +91,7 @@ def test_abandoned_groups_are_forgotten_and_the_group_cap_holds() -> None:
 
 
 def test_undecided_proposals_are_capped_per_rank() -> None:
-    m = Membership()
+    m = Membership(is_live=lambda conn: True)
     for r in range(2):
         m.join((f"c{r}", 0), _req(r, r + 1))
     m.ready()
