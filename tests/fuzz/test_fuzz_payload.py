@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -174,3 +175,11 @@ def test_repacked_seeds_are_the_encoder_bytes() -> None:
         p = Payload.from_frames(frames, max_bytes=CAP)
         dcode = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[p.dtype]
         assert _pack(dcode, list(p.shape), p.spec.encode(), [bytes(b) for b in p.buffers]) == frames, spec
+
+
+def test_a_zero_dimension_does_not_hide_a_huge_one() -> None:
+    """Found by the field fuzz: shape (0, 2**63) passed the size cap (product 0) and torch's
+    reshape raised TypeError."""
+    frames = _pack(0, [0, 2**63], b"fp32", [b""])
+    with pytest.raises(CodecError, match="size cap"):
+        Payload.from_frames(frames, max_bytes=CAP)
