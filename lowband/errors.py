@@ -11,6 +11,7 @@ __all__ = [
     "LowbandError",
     "ConfigError",
     "ConfigMismatch",
+    "RankInUse",
     "CodecError",
     "BackendUnavailable",
     "TransportError",
@@ -31,6 +32,10 @@ class ConfigError(LowbandError, ValueError):
 
 class ConfigMismatch(ConfigError):
     """Peers disagree at the init handshake (versions, codec, shapes, ...)."""
+
+
+class RankInUse(ConfigError):
+    """Another live process holds this rank of the group: two processes were started as one rank."""
 
 
 class CodecError(LowbandError, ValueError):

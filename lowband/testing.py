@@ -79,15 +79,18 @@ __all__ = [
     "ThreadGroup",
     "default_pool",
     "flat_params",
+    "flood_requests",
     "kill_self",
     "load_state_bytes",
     "regression_batch",
+    "rss_bytes",
     "seeded",
     "spawn_group",
     "start_store",
     "state_bytes",
     "tiny_mlp",
     "train_step",
+    "zmq_carriers",
 ]
 
 
@@ -427,3 +430,82 @@ def start_store(host: str = "127.0.0.1") -> tuple[Any, str]:
 
     store, port = serve_store(host, 0, timeout=60)  # listens on `host` only
     return store, f"{host}:{port}"
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of process ``pid`` (this one by default), from ``/proc``."""
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no VmRSS for process {pid}")
+
+
+def zmq_carriers(address: str, n: int, *, group: str, timeout: float = 90.0, **options: Any) -> list[Any]:
+    """``n`` ZeroMQ carriers (ranks ``0..n-1`` of ``group``) in this process, joined through the
+    coordinator at ``address``; ``options`` go to each ``ZmqCarrier``. Close them when done."""
+    from lowband.transport._zmq import ZmqCarrier
+
+    out: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def make(r: int) -> None:
+        try:
+            out[r] = ZmqCarrier(r, n, coordinator=address, group=group, **options)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=make, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors or None in out:
+        for c in out:
+            if c is not None:
+                c.close()
+        raise errors[0] if errors else CollectiveTimeout(f"{n} carriers did not join in {timeout:g}s")
+    return out
+
+
+def flood_requests(address: str, reqs: Any, *, expect: int = 0, timeout: float = 30.0) -> int:
+    """Send JSON requests to the coordinator at ``address`` from one raw DEALER, as fast as it
+    takes them, reading the replies that come; then wait (at most ``timeout`` s) until the
+    coordinator has handled them all and ``expect`` replies came. Returns how many replies
+    were refusals (``ok`` false). For attack benchmarks and tests of the coordinator's caps."""
+    import json
+
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger, s.sndtimeo = 0, int(timeout * 1000)
+    s.connect(f"tcp://{address}")
+    errors = got = 0
+    barrier = False
+
+    def drain(wait_ms: int) -> bool:
+        nonlocal errors, got, barrier
+        if not s.poll(wait_ms):
+            return False
+        rep = json.loads(s.recv())
+        if rep.get("id") == "barrier":
+            barrier = True
+        elif rep.get("id") is not None:  # not a liveness probe
+            got += 1
+            errors += rep["ok"] is False
+        return True
+
+    try:
+        for req in reqs:
+            s.send(json.dumps(req).encode())
+            while drain(0):
+                pass
+        s.send(b'{"op": "ping", "id": "barrier"}')  # answered after every request before it
+        end = time.monotonic() + timeout
+        while (got < expect or not barrier) and time.monotonic() < end:
+            drain(200)
+    finally:
+        s.close(0)
+        ctx.term()
+    return errors

@@ -179,7 +179,8 @@ class Payload:
         numel = 1
         for s in shape:
             numel *= s
-            if numel > max_bytes:
+            # each dimension too: after a 0 the product stays 0, and torch refuses dims >= 2**63
+            if numel > max_bytes or s > max_bytes:
                 raise CodecError(f"shape {shape} exceeds the size cap of {max_bytes} bytes")
         dtype = DTYPES[dcode]
         if numel * 4 > max_bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import secrets
 import socket
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lowband.errors import ConfigError, ConfigMismatch, SecurityError, TransportError
+from lowband.errors import ConfigError, ConfigMismatch, RankInUse, SecurityError, TransportError
 
 __all__ = ["CoordinatorClient", "StaleEpoch", "route_source"]
 
@@ -97,6 +98,9 @@ class CoordinatorClient:
         self.sock.reconnect_ivl, self.sock.reconnect_ivl_max = 100, 2000  # ms, with backoff
         self.sock.tcp_keepalive, self.sock.tcp_keepalive_idle = 1, 20
         self.sock.handshake_ivl = _HANDSHAKE_MS
+        # a routing id of our own (random, never published): after a reconnect the coordinator
+        # still knows this connection as the one that holds our rank
+        self.sock.routing_id = b"\x01" + secrets.token_bytes(15)
         if ":" in self.endpoint.removeprefix("tcp://").rpartition(":")[0]:
             self.sock.ipv6 = 1
         if security is not None:
@@ -224,7 +228,9 @@ class CoordinatorClient:
                 if kind == "stale":
                     raise StaleEpoch(err)
                 if kind == "duplicate":
-                    raise ConfigError(err)
+                    raise RankInUse(err)
+                if kind == "security":
+                    raise SecurityError(f"the coordinator at {self.endpoint} refused {req.get('op')!r}: {err}")
                 raise TransportError(f"coordinator refused {req.get('op')!r}: {err}")
 
     def close(self) -> None:

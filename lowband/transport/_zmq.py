@@ -58,7 +58,7 @@ from typing import Any
 import zmq
 
 from lowband._version import WIRE_VERSION, __version__
-from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
+from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, RankInUse, TransportError
 from lowband.transport._coord_client import CoordinatorClient, route_source
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import MAX_FRAMES, chunk_spans
@@ -74,6 +74,9 @@ DEFAULT_CHUNK = 1 << 20
 #: Messages for an epoch more than this past the receiver's are refused (a commit moves
 #: every survivor one epoch on, so a legitimate peer is at most a few epochs ahead).
 EPOCHS_AHEAD = 16
+#: Seconds a join keeps asking while the coordinator says another live process holds its
+#: rank (a killed holder's connection closes within this), before it raises RankInUse.
+_RANK_IN_USE_PATIENCE = 5.0
 
 
 def default_streams(bandwidth: float = 1e9, rtt: float = 0.1) -> int:
@@ -218,10 +221,21 @@ class ZmqCarrier:
         ids: set[int] = set()
         # keep a second of the budget to find out why, so the error comes within `timeout`
         deadline = time.monotonic() + (timeout - 1.0 if timeout > 3.0 else timeout)
+        held_since: float | None = None
         while time.monotonic() < deadline:
-            rep = self.client.ask(
-                req, timeout=min(2.0, max(0.01, deadline - time.monotonic())), ids=ids
-            )
+            try:
+                rep = self.client.ask(
+                    req, timeout=min(2.0, max(0.01, deadline - time.monotonic())), ids=ids
+                )
+            except RankInUse:
+                # a holder killed just now may not have lost its connection yet: ask again for
+                # a few seconds, then it is another live process started as this rank
+                now = time.monotonic()
+                held_since = now if held_since is None else held_since
+                if now - held_since >= _RANK_IN_USE_PATIENCE or now + 0.5 >= deadline:
+                    raise
+                time.sleep(0.5)
+                continue
             if rep is not None:
                 return rep
         raise CollectiveTimeout(
@@ -432,6 +446,7 @@ class ZmqCarrier:
                 "rank": self.rank,
                 "key": list(key),
                 "alive": proposal,
+                "incarnation": self.incarnation,
             }
             rep = self.client.ask(req, timeout=0.25, ids=ids)
             if rep is not None:

@@ -27,8 +27,40 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   (reported as ``epoch``; the collectives keep their own epoch count). A rank
   that is no longer a member gets the current members, without itself.
 
-All state lives in :class:`Membership`, a plain object with no I/O, so its rules
-are unit-tested directly.
+- ``ping``: an empty reply.
+
+**One process a rank.** The coordinator remembers, for each rank of each group, the
+process (incarnation) that holds it and the connection it asked from. A join for a
+held rank from another incarnation is refused with ``kind = "duplicate"`` while the
+holder's connection lives (the client raises :class:`lowband.errors.RankInUse`, a
+``ConfigError``, after a few seconds of retrying, long enough for a killed holder's connection to close); once the
+holder is gone (its process ended, or ZeroMQ heartbeats found it silent for
+``HOLDER_TIMEOUT_S``) the newcomer takes the rank, as a restarted peer does. Clients use a
+random routing id of their own, so a holder that reconnects is recognised again.
+
+**Who may speak for a rank.** Without CURVE, anyone who can reach the coordinator can
+join as any free rank, override nothing that is held, and send commits in any rank's
+name: bind it to loopback or a private network only. With CURVE each key is bound to the
+rank it joined as: a join must advertise the key it authenticated with, a key holds one
+rank of a group, and every other request that names a rank (``commit``, ``leave``) must
+come from that rank's key; anything else is refused with ``kind = "security"``
+(:class:`lowband.errors.SecurityError` on the client). CURVE proves "holds an allowed key",
+not which rank that key should have: an allowed key can still take a rank nobody holds.
+
+**Caps** (what happens at each; see ``docs/reliability.md``): at most ``max_groups``
+groups (default ``MAX_GROUPS``); a join that would create one more is refused
+(``TransportError`` on the client) after groups that nobody holds any more have been
+forgotten. A group whose holders have all been gone for ``abandon_after`` seconds is
+forgotten (its next request is told the group has not started). Per group: at most
+``MAX_PENDING_KEYS`` undecided collectives (one more is refused) and
+``MAX_PENDING_PER_RANK`` a rank (its oldest undecided proposal is withdrawn: a live
+proposer re-sends it within a quarter second), at most ``MAX_WAITERS`` + 4 a member queued
+replies per question (the oldest dropped: each client re-asks), the last
+``_KEEP_DECISIONS`` decisions. A join's strings are at most ``MAX_NAME_CHARS`` characters
+and its ``config`` at most ``MAX_CONFIG_BYTES`` of JSON.
+
+All state lives in :class:`Membership`, a plain object with no I/O (the liveness of a
+connection is a function it is given), so its rules are unit-tested directly.
 """
 
 from __future__ import annotations
@@ -40,6 +72,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +80,7 @@ import zmq
 
 from lowband.errors import ConfigError, TransportError
 
-__all__ = ["Coordinator", "CoordinatorProcess", "Membership", "main", "start_coordinator"]
+__all__ = ["Coordinator", "CoordinatorProcess", "Holder", "Membership", "main", "start_coordinator"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +91,24 @@ _KEEP_DECISIONS = 4096
 MAX_REQUEST_DEPTH = 16
 #: An echoed string ``id`` is at most this long; any other ``id`` is echoed as ``None``.
 MAX_ID_CHARS = 64
+#: Groups a coordinator holds at once (a join that would create one more is refused).
+MAX_GROUPS = 1024
+#: Seconds a group may have no live holder before it is forgotten.
+ABANDON_AFTER_S = 300.0
+#: Undecided collectives (commit keys) a group may have, and a single rank may have proposed.
+MAX_PENDING_KEYS = 1024
+MAX_PENDING_PER_RANK = 64
+#: Replies queued for one question (a join, a commit key), beyond 4 per member.
+MAX_WAITERS = 64
+#: A group name, a data or heartbeat endpoint: at most this many characters.
+MAX_NAME_CHARS = 256
+#: A join's ``config``, as JSON, at most this many bytes.
+MAX_CONFIG_BYTES = 64 << 10
+#: ZeroMQ heartbeats: a client connection silent this long is closed (its holder is gone).
+HOLDER_TIMEOUT_S = 15.0
+_HEARTBEAT_IVL_S = 3.0
+#: How often serve() looks for abandoned groups.
+_SWEEP_S = 10.0
 
 
 def _safe_id(rid: Any) -> int | str | None:
@@ -90,11 +141,55 @@ class RequestError(ValueError):
         self.kind = kind
 
 
+def _check_join_sizes(req: dict[str, Any]) -> None:
+    for name in ("group", "data", "hb", "pubkey"):
+        v = req.get(name)
+        if isinstance(v, str) and len(v) > MAX_NAME_CHARS:
+            raise RequestError(f"field {name!r} over {MAX_NAME_CHARS} characters")
+    try:
+        n = len(json.dumps(req.get("config")))
+    except (ValueError, TypeError, RecursionError) as e:
+        raise RequestError(f"field 'config' cannot be encoded: {e}") from None
+    if n > MAX_CONFIG_BYTES:
+        raise RequestError(f"field 'config' over {MAX_CONFIG_BYTES} bytes of JSON")
+
+
 def _field(req: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
     v = req.get(name)
     if not isinstance(v, typ) or isinstance(v, bool) and typ is int:
         raise RequestError(f"field {name!r} missing or not {typ}")
     return v
+
+
+@dataclass
+class Holder:
+    """The process that holds a rank: its incarnation, the connection it speaks from, and
+    (with CURVE) the key it authenticated with."""
+
+    incarnation: int
+    conn: Any
+    key: str | None
+
+
+def _conn(who: Any) -> Any:
+    """The connection part of a waiter: the coordinator's waiters are (routing id, request id)."""
+    return who[0] if isinstance(who, tuple) and who else who
+
+
+def _holds(g: Group, rank: int, h: Holder) -> bool:
+    """Whether ``h`` still has ``rank`` in ``g``: a member, or waiting to become one."""
+    for table in (g.joiners, g.members_info if not g.started or rank in g.members else {}):
+        info = table.get(rank)
+        if info is not None and info.get("incarnation") == h.incarnation:
+            return True
+    return False
+
+
+def _cap_waiters(waiters: list[Any], members: int) -> None:
+    """Drop the oldest queued replies beyond the cap (their clients ask again)."""
+    excess = len(waiters) - (MAX_WAITERS + 4 * members)
+    if excess > 0:
+        del waiters[:excess]
 
 
 @dataclass
@@ -116,11 +211,26 @@ class Membership:
     """The coordinator's rules, free of sockets. Methods return a reply dict, or
     ``None`` when the reply must wait; :meth:`ready` lists replies that became due."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        is_live: Callable[[Any], bool] = lambda conn: False,
+        clock: Callable[[], float] = time.monotonic,
+        max_groups: int = MAX_GROUPS,
+        abandon_after: float = ABANDON_AFTER_S,
+    ) -> None:
         self.groups: dict[str, Group] = {}
         self._due: list[tuple[Any, dict[str, Any]]] = []
         self._waiting_join: dict[str, list[tuple[Any, int]]] = {}
         self._waiting_commit: dict[tuple[str, tuple[int, int, int]], list[Any]] = {}
+        # who holds each rank (see "One process a rank" above); is_live(conn) says whether a
+        # connection is still there (the Coordinator asks its socket; the default knows of
+        # none, so on its own a Membership admits every new incarnation, as it did before)
+        self.holders: dict[tuple[str, int], Holder] = {}
+        self._is_live, self._clock = is_live, clock
+        self.max_groups, self.abandon_after = max_groups, abandon_after
+        self._last_live: dict[str, float] = {}
+        self._last_sweep = -float("inf")
 
     def ready(self) -> list[tuple[Any, dict[str, Any]]]:
         out, self._due = self._due, []
@@ -134,11 +244,12 @@ class Membership:
         }
 
     # -- join ------------------------------------------------------------------------
-    def join(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
+    def join(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
         name = _field(req, "group", str)
         rank, world = _field(req, "rank", int), _field(req, "world_size", int)
         if not 1 <= world <= 65535 or not 0 <= rank < world:
             raise RequestError(f"rank {rank} outside a group of {world}")
+        _check_join_sizes(req)
         info = {
             "data": _field(req, "data", str),
             "hb": _field(req, "hb", str),
@@ -150,7 +261,9 @@ class Membership:
         config = _field(req, "config", dict)
         g = self.groups.get(name)
         if g is None:
+            self._make_room()
             g = self.groups[name] = Group(world, config, rank)
+            self._last_live[name] = self._clock()
         if world != g.world_size:
             raise RequestError(
                 f"rank {rank} says world_size={world}, the group has {g.world_size}", "mismatch"
@@ -164,9 +277,12 @@ class Membership:
             raise RequestError(
                 "configuration differs across peers; " + "; ".join(parts), "mismatch"
             )
+        self._claim(name, g, rank, info, _conn(who), key)
         if not g.started:
             g.members_info[rank] = info
-            self._waiting_join.setdefault(name, []).append((who, rank))
+            waiting = self._waiting_join.setdefault(name, [])
+            waiting.append((who, rank))
+            _cap_waiters(waiting, g.world_size)
             if len(g.members_info) == g.world_size:
                 g.started, g.members = True, tuple(range(g.world_size))
                 log.info("group %r started: epoch 0, %d members", name, g.world_size)
@@ -177,9 +293,110 @@ class Membership:
             at = g.joined_at.get(rank)  # a retried join
             return {**self._view(g), "joined_at": None if at is None else list(at)}
         g.joiners[rank] = info
-        self._waiting_join.setdefault(name, []).append((who, rank))
+        waiting = self._waiting_join.setdefault(name, [])
+        waiting.append((who, rank))
+        _cap_waiters(waiting, g.world_size)
         log.info("group %r: rank %d waits to join at the next commit", name, rank)
         return None
+
+    # -- holders, caps, abandoned groups ----------------------------------------------
+    def _claim(
+        self, name: str, g: Group, rank: int, info: dict[str, Any], conn: Any, key: str | None
+    ) -> None:
+        """Record the joiner as the holder of ``rank``, or refuse it (see the module docstring).
+        A holder holds while its process is live and its rank is a member (or waits to be):
+        a rank the group dropped is free for a restarted process."""
+        inc = info["incarnation"]
+        if key is not None:  # CURVE: the key it authenticated with is the key it advertises
+            if info["pubkey"] != key:
+                raise RequestError(
+                    f"rank {rank} advertises a public key that is not the CURVE key it "
+                    "connected with", "security")
+            for (gname, r), h in self.holders.items():
+                if (gname == name and r != rank and h.key == key and _holds(g, r, h)
+                        and self._is_live(h.conn)):
+                    raise RequestError(
+                        f"this CURVE key already holds rank {r} of group {name!r}: with CURVE "
+                        "each rank needs its own key pair (lowband keys generate)", "security")
+        h = self.holders.get((name, rank))
+        if h is not None and h.incarnation != inc and _holds(g, rank, h) and self._is_live(h.conn):
+            raise RequestError(
+                f"rank {rank} of group {name!r} is held by another live process (incarnation "
+                f"{h.incarnation}): two processes were started as the same rank. A restarted "
+                "peer is admitted once its old process has ended", "duplicate")
+        if h is not None and h.incarnation != inc:  # the old holder is gone: so are its waits
+            waiting = self._waiting_join.get(name, [])
+            waiting[:] = [(w, r) for w, r in waiting if r != rank]
+        self.holders[(name, rank)] = Holder(inc, conn, key)
+
+    def authorize(self, req: dict[str, Any], conn: Any, key: str | None) -> None:
+        """For a request that names a group and a rank (commit, leave): with CURVE, only that
+        rank's holder's key may send it. A request with the holder's incarnation refreshes
+        the holder's connection."""
+        name, rank = req.get("group"), req.get("rank")
+        if not isinstance(name, str) or not isinstance(rank, int) or isinstance(rank, bool):
+            return  # the op's own checks refuse it
+        h = self.holders.get((name, rank))
+        if key is not None and (h is None or h.key != key):
+            raise RequestError(
+                f"this CURVE key does not hold rank {rank} of group {name!r}: a key speaks "
+                "only for the rank it joined as", "security")
+        if h is not None and req.get("incarnation") == h.incarnation:
+            h.conn = conn
+
+    def _make_room(self) -> None:
+        """Before a new group: forget abandoned ones at the cap; refuse when still full."""
+        if len(self.groups) < self.max_groups:
+            return
+        if self._clock() - self._last_sweep >= 1.0:  # a sweep probes every group: once a second
+            self.sweep()
+        if len(self.groups) >= self.max_groups:
+            raise RequestError(
+                f"the coordinator holds {len(self.groups)} groups (its cap, --max-groups); "
+                "a group is forgotten once its processes have been gone for "
+                f"{self.abandon_after:g}s")
+
+    def sweep(self) -> list[str]:
+        """Forget every group none of whose holders has had a live connection for
+        ``abandon_after`` seconds; returns their names."""
+        now = self._last_sweep = self._clock()
+        by_group: dict[str, list[Holder]] = {}
+        for (name, _), h in self.holders.items():
+            by_group.setdefault(name, []).append(h)
+        gone = []
+        for name in list(self.groups):
+            if any(self._is_live(h.conn) for h in by_group.get(name, ())):
+                self._last_live[name] = now
+            elif now - self._last_live.get(name, now) >= self.abandon_after:
+                gone.append(name)
+        for name in gone:
+            self.forget_group(name)
+        return gone
+
+    def forget_group(self, name: str) -> None:
+        """Drop every piece of state of group ``name``."""
+        self.groups.pop(name, None)
+        self._last_live.pop(name, None)
+        self._waiting_join.pop(name, None)
+        for k in [k for k in self._waiting_commit if k[0] == name]:
+            del self._waiting_commit[k]
+        for k in [k for k in self.holders if k[0] == name]:
+            del self.holders[k]
+        log.info("group %r forgotten: none of its processes is connected", name)
+
+    def _admit_proposal(self, name: str, g: Group, rank: int, key: tuple[int, int, int]) -> None:
+        """Caps on undecided collectives, checked before ``rank`` proposes for a new ``key``."""
+        if key in g.proposals and rank in g.proposals[key]:
+            return
+        if key not in g.proposals and len(g.proposals) >= MAX_PENDING_KEYS:
+            raise RequestError(f"group {name!r} has {MAX_PENDING_KEYS} undecided collectives (the cap)")
+        mine = [k for k, p in g.proposals.items() if rank in p]
+        if len(mine) >= MAX_PENDING_PER_RANK:  # withdraw this rank's oldest proposal
+            old = mine[0]
+            del g.proposals[old][rank]
+            if not g.proposals[old]:
+                del g.proposals[old]
+                self._waiting_commit.pop((name, old), None)
 
     def status(self, req: dict[str, Any]) -> dict[str, Any]:
         """Which ranks a group has (for a peer's timeout message): nothing is changed."""
@@ -212,10 +429,13 @@ class Membership:
         alive = frozenset(alive_l) & frozenset(g.members)
         if rank not in alive:
             raise RequestError("a proposal must include the proposer")
+        self._admit_proposal(name, g, rank, key)
         props = g.proposals.setdefault(key, {})
         old = props.get(rank)
         props[rank] = alive if old is None else (old & alive)  # proposals only shrink
-        self._waiting_commit.setdefault((name, key), []).append(who)
+        waiters = self._waiting_commit.setdefault((name, key), [])
+        waiters.append(who)
+        _cap_waiters(waiters, len(g.members))
         agreed = frozenset.intersection(*props.values())
         if not agreed <= props.keys():
             return None
@@ -263,7 +483,14 @@ class Membership:
 class Coordinator:
     """The coordinator's socket loop around a :class:`Membership`."""
 
-    def __init__(self, bind: str = "127.0.0.1:0", *, security: Any = None) -> None:
+    def __init__(
+        self,
+        bind: str = "127.0.0.1:0",
+        *,
+        security: Any = None,
+        max_groups: int = MAX_GROUPS,
+        abandon_after: float = ABANDON_AFTER_S,
+    ) -> None:
         from lowband.transport.security import warn_if_exposed
 
         host, _, port = bind.rpartition(":")
@@ -277,6 +504,11 @@ class Coordinator:
         self.sock.maxmsgsize = MAX_REQUEST_BYTES  # libzmq drops a peer that sends more
         self.sock.router_mandatory = 1  # a reply to a vanished client raises instead of vanishing
         self.sock.sndhwm = self.sock.rcvhwm = 10000
+        # a client that reconnects with its routing id takes it over; ZeroMQ heartbeats close
+        # a connection whose process stopped answering, so its ranks' holders count as gone
+        self.sock.router_handover = 1
+        self.sock.heartbeat_ivl = int(_HEARTBEAT_IVL_S * 1000)
+        self.sock.heartbeat_timeout = int(HOLDER_TIMEOUT_S * 1000)
         if security is not None:
             security.server(self.sock)
         endpoint = f"tcp://{host}:{'*' if port == '0' else port}"
@@ -286,7 +518,22 @@ class Coordinator:
             raise TransportError(f"coordinator cannot bind {endpoint!r}: {e}") from e
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.address = self.endpoint.removeprefix("tcp://")
-        self.state = Membership()
+        self.state = Membership(is_live=self._is_live, max_groups=max_groups,
+                                abandon_after=abandon_after)
+
+    def _is_live(self, conn: Any) -> bool:
+        """Whether a client connection is still there: ROUTER_MANDATORY refuses a message to a
+        routing id without one (EHOSTUNREACH). The probe is a reply to no request (``id`` null),
+        which clients ignore."""
+        if not isinstance(conn, bytes):
+            return False
+        try:
+            self.sock.send_multipart([conn, b'{"id": null, "ok": true}'], zmq.NOBLOCK)
+        except zmq.Again:  # connected, its queue full
+            return True
+        except zmq.ZMQError:
+            return False
+        return True
 
     def _reply(self, who: bytes, rid: Any, body: dict[str, Any]) -> None:
         try:
@@ -300,8 +547,9 @@ class Coordinator:
         except zmq.ZMQError as e:  # the client left; it retries if it still cares
             log.debug("coordinator: reply dropped (%s)", e)
 
-    def handle(self, who: bytes, raw: bytes) -> None:
-        """Answer one request. Nothing a client sends raises out of here."""
+    def handle(self, who: bytes, raw: bytes, key: str | None = None) -> None:
+        """Answer one request. Nothing a client sends raises out of here. ``key``: the
+        client's CURVE public key (z85), ``None`` without CURVE."""
         rid: Any = None
         try:
             if len(raw) > MAX_REQUEST_BYTES:
@@ -313,8 +561,10 @@ class Coordinator:
             if _depth(req) > MAX_REQUEST_DEPTH:
                 raise RequestError(f"request nested deeper than {MAX_REQUEST_DEPTH}")
             op = req.get("op")
+            if op not in ("join", "ping", "status"):
+                self.state.authorize(req, who, key)
             if op == "join":
-                out = self.state.join((who, rid), req)
+                out = self.state.join((who, rid), req, key)
             elif op == "commit":
                 out = self.state.commit((who, rid), req)
             elif op == "ping":
@@ -340,8 +590,15 @@ class Coordinator:
         (the launcher that started this coordinator, e.g. torchrun's agent) has ended."""
         deadline = None if stop_after is None else time.monotonic() + stop_after
         next_check = 0.0
+        next_sweep = time.monotonic() + _SWEEP_S
         try:
             while deadline is None or time.monotonic() < deadline:
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + _SWEEP_S
+                    try:
+                        self.state.sweep()
+                    except Exception:  # a bug here must not end the coordinator either
+                        log.exception("coordinator: sweep failed")
                 if exit_with is not None and time.monotonic() >= next_check:
                     next_check = time.monotonic() + 1.0
                     if not _alive(exit_with):
@@ -349,12 +606,19 @@ class Coordinator:
                         return
                 if not self.sock.poll(200):
                     continue
-                msg = self.sock.recv_multipart()
+                msg = self.sock.recv_multipart(copy=False)
                 if len(msg) != 2:
                     log.warning("coordinator: dropped a request of %d frames", len(msg))
                     continue
+                key = None
+                if self._auth is not None:  # the ZAP handler set User-Id to the client's z85 key
+                    try:
+                        key = msg[1].get("User-Id")
+                    except zmq.ZMQError:
+                        log.warning("coordinator: dropped a request without a CURVE user id")
+                        continue
                 try:
-                    self.handle(msg[0], msg[1])
+                    self.handle(msg[0].bytes, msg[1].bytes, key)
                 except Exception:  # handle() catches everything; this guards the loop itself
                     log.exception("coordinator: a request escaped its handler")
         finally:
@@ -472,6 +736,10 @@ def main(argv: list[str]) -> int:
         "--allow", action="append", default=[], help="allowed peer public key file or directory"
     )
     ap.add_argument("--torch-store-port", type=int, help="also host a torch TCPStore on this port")
+    ap.add_argument("--max-groups", type=int, default=MAX_GROUPS,
+                    help=f"groups held at once (default {MAX_GROUPS}); one more is refused")
+    ap.add_argument("--abandon-after", type=float, default=ABANDON_AFTER_S,
+                    help="forget a group once its processes have been gone this many seconds")
     ap.add_argument("--stop-after", type=float, help="exit after this many seconds (tests)")
     ap.add_argument(
         "--exit-with", type=int, metavar="PID", help="exit when process PID ends (its launcher)"
@@ -490,7 +758,8 @@ def main(argv: list[str]) -> int:
 
         # bound to --bind's host alone (torch's own server would listen on every interface)
         store, _ = serve_store(args.bind.rpartition(":")[0], args.torch_store_port)
-    coord = Coordinator(args.bind, security=security)
+    coord = Coordinator(args.bind, security=security, max_groups=args.max_groups,
+                        abandon_after=args.abandon_after)
     print(f"listening on {coord.endpoint}", flush=True)
     try:
         coord.serve(stop_after=args.stop_after, exit_with=args.exit_with)

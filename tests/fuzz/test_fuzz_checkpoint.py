@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -71,14 +72,15 @@ def _mutate(data: st.DataObject, tree: Any, raw: bytearray) -> Any:
             continue
         where = data.draw(st.sampled_from(_paths(tree)))
         if not where:
-            tree = data.draw(st.sampled_from(ODD))
+            tree = copy.deepcopy(data.draw(st.sampled_from(ODD)))
             continue
         parent = tree
         for k in where[:-1]:
             parent = parent[k]
         k = where[-1]
         if op == "replace":
-            parent[k] = data.draw(st.one_of(st.sampled_from(ODD), st.integers(), st.text(max_size=8)))
+            # a copy: later mutations of this case must not change ODD (hypothesis replays cases)
+            parent[k] = copy.deepcopy(data.draw(st.one_of(st.sampled_from(ODD), st.integers(), st.text(max_size=8))))
         elif op == "drop":
             del parent[k]
         elif isinstance(parent, list):
