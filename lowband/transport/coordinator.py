@@ -13,9 +13,20 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   configuration. Until ``world_size`` ranks have joined, replies wait; then epoch
   0 starts with every rank. A configuration that differs from the first joiner's
   is refused with ``kind = "mismatch"`` naming the keys and values. A rank that
-  joins a running group (a restart or a late joiner) waits and enters at the
-  next commit, which starts a new epoch; its reply names that commit's key as
-  ``joined_at`` (``None`` for the ranks present from the start).
+  joins a running group (a restart or a late joiner) waits until its old
+  incarnation is gone (dropped by a commit, or left) and then enters at the next
+  commit that asks for admission (``admit: true``, see :meth:`Group.admit
+  <lowband.transport.group.Group.admit>`), which starts a new epoch; its reply
+  names that commit's key as ``joined_at`` (``None`` for the ranks present from
+  the start). A run whose every member is gone (left, or silent past the lease)
+  is over: the next joins start a fresh run, as on a new coordinator.
+- ``alive``: a member's lease (sent every few seconds by its carrier); a member
+  not heard from for ``lease`` seconds counts as gone when a new run asks.
+- ``leave``: a member (or a waiting joiner) leaves at ``close()``; commits stop
+  waiting for it, and a run whose last member left is over.
+- ``recover``: after a coordinator restart, a member re-registers the membership
+  it holds (epoch, members, its own endpoints, its last decision); the first
+  such claim re-creates the running group, later ones add their endpoints.
 - ``status``: which ranks of a group have joined and whether it started (read only;
   a waiting peer names the missing ranks when its ``init_timeout`` ends).
 - ``commit``: a member proposes the ranks it believes alive for one collective
@@ -23,9 +34,14 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   wait. Members are the ranks of the previous decision (every rank before the
   first). The decision is the intersection of the proposals, made once every rank
   in that intersection has proposed; it is final and every asker gets the same
-  answer. If the set shrank or joiners wait, the membership moves to a new epoch
-  (reported as ``epoch``; the collectives keep their own epoch count). A rank
-  that is no longer a member gets the current members, without itself.
+  answer. If the set shrank, or joiners were admitted, the membership moves to a
+  new epoch (reported as ``epoch``; the collectives keep their own epoch count).
+  Joiners are admitted only at a decision that keeps every member (never at one
+  that drops some: the survivors run that collective again among the smaller
+  set, which would drop the joiner at once), and only when the commit asks
+  (``admit``). Every decision lists the ranks that wait and could be admitted
+  (``waiting``), so every member learns the same thing at the same collective.
+  A rank that is no longer a member gets the current members, without itself.
 
 All state lives in :class:`Membership`, a plain object with no I/O, so its rules
 are unit-tested directly.
@@ -110,15 +126,20 @@ class Group:
     proposals: dict[tuple[int, int, int], dict[int, frozenset[int]]] = field(default_factory=dict)
     decisions: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
     joined_at: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    seen: dict[int, float] = field(default_factory=dict)  # member -> last request (lease)
+    admit: set[tuple[int, int, int]] = field(default_factory=set)  # keys that asked for admission
 
 
 class Membership:
     """The coordinator's rules, free of sockets. Methods return a reply dict, or
     ``None`` when the reply must wait; :meth:`ready` lists replies that became due."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lease: float = 15.0, clock: Any = time.monotonic) -> None:
+        self.lease = lease
+        self.clock = clock
         self.groups: dict[str, Group] = {}
         self._due: list[tuple[Any, dict[str, Any]]] = []
+        self._due_error: list[tuple[Any, str]] = []
         self._waiting_join: dict[str, list[tuple[Any, int]]] = {}
         self._waiting_commit: dict[tuple[str, tuple[int, int, int]], list[Any]] = {}
 
@@ -126,19 +147,21 @@ class Membership:
         out, self._due = self._due, []
         return out
 
+    def ready_errors(self) -> list[tuple[Any, str]]:
+        """Waiting requests that will never get their answer (``kind = "stale"``)."""
+        out, self._due_error = self._due_error, []
+        return out
+
     def _view(self, g: Group) -> dict[str, Any]:
         return {
             "epoch": g.epoch,
             "members": list(g.members),
-            "peers": {str(r): g.members_info[r] for r in g.members},
+            # after a coordinator restart, only members that re-registered have endpoints here
+            "peers": {str(r): g.members_info[r] for r in g.members if r in g.members_info},
         }
 
     # -- join ------------------------------------------------------------------------
-    def join(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
-        name = _field(req, "group", str)
-        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
-        if not 1 <= world <= 65535 or not 0 <= rank < world:
-            raise RequestError(f"rank {rank} outside a group of {world}")
+    def _peer_info(self, req: dict[str, Any]) -> dict[str, Any]:
         info = {
             "data": _field(req, "data", str),
             "hb": _field(req, "hb", str),
@@ -147,10 +170,9 @@ class Membership:
         }
         if info["pubkey"] is not None and not isinstance(info["pubkey"], str):
             raise RequestError("field 'pubkey' not a string")
-        config = _field(req, "config", dict)
-        g = self.groups.get(name)
-        if g is None:
-            g = self.groups[name] = Group(world, config, rank)
+        return info
+
+    def _check_config(self, g: Group, rank: int, world: int, config: dict[str, Any]) -> None:
         if world != g.world_size:
             raise RequestError(
                 f"rank {rank} says world_size={world}, the group has {g.world_size}", "mismatch"
@@ -164,11 +186,48 @@ class Membership:
             raise RequestError(
                 "configuration differs across peers; " + "; ".join(parts), "mismatch"
             )
+
+    def _over(self, g: Group) -> bool:
+        """A running group whose every member is gone: left, or silent past the lease."""
+        now = self.clock()
+        return all(now - g.seen.get(r, -1e18) > self.lease for r in g.members)
+
+    def join(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
+        name = _field(req, "group", str)
+        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
+        if not 1 <= world <= 65535 or not 0 <= rank < world:
+            raise RequestError(f"rank {rank} outside a group of {world}")
+        info = self._peer_info(req)
+        config = _field(req, "config", dict)
+        g = self.groups.get(name)
+        if g is not None and g.started and self._over(g):
+            # the last run ended (closed, or crashed and its lease ran out): a fresh one
+            log.info("group %r: every member of the last run is gone; a new run starts", name)
+            self._end(name, g)
+            g = self.groups.get(name)
+        if g is None:
+            g = self.groups[name] = Group(world, config, rank)
+        try:
+            self._check_config(g, rank, world, config)
+        except RequestError as e:
+            if g.started:  # say why an earlier run may still be in the way
+                ago = self.clock() - max(g.seen.values(), default=self.clock())
+                e.args = (
+                    f"{e}; the running group's members {list(g.members)} were last heard {ago:.0f}s "
+                    f"ago (a crashed run ends when its members leave or after the {self.lease:g}s lease)",
+                )
+            raise
         if not g.started:
+            old = g.members_info.get(rank)
+            if old is not None and old["incarnation"] != info["incarnation"]:
+                # a restarted process before the start: the new one replaces the old
+                self._drop_waiting(name, rank)
             g.members_info[rank] = info
             self._waiting_join.setdefault(name, []).append((who, rank))
             if len(g.members_info) == g.world_size:
                 g.started, g.members = True, tuple(range(g.world_size))
+                now = self.clock()
+                g.seen = {r: now for r in g.members}
                 log.info("group %r started: epoch 0, %d members", name, g.world_size)
                 for w, _ in self._waiting_join.pop(name, []):
                     self._due.append((w, {**self._view(g), "joined_at": None}))
@@ -176,10 +235,40 @@ class Membership:
         if rank in g.members and g.members_info[rank]["incarnation"] == info["incarnation"]:
             at = g.joined_at.get(rank)  # a retried join
             return {**self._view(g), "joined_at": None if at is None else list(at)}
+        old = g.joiners.get(rank)
+        if old is not None and old["incarnation"] != info["incarnation"]:
+            self._drop_waiting(name, rank)  # an earlier restart that never got in
         g.joiners[rank] = info
         self._waiting_join.setdefault(name, []).append((who, rank))
-        log.info("group %r: rank %d waits to join at the next commit", name, rank)
+        log.info("group %r: rank %d waits to be admitted", name, rank)
         return None
+
+    def _drop_waiting(self, name: str, rank: int) -> None:
+        keep = [(w, r) for w, r in self._waiting_join.get(name, []) if r != rank]
+        gone = [(w, r) for w, r in self._waiting_join.get(name, []) if r == rank]
+        self._waiting_join[name] = keep
+        for w, _ in gone:  # the process that asked is gone or replaced: tell it, if it listens
+            self._due_error.append((w, "a newer process with this rank joined"))
+
+    def _end(self, name: str, g: Group) -> None:
+        """Forget a run that is over; joiners waiting on it start the next run."""
+        waiting = [(w, r) for w, r in self._waiting_join.pop(name, []) if r in g.joiners]
+        joiners = dict(g.joiners)
+        del self.groups[name]
+        for key in [k for k in self._waiting_commit if k[0] == name]:
+            for w in self._waiting_commit.pop(key):
+                self._due_error.append((w, "the run ended"))
+        if joiners:
+            first = min(joiners)
+            ng = self.groups[name] = Group(g.world_size, g.config, first)
+            ng.members_info = joiners
+            self._waiting_join[name] = waiting
+            if len(joiners) == g.world_size:
+                ng.started, ng.members = True, tuple(range(g.world_size))
+                now = self.clock()
+                ng.seen = {r: now for r in ng.members}
+                for w, _ in self._waiting_join.pop(name, []):
+                    self._due.append((w, {**self._view(ng), "joined_at": None}))
 
     def status(self, req: dict[str, Any]) -> dict[str, Any]:
         """Which ranks a group has (for a peer's timeout message): nothing is changed."""
@@ -187,14 +276,97 @@ class Membership:
         if g is None:
             return {"world_size": None, "joined": [], "started": False}
         joined = g.members if g.started else sorted(g.members_info)
-        return {"world_size": g.world_size, "joined": list(joined), "started": g.started}
+        return {"world_size": g.world_size, "joined": list(joined), "started": g.started,
+                "waiting": sorted(g.joiners)}
+
+    def alive(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A member's lease: it is still there."""
+        g = self.groups.get(_field(req, "group", str))
+        rank, inc = _field(req, "rank", int), _field(req, "incarnation", int)
+        if g is None or not g.started:
+            return {"member": False, "known": g is not None}
+        member = rank in g.members and g.members_info[rank]["incarnation"] == inc
+        if member:
+            g.seen[rank] = self.clock()
+        return {"member": member, "known": True}
+
+    def leave(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A member (or a waiting joiner) closes: commits stop waiting for it."""
+        name = _field(req, "group", str)
+        rank, inc = _field(req, "rank", int), _field(req, "incarnation", int)
+        g = self.groups.get(name)
+        if g is None:
+            return {}
+        if not g.started:
+            if rank in g.members_info and g.members_info[rank]["incarnation"] == inc:
+                del g.members_info[rank]
+                self._waiting_join[name] = [x for x in self._waiting_join.get(name, []) if x[1] != rank]
+                if not g.members_info:
+                    del self.groups[name]
+            return {}
+        if rank in g.joiners and g.joiners[rank]["incarnation"] == inc:
+            del g.joiners[rank]
+            self._waiting_join[name] = [x for x in self._waiting_join.get(name, []) if x[1] != rank]
+        if rank in g.members and g.members_info[rank]["incarnation"] == inc:
+            g.members = tuple(r for r in g.members if r != rank)
+            g.seen.pop(rank, None)
+            g.epoch += 1
+            log.info("group %r: rank %d left; members %s", name, rank, g.members)
+            if not g.members:
+                self._end(name, g)
+                return {}
+            for key in list(g.proposals):  # a commit that waited for it may be due now
+                self._settle(name, g, key)
+        return {}
+
+    def recover(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
+        """A member re-registers after a coordinator restart (this process knows nothing)."""
+        name = _field(req, "group", str)
+        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
+        if not 1 <= world <= 65535 or not 0 <= rank < world:
+            raise RequestError(f"rank {rank} outside a group of {world}")
+        info = self._peer_info(req)
+        config = _field(req, "config", dict)
+        epoch = _field(req, "epoch", int)
+        members = _field(req, "members", list)
+        if rank not in members or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world for r in members
+        ):
+            raise RequestError("field 'members' must list ranks of the group, the sender included")
+        g = self.groups.get(name)
+        if g is None or not g.started:
+            # the first claim after a restart; joins that came before it wait as joiners
+            early = {} if g is None else dict(g.members_info)
+            g = self.groups[name] = Group(world, config, rank)
+            g.started, g.epoch, g.members = True, epoch, tuple(sorted(set(members)))
+            g.joiners = early
+            log.info("group %r recovered from rank %d: epoch %d, members %s", name, rank, epoch, g.members)
+        self._check_config(g, rank, world, config)
+        if rank not in g.members:
+            raise RequestError(f"rank {rank} is not a member of the recovered group", "stale")
+        old = g.members_info.get(rank)
+        if old is not None and old["incarnation"] != info["incarnation"]:
+            raise RequestError(f"rank {rank} is held by another process", "stale")
+        g.members_info[rank] = info
+        g.seen[rank] = self.clock()
+        last = req.get("last")  # this peer's last decision: a slower peer may still ask for it
+        if isinstance(last, dict):
+            key_l, parts = last.get("key"), last.get("participants")
+            if (
+                isinstance(key_l, list) and len(key_l) == 3 and isinstance(parts, list)
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in key_l + parts)
+            ):
+                key = (key_l[0], key_l[1], key_l[2])
+                if key not in g.decisions:
+                    g.decisions[key] = {"participants": sorted(parts), **self._view(g), "waiting": []}
+        return self._view(g)
 
     # -- commit ----------------------------------------------------------------------
     def commit(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
         name = _field(req, "group", str)
         g = self.groups.get(name)
         if g is None or not g.started:
-            raise RequestError(f"group {name!r} has not started")
+            raise RequestError(f"group {name!r} has not started", "unknown")
         rank = _field(req, "rank", int)
         key_l = _field(req, "key", list)
         alive_l = _field(req, "alive", list)
@@ -208,30 +380,55 @@ class Membership:
         if key in g.decisions:
             return g.decisions[key]
         if rank not in g.members:  # dropped earlier: the answer is a set without it
-            return {"participants": list(g.members), **self._view(g)}
+            return {"participants": list(g.members), **self._view(g), "waiting": []}
+        if rank not in g.members_info or (
+            isinstance(req.get("incarnation"), int)
+            and req["incarnation"] != g.members_info[rank]["incarnation"]
+        ):
+            raise RequestError(f"rank {rank} is not registered here: recover first", "unknown")
+        g.seen[rank] = self.clock()
         alive = frozenset(alive_l) & frozenset(g.members)
         if rank not in alive:
             raise RequestError("a proposal must include the proposer")
+        if req.get("admit") is True:
+            g.admit.add(key)
         props = g.proposals.setdefault(key, {})
         old = props.get(rank)
         props[rank] = alive if old is None else (old & alive)  # proposals only shrink
         self._waiting_commit.setdefault((name, key), []).append(who)
-        agreed = frozenset.intersection(*props.values())
-        if not agreed <= props.keys():
-            return None
-        self._decide(name, g, key, tuple(sorted(agreed)))
+        self._settle(name, g, key)
         return None
+
+    def _settle(self, name: str, g: Group, key: tuple[int, int, int]) -> None:
+        """Decide ``key`` if every rank in the intersection of its proposals has proposed."""
+        props = g.proposals.get(key)
+        if not props:
+            return
+        agreed = frozenset.intersection(*props.values()) & frozenset(g.members)
+        if agreed <= props.keys() and agreed:
+            self._decide(name, g, key, tuple(sorted(agreed)))
 
     def _decide(
         self, name: str, g: Group, key: tuple[int, int, int], parts: tuple[int, ...]
     ) -> None:
         g.proposals.pop(key, None)
-        new_epoch = parts != g.members or bool(g.joiners)
-        if new_epoch:
+        admit = key in g.admit
+        g.admit.discard(key)
+        # a joiner enters only at a decision that keeps every member (the collective is then
+        # complete: no retry among fewer ranks can undo the admission), once the process that
+        # held its rank before is out of the membership
+        shrank = parts != g.members
+        joined: dict[int, dict[str, Any]] = {}
+        if admit and not shrank:
+            joined = {r: i for r, i in g.joiners.items() if r not in parts}
+        if shrank or joined:
             g.epoch += 1
-            for r, info in g.joiners.items():
+            for r, info in joined.items():
                 g.members_info[r] = info
-            g.members = tuple(sorted(set(parts) | set(g.joiners)))
+                g.joiners.pop(r)
+                g.joined_at[r] = key
+                g.seen[r] = self.clock()
+            g.members = tuple(sorted(set(parts) | set(joined)))
             log.info(
                 "group %r: epoch %d with members %s (participants of %s: %s)",
                 name,
@@ -240,9 +437,6 @@ class Membership:
                 key,
                 parts,
             )
-            joined, g.joiners = set(g.joiners), {}
-            for r in joined:
-                g.joined_at[r] = key
             view = self._view(g)
             keep = []
             for w, r in self._waiting_join.pop(name, []):
@@ -252,7 +446,8 @@ class Membership:
                     keep.append((w, r))
             if keep:
                 self._waiting_join[name] = keep
-        decision = {"participants": list(parts), **self._view(g)}
+        waiting = sorted(r for r in g.joiners if r not in g.members)
+        decision = {"participants": list(parts), **self._view(g), "waiting": waiting}
         g.decisions[key] = decision
         while len(g.decisions) > _KEEP_DECISIONS:
             g.decisions.pop(next(iter(g.decisions)))
@@ -263,7 +458,9 @@ class Membership:
 class Coordinator:
     """The coordinator's socket loop around a :class:`Membership`."""
 
-    def __init__(self, bind: str = "127.0.0.1:0", *, security: Any = None) -> None:
+    def __init__(
+        self, bind: str = "127.0.0.1:0", *, security: Any = None, lease: float = 15.0
+    ) -> None:
         from lowband.transport.security import warn_if_exposed
 
         host, _, port = bind.rpartition(":")
@@ -286,7 +483,7 @@ class Coordinator:
             raise TransportError(f"coordinator cannot bind {endpoint!r}: {e}") from e
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.address = self.endpoint.removeprefix("tcp://")
-        self.state = Membership()
+        self.state = Membership(lease=lease)
 
     def _reply(self, who: bytes, rid: Any, body: dict[str, Any]) -> None:
         try:
@@ -317,6 +514,12 @@ class Coordinator:
                 out = self.state.join((who, rid), req)
             elif op == "commit":
                 out = self.state.commit((who, rid), req)
+            elif op == "alive":
+                out = self.state.alive(req)
+            elif op == "leave":
+                out = self.state.leave(req)
+            elif op == "recover":
+                out = self.state.recover((who, rid), req)
             elif op == "ping":
                 out = {}
             elif op == "status":
@@ -334,6 +537,8 @@ class Coordinator:
             self._reply(who, rid, {"ok": False, "kind": "error", "error": "internal error"})
         for (w, r), body in self.state.ready():
             self._reply(w, r, {"ok": True, **body})
+        for (w, r), why in self.state.ready_errors():
+            self._reply(w, r, {"ok": False, "kind": "stale", "error": why})
 
     def serve(self, *, stop_after: float | None = None, exit_with: int | None = None) -> None:
         """Answer requests until ``stop_after`` seconds have passed or process ``exit_with``
@@ -472,6 +677,10 @@ def main(argv: list[str]) -> int:
         "--allow", action="append", default=[], help="allowed peer public key file or directory"
     )
     ap.add_argument("--torch-store-port", type=int, help="also host a torch TCPStore on this port")
+    ap.add_argument(
+        "--lease", type=float, default=15.0,
+        help="seconds without a word from every member before a crashed run is over (default 15)",
+    )
     ap.add_argument("--stop-after", type=float, help="exit after this many seconds (tests)")
     ap.add_argument(
         "--exit-with", type=int, metavar="PID", help="exit when process PID ends (its launcher)"
@@ -490,7 +699,7 @@ def main(argv: list[str]) -> int:
 
         # bound to --bind's host alone (torch's own server would listen on every interface)
         store, _ = serve_store(args.bind.rpartition(":")[0], args.torch_store_port)
-    coord = Coordinator(args.bind, security=security)
+    coord = Coordinator(args.bind, security=security, lease=args.lease)
     print(f"listening on {coord.endpoint}", flush=True)
     try:
         coord.serve(stop_after=args.stop_after, exit_with=args.exit_with)
