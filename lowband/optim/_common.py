@@ -253,7 +253,9 @@ def agree_on_start(
     )
     ref = mine.clone()
     meter.launched(2)
-    group.broadcast(ref, src=0).wait()
+    # the lowest participant's parameters (rank 0, unless a drop-mode group lost it at start)
+    src = min(getattr(group, "participants", None) or (0,))
+    group.broadcast(ref, src=src).wait()
     flag = group.all_reduce(torch.tensor([float(not torch.equal(ref, mine))]), op="sum").wait()
     meter.finished(2)
     if float(flag[0]) == 0:
@@ -264,7 +266,7 @@ def agree_on_start(
         for b in buckets:
             buf = staging[: b.numel]
             gather_into(b, buf)
-            group.broadcast(buf, src=0).wait()
+            group.broadcast(buf, src=src).wait()
             scatter_from(b, buf)
     meter.finished(len(buckets))
     return True

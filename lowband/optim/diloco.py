@@ -240,6 +240,12 @@ class DiLoCo(torch.optim.Optimizer):
         return self._meter.stats
 
     @property
+    def step_count(self) -> int:
+        """Calls of :meth:`step` so far (on a rank that joined a running group, the members'
+        count from its first step on): the clock of the sync schedule."""
+        return self._step_count
+
+    @property
     def outer_optimizer(self) -> torch.optim.Optimizer:
         return self._outer
 

@@ -59,7 +59,12 @@ import zmq
 
 from lowband import WIRE_VERSION, __version__
 from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
-from lowband.transport._coord_client import CoordinatorClient, UnknownToCoordinator, route_source
+from lowband.transport._coord_client import (
+    CoordinatorClient,
+    StaleEpoch,
+    UnknownToCoordinator,
+    route_source,
+)
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import MAX_FRAMES, chunk_spans
 from lowband.transport._zmq_io import IOLoop
@@ -146,8 +151,7 @@ class ZmqCarrier:
         self.stats = CommStats()
         self.peer_timeout = peer_timeout
         # a peer whose connections all closed and whose address refuses new ones is lost at
-        # once (its process ended); init_group turns this off with on_failure="drop", where a
-        # rejoining peer's old incarnation must not be dropped ahead of its rejoin (issue 16)
+        # once (its process ended), not only after peer_timeout
         self.closed_is_lost = closed_is_lost
         self.streams = n_streams
         self.chunk_size = chunk_size
@@ -171,6 +175,7 @@ class ZmqCarrier:
         self._inbox: dict[tuple[int, Key], tuple[list[Any], int, int]] = {}
         self._floor_epoch = 0
         self._closed = False
+        self._dropped = False  # the coordinator says this rank is no longer a member
         self.ctx = zmq.Context(io_threads=max(1, min(4, n_streams)))
         self._auth = security.start_authenticator(self.ctx) if security is not None else None
         try:
@@ -304,6 +309,13 @@ class ZmqCarrier:
                     raise TransportError(f"rank {self.rank}: {key} belongs to a forgotten epoch")
                 if self.io.is_lost(peer):
                     raise PeerLost(self._lost_message(peer, key), peers=(peer,))
+                if self._dropped and key[0] >= self._floor_epoch:
+                    # the others dropped this rank and went on: nobody will send this message
+                    raise PeerLost(
+                        f"rank {self.rank} was dropped from the group (the others lost it; "
+                        f"waiting for collective {key[1]} from rank {peer})",
+                        peers=(self.rank,),
+                    )
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise CollectiveTimeout(
@@ -381,7 +393,14 @@ class ZmqCarrier:
             try:
                 rep = self.client.ask(req, timeout=0.25, ids=ids)
             except UnknownToCoordinator:
-                self._recover()  # the coordinator restarted: tell it the membership, ask again
+                # the coordinator restarted: tell it the membership, then ask again
+                if not self._recover():
+                    raise PeerLost(
+                        f"rank {self.rank}: the coordinator at {self.client.endpoint} no longer "
+                        "counts this rank a member of a running group (its run ended or went on "
+                        "without it)",
+                        peers=(self.rank,),
+                    ) from None
                 ids = set()
                 continue
             if rep is not None:
@@ -408,8 +427,9 @@ class ZmqCarrier:
             f"in {limit:g}s (the coordinator at {self.client.endpoint} answers)"
         )
 
-    def _recover(self) -> None:
-        """Re-register this member's view with a coordinator that restarted and knows nothing."""
+    def _recover(self) -> bool:
+        """Re-register this member's view with a coordinator that restarted and knows nothing;
+        False if it refuses (the run ended, or went on without this rank)."""
         req = {
             **self._join_req,
             "op": "recover",
@@ -417,11 +437,16 @@ class ZmqCarrier:
             "members": list(self.members),
             "last": self._last,
         }
-        rep = self.client.ask(req, timeout=2.0)
+        try:
+            rep = self.client.ask(req, timeout=2.0)
+        except StaleEpoch as e:  # the run ended, or moved on without this rank
+            log.info("rank %d: not recovered: %s", self.rank, e)
+            return False
         if rep is not None:
             log.warning("rank %d: the coordinator at %s restarted; membership recovered (epoch %d, members %s)",
                         self.rank, self.client.endpoint, rep["epoch"], rep["members"])
             self._apply_view(rep)
+        return True
 
     def _keep_lease(self) -> None:
         every = min(3.0, max(0.5, self.peer_timeout / 4))
@@ -434,6 +459,10 @@ class ZmqCarrier:
                 )
                 if rep is not None and not rep.get("known", True):
                     self._recover()
+                elif rep is not None and rep.get("member") is False:
+                    with self._cond:
+                        self._dropped = True
+                        self._cond.notify_all()
             except TransportError as e:  # the next commit says what is wrong
                 log.debug("rank %d: lease: %s", self.rank, e)
             except Exception:  # never let the lease thread die noisily at teardown

@@ -128,6 +128,8 @@ class Group:
     joined_at: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     seen: dict[int, float] = field(default_factory=dict)  # member -> last request (lease)
     admit: set[tuple[int, int, int]] = field(default_factory=set)  # keys that asked for admission
+    recovered: bool = False  # rebuilt from members' claims after a coordinator restart
+    seeded: set[tuple[int, int, int]] = field(default_factory=set)  # decisions taken from claims
 
 
 class Membership:
@@ -138,6 +140,7 @@ class Membership:
         self.lease = lease
         self.clock = clock
         self.groups: dict[str, Group] = {}
+        self._ended: set[str] = set()  # runs that ended here: a late member may not revive them
         self._due: list[tuple[Any, dict[str, Any]]] = []
         self._due_error: list[tuple[Any, str]] = []
         self._waiting_join: dict[str, list[tuple[Any, int]]] = {}
@@ -207,6 +210,7 @@ class Membership:
             g = self.groups.get(name)
         if g is None:
             g = self.groups[name] = Group(world, config, rank)
+            self._ended.discard(name)
         try:
             self._check_config(g, rank, world, config)
         except RequestError as e:
@@ -255,6 +259,7 @@ class Membership:
         waiting = [(w, r) for w, r in self._waiting_join.pop(name, []) if r in g.joiners]
         joiners = dict(g.joiners)
         del self.groups[name]
+        self._ended.add(name)
         for key in [k for k in self._waiting_commit if k[0] == name]:
             for w in self._waiting_commit.pop(key):
                 self._due_error.append((w, "the run ended"))
@@ -303,6 +308,7 @@ class Membership:
                 self._waiting_join[name] = [x for x in self._waiting_join.get(name, []) if x[1] != rank]
                 if not g.members_info:
                     del self.groups[name]
+                    self._ended.add(name)
             return {}
         if rank in g.joiners and g.joiners[rank]["incarnation"] == inc:
             del g.joiners[rank]
@@ -333,14 +339,22 @@ class Membership:
             isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world for r in members
         ):
             raise RequestError("field 'members' must list ranks of the group, the sender included")
+        if name in self._ended:
+            raise RequestError(f"the run of group {name!r} ended; rank {rank} must join anew", "stale")
         g = self.groups.get(name)
         if g is None or not g.started:
             # the first claim after a restart; joins that came before it wait as joiners
             early = {} if g is None else dict(g.members_info)
             g = self.groups[name] = Group(world, config, rank)
             g.started, g.epoch, g.members = True, epoch, tuple(sorted(set(members)))
-            g.joiners = early
+            g.joiners, g.recovered = early, True
             log.info("group %r recovered from rank %d: epoch %d, members %s", name, rank, epoch, g.members)
+        elif g.recovered and epoch > g.epoch and not g.decisions.keys() - g.seeded:
+            # a newer view than the claim the group was rebuilt from (that one came from a
+            # member that had missed a change): take it, before any new decision was made
+            g.epoch, g.members = epoch, tuple(sorted(set(members)))
+            for r in [r for r in g.members_info if r not in g.members]:
+                g.joiners.setdefault(r, g.members_info.pop(r))
         self._check_config(g, rank, world, config)
         if rank not in g.members:
             raise RequestError(f"rank {rank} is not a member of the recovered group", "stale")
@@ -359,6 +373,7 @@ class Membership:
                 key = (key_l[0], key_l[1], key_l[2])
                 if key not in g.decisions:
                     g.decisions[key] = {"participants": sorted(parts), **self._view(g), "waiting": []}
+                    g.seeded.add(key)
         return self._view(g)
 
     # -- commit ----------------------------------------------------------------------

@@ -372,10 +372,12 @@ class Group:
             result: T | None = None
             ok = False
             suspects: set[int] = set()
+            lost_error: PeerLost | None = None
             try:
                 result = body(rnd)
                 ok = True
             except PeerLost as e:
+                lost_error = e
                 suspects = set(e.peers) | rnd.lost
                 rnd.abort(sorted(suspects))
                 if self.on_failure == "raise":
@@ -415,6 +417,8 @@ class Group:
                     result = tuple(r for r in members if r not in committed)  # type: ignore[assignment]
                 return result, committed  # type: ignore[return-value]
             if not changed:
+                if lost_error is not None:  # it needs a rank that is already out (a broadcast's source)
+                    raise lost_error
                 raise TransportError(f"collective {seq} failed but the participant set did not change")
             lost = sorted(set(rnd.participants) - set(committed))
             log.warning("rank %d: dropping ranks %s, collective %d runs again at epoch %d", self.rank, lost, seq, epoch)

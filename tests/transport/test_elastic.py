@@ -7,9 +7,9 @@ import itertools
 import os
 
 import pytest
-from elastic_workers import one_run
+from elastic_workers import elastic_train, one_run
 
-from lowband.testing import ProcessDied, spawn_group
+from lowband.testing import Launcher, ProcessDied, random_kills, spawn_group
 from lowband.transport.coordinator import start_coordinator
 
 _names = itertools.count()
@@ -35,3 +35,24 @@ def test_a_coordinator_takes_a_new_run_after_close_and_after_a_crash(coordinator
     crashed = spawn_group(2, one_run, coordinator, name, True, timeout=90, return_exceptions=True)
     assert all(isinstance(r, ProcessDied) for r in crashed), crashed
     assert spawn_group(2, one_run, coordinator, name, False, timeout=90) == [3.0, 3.0]
+
+
+def test_killed_peers_restart_rejoin_and_match_the_survivors(coordinator: str, tmp_path) -> None:
+    """Issue 16, items 1 and 4: SIGKILL of random ranks (rank 0 included) at random points
+    while the group trains; the launcher runs the same function again, the new process is
+    admitted after a sync and healed from a live peer, and at the end every rank holds the
+    same global parameters."""
+    world, steps, H = 3, 160, 4
+    kills = random_kills(seed=1, world=world, n=2, between=(0.5, 4.0), gap=1.5)
+    trains = lambda: all((tmp_path / f"rank{r}").exists() for r in range(world))  # noqa: E731
+    with Launcher(world, elastic_train, coordinator, _name("kill"), steps, H, 0.05, str(tmp_path),
+                  max_restarts=3) as ln:
+        results = ln.run(timeout=150, kills=kills, clock_from=trains)
+        events = ln.events
+    story = "\n".join(map(str, events + results))
+    assert all(isinstance(r, dict) for r in results), story
+    assert len({r["fp"] for r in results}) == 1, story
+    assert all(r["step"] == steps and r["participants"] == (0, 1, 2) for r in results), story
+    killed = {rank for _, rank, what in events if what == "killed"}
+    assert killed and all(results[r]["joined"] for r in killed), story
+    assert all(results[r]["first"] > H for r in killed), story  # healed: the members' count
