@@ -44,8 +44,8 @@ from lowband.optim._common import (
     resolve_codec,
     resolve_error_feedback,
 )
-from lowband.optim._join import fingerprint, heal, joining, welcome
 from lowband.transport import CommStats
+from lowband.transport._join import fingerprint, heal, joining, welcome
 
 __all__ = ["DiLoCo"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 import lowband
-from lowband.optim._join import fingerprint
 from lowband.testing import ThreadGroup
+from lowband.transport._join import fingerprint
 
 H, STEPS = 4, 64
 
@@ -50,3 +50,52 @@ def test_a_restarted_rank_is_admitted_after_a_sync_and_takes_the_live_state() ->
     assert all(r[2] == (0, 1, 2) for r in results)
     for a, b in zip(results[0][3], results[2][3]):
         assert torch.equal(a, b)  # STEPS ends on a sync: the model holds the global values
+
+
+def test_compressed_gradients_heals_a_restarted_rank() -> None:
+    def fn(group, tg):
+        model = _model(0)
+        opt = lowband.CompressedGradients(torch.optim.AdamW(model.parameters(), lr=1e-2), group=group,
+                                          codec="q8")
+        if group.rank == 1:
+            _steps(model, opt, 1, 5)
+            tg.kill(1)
+            group = tg.rejoin(1)
+            model = _model(7)
+            opt = lowband.CompressedGradients(torch.optim.AdamW(model.parameters(), lr=1e-2), group=group,
+                                              codec="q8")
+            _steps(model, opt, 1, 15)
+        else:
+            def back() -> bool:  # rank 1 was dropped (epoch 1) and let in again (epoch 2)
+                return group.epoch >= 2 and 1 in group.participants
+
+            _steps(model, opt, group.rank, 0, until_joined=back, extra=15)
+        return fingerprint(list(model.parameters())), group.participants
+
+    with ThreadGroup(3, on_failure="drop") as tg:
+        results = tg.run(fn, tg, timeout=120)
+    assert len({r[0] for r in results}) == 1, results
+    assert all(r[1] == (0, 1, 2) for r in results)
+
+
+def _steps(model, opt, rank, n, until_joined=None, extra=0):
+    """``n`` steps; with ``until_joined``, steps until it holds (bounded), then ``extra`` more."""
+    i = 0
+
+    def one() -> None:
+        nonlocal i
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(rank * 10_000 + i))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), x[:, :1].sin()).backward()
+        opt.step()
+        i += 1
+
+    if until_joined is None:
+        for _ in range(n):
+            one()
+        return
+    while not until_joined():
+        assert i < 2000, "the joiner was never admitted"
+        one()
+    for _ in range(extra):
+        one()

@@ -28,7 +28,7 @@ def elastic_train(rank: int, world: int, coord: str, name: str, steps: int, H: i
     import os
     import time
 
-    from lowband.optim._join import fingerprint
+    from lowband.transport._join import fingerprint
 
     group = lowband.init_group(rank, world, store=coord, backend="zmq", group_name=name, on_failure="drop",
                                peer_timeout=10.0, init_timeout=60)
