@@ -3,6 +3,7 @@ live member (issue 16, item 1): in-process ranks over the real Group and collect
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lowband
@@ -52,24 +53,34 @@ def test_a_restarted_rank_is_admitted_after_a_sync_and_takes_the_live_state() ->
         assert torch.equal(a, b)  # STEPS ends on a sync: the model holds the global values
 
 
-def test_compressed_gradients_heals_a_restarted_rank() -> None:
+def _compressed(model, group):
+    return lowband.CompressedGradients(torch.optim.AdamW(model.parameters(), lr=1e-2), group=group, codec="q8")
+
+
+def _demo(model, group, overlap=False):
+    return lowband.DeMo(model.parameters(), lr=1e-3, group=group, topk=4, chunk=8, overlap=overlap)
+
+
+@pytest.mark.parametrize("make", [_compressed, _demo, lambda m, g: _demo(m, g, True)],
+                         ids=["compressed", "demo", "demo-overlap"])
+def test_per_step_optimizers_heal_a_restarted_rank(make) -> None:
     def fn(group, tg):
         model = _model(0)
-        opt = lowband.CompressedGradients(torch.optim.AdamW(model.parameters(), lr=1e-2), group=group,
-                                          codec="q8")
+        opt = make(model, group)
         if group.rank == 1:
             _steps(model, opt, 1, 5)
             tg.kill(1)
             group = tg.rejoin(1)
             model = _model(7)
-            opt = lowband.CompressedGradients(torch.optim.AdamW(model.parameters(), lr=1e-2), group=group,
-                                              codec="q8")
+            opt = make(model, group)
             _steps(model, opt, 1, 15)
         else:
             def back() -> bool:  # rank 1 was dropped (epoch 1) and let in again (epoch 2)
                 return group.epoch >= 2 and 1 in group.participants
 
             _steps(model, opt, group.rank, 0, until_joined=back, extra=15)
+        if hasattr(opt, "flush"):
+            opt.flush()
         return fingerprint(list(model.parameters())), group.participants
 
     with ThreadGroup(3, on_failure="drop") as tg:
