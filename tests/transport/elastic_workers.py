@@ -51,3 +51,21 @@ def elastic_train(rank: int, world: int, coord: str, name: str, steps: int, H: i
            "participants": group.participants}
     group.close()
     return out
+
+
+def through_coordinator_restart(rank: int, world: int, coord: str, name: str, rounds: int) -> object:
+    """Drop-mode all-reduces, one every 0.1 s, while the test restarts (or ends) the coordinator."""
+    import time
+
+    group = lowband.init_group(rank, world, store=coord, backend="zmq", group_name=name, on_failure="drop",
+                               peer_timeout=3.0, init_timeout=40)
+    try:
+        for i in range(rounds):
+            out = group.all_reduce(torch.full((4,), float(rank + i)), op="sum").wait()
+            assert float(out[0]) == sum(r + i for r in range(world)), out
+            time.sleep(0.1)
+        return group.participants
+    except Exception as e:  # the test reads the message
+        return f"{type(e).__name__}: {e}"
+    finally:
+        group.close()

@@ -7,7 +7,7 @@ import itertools
 import os
 
 import pytest
-from elastic_workers import elastic_train, one_run
+from elastic_workers import elastic_train, one_run, through_coordinator_restart
 
 from lowband.testing import Launcher, ProcessDied, random_kills, spawn_group
 from lowband.transport.coordinator import start_coordinator
@@ -37,6 +37,7 @@ def test_a_coordinator_takes_a_new_run_after_close_and_after_a_crash(coordinator
     assert spawn_group(2, one_run, coordinator, name, False, timeout=90) == [3.0, 3.0]
 
 
+@pytest.mark.skipif(not os.environ.get("LOWBAND_LONG_TESTS"), reason="about 60 s: set LOWBAND_LONG_TESTS=1")
 def test_killed_peers_restart_rejoin_and_match_the_survivors(coordinator: str, tmp_path) -> None:
     """Issue 16, items 1 and 4: SIGKILL of random ranks (rank 0 included) at random points
     while the group trains; the launcher runs the same function again, the new process is
@@ -56,3 +57,39 @@ def test_killed_peers_restart_rejoin_and_match_the_survivors(coordinator: str, t
     killed = {rank for _, rank, what in events if what == "killed"}
     assert killed and all(results[r]["joined"] for r in killed), story
     assert all(results[r]["first"] > H for r in killed), story  # healed: the members' count
+
+
+def test_training_goes_on_through_a_coordinator_restart_and_says_when_it_is_gone() -> None:
+    """Issue 16, item 3: the members re-register with a restarted coordinator (same address)
+    and go on; a coordinator that stays away is named in the error, within seconds."""
+    import threading
+    import time
+
+    co = start_coordinator(args=["--lease", "2"])
+    address = co.address
+    box = [co]
+    t = threading.Thread()
+
+    def restart(after: float, again: bool) -> None:
+        time.sleep(after)
+        box[0].stop()
+        if again:
+            box[0] = start_coordinator(address, args=["--lease", "2"])
+
+    try:
+        t = threading.Thread(target=restart, args=(4.0, True))
+        t.start()
+        results = spawn_group(2, through_coordinator_restart, address, _name("co"), 80, timeout=120)
+        t.join(60)
+        assert results == [(0, 1), (0, 1)], results
+        t = threading.Thread(target=restart, args=(3.0, False))
+        t.start()
+        results = spawn_group(2, through_coordinator_restart, address, _name("co"), 400, timeout=120)
+        t.join(60)
+        for r in results:
+            assert isinstance(r, str) and "CollectiveTimeout" in r and "coordinator" in r, results
+            assert f"{address}" in r and "has not answered" in r, results
+    finally:
+        if t.is_alive():
+            t.join(60)
+        box[0].stop()
