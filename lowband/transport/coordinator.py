@@ -290,6 +290,8 @@ class Membership:
         rank, inc = _field(req, "rank", int), _field(req, "incarnation", int)
         if g is None or not g.started:
             return {"member": False, "known": g is not None}
+        if rank in g.members and rank not in g.members_info:  # recovered; it has not re-registered
+            return {"member": False, "known": False}
         member = rank in g.members and g.members_info[rank]["incarnation"] == inc
         if member:
             g.seen[rank] = self.clock()
