@@ -40,6 +40,15 @@ session, and an ``atexit`` hook does as well). A worker that dies (``kill_self()
 is a real ``SIGKILL``) or overruns ``timeout`` is killed and replaced; its slot
 in the results holds a :class:`ProcessDied` (with ``return_exceptions=True``, as
 do errors raised by ``fn``) or the first error is raised.
+
+Peers that die and come back, as under a launcher (``torchrun --max-restarts``)::
+
+    from lowband.testing import Launcher, random_kills
+
+    with Launcher(4, train, coordinator_address, max_restarts=3) as ln:   # train(rank, world, addr)
+        kills = random_kills(seed=0, world=4, n=2, between=(1.0, 5.0))  # (seconds, rank), rank 0 too
+        results = ln.run(timeout=120, kills=kills)   # SIGKILLs on the way; dead ranks run again
+        ln.restarts, ln.events                       # who was restarted, and the story
 """
 
 from __future__ import annotations
