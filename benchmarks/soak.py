@@ -1,7 +1,7 @@
-"""Soak: DiLoCo training over the ZeroMQ group under seeded faults (issue 9, "Done when").
+"""Soak: DiLoCo training over the ZeroMQ group under seeded faults (issues 9 and 16).
 
-    python benchmarks/soak.py --minutes 10 --seed 0 --world 8      # the issue's figure
-    python benchmarks/soak.py --minutes 1 --world 4                 # a short run
+    python benchmarks/soak.py --minutes 10 --world 8      # the issue's figure (about 25 min)
+    python benchmarks/soak.py --minutes 1 --world 4        # a short run (about 4 min)
 
 The engine is :mod:`lowband.bench.soak` (its docstring says what runs and what is printed).
 """

@@ -49,6 +49,15 @@ session, and an ``atexit`` hook does as well). A worker that dies (``kill_self()
 is a real ``SIGKILL``) or overruns ``timeout`` is killed and replaced; its slot
 in the results holds a :class:`ProcessDied` (with ``return_exceptions=True``, as
 do errors raised by ``fn``) or the first error is raised.
+
+Peers that die and come back, as under a launcher (``torchrun --max-restarts``)::
+
+    from lowband.testing import Launcher, random_kills
+
+    with Launcher(4, train, coordinator_address, max_restarts=3) as ln:   # train(rank, world, addr)
+        kills = random_kills(seed=0, world=4, n=2, between=(1.0, 5.0))  # (seconds, rank), rank 0 too
+        results = ln.run(timeout=120, kills=kills)   # SIGKILLs on the way; dead ranks run again
+        ln.restarts, ln.events                       # who was restarted, and the story
 """
 
 from __future__ import annotations
@@ -74,9 +83,11 @@ from lowband.transport.group import Group
 __all__ = [
     "interruptible",
     "ProcessDied",
+    "Launcher",
     "ProcessPool",
     "RecordingGroup",
     "ThreadGroup",
+    "random_kills",
     "default_pool",
     "flat_params",
     "flood_requests",
@@ -404,6 +415,164 @@ def default_pool() -> ProcessPool:
         _pool = ProcessPool()
         atexit.register(_pool.close)
     return _pool
+
+
+class Launcher:
+    """``fn(rank, world, *args)`` in one real process per rank, restarted when it dies, as
+    ``torchrun --max-restarts`` or systemd would: the same function runs again for that rank,
+    with no flag (a restarted peer finds out from its group that it joined a running one).
+
+    Restarts take a warm spare process (``torch`` already imported) so a test does not pay
+    seconds of start-up per kill; a real launcher pays them, and the protocol does not care.
+    :meth:`kill` sends a signal to a rank's process now; :meth:`run` waits for every rank to
+    return (its last attempt's result), killing ranks at the times of ``kills`` on the way
+    (see :func:`random_kills`). Every process it started is ended when :meth:`close` (or the
+    ``with`` block) ends::
+
+        with Launcher(4, train, coordinator_address) as ln:
+            results = ln.run(timeout=120, kills=random_kills(seed=0, world=4, n=2, between=(3, 10)))
+            ln.restarts                  # {rank: times restarted}
+    """
+
+    def __init__(
+        self, world: int, fn: Callable[..., Any], *args: Any, max_restarts: int = 3, spares: int = 1
+    ) -> None:
+        self.world, self.fn, self.args = world, fn, args
+        self.max_restarts = max_restarts
+        self._ctx = mp.get_context("spawn")
+        self._spares = [_Worker(self._ctx) for _ in range(spares)]
+        self._workers = [_Worker(self._ctx) for _ in range(world)]
+        for w in self._workers + self._spares:  # warm: kill times count from a started group
+            w.conn.send((os.getpid, (), {}))
+        for w in self._workers + self._spares:
+            if not w.conn.poll(300):
+                raise CollectiveTimeout("a launcher process did not start within 300s")
+            w.conn.recv()
+        self.restarts = {r: 0 for r in range(world)}
+        #: (seconds since run() began, rank, what): "started", "killed", "died", "restarted", "done"
+        self.events: list[tuple[float, int, str]] = []
+        self._t0 = time.monotonic()
+
+    def _note(self, rank: int, what: str) -> None:
+        self.events.append((time.monotonic() - self._t0, rank, what))
+
+    def kill(self, rank: int, sig: int = signal.SIGKILL) -> bool:
+        """Send ``sig`` to ``rank``'s process; False if it is not running."""
+        w = self._workers[rank]
+        if not w.proc.is_alive() or w.proc.pid is None:
+            return False
+        try:
+            os.kill(w.proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        self._note(rank, "killed")
+        return True
+
+    def _restart(self, rank: int) -> None:
+        old = self._workers[rank]
+        old.kill()
+        self._workers[rank] = self._spares.pop(0) if self._spares else _Worker(self._ctx)
+        self._spares.append(_Worker(self._ctx))  # the next restart's spare warms up meanwhile
+        self.restarts[rank] += 1
+        self._workers[rank].conn.send((self.fn, (rank, self.world, *self.args), {}))
+        self._note(rank, "restarted")
+
+    def run(
+        self,
+        *,
+        timeout: float = 120.0,
+        kills: Sequence[tuple[float, int]] = (),
+        clock_from: Callable[[], bool] | None = None,
+    ) -> list[Any]:
+        """Run every rank to completion; results by rank (a rank that died more than
+        ``max_restarts`` times, or overran ``timeout``, gives a :class:`ProcessDied`;
+        an error ``fn`` raised is returned in its place). The times of ``kills`` count from
+        the start, or from the first moment ``clock_from()`` is true (say, once every rank
+        reported that it trains)."""
+        self._t0 = time.monotonic()
+        for r, w in enumerate(self._workers):
+            w.conn.send((self.fn, (r, self.world, *self.args), {}))
+            self._note(r, "started")
+        todo = sorted(kills)
+        origin = None if clock_from is not None else self._t0
+        results: list[Any] = [None] * self.world
+        pending = set(range(self.world))
+        deadline = self._t0 + timeout
+        while pending and time.monotonic() < deadline:
+            if origin is None and clock_from is not None and clock_from():
+                origin = time.monotonic()
+                self._note(-1, "clock")
+            now = -1.0 if origin is None else time.monotonic() - origin
+            while todo and todo[0][0] <= now:
+                _, victim = todo.pop(0)
+                if victim in pending:
+                    self.kill(victim)
+            for r in sorted(pending):
+                w = self._workers[r]
+                try:
+                    if not w.conn.poll(0.02):
+                        continue
+                    status, value = w.conn.recv()
+                except (EOFError, OSError):
+                    w.proc.join(5)
+                    self._note(r, "died")
+                    if self.restarts[r] < self.max_restarts:
+                        self._restart(r)
+                    else:
+                        results[r] = ProcessDied(r, w.proc.exitcode)
+                        pending.discard(r)
+                    continue
+                if status != "ok" and self.restarts[r] < self.max_restarts:
+                    # a launcher restarts a process that failed, too (exit code 1): the worker
+                    # is ended first, so nothing it left open lingers as a live member
+                    self._note(r, f"failed: {value!r}"[:200])
+                    self._restart(r)
+                    continue
+                results[r] = value
+                pending.discard(r)
+                self._note(r, "done")
+        for r in pending:
+            self._workers[r].kill()
+            results[r] = ProcessDied(r, None)
+        return results
+
+    def close(self) -> None:
+        for w in self._workers + self._spares:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 5.0
+        for w in self._workers + self._spares:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            w.kill()
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def random_kills(
+    *, seed: int, world: int, n: int, between: tuple[float, float], ranks: Sequence[int] | None = None,
+    gap: float = 0.0,
+) -> list[tuple[float, int]]:
+    """``n`` kills at random times in ``between`` (seconds after the start), of random ranks
+    (rank 0 included), at least ``gap`` seconds apart: a schedule for :meth:`Launcher.run`.
+    Times fall anywhere, so inner steps, syncs and joins all get hit."""
+    import random
+
+    rng = random.Random(seed)
+    pool = list(range(world)) if ranks is None else list(ranks)
+    out: list[tuple[float, int]] = []
+    t = between[0]
+    for i in range(n):
+        room = (between[1] - t) / (n - i)
+        t = t + rng.uniform(0, max(0.0, room - gap)) if i else rng.uniform(between[0], between[0] + room)
+        out.append((t, rng.choice(pool)))
+        t += gap
+    return out
 
 
 def spawn_group(n: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:

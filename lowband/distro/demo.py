@@ -52,8 +52,9 @@ from lowband.distro._bucket import Entry, buckets, param_layout, per_param, span
 from lowband.distro._state import MOMENTUM, MOMENTUM_DCT, TILING, checked_state
 from lowband.distro._state import PENDING as _PENDING
 from lowband.distro._wire import BucketCodec, bucket_codec, combine, value_spec
-from lowband.errors import CodecError, ConfigError
+from lowband.errors import CodecError, ConfigError, ConfigMismatch, TransportError
 from lowband.transport import CommStats, agree_on_start
+from lowband.transport._join import fingerprint, heal, joining, welcome
 
 __all__ = ["DeMo"]
 
@@ -176,9 +177,15 @@ class DeMo(torch.optim.Optimizer):
         self.stats = CommStats()
         self._inflight: _Exchange | None = None
         super().__init__(params, defaults)
-        agree_on_start(
-            group, self._handshake(), [p for g in self.param_groups for p in g["params"]]
-        )
+        # Joining a running group (a restart): no start-up collective, the members are past
+        # it; the first step() takes the live parameters (see step()).
+        self._joining = joining(group)
+        self._welcome_due = False
+        self._welcomes: list[Any] = []
+        if not self._joining:
+            agree_on_start(
+                group, self._handshake(), [p for g in self.param_groups for p in g["params"]]
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -211,6 +218,14 @@ class DeMo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._joining:
+            # the first step of a rank that entered a running group: the members' parameters
+            # (checked by fingerprint); this step sends zeros (the gradient was computed on the
+            # parameters from before) and the momenta start fresh
+            self._heal()
+            for p in self._params():
+                if p.grad is not None:
+                    p.grad.zero_()
         self._check_grads()  # a step that raises must leave parameters and state as they were
         if self.overlap:
             # Step t's exchange is queued behind step t-1's before waiting for t-1, so t-1's
@@ -224,7 +239,38 @@ class DeMo(torch.optim.Optimizer):
             self._inflight = self._launch()
             self._resolve()
             self._apply_pending()
+        if self._welcome_due:
+            self._welcome()
         return loss
+
+    # -- joining (issue 16; the protocol is in lowband/transport/_join.py) --------------------
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _welcome(self) -> None:
+        """Members: ranks wait to join; let them in and offer the parameters."""
+        self._welcome_due = False
+        self.flush()  # nothing in flight: the parameters offered are this step's
+        self._welcome_due = False
+        state = {"params": [p.detach().to("cpu") for p in self._params()]}
+        self._welcomes = welcome(self.group, self._handshake(), state, fingerprint(self._params()))
+
+    def _heal(self) -> None:
+        state, fp = heal(self.group, self._handshake())
+        saved, params = state.get("params"), self._params()
+        if not isinstance(saved, list) or len(saved) != len(params):
+            raise ConfigMismatch("the state a member sent does not match these parameters")
+        for p, t in zip(params, saved):
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                raise ConfigMismatch("the state a member sent does not match these parameters")
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+        self.state.clear()  # momenta of this peer's old run (a checkpoint) do not fit the new point
+        mine = fingerprint(params)
+        if mine != fp:
+            raise TransportError(f"rank {self.group.rank}: the parameters taken on joining have "
+                                 f"fingerprint {mine[:16]}, the member sent {fp[:16]}")
+        self._joining = False
 
     def _check_grads(self) -> None:
         """ConfigError for a sparse gradient, CodecError for NaN or Inf, before anything changes
@@ -364,9 +410,15 @@ class DeMo(torch.optim.Optimizer):
         ex, self._inflight = self._inflight, None
         if ex is None:
             return
+        for w in self._welcomes:  # the last welcome's errors (a drop of this rank) surface here
+            w.wait()
+            self.stats.add(w.stats)
+        self._welcomes = []
         for b in ex.buckets:
             payloads = list(b.work.wait())
             self.stats.add(b.work.stats)
+            if getattr(b.work, "waiting", ()):
+                self._welcome_due = True  # the same decision reached every member: all welcome
             mean, _ = combine(b.codec.codec, payloads, b.numel, b.entries[0].params[0].device)
             update = dct2(mean.view(-1, *b.entries[0].layout.tile_shape), inverse=True)
             if b.group["sign"]:

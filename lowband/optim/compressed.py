@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lowband.errors import ConfigError
+from lowband.errors import ConfigError, ConfigMismatch, TransportError
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets
 from lowband.optim._common import (
     GroupLike,
@@ -26,6 +26,7 @@ from lowband.optim._common import (
     wait_counted,
 )
 from lowband.transport import CommStats, agree_on_start
+from lowband.transport._join import fingerprint, heal, joining, welcome
 from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["CompressedGradients"]
@@ -101,6 +102,12 @@ class CompressedGradients(torch.optim.Optimizer):
         if frozen_at:
             config["frozen"] = frozen_at
         frozen = [everything[i] for i in frozen_at]
+        self._config = config
+        # Joining a running group (a restart): no start-up collective, the members are past
+        # it; the first step() takes the live state (see step()).
+        self._joining = joining(group)
+        self._welcome_due = False
+        self._welcomes: list[Any] = []
         # Islands (docs/islands.md): the island's gradients (already averaged inside it by
         # FSDP2 or DDP) are reduced over the canonical layout, each rank its own buckets.
         self._shards: ShardPlan | None = None
@@ -120,10 +127,11 @@ class CompressedGradients(torch.optim.Optimizer):
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
-        agree_on_start(
-            group, config, [p for b in start for p in b.params], stats=self._stats,
-            bucket_bytes=bucket_bytes,
-        )
+        if not self._joining:
+            agree_on_start(
+                group, config, [p for b in start for p in b.params], stats=self._stats,
+                bucket_bytes=bucket_bytes,
+            )
 
     @property
     def stats(self) -> CommStats:
@@ -177,7 +185,13 @@ class CompressedGradients(torch.optim.Optimizer):
                     key=f"grads.{b.index}",
                 )
             )
+        for w in self._welcomes:  # the last welcome's errors (a drop of this rank) surface here
+            w.wait()
+            self._stats.add(w.stats)
+        self._welcomes = []
         results = wait_counted(works, self._stats)
+        if any(getattr(w, "waiting", ()) for w in works):
+            self._welcome_due = True  # the same decision reached every member: all welcome
         self._stats.count_sync()
         for b, avg, flags in zip(self._buckets, results, had):
             for (p, start, stop), has in zip(b.slices(), flags):
@@ -189,10 +203,25 @@ class CompressedGradients(torch.optim.Optimizer):
         self._reduced = True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Reduce the gradients (unless :meth:`reduce_gradients` did), then the inner step.
+
+        Joining: on a rank that entered a running group, the first call takes the
+        parameters and the inner optimizer's state from a member (every member holds the
+        same: they apply the same averaged gradients), checked by fingerprint, and sends
+        zeros in this step's reduction (its gradient was computed on the parameters from
+        before), so every rank applies the same update from then on.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._joining:
+            with torch.no_grad():
+                self._heal()
+                for p in (p for g in self.param_groups for p in g["params"]):
+                    if p.grad is not None:
+                        p.grad.zero_()
+            self._reduced = False
         params = [p for g in self.param_groups for p in g["params"]]
         found_inf = amp_found_inf(self)
         if found_inf is not None:
@@ -209,7 +238,45 @@ class CompressedGradients(torch.optim.Optimizer):
                 self._reduce()
         self._reduced = False
         self.inner.step()
+        if self._welcome_due:
+            self._welcome()
         return loss
+
+    # -- joining (issue 16; the protocol is in lowband/transport/_join.py) --------------------
+
+    def _bucket_params(self) -> list[torch.Tensor]:
+        return [p for b in self._buckets for p in b.params]
+
+    def _welcome(self) -> None:
+        """Members: ranks wait to join; let them in and offer the parameters and inner state."""
+        self._welcome_due = False
+        state = {
+            "params": [p.detach().to("cpu") for p in self._bucket_params()],
+            "inner": self.inner.state_dict(),
+        }
+        self._welcomes = welcome(self.group, self._config, state, fingerprint(self._bucket_params()))
+
+    @torch.no_grad()
+    def _heal(self) -> None:
+        state, fp = heal(self.group, self._config)
+        saved = state.get("params")
+        params = self._bucket_params()
+        if not isinstance(saved, list) or len(saved) != len(params):
+            raise ConfigMismatch("the state a member sent does not match this model's parameters")
+        for p, t in zip(params, saved):
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                raise ConfigMismatch("the state a member sent does not match this model's parameters")
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+        self.inner.load_state_dict(state["inner"])
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        if self.error_feedback is not None:
+            self.error_feedback.reset()  # this peer's residual of the old run is stale
+        mine = fingerprint(params)
+        if mine != fp:
+            raise TransportError(f"rank {self.group.rank}: the state taken on joining has fingerprint "
+                                 f"{mine[:16]}, the member sent {fp[:16]}")
+        self._joining = False
 
     def state_dict(self) -> dict[str, Any]:
         """Inner state plus the error-feedback residuals under ``"compressed_gradients"``."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lowband.errors import ConfigError, ConfigMismatch
+from lowband.errors import ConfigError, ConfigMismatch, TransportError
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_from, split_fragments
 from lowband.optim._common import (
     GroupLike,
@@ -43,6 +43,7 @@ from lowband.optim._common import (
     wait_counted,
 )
 from lowband.transport import CommStats, agree_on_start
+from lowband.transport._join import fingerprint, heal, joining, welcome
 from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
 
 __all__ = ["DiLoCo"]
@@ -209,6 +210,11 @@ class DiLoCo(torch.optim.Optimizer):
                 raise ConfigError("outer_optimizer must return a torch.optim.Optimizer")
         config = {"optimizer": "DiLoCo", **self._config()}
         frozen = [everything[i] for i in self._frozen]
+        # Joining a running group (a restart): no start-up collective here, the members are
+        # past it; the first step() takes the live state (see "Joining" in step()).
+        self._joining = joining(group)
+        self._welcome_due = False
+        self._welcomes: list[WorkLike] = []
         if self._shards is not None:
             plans = [(self._shards, self._global)]
             if frozen:
@@ -219,7 +225,10 @@ class DiLoCo(torch.optim.Optimizer):
         start = self._buckets + plan_buckets(
             frozen, bucket_bytes=bucket_bytes, first_index=len(self._buckets)
         )
-        if agree_on_start(
+        if self._joining:
+            logger.info("rank %d joins a running group: the first step() takes the live state",
+                        group.rank)
+        elif agree_on_start(
             group, config, [p for b in start for p in b.params], stats=self._stats,
             bucket_bytes=bucket_bytes,
         ):
@@ -267,6 +276,12 @@ class DiLoCo(torch.optim.Optimizer):
         return self._stats
 
     @property
+    def step_count(self) -> int:
+        """Calls of :meth:`step` so far (on a rank that joined a running group, the members'
+        count from its first step on): the clock of the sync schedule."""
+        return self._step_count
+
+    @property
     def outer_optimizer(self) -> torch.optim.Optimizer:
         return self._outer
 
@@ -276,11 +291,26 @@ class DiLoCo(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Inner step, then any outer step due at this count."""
+        """Inner step, then any outer step due at this count.
+
+        Joining: on a rank that entered a running group, the first call takes the live
+        state from a member instead of an inner step (its gradient was computed on the
+        parameters from before): global copy, outer optimizer state and step count (so the
+        fragment schedule), checked by fingerprint; the inner optimizer's state stays what
+        it was (fresh, or what ``load_state_dict`` restored from this peer's checkpoint).
+        Members let waiting ranks in after a sync and send them the state in the
+        background; syncs still in flight are applied first.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._joining:
+            with torch.no_grad():
+                self._heal()
+                self._step_count += 1
+                self._advance(self._step_count)
+            return loss
         params = [p for g in self.param_groups for p in g["params"]]
         if not amp_found_inf(self):  # a step that raises leaves everything as it was
             check_finite_grads(self, params)
@@ -289,7 +319,50 @@ class DiLoCo(torch.optim.Optimizer):
         self._step_count += 1
         with torch.no_grad():
             self._advance(self._step_count)
+            if self._welcome_due:
+                self._welcome()
         return loss
+
+    # -- joining (issue 16; the protocol is in _join.py) -------------------------------
+
+    def _join_config(self) -> dict[str, Any]:
+        return {"optimizer": "DiLoCo", **self._config()}
+
+    def _welcome(self) -> None:
+        """Members: ranks wait to join; let them in and offer this step's state."""
+        self._welcome_due = False
+        self.flush()  # nothing in flight: the state offered is the state at this count
+        self._welcome_due = False
+        state = {
+            "step": self._step_count,
+            "global": [g.detach().to("cpu") for g in self._global],
+            "outer": self._outer.state_dict(),
+        }
+        self._welcomes = welcome(self.group, self._join_config(), state, fingerprint(self._global))
+
+    def _heal(self) -> None:
+        """Joiner: take a member's global copy, outer state and step count."""
+        state, fp = heal(self.group, self._join_config())
+        saved = state.get("global")
+        if not isinstance(saved, list) or len(saved) != len(self._global):
+            raise ConfigMismatch("the state a member sent does not match this model's buckets")
+        for g, t in zip(self._global, saved):
+            if not isinstance(t, torch.Tensor) or t.shape != g.shape:
+                raise ConfigMismatch("the state a member sent does not match this model's buckets")
+            g.copy_(t)
+        self._load_outer(state["outer"])
+        self._step_count = int(state["step"])
+        self._pending = []  # any from this peer's checkpoint belong to the old run
+        if self.error_feedback is not None:
+            self.error_feedback.reset()  # this peer's residual of the old run is stale
+        for b, g in zip(self._buckets, self._global):
+            scatter_from(b, g)
+        mine = fingerprint(self._global)
+        if mine != fp:
+            raise TransportError(f"rank {self.group.rank}: the state taken on joining has fingerprint "
+                                 f"{mine[:16]}, the member sent {fp[:16]}")
+        self._joining = False
+        logger.info("rank %d joined at step %d (fingerprint %s)", self.group.rank, self._step_count, mine[:16])
 
     def flush(self) -> None:
         """Apply every sync still in flight now (e.g. at the end of training, on every peer)."""
@@ -347,7 +420,13 @@ class DiLoCo(torch.optim.Optimizer):
 
     def _apply(self, pending: _Pending) -> None:
         buckets = self._fragment_buckets[pending.fragment]
+        for w in self._welcomes:  # the last welcome's errors (a drop of this rank) surface here
+            w.wait()
+            self._stats.add(w.stats)
+        self._welcomes = []
         results = wait_counted(pending.works, self._stats)
+        if any(getattr(w, "waiting", ()) for w in pending.works):
+            self._welcome_due = True  # the same decision reached every member: all welcome
         self._stats.count_sync()
         for b, avg in zip(buckets, results):
             g = self._global[b.index]

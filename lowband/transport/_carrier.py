@@ -56,10 +56,12 @@ Semantics every Carrier honours (the collectives rely on them):
 Membership (optional; a carrier without these attributes gives a group that only
 shrinks): ``members`` (the ranks of the current membership, joiners included
 after the commit that admitted them), ``membership_epoch`` (the epoch the
-membership service counts, the same on every member) and ``joined_at`` (for a
+membership service counts, the same on every member), ``joined_at`` (for a
 rank that entered a running group: the commit key that admitted it; None for a
-rank present from the start). A joiner's first collective is ``joined_at[1] + 1``
-at epoch ``membership_epoch``.
+rank present from the start) and ``waiting`` (the ranks that wait to be
+admitted, as of the last commit). Joiners are admitted only by a commit called
+with ``admit=True`` that keeps every member. A joiner's first collective is
+``joined_at[1] + 1`` at epoch ``membership_epoch``.
 
 A backend module offers ``open_carrier(*, rank, world_size, store, security,
 peer_timeout, **options) -> Carrier``; :func:`lowband.init_group` calls it.
@@ -94,7 +96,7 @@ class Carrier(Protocol):
 
     def recv(self, peer: int, key: Key, *, timeout: float | None = None) -> list[Frame]: ...
 
-    def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]: ...
+    def commit(self, key: Key, alive: Sequence[int], *, admit: bool = False) -> tuple[int, ...]: ...
 
     def forget(self, epoch: int) -> None: ...
 

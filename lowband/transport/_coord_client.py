@@ -30,7 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from lowband.errors import ConfigError, ConfigMismatch, RankInUse, SecurityError, TransportError
 
-__all__ = ["CoordinatorClient", "StaleEpoch", "route_source"]
+__all__ = ["CoordinatorClient", "StaleEpoch", "UnknownToCoordinator", "route_source"]
 
 _EVENTS = (
     zmq.EVENT_CONNECTED
@@ -51,6 +51,10 @@ _HANDSHAKE_MS = 3000
 
 class StaleEpoch(TransportError):
     """The coordinator has moved on: this peer asked about an old epoch or is no longer a member."""
+
+
+class UnknownToCoordinator(TransportError):
+    """The coordinator does not know this peer's group or registration (it restarted)."""
 
 
 def _endpoint(address: str) -> str:
@@ -111,6 +115,8 @@ class CoordinatorClient:
         self.closed_early = 0  # connections closed before their handshake completed
         self.refused: int | None = None  # errno of the last failed connect attempt
         self.replied = False  # the coordinator has answered something
+        self.last_reply = time.monotonic()  # when it last answered (or this client started)
+        self._stash: dict[int, dict[str, Any]] = {}  # replies read by another asker
         self.sock.connect(self.endpoint)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -198,6 +204,8 @@ class CoordinatorClient:
                 if left <= 0:
                     return None
                 self.monitor.poll(max(1, int(min(left, 0.1) * 1000)))
+            for i in accept & self._stash.keys():
+                return self._result(req, self._stash.pop(i))
             try:
                 self.sock.send(json.dumps({**req, "id": rid}).encode(), zmq.NOBLOCK)
             except zmq.Again:
@@ -217,21 +225,33 @@ class CoordinatorClient:
                         f"coordinator at {self.endpoint} sent a bad reply: {e}"
                     ) from e
                 self.replied = True
+                self.last_reply = time.monotonic()
                 rid_got = rep.get("id") if isinstance(rep, dict) else None
-                if not isinstance(rid_got, int) or rid_got not in accept:
-                    continue  # an answer to a question nobody waits for any more
-                if rep.get("ok") is True:
-                    return rep
-                kind, err = rep.get("kind"), str(rep.get("error"))
-                if kind == "mismatch":
-                    raise ConfigMismatch(err)
-                if kind == "stale":
-                    raise StaleEpoch(err)
-                if kind == "duplicate":
-                    raise RankInUse(err)
-                if kind == "security":
-                    raise SecurityError(f"the coordinator at {self.endpoint} refused {req.get('op')!r}: {err}")
-                raise TransportError(f"coordinator refused {req.get('op')!r}: {err}")
+                if not isinstance(rid_got, int):
+                    continue  # a liveness probe (id null), or junk
+                if rid_got not in accept:
+                    # another thread's question (or one nobody waits for any more): kept a while
+                    self._stash[rid_got] = rep
+                    while len(self._stash) > 64:
+                        self._stash.pop(next(iter(self._stash)))
+                    continue
+                return self._result(req, rep)
+
+    def _result(self, req: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
+        if rep.get("ok") is True:
+            return rep
+        kind, err = rep.get("kind"), str(rep.get("error"))
+        if kind == "mismatch":
+            raise ConfigMismatch(err)
+        if kind == "stale":
+            raise StaleEpoch(err)
+        if kind == "duplicate":
+            raise RankInUse(err)
+        if kind == "security":
+            raise SecurityError(f"the coordinator at {self.endpoint} refused {req.get('op')!r}: {err}")
+        if kind == "unknown":
+            raise UnknownToCoordinator(err)
+        raise TransportError(f"coordinator refused {req.get('op')!r}: {err}")
 
     def close(self) -> None:
         try:

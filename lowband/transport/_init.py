@@ -165,7 +165,9 @@ def init_group(
     else:
         zmq_backend = importlib.import_module("lowband.transport._zmq")
         options.setdefault("join_timeout", init_timeout)
-        options.setdefault("closed_is_lost", on_failure == "raise")
+        # a peer whose process ended is lost at once, in drop mode too: a restart of it waits
+        # at the coordinator until its old incarnation is out (issue 16), so no race remains
+        options.setdefault("closed_is_lost", True)
         carrier = zmq_backend.open_carrier(
             rank=rank, world_size=world_size, store=store, security=security, peer_timeout=peer_timeout,
             group_name=group_name, **options,

@@ -5,7 +5,7 @@
 sender may reuse its buffers. ``LocalHub.kill(rank)`` simulates a crashed peer:
 its messages stop, and every ``recv`` waiting on it raises ``PeerLost``, which
 lets the drop/raise paths of the collectives run without processes, and
-``LocalHub.join(rank)`` lets a "restarted" rank rejoin at the next commit.
+``LocalHub.join(rank)`` lets a "restarted" rank rejoin at the next admission.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class LocalHub:
         self._commits: dict[Key, tuple[int, ...]] = {}
         self._joiners: set[int] = set()
         self._joined_at: dict[int, Key] = {}
+        self._admit: set[Key] = set()
+        self._waiting: dict[Key, tuple[int, ...]] = {}
         self.epoch = 0  # membership epoch, as the coordinator counts it
         self._shut = False
 
@@ -96,9 +98,10 @@ class LocalHub:
             for k in [k for k in self._mail if k[1] == dst and k[2][0] < epoch]:
                 del self._mail[k]
 
-    def _commit(self, rank: int, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
+    def _commit(self, rank: int, key: Key, alive: Sequence[int], admit: bool = False) -> tuple[int, ...]:
         """The intersection of the proposals, decided once every rank in it has proposed
-        (the coordinator's rule); a new epoch when the set shrank or joiners enter."""
+        (the coordinator's rule); a new epoch when the set shrank or joiners enter (only at a
+        commit that asks for admission and keeps every member)."""
         deadline = time.monotonic() + self.peer_timeout
         with self._cond:
             if rank not in self._members and key not in self._commits:
@@ -107,6 +110,8 @@ class LocalHub:
                 props = self._proposals.setdefault(key, {})
                 mine = frozenset(alive) & frozenset(self._members)
                 props[rank] = mine if rank not in props else props[rank] & mine
+                if admit:
+                    self._admit.add(key)
                 self._cond.notify_all()
             while key not in self._commits:
                 if self._shut:
@@ -131,13 +136,15 @@ class LocalHub:
             # admitted by a decision that the retry then undoes)
             self.epoch += 1
             self._members = parts
-        elif self._joiners:
+        elif self._joiners and key in self._admit:
             self.epoch += 1
             self._members = tuple(sorted(set(parts) | self._joiners))
             for r in self._joiners:
                 self._joined_at[r] = key
             self._joiners.clear()
+        self._admit.discard(key)
         self._commits[key] = parts
+        self._waiting[key] = tuple(sorted(self._joiners))
         self._cond.notify_all()
 
     def join(self, rank: int, *, timeout: float = 60.0) -> LocalCarrier:
@@ -172,6 +179,7 @@ class LocalCarrier:
         self.world_size = hub.world_size
         self.stats = CommStats()
         self.joined_at: Key | None = None
+        self.waiting: tuple[int, ...] = ()
         self._closed = False
 
     @property
@@ -196,8 +204,11 @@ class LocalCarrier:
         self.stats.count_recv(peer, payload_bytes, sum(len(f) for f in frames))
         return list(frames)
 
-    def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
-        return self.hub._commit(self.rank, key, alive)
+    def commit(self, key: Key, alive: Sequence[int], *, admit: bool = False) -> tuple[int, ...]:
+        parts = self.hub._commit(self.rank, key, alive, admit)
+        with self.hub._cond:
+            self.waiting = self.hub._waiting.get(key, ())
+        return parts
 
     def forget(self, epoch: int) -> None:
         self.hub._forget(self.rank, epoch)

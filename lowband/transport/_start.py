@@ -74,15 +74,17 @@ def agree_on_start(
 
     group.verify(config, stats=stats)
     mine = _digest(params)
-    ref = done(group.broadcast(mine.clone(), src=0))
+    # the lowest participant's parameters (rank 0, unless a drop-mode group lost it at start)
+    src = min(getattr(group, "participants", None) or (0,))
+    ref = done(group.broadcast(mine.clone(), src=src))
     differs = done(group.all_reduce(torch.tensor([float(not torch.equal(ref, mine))]), op="sum"))
     if float(differs[0]) == 0.0:
         return False
-    log.info("parameters differ between peers: broadcasting rank 0's (%d tensors)", len(params))
+    log.info("parameters differ between peers: broadcasting rank %d's (%d tensors)", src, len(params))
     with torch.no_grad():
         for run in _runs(params, bucket_bytes):
             buf = torch.cat([p.detach().reshape(-1).cpu() for p in run])
-            done(group.broadcast(buf, src=0))
+            done(group.broadcast(buf, src=src))
             for p, part in zip(run, buf.split([p.numel() for p in run])):
                 p.copy_(part.view_as(p).to(p.device))
     return True

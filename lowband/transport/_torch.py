@@ -144,7 +144,7 @@ class TorchCarrier:
         self.stats.count_recv(peer, payload_bytes, head.nbytes + sum(lengths))
         return (epoch, seq, phase), payload_bytes, frames
 
-    def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
+    def commit(self, key: Key, alive: Sequence[int], *, admit: bool = False) -> tuple[int, ...]:
         missing = set(range(self.world_size)) - set(alive)
         if missing:
             raise PeerLost(f"backend='torch' cannot continue without ranks {sorted(missing)}", peers=tuple(missing))

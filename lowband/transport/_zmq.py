@@ -59,7 +59,12 @@ import zmq
 
 from lowband._version import WIRE_VERSION, __version__
 from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, RankInUse, TransportError
-from lowband.transport._coord_client import CoordinatorClient, route_source
+from lowband.transport._coord_client import (
+    CoordinatorClient,
+    StaleEpoch,
+    UnknownToCoordinator,
+    route_source,
+)
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import MAX_FRAMES, chunk_spans
 from lowband.transport._zmq_io import IOLoop
@@ -153,8 +158,7 @@ class ZmqCarrier:
         self.stats = CommStats()
         self.peer_timeout = peer_timeout
         # a peer whose connections all closed and whose address refuses new ones is lost at
-        # once (its process ended); init_group turns this off with on_failure="drop", where a
-        # rejoining peer's old incarnation must not be dropped ahead of its rejoin (issue 16)
+        # once (its process ended), not only after peer_timeout
         self.closed_is_lost = closed_is_lost
         self.streams = n_streams
         self.chunk_size = chunk_size
@@ -180,6 +184,7 @@ class ZmqCarrier:
         self._unacked: dict[tuple[int, Key], int] = {}  # chunks of a sent message not yet acknowledged
         self._floor_epoch = 0
         self._closed = False
+        self._dropped = False  # the coordinator says this rank is no longer a member
         # libzmq's I/O threads move the bytes of the TCP streams; one per stream up to four
         self.ctx = zmq.Context(io_threads=io_threads or max(1, min(4, n_streams)))
         self._auth = security.start_authenticator(self.ctx) if security is not None else None
@@ -196,7 +201,15 @@ class ZmqCarrier:
         at = view.get("joined_at")
         #: for a rank that entered a running group, the commit key that admitted it (see _carrier.py)
         self.joined_at: tuple[int, int, int] | None = None if at is None else (int(at[0]), int(at[1]), int(at[2]))
+        #: ranks waiting to be admitted, as of the last decision (the same on every member)
+        self.waiting: tuple[int, ...] = ()
+        self._last: dict[str, Any] | None = None  # the last decision: key and participants
         self._apply_view(view)
+        # the lease: a word to the coordinator every few seconds, so that a run whose every
+        # member is gone can end, and a restarted coordinator learns the membership again
+        self._lease_stop = threading.Event()
+        self._lease = threading.Thread(target=self._keep_lease, name=f"lowband-lease-{rank}", daemon=True)
+        self._lease.start()
 
     # -- membership ----------------------------------------------------------------------
     def _join(self, config: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -218,6 +231,7 @@ class ZmqCarrier:
                 **config,
             },
         }
+        self._join_req = req
         ids: set[int] = set()
         # keep a second of the budget to find out why, so the error comes within `timeout`
         deadline = time.monotonic() + (timeout - 1.0 if timeout > 3.0 else timeout)
@@ -341,6 +355,13 @@ class ZmqCarrier:
                     raise TransportError(f"rank {self.rank}: {key} belongs to a forgotten epoch")
                 if self.io.is_lost(peer):
                     raise PeerLost(self._lost_message(peer, key), peers=(peer,))
+                if self._dropped and key[0] >= self._floor_epoch:
+                    # the others dropped this rank and went on: nobody will send this message
+                    raise PeerLost(
+                        f"rank {self.rank} was dropped from the group (the others lost it; "
+                        f"waiting for collective {key[1]} from rank {peer})",
+                        peers=(self.rank,),
+                    )
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise CollectiveTimeout(
@@ -435,23 +456,51 @@ class ZmqCarrier:
         use[0] -= 1
         use[1] -= sum(len(f) for f in frames)
 
-    def commit(self, key: Key, alive: Sequence[int]) -> tuple[int, ...]:
+    def commit(self, key: Key, alive: Sequence[int], *, admit: bool = False) -> tuple[int, ...]:
         ids: set[int] = set()
-        deadline = time.monotonic() + max(60.0, 4 * self.peer_timeout)
+        limit = max(60.0, 4 * self.peer_timeout)
+        # a coordinator that says nothing this long is unreachable (a restart takes seconds)
+        silent_limit = max(10.0, 2 * self.peer_timeout)
+        t0 = time.monotonic()
+        deadline = t0 + limit
         while time.monotonic() < deadline:
             proposal = sorted((set(alive) & self.alive()) | {self.rank})
             req = {
                 "op": "commit",
                 "group": self.group_name,
                 "rank": self.rank,
+                "incarnation": self.incarnation,
                 "key": list(key),
                 "alive": proposal,
-                "incarnation": self.incarnation,
+                "admit": admit,
             }
-            rep = self.client.ask(req, timeout=0.25, ids=ids)
+            try:
+                rep = self.client.ask(req, timeout=0.25, ids=ids)
+            except UnknownToCoordinator:
+                # the coordinator restarted: tell it the membership, then ask again
+                if not self._recover():
+                    raise PeerLost(
+                        f"rank {self.rank}: the coordinator at {self.client.endpoint} no longer "
+                        "counts this rank a member of a running group (its run ended or went on "
+                        "without it)",
+                        peers=(self.rank,),
+                    ) from None
+                ids = set()
+                continue
             if rep is not None:
                 self._apply_view(rep)
-                return tuple(int(r) for r in rep["participants"])
+                parts = tuple(int(r) for r in rep["participants"])
+                self.waiting = tuple(int(r) for r in rep.get("waiting", ()))
+                self._last = {"key": list(key), "participants": list(parts)}
+                return parts
+            silent = time.monotonic() - max(self.client.last_reply, t0)
+            if silent > silent_limit:
+                raise CollectiveTimeout(
+                    f"rank {self.rank}: collective {key[1]} cannot commit: the coordinator at "
+                    f"{self.client.endpoint} has not answered for {silent:.0f}s "
+                    f"({self.client.diagnose()}); restart it at the same address "
+                    "(`lowband coordinator --bind ...`): members re-register on their own"
+                )
         if not self.client.replied or self.client.ask({"op": "ping"}, timeout=2.0) is None:
             raise CollectiveTimeout(
                 f"rank {self.rank}: collective {key[1]} cannot commit: the coordinator at "
@@ -459,8 +508,51 @@ class ZmqCarrier:
             )
         raise CollectiveTimeout(
             f"rank {self.rank}: collective {key[1]} found no agreement on its participants "
-            f"in {max(60.0, 4 * self.peer_timeout):g}s"
+            f"in {limit:g}s (the coordinator at {self.client.endpoint} answers)"
         )
+
+    def _recover(self) -> bool:
+        """Re-register this member's view with a coordinator that restarted and knows nothing;
+        False if it refuses (the run ended, or went on without this rank)."""
+        req = {
+            **self._join_req,
+            "op": "recover",
+            "epoch": self.membership_epoch,
+            "members": list(self.members),
+            "last": self._last,
+        }
+        try:
+            rep = self.client.ask(req, timeout=2.0)
+        except StaleEpoch as e:  # the run ended, or moved on without this rank
+            log.info("rank %d: not recovered: %s", self.rank, e)
+            return False
+        if rep is not None:
+            log.warning("rank %d: the coordinator at %s restarted; membership recovered (epoch %d, members %s)",
+                        self.rank, self.client.endpoint, rep["epoch"], rep["members"])
+            self._apply_view(rep)
+        return True
+
+    def _keep_lease(self) -> None:
+        every = min(3.0, max(0.5, self.peer_timeout / 4))
+        while not self._lease_stop.wait(every):
+            try:
+                rep = self.client.ask(
+                    {"op": "alive", "group": self.group_name, "rank": self.rank,
+                     "incarnation": self.incarnation},
+                    timeout=1.0,
+                )
+                if rep is not None and not rep.get("known", True):
+                    self._recover()
+                elif rep is not None and rep.get("member") is False:
+                    with self._cond:
+                        self._dropped = True
+                        self._cond.notify_all()
+            except TransportError as e:  # the next commit says what is wrong
+                log.debug("rank %d: lease: %s", self.rank, e)
+            except Exception:  # never let the lease thread die noisily at teardown
+                if self._lease_stop.is_set():
+                    return
+                raise
 
     def forget(self, epoch: int) -> None:
         with self._cond:
@@ -485,6 +577,10 @@ class ZmqCarrier:
         self._teardown()
 
     def _teardown(self) -> None:
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            self._lease_stop.set()
+            lease.join(5)
         io = getattr(self, "io", None)
         if io is not None:
             if io.started:

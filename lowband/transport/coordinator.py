@@ -13,9 +13,20 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   configuration. Until ``world_size`` ranks have joined, replies wait; then epoch
   0 starts with every rank. A configuration that differs from the first joiner's
   is refused with ``kind = "mismatch"`` naming the keys and values. A rank that
-  joins a running group (a restart or a late joiner) waits and enters at the
-  next commit, which starts a new epoch; its reply names that commit's key as
-  ``joined_at`` (``None`` for the ranks present from the start).
+  joins a running group (a restart or a late joiner) waits until its old
+  incarnation is gone (dropped by a commit, or left) and then enters at the next
+  commit that asks for admission (``admit: true``, see :meth:`Group.admit
+  <lowband.transport.group.Group.admit>`), which starts a new epoch; its reply
+  names that commit's key as ``joined_at`` (``None`` for the ranks present from
+  the start). A run whose every member is gone (left, or silent past the lease)
+  is over: the next joins start a fresh run, as on a new coordinator.
+- ``alive``: a member's lease (sent every few seconds by its carrier); a member
+  not heard from for ``lease`` seconds counts as gone when a new run asks.
+- ``leave``: a member (or a waiting joiner) leaves at ``close()``; commits stop
+  waiting for it, and a run whose last member left is over.
+- ``recover``: after a coordinator restart, a member re-registers the membership
+  it holds (epoch, members, its own endpoints, its last decision); the first
+  such claim re-creates the running group, later ones add their endpoints.
 - ``status``: which ranks of a group have joined and whether it started (read only;
   a waiting peer names the missing ranks when its ``init_timeout`` ends).
 - ``commit``: a member proposes the ranks it believes alive for one collective
@@ -23,9 +34,14 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   wait. Members are the ranks of the previous decision (every rank before the
   first). The decision is the intersection of the proposals, made once every rank
   in that intersection has proposed; it is final and every asker gets the same
-  answer. If the set shrank or joiners wait, the membership moves to a new epoch
-  (reported as ``epoch``; the collectives keep their own epoch count). A rank
-  that is no longer a member gets the current members, without itself.
+  answer. If the set shrank, or joiners were admitted, the membership moves to a
+  new epoch (reported as ``epoch``; the collectives keep their own epoch count).
+  Joiners are admitted only at a decision that keeps every member (never at one
+  that drops some: the survivors run that collective again among the smaller
+  set, which would drop the joiner at once), and only when the commit asks
+  (``admit``). Every decision lists the ranks that wait and could be admitted
+  (``waiting``), so every member learns the same thing at the same collective.
+  A rank that is no longer a member gets the current members, without itself.
 
 - ``ping``: an empty reply.
 
@@ -34,8 +50,10 @@ process (incarnation) that holds it and the connection it asked from. A join for
 held rank from another incarnation is refused with ``kind = "duplicate"`` while the
 holder's connection lives (the client raises :class:`lowband.errors.RankInUse`, a
 ``ConfigError``, after a few seconds of retrying, long enough for a killed holder's connection to close); once the
-holder is gone (its process ended, or ZeroMQ heartbeats found it silent for
-``HOLDER_TIMEOUT_S``) the newcomer takes the rank, as a restarted peer does. Clients use a
+holder is gone (its process ended, ZeroMQ heartbeats found it silent for
+``HOLDER_TIMEOUT_S``, or, as a member of a running group, it has sent no lease for ``lease``
+seconds) the newcomer takes the rank, as a restarted peer does (it enters at the next
+admission commit once the members dropped the old process). Clients use a
 random routing id of their own, so a holder that reconnects is recognised again.
 
 **Who may speak for a rank.** Without CURVE, anyone who can reach the coordinator can
@@ -107,6 +125,9 @@ MAX_CONFIG_BYTES = 64 << 10
 #: ZeroMQ heartbeats: a client connection silent this long is closed (its holder is gone).
 HOLDER_TIMEOUT_S = 15.0
 _HEARTBEAT_IVL_S = 3.0
+#: Seconds without a word from every member of a running group before its run is over
+#: (a crash), and before a member's rank counts as free for a new process.
+LEASE_S = 15.0
 #: How often serve() looks for abandoned groups.
 _SWEEP_S = 10.0
 
@@ -205,6 +226,10 @@ class Group:
     proposals: dict[tuple[int, int, int], dict[int, frozenset[int]]] = field(default_factory=dict)
     decisions: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
     joined_at: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    seen: dict[int, float] = field(default_factory=dict)  # member -> last request (lease)
+    admit: set[tuple[int, int, int]] = field(default_factory=set)  # keys that asked for admission
+    recovered: bool = False  # rebuilt from members' claims after a coordinator restart
+    seeded: set[tuple[int, int, int]] = field(default_factory=set)  # decisions taken from claims
 
 
 class Membership:
@@ -216,18 +241,24 @@ class Membership:
         *,
         is_live: Callable[[Any], bool] = lambda conn: False,
         clock: Callable[[], float] = time.monotonic,
+        lease: float = LEASE_S,
         max_groups: int = MAX_GROUPS,
         abandon_after: float = ABANDON_AFTER_S,
     ) -> None:
+        self.lease = lease
+        self.clock = clock
         self.groups: dict[str, Group] = {}
+        # runs that ended here: a late member may not revive them (oldest forgotten past the cap)
+        self._ended: dict[str, None] = {}
         self._due: list[tuple[Any, dict[str, Any]]] = []
+        self._due_error: list[tuple[Any, str]] = []
         self._waiting_join: dict[str, list[tuple[Any, int]]] = {}
         self._waiting_commit: dict[tuple[str, tuple[int, int, int]], list[Any]] = {}
         # who holds each rank (see "One process a rank" above); is_live(conn) says whether a
         # connection is still there (the Coordinator asks its socket; the default knows of
         # none, so on its own a Membership admits every new incarnation, as it did before)
         self.holders: dict[tuple[str, int], Holder] = {}
-        self._is_live, self._clock = is_live, clock
+        self._is_live = is_live
         self.max_groups, self.abandon_after = max_groups, abandon_after
         self._last_live: dict[str, float] = {}
         self._last_sweep = -float("inf")
@@ -236,19 +267,21 @@ class Membership:
         out, self._due = self._due, []
         return out
 
+    def ready_errors(self) -> list[tuple[Any, str]]:
+        """Waiting requests that will never get their answer (``kind = "stale"``)."""
+        out, self._due_error = self._due_error, []
+        return out
+
     def _view(self, g: Group) -> dict[str, Any]:
         return {
             "epoch": g.epoch,
             "members": list(g.members),
-            "peers": {str(r): g.members_info[r] for r in g.members},
+            # after a coordinator restart, only members that re-registered have endpoints here
+            "peers": {str(r): g.members_info[r] for r in g.members if r in g.members_info},
         }
 
     # -- join ------------------------------------------------------------------------
-    def join(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
-        name = _field(req, "group", str)
-        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
-        if not 1 <= world <= 65535 or not 0 <= rank < world:
-            raise RequestError(f"rank {rank} outside a group of {world}")
+    def _peer_info(self, req: dict[str, Any]) -> dict[str, Any]:
         _check_join_sizes(req)
         info = {
             "data": _field(req, "data", str),
@@ -258,12 +291,9 @@ class Membership:
         }
         if info["pubkey"] is not None and not isinstance(info["pubkey"], str):
             raise RequestError("field 'pubkey' not a string")
-        config = _field(req, "config", dict)
-        g = self.groups.get(name)
-        if g is None:
-            self._make_room()
-            g = self.groups[name] = Group(world, config, rank)
-            self._last_live[name] = self._clock()
+        return info
+
+    def _check_config(self, g: Group, rank: int, world: int, config: dict[str, Any]) -> None:
         if world != g.world_size:
             raise RequestError(
                 f"rank {rank} says world_size={world}, the group has {g.world_size}", "mismatch"
@@ -277,14 +307,58 @@ class Membership:
             raise RequestError(
                 "configuration differs across peers; " + "; ".join(parts), "mismatch"
             )
+
+    def _over(self, g: Group) -> bool:
+        """A running group whose every member is gone: left, or silent past the lease."""
+        now = self.clock()
+        return all(now - g.seen.get(r, -1e18) > self.lease for r in g.members)
+
+    def _new_group(self, name: str, world: int, config: dict[str, Any], rank: int) -> Group:
+        self._make_room()
+        g = self.groups[name] = Group(world, config, rank)
+        self._last_live[name] = self.clock()
+        self._ended.pop(name, None)
+        return g
+
+    def join(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
+        name = _field(req, "group", str)
+        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
+        if not 1 <= world <= 65535 or not 0 <= rank < world:
+            raise RequestError(f"rank {rank} outside a group of {world}")
+        info = self._peer_info(req)
+        config = _field(req, "config", dict)
+        g = self.groups.get(name)
+        if g is not None and g.started and self._over(g):
+            # the last run ended (closed, or crashed and its lease ran out): a fresh one
+            log.info("group %r: every member of the last run is gone; a new run starts", name)
+            self._end(name, g)
+            g = self.groups.get(name)
+        if g is None:
+            g = self._new_group(name, world, config, rank)
+        try:
+            self._check_config(g, rank, world, config)
+        except RequestError as e:
+            if g.started:  # say why an earlier run may still be in the way
+                ago = self.clock() - max(g.seen.values(), default=self.clock())
+                e.args = (
+                    f"{e}; the running group's members {list(g.members)} were last heard {ago:.0f}s "
+                    f"ago (a crashed run ends when its members leave or after the {self.lease:g}s lease)",
+                )
+            raise
         self._claim(name, g, rank, info, _conn(who), key)
         if not g.started:
+            old = g.members_info.get(rank)
+            if old is not None and old["incarnation"] != info["incarnation"]:
+                # a restarted process before the start: the new one replaces the old
+                self._drop_waiting(name, rank)
             g.members_info[rank] = info
             waiting = self._waiting_join.setdefault(name, [])
             waiting.append((who, rank))
             _cap_waiters(waiting, g.world_size)
             if len(g.members_info) == g.world_size:
                 g.started, g.members = True, tuple(range(g.world_size))
+                now = self.clock()
+                g.seen = {r: now for r in g.members}
                 log.info("group %r started: epoch 0, %d members", name, g.world_size)
                 for w, _ in self._waiting_join.pop(name, []):
                     self._due.append((w, {**self._view(g), "joined_at": None}))
@@ -292,51 +366,107 @@ class Membership:
         if rank in g.members and g.members_info[rank]["incarnation"] == info["incarnation"]:
             at = g.joined_at.get(rank)  # a retried join
             return {**self._view(g), "joined_at": None if at is None else list(at)}
+        old = g.joiners.get(rank)
+        if old is not None and old["incarnation"] != info["incarnation"]:
+            self._drop_waiting(name, rank)  # an earlier restart that never got in
         g.joiners[rank] = info
         waiting = self._waiting_join.setdefault(name, [])
         waiting.append((who, rank))
         _cap_waiters(waiting, g.world_size)
-        log.info("group %r: rank %d waits to join at the next commit", name, rank)
+        log.info("group %r: rank %d waits to be admitted", name, rank)
         return None
 
+    def _drop_waiting(self, name: str, rank: int) -> None:
+        keep = [(w, r) for w, r in self._waiting_join.get(name, []) if r != rank]
+        gone = [(w, r) for w, r in self._waiting_join.get(name, []) if r == rank]
+        if keep:
+            self._waiting_join[name] = keep
+        else:
+            self._waiting_join.pop(name, None)
+        for w, _ in gone:  # the process that asked is gone or replaced: tell it, if it listens
+            self._due_error.append((w, "a newer process with this rank joined"))
+
+    def _end(self, name: str, g: Group) -> None:
+        """Forget a run that is over; joiners waiting on it start the next run."""
+        waiting = [(w, r) for w, r in self._waiting_join.pop(name, []) if r in g.joiners]
+        joiners = dict(g.joiners)
+        del self.groups[name]
+        self._mark_ended(name)
+        for key in [k for k in self._waiting_commit if k[0] == name]:
+            for w in self._waiting_commit.pop(key):
+                self._due_error.append((w, "the run ended"))
+        # the old members' ranks are free now (a joiner's holder stays: it waits in the new run)
+        for k in [k for k in self.holders if k[0] == name and k[1] not in joiners]:
+            del self.holders[k]
+        if joiners:
+            first = min(joiners)
+            ng = self.groups[name] = Group(g.world_size, g.config, first)
+            ng.members_info = joiners
+            self._waiting_join[name] = waiting
+            if len(joiners) == g.world_size:
+                ng.started, ng.members = True, tuple(range(g.world_size))
+                now = self.clock()
+                ng.seen = {r: now for r in ng.members}
+                for w, _ in self._waiting_join.pop(name, []):
+                    self._due.append((w, {**self._view(ng), "joined_at": None}))
+        else:
+            self._last_live.pop(name, None)
+
+    def _mark_ended(self, name: str) -> None:
+        self._ended.pop(name, None)
+        self._ended[name] = None
+        while len(self._ended) > self.max_groups:  # bounded: the oldest are forgotten
+            self._ended.pop(next(iter(self._ended)))
+
     # -- holders, caps, abandoned groups ----------------------------------------------
+    def _gone(self, g: Group, rank: int, h: Holder) -> bool:
+        """Whether the holder of ``rank`` is gone: its connection is closed (or ZeroMQ
+        heartbeats found it silent), or, as a member of a running group, its lease ran out."""
+        if not self._is_live(h.conn):
+            return True
+        return g.started and rank in g.members and self.clock() - g.seen.get(rank, -1e18) > self.lease
+
     def _claim(
         self, name: str, g: Group, rank: int, info: dict[str, Any], conn: Any, key: str | None
     ) -> None:
         """Record the joiner as the holder of ``rank``, or refuse it (see the module docstring).
-        A holder holds while its process is live and its rank is a member (or waits to be):
-        a rank the group dropped is free for a restarted process."""
+        A holder holds while its process is there (its connection live, its lease, as a member,
+        not run out) and its rank is a member (or waits to be): a rank the group dropped is free
+        for a restarted process."""
         inc = info["incarnation"]
         if key is not None:  # CURVE: the key it authenticated with is the key it advertises
             if info["pubkey"] != key:
                 raise RequestError(
                     f"rank {rank} advertises a public key that is not the CURVE key it "
                     "connected with", "security")
-            for (gname, r), h in self.holders.items():
-                if (gname == name and r != rank and h.key == key and _holds(g, r, h)
-                        and self._is_live(h.conn)):
+            for (gname, r), other in self.holders.items():
+                if (gname == name and r != rank and other.key == key and _holds(g, r, other)
+                        and not self._gone(g, r, other)):
                     raise RequestError(
                         f"this CURVE key already holds rank {r} of group {name!r}: with CURVE "
                         "each rank needs its own key pair (lowband keys generate)", "security")
         h = self.holders.get((name, rank))
-        if h is not None and h.incarnation != inc and _holds(g, rank, h) and self._is_live(h.conn):
+        if (h is not None and h.incarnation != inc and _holds(g, rank, h)
+                and not self._gone(g, rank, h)):
             raise RequestError(
                 f"rank {rank} of group {name!r} is held by another live process (incarnation "
                 f"{h.incarnation}): two processes were started as the same rank. A restarted "
                 "peer is admitted once its old process has ended", "duplicate")
         if h is not None and h.incarnation != inc:  # the old holder is gone: so are its waits
-            waiting = self._waiting_join.get(name, [])
-            waiting[:] = [(w, r) for w, r in waiting if r != rank]
+            self._drop_waiting(name, rank)
         self.holders[(name, rank)] = Holder(inc, conn, key)
 
     def authorize(self, req: dict[str, Any], conn: Any, key: str | None) -> None:
-        """For a request that names a group and a rank (commit, leave): with CURVE, only that
-        rank's holder's key may send it. A request with the holder's incarnation refreshes
-        the holder's connection."""
+        """For a request that names a group and a rank (commit, alive, leave): with CURVE,
+        only that rank's holder's key may send it. A request with the holder's incarnation
+        refreshes the holder's connection. A lease (``alive``) for a rank nobody holds (this
+        coordinator restarted) is answered (it learns to ``recover``) but changes nothing."""
         name, rank = req.get("group"), req.get("rank")
         if not isinstance(name, str) or not isinstance(rank, int) or isinstance(rank, bool):
             return  # the op's own checks refuse it
         h = self.holders.get((name, rank))
+        if h is None and req.get("op") == "alive":
+            return
         if key is not None and (h is None or h.key != key):
             raise RequestError(
                 f"this CURVE key does not hold rank {rank} of group {name!r}: a key speaks "
@@ -348,7 +478,7 @@ class Membership:
         """Before a new group: forget abandoned ones at the cap; refuse when still full."""
         if len(self.groups) < self.max_groups:
             return
-        if self._clock() - self._last_sweep >= 1.0:  # a sweep probes every group: once a second
+        if self.clock() - self._last_sweep >= 1.0:  # a sweep probes every group: once a second
             self.sweep()
         if len(self.groups) >= self.max_groups:
             raise RequestError(
@@ -358,8 +488,9 @@ class Membership:
 
     def sweep(self) -> list[str]:
         """Forget every group none of whose holders has had a live connection for
-        ``abandon_after`` seconds; returns their names."""
-        now = self._last_sweep = self._clock()
+        ``abandon_after`` seconds; returns their names. Also drops what is left of
+        groups that ended (holders, waits)."""
+        now = self._last_sweep = self.clock()
         by_group: dict[str, list[Holder]] = {}
         for (name, _), h in self.holders.items():
             by_group.setdefault(name, []).append(h)
@@ -371,18 +502,25 @@ class Membership:
                 gone.append(name)
         for name in gone:
             self.forget_group(name)
+        for name in set(by_group) | set(self._last_live) | set(self._waiting_join):
+            if name not in self.groups:
+                self.forget_group(name, quiet=True)
         return gone
 
-    def forget_group(self, name: str) -> None:
-        """Drop every piece of state of group ``name``."""
+    def forget_group(self, name: str, *, quiet: bool = False) -> None:
+        """Drop every piece of state of group ``name`` (an ended run included)."""
         self.groups.pop(name, None)
+        self._ended.pop(name, None)
         self._last_live.pop(name, None)
-        self._waiting_join.pop(name, None)
+        for w, _ in self._waiting_join.pop(name, []):
+            self._due_error.append((w, "the group was forgotten"))
         for k in [k for k in self._waiting_commit if k[0] == name]:
-            del self._waiting_commit[k]
-        for k in [k for k in self.holders if k[0] == name]:
-            del self.holders[k]
-        log.info("group %r forgotten: none of its processes is connected", name)
+            for w in self._waiting_commit.pop(k):
+                self._due_error.append((w, "the group was forgotten"))
+        for hk in [hk for hk in self.holders if hk[0] == name]:
+            del self.holders[hk]
+        if not quiet:
+            log.info("group %r forgotten: none of its processes is connected", name)
 
     def _admit_proposal(self, name: str, g: Group, rank: int, key: tuple[int, int, int]) -> None:
         """Caps on undecided collectives, checked before ``rank`` proposes for a new ``key``."""
@@ -396,6 +534,7 @@ class Membership:
             del g.proposals[old][rank]
             if not g.proposals[old]:
                 del g.proposals[old]
+                g.admit.discard(old)
                 self._waiting_commit.pop((name, old), None)
 
     def status(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -404,14 +543,113 @@ class Membership:
         if g is None:
             return {"world_size": None, "joined": [], "started": False}
         joined = g.members if g.started else sorted(g.members_info)
-        return {"world_size": g.world_size, "joined": list(joined), "started": g.started}
+        return {"world_size": g.world_size, "joined": list(joined), "started": g.started,
+                "waiting": sorted(g.joiners)}
+
+    def alive(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A member's lease: it is still there."""
+        g = self.groups.get(_field(req, "group", str))
+        rank, inc = _field(req, "rank", int), _field(req, "incarnation", int)
+        if g is None or not g.started:
+            return {"member": False, "known": g is not None}
+        if rank in g.members and rank not in g.members_info:  # recovered; it has not re-registered
+            return {"member": False, "known": False}
+        member = rank in g.members and g.members_info[rank]["incarnation"] == inc
+        if member:
+            g.seen[rank] = self.clock()
+        return {"member": member, "known": True}
+
+    def leave(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A member (or a waiting joiner) closes: commits stop waiting for it."""
+        name = _field(req, "group", str)
+        rank, inc = _field(req, "rank", int), _field(req, "incarnation", int)
+        g = self.groups.get(name)
+        if g is None:
+            return {}
+        if not g.started:
+            if rank in g.members_info and g.members_info[rank]["incarnation"] == inc:
+                del g.members_info[rank]
+                self._waiting_join[name] = [x for x in self._waiting_join.get(name, []) if x[1] != rank]
+                if not g.members_info:
+                    del self.groups[name]
+                    self._mark_ended(name)
+            return {}
+        if rank in g.joiners and g.joiners[rank]["incarnation"] == inc:
+            del g.joiners[rank]
+            self._waiting_join[name] = [x for x in self._waiting_join.get(name, []) if x[1] != rank]
+        if rank in g.members and g.members_info.get(rank, {}).get("incarnation") == inc:
+            g.members = tuple(r for r in g.members if r != rank)
+            g.seen.pop(rank, None)
+            g.epoch += 1
+            log.info("group %r: rank %d left; members %s", name, rank, g.members)
+            if not g.members:
+                self._end(name, g)
+                return {}
+            for key in list(g.proposals):  # a commit that waited for it may be due now
+                self._settle(name, g, key)
+        return {}
+
+    def recover(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
+        """A member re-registers after a coordinator restart (this process knows nothing)."""
+        name = _field(req, "group", str)
+        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
+        if not 1 <= world <= 65535 or not 0 <= rank < world:
+            raise RequestError(f"rank {rank} outside a group of {world}")
+        info = self._peer_info(req)
+        config = _field(req, "config", dict)
+        epoch = _field(req, "epoch", int)
+        members = _field(req, "members", list)
+        if rank not in members or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world for r in members
+        ):
+            raise RequestError("field 'members' must list ranks of the group, the sender included")
+        if name in self._ended:
+            raise RequestError(f"the run of group {name!r} ended; rank {rank} must join anew", "stale")
+        g = self.groups.get(name)
+        if g is None or not g.started:
+            # the first claim after a restart; joins that came before it wait as joiners
+            early = {} if g is None else dict(g.members_info)
+            if g is None:
+                self._make_room()
+                self._last_live[name] = self.clock()
+            g = self.groups[name] = Group(world, config, rank)
+            g.started, g.epoch, g.members = True, epoch, tuple(sorted(set(members)))
+            g.joiners, g.recovered = early, True
+            log.info("group %r recovered from rank %d: epoch %d, members %s", name, rank, epoch, g.members)
+        elif g.recovered and epoch > g.epoch and not g.decisions.keys() - g.seeded:
+            # a newer view than the claim the group was rebuilt from (that one came from a
+            # member that had missed a change): take it, before any new decision was made
+            g.epoch, g.members = epoch, tuple(sorted(set(members)))
+            for r in [r for r in g.members_info if r not in g.members]:
+                g.joiners.setdefault(r, g.members_info.pop(r))
+        self._check_config(g, rank, world, config)
+        if rank not in g.members:
+            raise RequestError(f"rank {rank} is not a member of the recovered group", "stale")
+        old = g.members_info.get(rank)
+        if old is not None and old["incarnation"] != info["incarnation"]:
+            raise RequestError(f"rank {rank} is held by another process", "stale")
+        self._claim(name, g, rank, info, _conn(who), key)
+        g.members_info[rank] = info
+        g.seen[rank] = self.clock()
+        last = req.get("last")  # this peer's last decision: a slower peer may still ask for it
+        if isinstance(last, dict):
+            key_l, parts = last.get("key"), last.get("participants")
+            if (
+                isinstance(key_l, list) and len(key_l) == 3 and isinstance(parts, list)
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in key_l + parts)
+            ):
+                at = (key_l[0], key_l[1], key_l[2])
+                if at not in g.decisions:
+                    g.decisions[at] = {"participants": sorted(parts), **self._view(g), "waiting": []}
+                    g.seeded.add(at)
+        return self._view(g)
 
     # -- commit ----------------------------------------------------------------------
     def commit(self, who: Any, req: dict[str, Any]) -> dict[str, Any] | None:
         name = _field(req, "group", str)
         g = self.groups.get(name)
         if g is None or not g.started:
-            raise RequestError(f"group {name!r} has not started")
+            raise RequestError(f"group {name!r} has not started", "unknown")
         rank = _field(req, "rank", int)
         key_l = _field(req, "key", list)
         alive_l = _field(req, "alive", list)
@@ -425,33 +663,58 @@ class Membership:
         if key in g.decisions:
             return g.decisions[key]
         if rank not in g.members:  # dropped earlier: the answer is a set without it
-            return {"participants": list(g.members), **self._view(g)}
+            return {"participants": list(g.members), **self._view(g), "waiting": []}
+        if rank not in g.members_info or (
+            isinstance(req.get("incarnation"), int)
+            and req["incarnation"] != g.members_info[rank]["incarnation"]
+        ):
+            raise RequestError(f"rank {rank} is not registered here: recover first", "unknown")
+        g.seen[rank] = self.clock()
         alive = frozenset(alive_l) & frozenset(g.members)
         if rank not in alive:
             raise RequestError("a proposal must include the proposer")
         self._admit_proposal(name, g, rank, key)
+        if req.get("admit") is True:
+            g.admit.add(key)
         props = g.proposals.setdefault(key, {})
         old = props.get(rank)
         props[rank] = alive if old is None else (old & alive)  # proposals only shrink
         waiters = self._waiting_commit.setdefault((name, key), [])
         waiters.append(who)
         _cap_waiters(waiters, len(g.members))
-        agreed = frozenset.intersection(*props.values())
-        if not agreed <= props.keys():
-            return None
-        self._decide(name, g, key, tuple(sorted(agreed)))
+        self._settle(name, g, key)
         return None
+
+    def _settle(self, name: str, g: Group, key: tuple[int, int, int]) -> None:
+        """Decide ``key`` if every rank in the intersection of its proposals has proposed."""
+        props = g.proposals.get(key)
+        if not props:
+            return
+        agreed = frozenset.intersection(*props.values()) & frozenset(g.members)
+        if agreed <= props.keys() and agreed:
+            self._decide(name, g, key, tuple(sorted(agreed)))
 
     def _decide(
         self, name: str, g: Group, key: tuple[int, int, int], parts: tuple[int, ...]
     ) -> None:
         g.proposals.pop(key, None)
-        new_epoch = parts != g.members or bool(g.joiners)
-        if new_epoch:
+        admit = key in g.admit
+        g.admit.discard(key)
+        # a joiner enters only at a decision that keeps every member (the collective is then
+        # complete: no retry among fewer ranks can undo the admission), once the process that
+        # held its rank before is out of the membership
+        shrank = parts != g.members
+        joined: dict[int, dict[str, Any]] = {}
+        if admit and not shrank:
+            joined = {r: i for r, i in g.joiners.items() if r not in parts}
+        if shrank or joined:
             g.epoch += 1
-            for r, info in g.joiners.items():
+            for r, info in joined.items():
                 g.members_info[r] = info
-            g.members = tuple(sorted(set(parts) | set(g.joiners)))
+                g.joiners.pop(r)
+                g.joined_at[r] = key
+                g.seen[r] = self.clock()
+            g.members = tuple(sorted(set(parts) | set(joined)))
             log.info(
                 "group %r: epoch %d with members %s (participants of %s: %s)",
                 name,
@@ -460,9 +723,6 @@ class Membership:
                 key,
                 parts,
             )
-            joined, g.joiners = set(g.joiners), {}
-            for r in joined:
-                g.joined_at[r] = key
             view = self._view(g)
             keep = []
             for w, r in self._waiting_join.pop(name, []):
@@ -472,9 +732,11 @@ class Membership:
                     keep.append((w, r))
             if keep:
                 self._waiting_join[name] = keep
-        decision = {"participants": list(parts), **self._view(g)}
+        waiting = sorted(r for r in g.joiners if r not in g.members)
+        decision = {"participants": list(parts), **self._view(g), "waiting": waiting}
         g.decisions[key] = decision
         while len(g.decisions) > _KEEP_DECISIONS:
+            g.seeded.discard(next(iter(g.decisions)))
             g.decisions.pop(next(iter(g.decisions)))
         for w in self._waiting_commit.pop((name, key), []):
             self._due.append((w, decision))
@@ -488,6 +750,7 @@ class Coordinator:
         bind: str = "127.0.0.1:0",
         *,
         security: Any = None,
+        lease: float = LEASE_S,
         max_groups: int = MAX_GROUPS,
         abandon_after: float = ABANDON_AFTER_S,
     ) -> None:
@@ -518,7 +781,7 @@ class Coordinator:
             raise TransportError(f"coordinator cannot bind {endpoint!r}: {e}") from e
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.address = self.endpoint.removeprefix("tcp://")
-        self.state = Membership(is_live=self._is_live, max_groups=max_groups,
+        self.state = Membership(is_live=self._is_live, lease=lease, max_groups=max_groups,
                                 abandon_after=abandon_after)
 
     def _is_live(self, conn: Any) -> bool:
@@ -561,12 +824,18 @@ class Coordinator:
             if _depth(req) > MAX_REQUEST_DEPTH:
                 raise RequestError(f"request nested deeper than {MAX_REQUEST_DEPTH}")
             op = req.get("op")
-            if op not in ("join", "ping", "status"):
+            if op not in ("join", "recover", "ping", "status"):  # those two claim a rank
                 self.state.authorize(req, who, key)
             if op == "join":
                 out = self.state.join((who, rid), req, key)
             elif op == "commit":
                 out = self.state.commit((who, rid), req)
+            elif op == "alive":
+                out = self.state.alive(req)
+            elif op == "leave":
+                out = self.state.leave(req)
+            elif op == "recover":
+                out = self.state.recover((who, rid), req, key)
             elif op == "ping":
                 out = {}
             elif op == "status":
@@ -584,6 +853,8 @@ class Coordinator:
             self._reply(who, rid, {"ok": False, "kind": "error", "error": "internal error"})
         for (w, r), body in self.state.ready():
             self._reply(w, r, {"ok": True, **body})
+        for (w, r), why in self.state.ready_errors():
+            self._reply(w, r, {"ok": False, "kind": "stale", "error": why})
 
     def serve(self, *, stop_after: float | None = None, exit_with: int | None = None) -> None:
         """Answer requests until ``stop_after`` seconds have passed or process ``exit_with``
@@ -740,6 +1011,11 @@ def main(argv: list[str]) -> int:
                     help=f"groups held at once (default {MAX_GROUPS}); one more is refused")
     ap.add_argument("--abandon-after", type=float, default=ABANDON_AFTER_S,
                     help="forget a group once its processes have been gone this many seconds")
+    ap.add_argument(
+        "--lease", type=float, default=LEASE_S,
+        help="seconds without a word from every member before a crashed run is over, and from "
+        f"one member before its rank is free for a new process (default {LEASE_S:g})",
+    )
     ap.add_argument("--stop-after", type=float, help="exit after this many seconds (tests)")
     ap.add_argument(
         "--exit-with", type=int, metavar="PID", help="exit when process PID ends (its launcher)"
@@ -758,8 +1034,8 @@ def main(argv: list[str]) -> int:
 
         # bound to --bind's host alone (torch's own server would listen on every interface)
         store, _ = serve_store(args.bind.rpartition(":")[0], args.torch_store_port)
-    coord = Coordinator(args.bind, security=security, max_groups=args.max_groups,
-                        abandon_after=args.abandon_after)
+    coord = Coordinator(args.bind, security=security, lease=args.lease,
+                        max_groups=args.max_groups, abandon_after=args.abandon_after)
     print(f"listening on {coord.endpoint}", flush=True)
     try:
         coord.serve(stop_after=args.stop_after, exit_with=args.exit_with)

@@ -15,6 +15,13 @@ Faults (DESIGN.md, "Faults and membership"):
   runs again among the committed ranks alone (each survivor still holds its
   snapshot), so every survivor returns the same bits and ``Work.participants``
   names who took part. A rank missing from the committed set raises ``PeerLost``.
+
+Joining a running group (``on_failure="drop"``): a process that starts while the
+group runs (a restart, or a late rank) waits in ``init_group`` until the members
+call :meth:`Group.admit` at a boundary of their choosing (the optimizers do it
+after a sync, when the last commit listed ranks in ``waiting``). The admission
+is a commit of its own, so it never lands in the middle of another collective:
+the joiner's first collective is the one after it, and the members know it.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ class Work(Generic[T]):
         self.participants: tuple[int, ...] = ()
         self._callbacks: list[Callable[[Work[T]], None]] = []
         self._cb_lock = threading.Lock()
+        #: Ranks waiting to join, as of this collective's commit (the same on every member).
+        self.waiting: tuple[int, ...] = ()
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -111,8 +120,12 @@ class Work(Generic[T]):
             raise self._error
         return self._result  # type: ignore[return-value]
 
-    def _finish(self, result: T | None, error: BaseException | None, participants: tuple[int, ...]) -> None:
+    def _finish(
+        self, result: T | None, error: BaseException | None, participants: tuple[int, ...],
+        waiting: tuple[int, ...] = (),
+    ) -> None:
         self._result, self._error, self.participants = result, error, participants
+        self.waiting = waiting
         with self._cb_lock:
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
@@ -274,6 +287,54 @@ class Group:
 
         return self._submit(body, phases=(0,))
 
+    @property
+    def waiting(self) -> tuple[int, ...]:
+        """Ranks waiting to join, as of the last commit (``on_failure="drop"`` only)."""
+        return tuple(getattr(self.carrier, "waiting", ()))
+
+    def admit(self) -> Work[tuple[int, ...]]:
+        """Collective: let in the ranks waiting to join; ``wait()`` gives the ranks admitted.
+
+        Every member must call it at the same point (between two collectives it chooses, for
+        an optimizer after a sync). The joiners' first collective is the next one. Only with
+        ``on_failure="drop"`` (in raise mode a group never changes; the result is ``()``).
+        """
+        return self._submit(lambda rnd: (), phases=(), admit=True)
+
+    def exchange(self, blob: bytes) -> Work[dict[int, bytes]]:
+        """Every participant's small blob (at most 1 MiB), by rank."""
+        if len(blob) > 1 << 20:
+            raise ConfigError(f"exchange takes blobs of at most 1 MiB, got {len(blob)} bytes")
+        return self._submit(lambda rnd: C.exchange_blobs(rnd, blob), phases=(0,))
+
+    def share(self, blob: bytes | None, *, to: tuple[int, ...]) -> Work[tuple[int, bytes | None]]:
+        """The lowest participant outside ``to`` sends its ``blob`` to the participants in
+        ``to``; ``wait()`` gives ``(sender, bytes)`` there and ``(sender, None)`` elsewhere.
+        Every rank outside ``to`` passes its blob, so any of them can be the sender (if the
+        first one is lost, the retry takes the next)."""
+        newcomers = tuple(to)
+        if self.rank not in newcomers and blob is None:
+            raise ConfigError("a rank outside `to` must pass the blob it would send")
+        data = b"" if blob is None else bytes(blob)
+
+        def body(rnd: C.Round) -> tuple[int, bytes | None]:
+            dst = [r for r in rnd.participants if r in newcomers]
+            src = [r for r in rnd.participants if r not in newcomers]
+            if not src:
+                raise PeerLost("no participant is left to send the state", peers=newcomers)
+            sender = src[0]
+            if self.rank == sender:
+                for peer in dst:
+                    rnd.send(peer, 0, [data], payload_bytes=len(data))
+                rnd.check_lost()
+                return sender, None
+            if self.rank in dst:
+                _, frames = rnd.recv(sender, 0)
+                return sender, b"".join(bytes(f) for f in frames)
+            return sender, None
+
+        return self._submit(body, phases=(0,))
+
     def barrier(self, timeout: float | None = None) -> None:
         """Return once every participant has reached this barrier."""
         self._submit(lambda rnd: C.exchange_blobs(rnd, b""), phases=(0,)).wait(timeout)
@@ -335,13 +396,15 @@ class Group:
 
     # -- machinery ------------------------------------------------------------------------
 
-    def _submit(self, body: Callable[[C.Round], T], *, phases: tuple[int, ...]) -> Work[T]:
+    def _submit(
+        self, body: Callable[[C.Round], T], *, phases: tuple[int, ...], admit: bool = False
+    ) -> Work[T]:
         if self._closed:
             raise TransportError("the group is closed")
         work: Work[T] = Work(self.stats, self.rank)
         with self._lock:
             self._seq += 1
-            self._jobs.put((self._seq, body, phases, work))
+            self._jobs.put((self._seq, body, phases, work, admit))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name=f"lowband-group-{self.rank}", daemon=True)
                 self._thread.start()
@@ -352,11 +415,11 @@ class Group:
             job = self._jobs.get()
             if job is None:
                 return
-            seq, body, phases, work = job
+            seq, body, phases, work, admit = job
             t0 = time.perf_counter()
             try:
                 with self.stats.tracking(work.stats):
-                    result, participants = self._run(seq, body, phases)
+                    result, participants = self._run(seq, body, phases, admit)
                 error = None
             except BaseException as e:  # handed to the caller through wait()
                 log.debug("rank %d: collective %d failed: %r", self.rank, seq, e)
@@ -364,9 +427,11 @@ class Group:
             took = time.perf_counter() - t0
             self.stats.count_time(in_comm=took)
             work.stats.count_time(in_comm=took)
-            work._finish(result, error, participants)
+            work._finish(result, error, participants, self.waiting if error is None else ())
 
-    def _run(self, seq: int, body: Callable[[C.Round], T], phases: tuple[int, ...]) -> tuple[T, tuple[int, ...]]:
+    def _run(
+        self, seq: int, body: Callable[[C.Round], T], phases: tuple[int, ...], admit: bool = False
+    ) -> tuple[T, tuple[int, ...]]:
         while True:
             rnd = C.Round(
                 self.carrier,
@@ -380,10 +445,12 @@ class Group:
             result: T | None = None
             ok = False
             suspects: set[int] = set()
+            lost_error: PeerLost | None = None
             try:
                 result = body(rnd)
                 ok = True
             except PeerLost as e:
+                lost_error = e
                 suspects = set(e.peers) | rnd.lost
                 rnd.abort(sorted(suspects))
                 if self.on_failure == "raise":
@@ -403,7 +470,11 @@ class Group:
             if self.on_failure == "raise":
                 return result, rnd.participants  # type: ignore[return-value]
             alive = (set(rnd.participants) & self.carrier.alive()) - suspects - rnd.lost
-            committed = tuple(self.carrier.commit((self.epoch, seq, COMMIT_PHASE), sorted(alive)))
+            key = (self.epoch, seq, COMMIT_PHASE)
+            if admit:
+                committed = tuple(self.carrier.commit(key, sorted(alive), admit=True))
+            else:
+                committed = tuple(self.carrier.commit(key, sorted(alive)))
             if self.rank not in committed:
                 raise PeerLost(f"rank {self.rank} was dropped from the group at epoch {self.epoch}", peers=(self.rank,))
             changed = committed != rnd.participants
@@ -415,8 +486,12 @@ class Group:
                 epoch = max(int(epoch), self.epoch + 1)
             if ok and not changed:
                 self._enter(int(epoch), members)
+                if admit:  # the ranks let in: members now that were not participants
+                    result = tuple(r for r in members if r not in committed)  # type: ignore[assignment]
                 return result, committed  # type: ignore[return-value]
             if not changed:
+                if lost_error is not None:  # it needs a rank that is already out (a broadcast's source)
+                    raise lost_error
                 raise TransportError(f"collective {seq} failed but the participant set did not change")
             lost = sorted(set(rnd.participants) - set(committed))
             log.warning("rank %d: dropping ranks %s, collective %d runs again at epoch %d", self.rank, lost, seq, epoch)

@@ -276,9 +276,12 @@ def test_restarted_peer_rejoins_at_the_next_epoch():
         if group.rank == 3:  # restarted: no state but its rank
             g = tg.rejoin(3)
             return g.all_reduce(torch.full((8,), 4.0), op="sum").wait(), g.participants, g.epoch
-        for _ in range(500):  # the survivors keep training until the joiner is admitted
-            group.all_reduce(torch.ones(8)).wait()
-            if 3 in group.participants:
+        for _ in range(500):  # the survivors keep training until the joiner waits, then admit it
+            w = group.all_reduce(torch.ones(8))
+            w.wait()
+            assert 3 not in group.participants  # never admitted without an admit()
+            if w.waiting:
+                assert group.admit().wait() == (3,)
                 break
             time.sleep(0.01)
         out = group.all_reduce(torch.full((8,), float(group.rank + 1)), op="sum").wait()

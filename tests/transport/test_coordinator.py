@@ -60,7 +60,7 @@ def test_commit_is_the_intersection_once_its_members_proposed() -> None:
     assert 2 not in _commit(m, 2, [0, 1, 2], key=(1, 2, 9))["participants"]
 
 
-def test_late_joiner_enters_at_the_next_commit() -> None:
+def test_late_joiner_enters_at_the_next_admission() -> None:
     m = Membership()
     for r in range(2):
         _join(m, r, world=2)
@@ -70,11 +70,87 @@ def test_late_joiner_enters_at_the_next_commit() -> None:
     req = {"group": "g", "rank": 1, "world_size": 2, "data": "tcp://x:1", "hb": "tcp://x:2",
            "incarnation": 555, "config": {}}
     assert m.join(("again", 1), req) is None
-    _commit(m, 0, [0], key=(1, 2, 9))
+    _commit(m, 0, [0], key=(1, 2, 9))  # an ordinary commit lists the joiner, does not admit it
+    (w, v), = m.ready()
+    assert v["waiting"] == [1] and v["members"] == [0]
+    m.commit(("c", 0), {"group": "g", "rank": 0, "key": [1, 3, 9], "alive": [0], "admit": True})
     views = {w: v for w, v in m.ready()}
     assert views[("again", 1)]["members"] == [0, 1]
-    assert views[("again", 1)]["joined_at"] == [1, 2, 9]
+    assert views[("again", 1)]["joined_at"] == [1, 3, 9]
     assert views[("again", 1)]["peers"]["1"]["incarnation"] == 555
+    assert views[("c", 0)]["participants"] == [0] and views[("c", 0)]["epoch"] == 2
+
+
+def _req(rank: int, inc: int, world: int = 2, **extra) -> dict:
+    return {"group": "g", "rank": rank, "world_size": world, "data": f"tcp://x:{rank}", "hb": "tcp://x:9",
+            "incarnation": inc, "config": {}, **extra}
+
+
+def test_restart_waits_until_its_old_incarnation_is_dropped() -> None:
+    """Issue 16, item 2: a restart that joins before the survivors dropped its old process is
+    not admitted at the commit that drops the old one (the retry among fewer would drop it)."""
+    m = Membership()
+    for r in range(3):
+        m.join(("j", r), _req(r, 100 + r, world=3))
+    m.ready()
+    assert m.join(("new", 2), _req(2, 999, world=3)) is None  # rank 2 restarted, old one not dropped
+    for r in (0, 1):  # an admission commit that still holds the old rank 2 admits nobody...
+        m.commit(("c", r), {"group": "g", "rank": r, "key": [0, 1, 9], "alive": [0, 1, 2], "admit": True})
+    m.commit(("c", 2), {"group": "g", "rank": 2, "key": [0, 1, 9], "alive": [0, 1, 2], "admit": True,
+                        "incarnation": 102})
+    assert all(v["members"] == [0, 1, 2] and v["waiting"] == [] for _, v in m.ready())
+    # ...nor one that drops it: the survivors run that collective again
+    for r in (0, 1):
+        m.commit(("c", r), {"group": "g", "rank": r, "key": [0, 2, 9], "alive": [0, 1], "admit": True})
+    due = m.ready()
+    assert all(v["members"] == [0, 1] and v["waiting"] == [2] for _, v in due)
+    # the retry keeps every member: now the new process enters
+    for r in (0, 1):
+        m.commit(("c", r), {"group": "g", "rank": r, "key": [1, 2, 9], "alive": [0, 1], "admit": True})
+    views = dict(m.ready())
+    assert views[("new", 2)]["joined_at"] == [1, 2, 9] and views[("new", 2)]["members"] == [0, 1, 2]
+    assert views[("new", 2)]["peers"]["2"]["incarnation"] == 999
+
+
+def test_a_run_ends_when_its_members_leave_or_their_lease_runs_out() -> None:
+    """Issue 13, item 6: a new run after close() and after a crash."""
+    now = [0.0]
+    m = Membership(lease=10.0, clock=lambda: now[0])
+    for r in range(2):
+        m.join(("a", r), _req(r, r + 1))
+    assert len(m.ready()) == 2
+    for r in range(2):
+        m.leave({"group": "g", "rank": r, "incarnation": r + 1})
+    assert "g" not in m.groups  # closed: the next joins start afresh
+    for r in range(2):
+        m.join(("b", r), _req(r, r + 10))
+    assert [v["joined_at"] for _, v in m.ready()] == [None, None]
+    # a crash: nobody leaves; new processes wait while the lease holds...
+    now[0] = 5.0
+    m.join(("c", 0), _req(0, 20))
+    m.join(("c", 1), _req(1, 21))
+    assert m.ready() == []
+    now[0] = 16.0  # ...and start a new run once every old member is silent past it
+    m.join(("c", 0), _req(0, 20))
+    due = dict(m.ready())
+    assert due[("c", 0)]["epoch"] == 0 and due[("c", 0)]["joined_at"] is None
+    assert due[("c", 1)]["peers"]["1"]["incarnation"] == 21
+
+
+def test_a_restarted_coordinator_recovers_membership_from_the_members() -> None:
+    m = Membership()
+    rec = {**_req(0, 1, world=3), "epoch": 4, "members": [0, 2], "last": {"key": [3, 7, 9], "participants": [0, 2]}}
+    view = m.recover("x", rec)
+    assert view["members"] == [0, 2] and view["epoch"] == 4
+    # a slower member still asking for the last decision gets the same answer
+    assert m.commit("y", {"group": "g", "rank": 2, "key": [3, 7, 9], "alive": [0, 2]})["participants"] == [0, 2]
+    with pytest.raises(RequestError) as e:  # a member that has not re-registered is told to
+        m.commit("y", {"group": "g", "rank": 2, "key": [4, 8, 9], "alive": [0, 2]})
+    assert e.value.kind == "unknown"
+    m.recover("z", {**_req(2, 3, world=3), "epoch": 4, "members": [0, 2]})
+    m.commit("a", {"group": "g", "rank": 0, "key": [4, 8, 9], "alive": [0, 2]})
+    m.commit("b", {"group": "g", "rank": 2, "key": [4, 8, 9], "alive": [0, 2]})
+    assert [v["participants"] for _, v in m.ready()] == [[0, 2], [0, 2]]
 
 
 def test_bad_requests_are_refused() -> None:

@@ -314,7 +314,7 @@ def test_stream_count_follows_the_bandwidth_delay_product() -> None:
         ZmqCarrier(2, 2, coordinator="127.0.0.1:1")
 
 
-def test_restarted_peer_rejoins_at_the_next_commit(coordinator: str) -> None:
+def test_restarted_peer_rejoins_at_the_next_admission(coordinator: str) -> None:
     cs = _carriers(coordinator, 3, streams=2, peer_timeout=1.0)
     joiner: list[ZmqCarrier] = []
     try:
@@ -326,7 +326,7 @@ def test_restarted_peer_rejoins_at_the_next_commit(coordinator: str) -> None:
         out: dict[int, tuple[int, ...]] = {}
 
         def commit(r: int, key: tuple[int, int, int]) -> None:
-            out[r] = cs[r].commit(key, [0, 1, 2])
+            out[r] = cs[r].commit(key, [0, 1, 2], admit=True)
 
         ts = [threading.Thread(target=commit, args=(r, (0, 1, 9))) for r in (0, 1)]
         for t in ts:
