@@ -363,7 +363,7 @@ class Membership:
                 for w, _ in self._waiting_join.pop(name, []):
                     self._due.append((w, {**self._view(g), "joined_at": None}))
             return None
-        if rank in g.members and g.members_info[rank]["incarnation"] == info["incarnation"]:
+        if rank in g.members and g.members_info.get(rank, {}).get("incarnation") == info["incarnation"]:
             at = g.joined_at.get(rank)  # a retried join
             return {**self._view(g), "joined_at": None if at is None else list(at)}
         old = g.joiners.get(rank)
@@ -424,7 +424,9 @@ class Membership:
         heartbeats found it silent), or, as a member of a running group, its lease ran out."""
         if not self._is_live(h.conn):
             return True
-        return g.started and rank in g.members and self.clock() - g.seen.get(rank, -1e18) > self.lease
+        member = (g.started and rank in g.members
+                  and g.members_info.get(rank, {}).get("incarnation") == h.incarnation)
+        return member and self.clock() - g.seen.get(rank, -1e18) > self.lease
 
     def _claim(
         self, name: str, g: Group, rank: int, info: dict[str, Any], conn: Any, key: str | None
@@ -573,6 +575,10 @@ class Membership:
                 if not g.members_info:
                     del self.groups[name]
                     self._mark_ended(name)
+                    self._last_live.pop(name, None)
+                    self._waiting_join.pop(name, None)
+                    for hk in [hk for hk in self.holders if hk[0] == name]:
+                        del self.holders[hk]
             return {}
         if rank in g.joiners and g.joiners[rank]["incarnation"] == inc:
             del g.joiners[rank]
@@ -622,6 +628,7 @@ class Membership:
             g.epoch, g.members = epoch, tuple(sorted(set(members)))
             for r in [r for r in g.members_info if r not in g.members]:
                 g.joiners.setdefault(r, g.members_info.pop(r))
+                g.seen.pop(r, None)
         self._check_config(g, rank, world, config)
         if rank not in g.members:
             raise RequestError(f"rank {rank} is not a member of the recovered group", "stale")

@@ -60,7 +60,8 @@ def coordinator():
 def _valid(rng: random.Random, case: dict) -> dict:
     """A well-formed request of this case: its groups keep one world size and config, and a
     connection always uses its own key (so most requests reach the rules, not the type checks)."""
-    op = rng.choice(["join", "join", "commit", "commit", "commit", "status", "leave", "ping"])
+    op = rng.choice(["join", "join", "commit", "commit", "commit", "status", "leave", "ping", "alive",
+                     "recover"])
     group = rng.choice(list(case["worlds"]))
     world = case["worlds"][group]
     rank = rng.randrange(world)
@@ -68,9 +69,18 @@ def _valid(rng: random.Random, case: dict) -> dict:
         return {"op": "join", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank}",
                 "hb": "tcp://h:9", "incarnation": rng.choice([1, 2, 3]), "pubkey": case["key"],
                 "config": {"codec": "q4"} if rng.random() < 0.95 else {}}
+    if op == "recover":  # a member re-registering with a restarted coordinator (issue 16)
+        members = sorted({rank, *rng.sample(range(world), rng.randint(0, world))})
+        return {"op": "recover", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank}",
+                "hb": "tcp://h:9", "incarnation": rng.choice([1, 2, 3]), "pubkey": case["key"],
+                "config": {"codec": "q4"}, "epoch": rng.randrange(3), "members": members,
+                "last": {"key": [0, rng.randrange(case["keys"]), 0], "participants": members}}
+    if op == "alive":
+        return {"op": "alive", "group": group, "rank": rank, "incarnation": rng.choice([1, 2, 3])}
     if op == "commit":
         return {"op": "commit", "group": group, "rank": rank, "key": [0, rng.randrange(case["keys"]), 0],
-                "alive": rng.sample(range(world), rng.randint(1, world)), "incarnation": rng.choice([1, 2, 3])}
+                "alive": rng.sample(range(world), rng.randint(1, world)), "incarnation": rng.choice([1, 2, 3]),
+                "admit": rng.random() < 0.3}
     if op == "leave":
         return {"op": "leave", "group": group, "rank": rank, "incarnation": rng.choice([1, 2, 3])}
     if op == "status":
@@ -102,11 +112,15 @@ def _check_state(m: Membership) -> None:
         assert len(g.proposals) <= MAX_PENDING_KEYS
         for r in range(g.world_size):
             assert sum(1 for p in g.proposals.values() if r in p) <= MAX_PENDING_PER_RANK
-        assert set(g.members) <= set(g.members_info)
+        # a group rebuilt from members' claims lacks the endpoints of those not re-registered
+        assert g.recovered or set(g.members) <= set(g.members_info)
         assert all(0 <= r < g.world_size for r in g.members_info)
+        assert g.admit <= set(g.proposals) and g.seeded <= set(g.decisions)
+        assert all(0 <= r < g.world_size for r in g.seen)
     for waiters in (*m._waiting_join.values(), *m._waiting_commit.values()):
         assert len(waiters) <= MAX_WAITERS + 4 * 65535
     assert {name for name, _ in m.holders} <= set(m.groups)
+    assert len(m._ended) <= m.max_groups and set(m._last_live) <= set(m.groups)
 
 
 @fuzz_settings

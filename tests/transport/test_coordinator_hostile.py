@@ -90,6 +90,52 @@ def test_abandoned_groups_are_forgotten_and_the_group_cap_holds() -> None:
     assert set(m.groups) == {"new"} and set(m.holders) == {("new", 0)}
 
 
+def test_a_member_whose_lease_ran_out_no_longer_holds_its_rank() -> None:
+    """Hostile's liveness and elastic's leases together: a live connection whose member sent
+    nothing for the lease is gone too; its newcomer waits for an admission commit."""
+    now = [0.0]
+    m = Membership(is_live=lambda conn: True, lease=10.0, clock=lambda: now[0])
+    m.join(("a", 1), _req(0, 10))
+    m.join(("b", 1), _req(1, 20))
+    m.ready()
+    now[0] = 5.0
+    with pytest.raises(RequestError, match="held by another live process"):
+        m.join(("x", 1), _req(1, 21))  # rank 1's lease holds
+    now[0] = 12.0
+    m.alive({"group": "g", "rank": 0, "incarnation": 10})  # rank 0 keeps its lease, 1 does not
+    assert m.join(("x", 2), _req(1, 21)) is None
+    assert m.holders[("g", 1)].incarnation == 21
+    with pytest.raises(RequestError, match="held by another live process"):
+        m.join(("y", 1), _req(1, 22))  # the newcomer, waiting, holds the rank in turn
+    # not admitted while the old process is a member, nor at a commit without admit
+    m.commit(("a", 2), {"group": "g", "rank": 0, "key": [0, 1, 0], "alive": [0]})
+    assert [v["participants"] for _, v in m.ready()] == [[0]]
+    m.commit(("a", 3), {"group": "g", "rank": 0, "key": [1, 2, 0], "alive": [0], "admit": True})
+    due = dict(m.ready())
+    assert due[("x", 2)]["joined_at"] == [1, 2, 0] and due[("x", 2)]["members"] == [0, 1]
+
+
+def test_ended_runs_and_their_holders_are_forgotten() -> None:
+    now = [0.0]
+    m = Membership(is_live=lambda conn: False, clock=lambda: now[0], max_groups=2, abandon_after=10)
+    for i in range(5):  # runs that start and close: nothing of them stays past the caps
+        for r in range(2):
+            m.join((f"c{i}", r), _req(r, 100 * i + r, group=f"g{i}"))
+        for r in range(2):
+            m.leave({"group": f"g{i}", "rank": r, "incarnation": 100 * i + r})
+    assert m.groups == {} and len(m._ended) <= 2
+    m.join(("p", 0), _req(0, 7, group="pre"))  # a group that never started, left
+    m.leave({"group": "pre", "rank": 0, "incarnation": 7})
+    m.sweep()
+    assert m.holders == {} and m._waiting_join == {} and m._last_live == {}
+    # a recovered group counts against the cap, like a joined one
+    m.recover("r", {**_req(0, 1, group="r1"), "epoch": 3, "members": [0, 1]})
+    m.recover("r", {**_req(0, 1, group="r2"), "epoch": 3, "members": [0, 1]})
+    with pytest.raises(RequestError, match="holds 2 groups"):
+        m.recover("r", {**_req(0, 1, group="r3"), "epoch": 3, "members": [0, 1]})
+    assert set(m.holders) == {("r1", 0), ("r2", 0)}
+
+
 def test_undecided_proposals_are_capped_per_rank() -> None:
     m = Membership(is_live=lambda conn: True)
     for r in range(2):
