@@ -281,6 +281,9 @@ class ZmqCarrier:
     def _apply_view(self, view: dict[str, Any]) -> None:
         """Connect to members we have no link to (or whose process restarted)."""
         self.membership_epoch = int(view["epoch"])
+        lease = view.get("lease")
+        if isinstance(lease, (int, float)) and lease > 0:
+            self._lease_every = min(3.0, max(0.2, lease / 5))
         self.members = tuple(int(r) for r in view["members"])
         for key, info in view["peers"].items():
             peer = int(key)
@@ -533,14 +536,17 @@ class ZmqCarrier:
         return True
 
     def _keep_lease(self) -> None:
-        every = min(3.0, max(0.5, self.peer_timeout / 4))
-        while not self._lease_stop.wait(every):
+        # renew at a fifth of the coordinator's lease (it says how long in every view)
+        while not self._lease_stop.wait(getattr(self, "_lease_every", 3.0)):
             try:
                 rep = self.client.ask(
                     {"op": "alive", "group": self.group_name, "rank": self.rank,
                      "incarnation": self.incarnation},
                     timeout=1.0,
                 )
+                lease = None if rep is None else rep.get("lease")
+                if isinstance(lease, (int, float)) and lease > 0:
+                    self._lease_every = min(3.0, max(0.2, lease / 5))
                 if rep is not None and not rep.get("known", True):
                     self._recover()
                 elif rep is not None and rep.get("member") is False:

@@ -275,6 +275,7 @@ class Membership:
     def _view(self, g: Group) -> dict[str, Any]:
         return {
             "epoch": g.epoch,
+            "lease": self.lease,  # members renew well within it
             "members": list(g.members),
             # after a coordinator restart, only members that re-registered have endpoints here
             "peers": {str(r): g.members_info[r] for r in g.members if r in g.members_info},
@@ -559,7 +560,7 @@ class Membership:
         member = rank in g.members and g.members_info[rank]["incarnation"] == inc
         if member:
             g.seen[rank] = self.clock()
-        return {"member": member, "known": True}
+        return {"member": member, "known": True, "lease": self.lease}
 
     def leave(self, req: dict[str, Any]) -> dict[str, Any]:
         """A member (or a waiting joiner) closes: commits stop waiting for it."""
