@@ -878,6 +878,8 @@ class Coordinator:
                         self.state.sweep()
                     except Exception:  # a bug here must not end the coordinator either
                         log.exception("coordinator: sweep failed")
+                    for (w, r), why in self.state.ready_errors():  # waits of forgotten groups
+                        self._reply(w, r, {"ok": False, "kind": "stale", "error": why})
                 if exit_with is not None and time.monotonic() >= next_check:
                     next_check = time.monotonic() + 1.0
                     if not _alive(exit_with):
