@@ -302,7 +302,9 @@ def test_thirty_thousand_pending_proposals_stay_bounded() -> None:
             for first in (10_000, 20_000, 30_000):  # 30k more: unbounded, this grew 23 MB
                 flood(first)
             grown = rss_bytes(co.proc.pid) - before
-            assert grown < 8 << 20, grown
+            # unbounded, this grew 23 MB; bounded, the RSS moved by -8.6..+8.6 MB across runs
+            # under load (libzmq and allocator buffers): 12 MB separates the two
+            assert grown < 12 << 20, grown
             # the group still decides a collective
             out: list = []
             th = threading.Thread(target=lambda: out.append(c[1].ask(
