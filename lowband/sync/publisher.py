@@ -110,6 +110,7 @@ class WeightPublisher:
         hwm: int = 100_000,
         heartbeat_s: float = 0.5,
         only: Selection | None = None,
+        max_reply_bytes: int = 256 << 20,
     ) -> None:
         if dtype is not None and dtype not in _WIRE_DTYPES:
             raise ConfigError(f"dtype must be one of {_WIRE_DTYPES} or None, got {dtype}")
@@ -118,6 +119,15 @@ class WeightPublisher:
         if not 0.01 <= heartbeat_s <= 3600:
             raise ConfigError(f"heartbeat_s must be in [0.01, 3600], got {heartbeat_s}")
         self.heartbeat_s = float(heartbeat_s)
+        if max_reply_bytes < 1:
+            raise ConfigError(f"max_reply_bytes must be positive, got {max_reply_bytes}")
+        # Snapshot replies libzmq still holds (queued for clients that do not read), over every
+        # connection together: a request that would pass this is dropped (its client asks
+        # again after retry_s), so unread replies cost at most this much, whatever the number
+        # of connections (the per-connection SNDHWM alone scaled with them).
+        self.max_reply_bytes = int(max_reply_bytes)
+        self._in_flight: list[tuple[zmq.MessageTracker, int]] = []
+        self._in_flight_bytes = 0
         if not 1 <= chunk_elems <= 1 << 30:
             raise ConfigError(f"chunk_elems must be in 1..2**30, got {chunk_elems}")
         self.codec: Codec | None = None if codec == "exact" else parse(codec)
@@ -374,10 +384,22 @@ class WeightPublisher:
             except CodecError as e:
                 log.warning("WeightPublisher: ignored a bad request: %s", e)
                 continue
+            size = len(reply[-1])
+            if self._in_flight:  # forget replies libzmq has handed to the kernel (or dropped)
+                self._in_flight = [(t, n) for t, n in self._in_flight if not t.done]
+                self._in_flight_bytes = sum(n for _, n in self._in_flight)
+            if size > 1 << 16 and self._in_flight_bytes + size > self.max_reply_bytes:
+                log.debug("WeightPublisher: %d reply bytes unread by clients (the cap): "
+                          "a snapshot request dropped", self._in_flight_bytes)
+                continue
             try:
-                self._router.send_multipart([peer, *reply], copy=False)
+                tracker = self._router.send_multipart([peer, *reply], copy=False, track=True)
             except zmq.ZMQError as e:  # the peer went away; it will ask again
                 log.debug("WeightPublisher: reply not sent: %s", e)
+                continue
+            if size > 1 << 16 and tracker is not None and not tracker.done:
+                self._in_flight.append((tracker, size))
+                self._in_flight_bytes += size
 
     def _answer(self, body: list) -> list:
         h = parse_header(body, expect=(HELLO, SNAP_REQ))

@@ -119,3 +119,42 @@ def test_push_needs_a_version(bad: None) -> None:
     with RolloutChannel(connect=f"127.0.0.1:{_free_port()}") as ch:
         with pytest.raises(ValueError):
             ch.push(0, version=bad, fingerprint=1)  # type: ignore[arg-type]
+
+
+def test_unread_snapshot_replies_are_capped_over_all_connections() -> None:
+    """Issue 15 item 7: replies queued for clients that never read were capped per connection
+    only (40 such clients grew the learner by 4.1 GB); now ``max_reply_bytes`` caps them over
+    every connection together, and a reading subscriber is served once the flood is gone."""
+    import zmq
+
+    from lowband.sync import WeightPublisher, WeightSubscriber
+    from lowband.sync._wire import SNAP_REQ, Header, pack
+
+    model = {"w": torch.randn(1 << 20)}  # one chunk of 4 MiB
+    cap = 8 << 20
+    with WeightPublisher(model, chunk_elems=1 << 20, max_reply_bytes=cap) as pub:
+        ctx = zmq.Context()
+        socks = []
+        try:
+            for _ in range(10):
+                s = ctx.socket(zmq.DEALER)
+                s.linger, s.rcvhwm, s.rcvbuf = 0, 1, 4096
+                s.connect(pub.address)
+                socks.append(s)
+                for _ in range(20):
+                    s.send(pack(Header(SNAP_REQ, tensor=0, chunk=0)), zmq.NOBLOCK)
+            peak = 0
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # bounded: sample while the requests are served
+                peak = max(peak, pub._in_flight_bytes)
+                time.sleep(0.05)
+            assert 0 < peak <= cap, peak
+        finally:
+            for s in socks:
+                s.close(linger=0)
+            ctx.term()
+        replica = {"w": torch.zeros(1 << 20)}
+        with WeightSubscriber(replica, connect=pub.address) as sub:
+            pub.publish()
+            assert sub.update(block=True, timeout=30) == pub.version
+            assert torch.equal(replica["w"], model["w"])
