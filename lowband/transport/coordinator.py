@@ -282,6 +282,15 @@ class Membership:
         }
 
     # -- join ------------------------------------------------------------------------
+    def _member(self, req: dict[str, Any]) -> tuple[str, int, int, dict[str, Any], dict[str, Any]]:
+        """The fields a join and a recover share, checked: group, rank, world size, the
+        peer's endpoints and keys, its config."""
+        name = _field(req, "group", str)
+        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
+        if not 1 <= world <= 65535 or not 0 <= rank < world:
+            raise RequestError(f"rank {rank} outside a group of {world}")
+        return name, rank, world, self._peer_info(req), _field(req, "config", dict)
+
     def _peer_info(self, req: dict[str, Any]) -> dict[str, Any]:
         _check_join_sizes(req)
         info = {
@@ -322,12 +331,7 @@ class Membership:
         return g
 
     def join(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
-        name = _field(req, "group", str)
-        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
-        if not 1 <= world <= 65535 or not 0 <= rank < world:
-            raise RequestError(f"rank {rank} outside a group of {world}")
-        info = self._peer_info(req)
-        config = _field(req, "config", dict)
+        name, rank, world, info, config = self._member(req)
         g = self.groups.get(name)
         if g is not None and g.started and self._over(g):
             # the last run ended (closed, or crashed and its lease ran out): a fresh one
@@ -598,12 +602,7 @@ class Membership:
 
     def recover(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
         """A member re-registers after a coordinator restart (this process knows nothing)."""
-        name = _field(req, "group", str)
-        rank, world = _field(req, "rank", int), _field(req, "world_size", int)
-        if not 1 <= world <= 65535 or not 0 <= rank < world:
-            raise RequestError(f"rank {rank} outside a group of {world}")
-        info = self._peer_info(req)
-        config = _field(req, "config", dict)
+        name, rank, world, info, config = self._member(req)
         epoch = _field(req, "epoch", int)
         members = _field(req, "members", list)
         if rank not in members or not all(
