@@ -13,7 +13,7 @@ group = lowband.init_group()  # env:// as torchrun sets it, or store="host:port"
 opt = lowband.DiLoCo(torch.optim.AdamW(model.parameters(), lr=3e-3),
                      group=group, sync_every=10, codec="q4")
 data = torch.Generator().manual_seed(group.rank)  # each peer trains on its own data
-for step in range(50):
+for _ in range(50):
     x = torch.randn(64, 32, generator=data)
     loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
     opt.zero_grad()

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from lowband.compress import _lz4
-from lowband.compress._cast import Cast
 from lowband.compress._payload import DTYPE_CODES, Payload
 from lowband.compress._spec import Spec, spec_fields
 from lowband.errors import CodecError, ConfigError
