@@ -2,8 +2,8 @@
  * CPU feature dispatch and thread partitioning.
  *
  * The kernels are plain C11 + OpenMP with no torch or Python headers; Python loads
- * the library with ctypes (lowband/kernels/_native.py). Every kernel reproduces the
- * torch reference in lowband/kernels/_ref.py bit for bit: the build uses
+ * the library with ctypes (lowband/kernels/_clib.py). Every kernel reproduces the
+ * torch reference of its op (lowband/kernels/quant.py, topk.py, ...) bit for bit: the build uses
  * -ffp-contract=off so no multiply-add is fused, and the vector paths use the same
  * operation order as the scalar ones.
  */

@@ -5,7 +5,7 @@
  * memory, the block itself staying in L1 between its two sweeps (absmax, then codes).
  * lb_dequantize unpacks and decodes into fp32, optionally adding into the output.
  * Grids, rounding order, the sign scale and the bit layout are those of
- * lowband/kernels/_ref.py; the vector (AVX2) and portable paths compute the same
+ * lowband/kernels/quant.py; the vector (AVX2) and portable paths compute the same
  * values, element by element, in the same operation order.
  */
 #include <float.h>

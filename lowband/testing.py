@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import io
 import multiprocessing as mp
 import os
@@ -86,6 +87,7 @@ __all__ = [
     "Launcher",
     "ProcessPool",
     "RecordingGroup",
+    "Regression",
     "ThreadGroup",
     "random_kills",
     "default_pool",
@@ -259,6 +261,33 @@ def train_step(
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+@dataclasses.dataclass(frozen=True)
+class Regression:
+    """A small regression problem of a test suite: the model (:func:`tiny_mlp` of
+    ``widths``), each rank's batch of each step (:func:`regression_batch`) and one training
+    step on it, so a suite names its problem once instead of wrapping the three again."""
+
+    widths: tuple[int, ...]
+    rows: int
+    target: Callable[[torch.Tensor], torch.Tensor]
+    noise: float
+
+    def model(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        return tiny_mlp(*self.widths, seed=seed, dtype=dtype)
+
+    def batch(
+        self, rank: int, step: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return regression_batch(
+            rank, step, rows=self.rows, features=self.widths[0], outputs=self.widths[-1],
+            target=self.target, noise=self.noise, dtype=dtype,
+        )  # fmt: skip
+
+    def train_step(self, model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> float:
+        """One step on rank ``rank``'s batch of step ``step``, in the model's dtype."""
+        return train_step(model, opt, *self.batch(rank, step, next(model.parameters()).dtype))
 
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:

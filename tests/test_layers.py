@@ -28,14 +28,8 @@ LEAVES = {"lowband.errors", "lowband._version", "lowband._endpoint"}
 #: Circles through function-level imports that other work in flight removes; the test
 #: fails on any circle not listed here (and on any circle of top-level imports).
 KNOWN_LAZY_CIRCLES: set[frozenset[str]] = {
-    # Payload.from_frames parses the spec into a Codec (issue 14, item 1)
-    frozenset({"lowband.compress._codec", "lowband.compress._payload", "lowband.compress._spec"}),
-    # SnapshotFetch, a mixin over WeightSubscriber's fields (issue 14, item 5)
-    frozenset({"lowband.sync._resync", "lowband.sync.subscriber"}),
     # IOLoop reads its carrier's fields (issue 14, item 5)
     frozenset({"lowband.transport._zmq", "lowband.transport._zmq_io"}),
-    # DeMo.__new__ returns an IslandDeMo for an island group, which builds DeMo per segment
-    frozenset({"lowband.distro.demo", "lowband.distro.islands"}),
 }
 
 

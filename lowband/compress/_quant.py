@@ -1,6 +1,6 @@
 """Blockwise quantizers ``q8``, ``q4``, ``q2``, ``q1`` and the scaled ``sign`` codec.
 
-Grids (full statement and formulas in :mod:`lowband.kernels._ref`), per block of
+Grids (full statement and formulas in :mod:`lowband.kernels.quant`), per block of
 ``block`` values (default 256), ``absmax`` the block's largest magnitude:
 
 =======  =============================  ====================  ===========================

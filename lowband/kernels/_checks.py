@@ -1,16 +1,17 @@
-"""Argument checks that every backend of an op makes, written once.
+"""What more than one op checks or converts, written once.
 
-The reference (``_ref``), native (``_native``) and Triton (``_triton``) kernels of an op
-take the same arguments and raise the same errors for bad ones; each calls these.
+The checks of a single op live with that op (``quant``, ``bits``, ``topk``, ``gaps``);
+here are the few that several share: the non-finite input error and the fp32 view of a
+caller's residual or output buffer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import torch
 
 from lowband.errors import CodecError, ConfigError
 
-__all__ = ["NONFINITE", "nonfinite", "quantize_args", "topk_args"]
+__all__ = ["NONFINITE", "check_finite", "fp32_buffer", "nonfinite"]
 
 #: What a quantizer, sign or top-k says of NaN or Inf input (every backend).
 NONFINITE = "input holds NaN or Inf: quantizers, sign and top-k accept finite values only"
@@ -20,19 +21,20 @@ def nonfinite() -> CodecError:
     return CodecError(NONFINITE)
 
 
-def quantize_args(bits: int, block: int, sign: bool, half_range: Mapping[int, float]) -> None:
-    """``quantize``: a bit width of the grid, a positive block, the sign grid only at 1 bit."""
-    if bits not in half_range:
-        raise CodecError(f"unsupported bit width {bits}")
-    if block < 1:
-        raise ConfigError(f"block must be >= 1, got {block}")
-    if sign and bits != 1:
-        raise ConfigError("the sign grid uses 1-bit codes")
+def check_finite(v: torch.Tensor) -> None:
+    if v.numel() and not bool(torch.isfinite(v).all()):
+        raise nonfinite()
 
 
-def topk_args(k: int, tile: int) -> None:
-    """``topk_tiles``: a tile of 1..65536 values and k >= 0."""
-    if not 1 <= tile <= 65536:
-        raise CodecError(f"tile {tile} must be in 1..65536")
-    if k < 0:
-        raise ConfigError(f"k must be >= 0, got {k}")
+def fp32_buffer(
+    t: torch.Tensor, n: int, what: str, device: torch.device
+) -> tuple[torch.Tensor, bool]:
+    """A flat fp32 view of ``t`` (n elements on ``device``), or a converted copy when its dtype
+    or layout differ; the second item says whether the caller copies the result back."""
+    if t.numel() != n:
+        raise ConfigError(f"{what} has {t.numel()} elements, {n} expected")
+    if t.device != device:
+        raise ConfigError(f"{what} is on {t.device}, the input on {device}")
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t.view(-1), False
+    return t.reshape(-1).to(torch.float32).contiguous(), True

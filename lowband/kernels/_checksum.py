@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import xxhash
 
+from lowband.kernels._backend import SINGLE
+
 __all__ = ["checksum"]
 
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -34,3 +36,6 @@ def checksum(data: Any) -> int:
     if isinstance(data, np.ndarray) and not data.flags.c_contiguous:
         data = np.ascontiguousarray(data)
     return _xxh3(data)
+
+
+SINGLE["checksum"] = checksum

@@ -256,7 +256,7 @@ class _Stats(ctypes.Structure):
 def native_library() -> tuple[ctypes.CDLL | None, str]:
     """``lowband/_native.so`` with the C packet loop bound, or None and the reason it is missing.
 
-    The library is found where lowband/kernels/_native.py finds it (the package's root); this
+    The library is found where lowband/kernels/_clib.py finds it (the package's root); this
     module loads it itself because the emulator depends on nothing above the standard library.
     """
     path = Path(__file__).resolve().parents[1] / "_native.so"

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
-from _demo_util import batch, checkpoint, flat_params, load_checkpoint, make_mlp, train_step
+from _demo_util import batch, make_mlp, train_step
 
 from lowband.distro import DeMo
 from lowband.errors import ConfigError
-from lowband.testing import ThreadGroup
+from lowband.testing import ThreadGroup, flat_params
+from lowband.testing import load_state_bytes as load_checkpoint
+from lowband.testing import state_bytes as checkpoint
 
 
 @pytest.fixture

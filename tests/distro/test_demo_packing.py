@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _demo_util import checkpoint, load_checkpoint
 
 from lowband.distro import DeMo
 from lowband.distro._bucket import packed_layout
 from lowband.errors import ConfigError
 from lowband.testing import ThreadGroup, seeded
+from lowband.testing import load_state_bytes as load_checkpoint
+from lowband.testing import state_bytes as checkpoint
 
 
 def _net(seed: int = 0, *, biases: bool = True) -> torch.nn.Module:

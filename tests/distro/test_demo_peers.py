@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _demo_util import batch, flat_params, make_mlp, train_step
+from _demo_util import batch, make_mlp, train_step
 
 from lowband.distro import DeMo
 from lowband.errors import ConfigMismatch
-from lowband.testing import ThreadGroup
+from lowband.testing import ThreadGroup, flat_params
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -16,7 +16,7 @@ import torch
 
 from lowband import kernels
 from lowband.errors import BackendUnavailable, ConfigError
-from lowband.kernels import _dispatch, _native
+from lowband.kernels import _backend, _clib
 from tests.kernels.conftest import needs_native
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,9 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @needs_native
 def test_default_is_native_on_cpu_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     assert kernels.available_backends("cpu")[0] == "native"
-    _dispatch._announced.discard(("encode_gaps", "cpu"))
-    _dispatch._resolved.clear()  # resolved once per op: resolve again, so it is logged again
-    with caplog.at_level(logging.INFO, logger="lowband.kernels._dispatch"):
+    _backend.forget_choices()  # resolved once per op: resolve again, so it is logged again
+    with caplog.at_level(logging.INFO, logger="lowband.kernels._backend"):
         kernels.encode_gaps(torch.tensor([1, 5]))
         kernels.encode_gaps(torch.tensor([2, 7]))
     lines = [r for r in caplog.records if "encode_gaps" in r.getMessage()]
@@ -50,7 +49,7 @@ def test_unavailable_backend_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailable):
         kernels.quantize(torch.randn(10), bits=8, backend="triton")  # CPU tensor, no interpreter
-    if _native.available():
+    if _clib.available():
         with pytest.raises(BackendUnavailable):
             kernels.encode_gaps(torch.tensor([1]), backend="triton")
 
@@ -72,9 +71,9 @@ def test_without_native_library_warns_and_serves(tmp_path: Path) -> None:
     )
     code = (
         "import logging, torch; logging.basicConfig(level=logging.INFO);"
-        "import lowband.kernels as k; from lowband.kernels import _ref;"
+        "import lowband.kernels as k;"
         "x = torch.randn(1000); c, s = k.quantize(x, bits=2);"
-        "assert torch.equal(c, _ref.quantize(x, bits=2)[0]);"
+        "assert torch.equal(c, k.quantize(x, bits=2, backend='torch')[0]);"
         "print(k.available_backends('cpu'))"
     )
     # Without TRITON_INTERPRET (the suite sets it), the CPU has exactly one backend left.

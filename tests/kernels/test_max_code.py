@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from lowband.errors import CodecError
-from lowband.kernels import _native, _ref, available_backends
+from lowband.kernels import available_backends
+from tests.kernels.conftest import N as _native
+from tests.kernels.conftest import R as _ref
 
 
 @pytest.mark.parametrize("bits", [8, 4])

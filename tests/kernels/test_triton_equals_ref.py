@@ -12,7 +12,6 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator
-from types import ModuleType
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from hypothesis import strategies as st
 
 from lowband import kernels
 from lowband.errors import CodecError
-from lowband.kernels import _ref as R
+from lowband.kernels import _backend
+from tests.kernels.conftest import Backend, R
 
 pytestmark = [
     pytest.mark.triton,
@@ -31,23 +31,27 @@ pytestmark = [
 ]
 
 CUDA = torch.cuda.is_available()
+_TRITON_MODULES = (
+    "lowband.kernels._bits_triton",
+    "lowband.kernels._quant_triton",
+    "lowband.kernels._topk_triton",
+)
 DEV = "cuda" if CUDA else "cpu"
 #: sizes: tiny under the interpreter, a few blocks of real work on a GPU
 SIZES = [0, 1, 37, 300, 100_003] if CUDA else [0, 1, 37, 300]
 
 
 @pytest.fixture(scope="module")
-def T() -> Iterator[ModuleType]:  # noqa: N802 - the module under test
-    """lowband.kernels._triton, interpreted on CPU when there is no GPU."""
+def T() -> Iterator[Backend]:  # noqa: N802 - the backend under test
+    """The Triton kernels, interpreted on CPU when there is no GPU."""
     old = os.environ.get("TRITON_INTERPRET")
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated
-        for name in ("lowband.kernels._triton", "lowband.kernels._triton_bits"):
+        for name in _TRITON_MODULES:
             sys.modules.pop(name, None)
-    from lowband.kernels import _triton
-
+        _backend.forget_choices()
     try:
-        yield _triton
+        yield Backend("triton", DEV)
     finally:
         if not CUDA:
             if old is None:
@@ -73,7 +77,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a.cpu(), b.cpu())
 
 
-def _check_quantize(T: ModuleType, x: torch.Tensor, **kw: object) -> None:  # noqa: N803
+def _check_quantize(T: Backend, x: torch.Tensor, **kw: object) -> None:  # noqa: N803
     ef = kw.pop("ef", False)
     r1 = _x(x.numel(), "normal", 9) * 0.1 if ef else None
     r2 = r1.clone().to(DEV) if r1 is not None else None
@@ -95,7 +99,7 @@ def _check_quantize(T: ModuleType, x: torch.Tensor, **kw: object) -> None:  # no
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
-def test_quantize(T: ModuleType, bits: int) -> None:  # noqa: N803
+def test_quantize(T: Backend, bits: int) -> None:  # noqa: N803
     for n in SIZES:
         for block in (256, 32, 6):
             if block == 6 and n > 40 and not CUDA:
@@ -107,20 +111,20 @@ def test_quantize(T: ModuleType, bits: int) -> None:  # noqa: N803
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_quantize_half_inputs(T: ModuleType, dtype: torch.dtype) -> None:  # noqa: N803
+def test_quantize_half_inputs(T: Backend, dtype: torch.dtype) -> None:  # noqa: N803
     x = _x(300, "normal", 2, dtype)
     _check_quantize(T, x, bits=8, block=64, ef=True)
     _check_quantize(T, x, bits=2, block=64, stochastic=True, seed=2**40)
     _check_quantize(T, x, bits=1, block=64, sign=True, ef=True)
 
 
-def test_quantize_sign(T: ModuleType) -> None:  # noqa: N803
+def test_quantize_sign(T: Backend) -> None:  # noqa: N803
     for n in SIZES:
         _check_quantize(T, _x(n, "normal", 4), bits=1, block=128, sign=True, ef=True)
     _check_quantize(T, -_x(200, "zeros"), bits=1, block=64, sign=True)
 
 
-def test_nonfinite_rejected(T: ModuleType) -> None:  # noqa: N803
+def test_nonfinite_rejected(T: Backend) -> None:  # noqa: N803
     x = _x(100).to(DEV)
     x[17] = float("nan")
     with pytest.raises(CodecError):
@@ -129,7 +133,7 @@ def test_nonfinite_rejected(T: ModuleType) -> None:  # noqa: N803
         T.topk_tiles(x, k=2, tile=32)
 
 
-def _check_topk(T: ModuleType, x: torch.Tensor, k: int, tile: int, ef: bool) -> None:  # noqa: N803
+def _check_topk(T: Backend, x: torch.Tensor, k: int, tile: int, ef: bool) -> None:  # noqa: N803
     r1 = _x(x.numel(), "normal", 8) if ef else None
     r2 = r1.clone().to(DEV) if r1 is not None else None
     l1, v1 = R.topk_tiles(x, k=k, tile=tile, residual=r1, decay=0.5)
@@ -142,7 +146,7 @@ def _check_topk(T: ModuleType, x: torch.Tensor, k: int, tile: int, ef: bool) -> 
 
 @pytest.mark.parametrize("k,tile", [(3, 8), (64, 256), (5, 100), (1, 1), (0, 16), (300, 4096)])
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
-def test_topk(T: ModuleType, k: int, tile: int, kind: str) -> None:  # noqa: N803
+def test_topk(T: Backend, k: int, tile: int, kind: str) -> None:  # noqa: N803
     for n in SIZES:
         if -(-n // tile) > 8 and not CUDA:
             continue  # one interpreted program per tile, each a 31-step search
@@ -163,7 +167,7 @@ def test_topk(T: ModuleType, k: int, tile: int, kind: str) -> None:  # noqa: N80
     seed=st.integers(0, 2**32),
 )
 def test_property(
-    T: ModuleType, n: int, bits: int, block: int, k: int, tile: int, seed: int
+    T: Backend, n: int, bits: int, block: int, k: int, tile: int, seed: int
 ) -> None:  # noqa: N803
     x = _x(n, "normal", seed % 1000)
     _check_quantize(T, x, bits=bits, block=block, stochastic=seed % 2 == 0, seed=seed, ef=True)
@@ -171,7 +175,7 @@ def test_property(
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 12, 16])
-def test_pack_unpack(T: ModuleType, bits: int) -> None:  # noqa: N803
+def test_pack_unpack(T: Backend, bits: int) -> None:  # noqa: N803
     for n in (0, 1, 2, 3, 9, 301):
         u = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n))
         p = R.pack_bits(u, bits)
@@ -182,7 +186,7 @@ def test_pack_unpack(T: ModuleType, bits: int) -> None:  # noqa: N803
         )
 
 
-def test_scatter_accumulate(T: ModuleType) -> None:  # noqa: N803
+def test_scatter_accumulate(T: Backend) -> None:  # noqa: N803
     g = torch.Generator().manual_seed(0)
     n = 500
     idx = [torch.randperm(n, generator=g)[:120].sort().values for _ in range(3)]
@@ -196,7 +200,7 @@ def test_scatter_accumulate(T: ModuleType) -> None:  # noqa: N803
         T.scatter_accumulate(o2, [torch.tensor([n], device=DEV)], [torch.tensor([1.0], device=DEV)])
 
 
-def test_dispatch_names_triton(T: ModuleType) -> None:  # noqa: N803
+def test_dispatch_names_triton(T: Backend) -> None:  # noqa: N803
     """backend="triton" goes through the dispatcher (on CPU only under the interpreter)."""
     x = _x(100, "normal", 5).to(DEV)
     c, s = kernels.quantize(x, bits=4, block=32, backend="triton")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import io
 import threading
-import time
 from typing import Any
 
 import torch
@@ -79,13 +78,6 @@ def _locate(rank: int, sizes: list[int]) -> tuple[int, int]:
 
 def _full(p: torch.Tensor) -> torch.Tensor:
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-
-
-def _wait_all(tcp: Any, key: str, n: int) -> None:
-    tcp.add(key, 1)
-    deadline = time.monotonic() + 60
-    while tcp.add(key, 0) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def island(
@@ -176,7 +168,6 @@ def island(
                    outer_bytes=sum(g.numel() * 4 for g in getattr(opt, "_global", [])))
         return out
     finally:
-        _wait_all(tcp, f"{name}/done", world - (sizes[die] if die is not None else 0))
         if group is not None:
-            group.close()
+            group.close()  # waits until the peers have what was sent to them
         dist.destroy_process_group()

@@ -8,23 +8,11 @@ from typing import Any
 import torch
 
 from lowband import testing
-from lowband.testing import ThreadGroup
+from lowband.testing import Regression, ThreadGroup
 
-
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    return testing.tiny_mlp(8, 16, 4, seed=seed, dtype=dtype)
-
-
-def batch(
-    rank: int, step: int, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return testing.regression_batch(
-        rank, step, rows=16, features=8, outputs=4, target=lambda v: v * 0.5, noise=0.1, dtype=dtype
-    )
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> float:
-    return testing.train_step(model, opt, *batch(rank, step, next(model.parameters()).dtype))
+#: The optimizer tests' problem: an 8-16-4 MLP fitting ``x / 2``.
+PROBLEM = Regression(widths=(8, 16, 4), rows=16, target=lambda v: v * 0.5, noise=0.1)
+make_model, batch, train_step = PROBLEM.model, PROBLEM.batch, PROBLEM.train_step
 
 
 def run_ranks(n: int, fn: Callable[[Any], Any]) -> list[Any]:

@@ -173,7 +173,7 @@ def test_torchrun_islands_with_a_shared_coordinator(coordinator: str, tmp_path) 
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             env = {**os.environ, "LOWBAND_COORDINATOR": coordinator, "LOWBAND_ISLAND": str(k),
-                   "LOWBAND_ISLANDS": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
+                   "LOWBAND_ISLANDS": "2", "PYTHONPATH": str(script.parents[2])}  # lowband's checkout
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
                  "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],

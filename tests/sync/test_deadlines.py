@@ -15,12 +15,13 @@ import torch
 from lowband.errors import CollectiveTimeout
 from lowband.sync import RolloutChannel
 
+# A hub that binds, says where, and stays until its stdin closes (the test kills it first).
 _HUB = """
-import sys, time
+import sys
 from lowband.sync import RolloutChannel
 hub = RolloutChannel(bind="127.0.0.1:0")
 print(hub.address, flush=True)
-time.sleep(120)
+sys.stdin.read()
 """
 
 
@@ -51,7 +52,9 @@ def test_push_to_dead_hub_raises_by_its_deadline() -> None:
 
 def test_push_to_stalled_hub_raises_by_its_deadline() -> None:
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    hub = subprocess.Popen([sys.executable, "-c", _HUB], stdout=subprocess.PIPE, text=True, env=env)
+    hub = subprocess.Popen(
+        [sys.executable, "-c", _HUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert hub.stdout is not None
         addr = hub.stdout.readline().strip()
@@ -64,6 +67,9 @@ def test_push_to_stalled_hub_raises_by_its_deadline() -> None:
         os.kill(hub.pid, signal.SIGCONT)
         hub.kill()
         hub.wait()
+        for pipe in (hub.stdin, hub.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_pull_honours_its_timeout_under_a_flood() -> None:

@@ -13,9 +13,10 @@ from sync_helpers import TIMEOUT, same_bits, zeros_like
 
 from lowband.sync import WeightSubscriber
 
-# A publisher process: publishes `n` versions of a seeded model (each one changed), then waits.
+# A publisher process: publishes `n` versions of a seeded model (each one changed), then
+# serves them until its stdin closes (the test kills it first; an orphan ends with its parent).
 _LEARNER = """
-import sys, time, torch
+import sys, torch
 from lowband.sync import WeightPublisher
 port, seed, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 g = torch.Generator().manual_seed(seed)
@@ -24,9 +25,8 @@ with WeightPublisher(model, bind=f"127.0.0.1:{port}", chunk_elems=100, heartbeat
     for v in range(n):
         model["w"][v] += 1.0
         pub.publish(version=v)
-        time.sleep(0.05)
     print("ready", flush=True)
-    time.sleep(60)
+    sys.stdin.read()
 """
 
 
@@ -42,6 +42,7 @@ def _start(port: int, seed: int, n: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     p = subprocess.Popen(
         [sys.executable, "-c", _LEARNER, str(port), str(seed), str(n)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -53,6 +54,9 @@ def _start(port: int, seed: int, n: int) -> subprocess.Popen:
 def _stop(p: subprocess.Popen) -> None:
     p.kill()
     p.wait()
+    for pipe in (p.stdin, p.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 def test_restarted_publisher_on_the_same_port_is_followed() -> None:
@@ -69,9 +73,10 @@ def test_restarted_publisher_on_the_same_port_is_followed() -> None:
             second = _start(port, seed=2, n=3)  # seq and versions start again at 1 and 0
             try:
                 deadline = time.monotonic() + TIMEOUT
-                while sub.version != 2 and time.monotonic() < deadline:
-                    sub.update()
-                    time.sleep(0.02)
+                while sub.version != 2:  # the new incarnation is seen, then resynced by snapshot
+                    left = deadline - time.monotonic()
+                    assert left > 0, f"version 2 of the new incarnation not reached, at {sub.version}"
+                    sub.update(block=True, timeout=left)
                 assert sub.version == 2 and sub.snapshots == 2
                 assert same_bits(_expected(2, 3), replica)
             finally:

@@ -1,9 +1,9 @@
-"""Bit packing for the Triton backend: codes of 1, 2, 4, 12 or 16 bits to bytes and back.
+"""The Triton backend of :mod:`lowband.kernels.bits`: codes of 1, 2, 4, 12 or 16 bits to
+bytes and back, in the reference's byte layout.
 
-The byte layout is :func:`lowband.kernels._ref.pack_bits`'s (little-endian within a byte:
-code ``i`` of a byte sits at bit ``(i % per_byte) * bits``; 12-bit codes pair into three
-bytes). :mod:`lowband.kernels._triton` packs sub-byte codes inside its quantize kernel
-when it can and calls :func:`pack_into` otherwise.
+:mod:`lowband.kernels._quant_triton` packs sub-byte codes inside its quantize kernel when
+it can and calls :func:`pack_into` otherwise. triton is imported here, so this module is
+imported only when a Triton kernel is first asked for.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowband.errors import CodecError
-from lowband.kernels._ref import check_packed, packed_size
+from lowband.kernels.bits import check_packed, codes_and_buffer
 
 __all__ = ["CHUNK", "pack_into", "pack_bits", "unpack_bits"]
 
@@ -75,19 +74,16 @@ def pack_into(u: torch.Tensor, bits: int, out: torch.Tensor) -> None:
 
 
 def pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """See :func:`lowband.kernels._ref.pack_bits` (codes must fit their width)."""
+    """See :func:`lowband.kernels.pack_bits` (codes must fit their width)."""
     if bits == 8:
         return u.reshape(-1).to(torch.uint8).clone()
-    if bits not in (1, 2, 4, 12, 16):
-        raise CodecError(f"unsupported bit width {bits}")
-    w = u.reshape(-1).to(torch.int32).contiguous()
-    out = torch.empty(packed_size(w.numel(), bits), dtype=torch.uint8, device=u.device)
+    w, out = codes_and_buffer(u, bits)
     pack_into(w, bits, out)
     return out
 
 
 def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """See :func:`lowband.kernels._ref.unpack_bits`."""
+    """See :func:`lowband.kernels.unpack_bits`."""
     d = check_packed(data, bits, n)
     if bits == 8:
         return d.clone()
