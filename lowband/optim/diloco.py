@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lowband.errors import ConfigError, ConfigMismatch, TransportError
+from lowband.errors import ConfigError, ConfigMismatch, PeerLost, TransportError
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_from, split_fragments
 from lowband.optim._common import (
     GroupLike,
@@ -502,12 +502,20 @@ class DiLoCo(torch.optim.Optimizer):
             w.wait()
             self._stats.add(w.stats)
         self._welcomes = []
-        results = wait_counted(pending.works, self._stats)
         if self._shards is not None:
+            try:
+                results = wait_counted(pending.works, self._stats)
+            except PeerLost as e:  # a flow's ranks are island ids: say so
+                raise PeerLost(
+                    f"island {self.group.island_id} rank {self.group.local_rank}: islands {list(e.peers)} "
+                    f"lost on the WAN flows between islands ({e})", peers=e.peers,
+                ) from e
             if island_admits(self.group, pending.works):  # agreed by the island's ranks
                 self._welcome_due = True
-        elif any(getattr(w, "waiting", ()) for w in pending.works):
-            self._welcome_due = True  # the same decision reached every member: all welcome
+        else:
+            results = wait_counted(pending.works, self._stats)
+            if any(getattr(w, "waiting", ()) for w in pending.works):
+                self._welcome_due = True  # the same decision reached every member: all welcome
         self._stats.count_sync()
         for b, avg in zip(buckets, results):
             g = self._global[b.index]

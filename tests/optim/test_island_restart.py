@@ -11,7 +11,7 @@ import os
 import pytest
 from island_workers import elastic_island
 
-from lowband.errors import LowbandError
+from lowband.errors import PeerLost
 from lowband.testing import Launcher, ProcessDied, start_store
 from lowband.transport.coordinator import start_coordinator
 
@@ -34,7 +34,8 @@ def _launch(coordinator: str, tmp_path, sizes: list[int], victim: int, on_failur
     doomed = lambda: all((tmp_path / f"doomed{r}").exists() for r in ranks)  # noqa: E731
     try:
         with Launcher(world, elastic_island, sizes, addr, coordinator, name, STEPS, victim, on_failure,
-                      str(tmp_path), max_restarts=1 if on_failure == "drop" else 0, spares=len(ranks)) as ln:
+                      str(tmp_path), max_restarts=1 if on_failure == "drop" else 0,
+                      spares=len(ranks) if on_failure == "drop" else 0) as ln:
             results = ln.run(timeout=120, kills=[(0.0, r) for r in ranks], clock_from=doomed)
             events = ln.events
     finally:
@@ -98,12 +99,12 @@ def test_uneven_islands_restart_the_island_of_2(coordinator: str, tmp_path) -> N
 
 @pytest.mark.slow
 def test_a_killed_island_in_raise_mode_is_a_clear_error(coordinator: str, tmp_path) -> None:
-    sizes = [2, 2]
+    sizes = [2, 1]
     results, events, ranks = _launch(coordinator, tmp_path, sizes, victim=1, on_failure="raise")
     story = "\n".join(map(str, events + results))
     for r in ranks:
         assert isinstance(results[r], ProcessDied), story
-    for r in (0, 1):  # each survivor's flow names the lost island (its rank in the flow)
+    for r in (0, 1):  # each survivor of island 0 names the lost island
         err = results[r]
-        assert isinstance(err, LowbandError), story
-        assert "1" in str(err) and "seg" in str(err), story
+        assert isinstance(err, PeerLost) and err.peers == (1,), story
+        assert f"island 0 rank {r}: islands [1] lost" in str(err) and "process ended" in str(err), story
