@@ -25,22 +25,38 @@ def coordinator():
         yield co.address
 
 
-def _launch(coordinator: str, tmp_path, sizes: list[int], victim: int, on_failure: str):
+@pytest.fixture(scope="module")
+def launchers():
+    """One launcher per world size for the module: its processes (and warm spares for the
+    restarts) start once, each test gives it its own run (args, restart budget)."""
+    made: dict[int, Launcher] = {}
+    try:
+        yield made
+    finally:
+        for ln in made.values():
+            ln.close()
+
+
+def _launch(launchers, coordinator: str, tmp_path, sizes: list[int], victim: int, on_failure: str):
     store, addr = start_store()
     name = f"island-restart-{os.getpid()}-{next(_names)}"
     world = sum(sizes)
     first = sum(sizes[:victim])
     ranks = list(range(first, first + sizes[victim]))
     doomed = lambda: all((tmp_path / f"doomed{r}").exists() for r in ranks)  # noqa: E731
+    args = (sizes, addr, coordinator, name, STEPS, victim, on_failure, str(tmp_path))
+    kills = [(0.0, r) for r in ranks]
     try:
-        with Launcher(world, elastic_island, sizes, addr, coordinator, name, STEPS, victim, on_failure,
-                      str(tmp_path), max_restarts=1 if on_failure == "drop" else 0,
-                      spares=len(ranks) if on_failure == "drop" else 0) as ln:
-            results = ln.run(timeout=120, kills=[(0.0, r) for r in ranks], clock_from=doomed)
-            events = ln.events
+        if on_failure == "raise":  # its killed ranks stay dead: a launcher of its own
+            with Launcher(world, elastic_island, *args, max_restarts=0, spares=0) as ln:
+                return ln.run(timeout=120, kills=kills, clock_from=doomed), ln.events, ranks
+        if world not in launchers:
+            launchers[world] = Launcher(world, elastic_island, spares=2)
+        ln = launchers[world]
+        ln.args, ln.max_restarts, ln.restarts, ln.events = args, 1, {r: 0 for r in range(world)}, []
+        return ln.run(timeout=120, kills=kills, clock_from=doomed), ln.events, ranks
     finally:
         del store
-    return results, events, ranks
 
 
 def _check_restarted(results, events, ranks, sizes) -> None:
@@ -75,32 +91,32 @@ def _check_restarted(results, events, ranks, sizes) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_island_of_2_restarts_and_is_healed(coordinator: str, tmp_path) -> None:
+def test_a_killed_island_of_2_restarts_and_is_healed(launchers, coordinator: str, tmp_path) -> None:
     sizes = [2, 2]
-    results, events, ranks = _launch(coordinator, tmp_path, sizes, victim=1, on_failure="drop")
+    results, events, ranks = _launch(launchers, coordinator, tmp_path, sizes, victim=1, on_failure="drop")
     _check_restarted(results, events, ranks, sizes)
 
 
 @pytest.mark.slow
-def test_uneven_islands_restart_the_island_of_1(coordinator: str, tmp_path) -> None:
+def test_uneven_islands_restart_the_island_of_1(launchers, coordinator: str, tmp_path) -> None:
     """2 + 1: the island of 1 owns both segments, so it waits on both flows at once and
     takes each segment's state from the rank of island 0 that owns it."""
     sizes = [2, 1]
-    results, events, ranks = _launch(coordinator, tmp_path, sizes, victim=1, on_failure="drop")
+    results, events, ranks = _launch(launchers, coordinator, tmp_path, sizes, victim=1, on_failure="drop")
     _check_restarted(results, events, ranks, sizes)
 
 
 @pytest.mark.slow
-def test_uneven_islands_restart_the_island_of_2(coordinator: str, tmp_path) -> None:
+def test_uneven_islands_restart_the_island_of_2(launchers, coordinator: str, tmp_path) -> None:
     sizes = [2, 1]
-    results, events, ranks = _launch(coordinator, tmp_path, sizes, victim=0, on_failure="drop")
+    results, events, ranks = _launch(launchers, coordinator, tmp_path, sizes, victim=0, on_failure="drop")
     _check_restarted(results, events, ranks, sizes)
 
 
 @pytest.mark.slow
-def test_a_killed_island_in_raise_mode_is_a_clear_error(coordinator: str, tmp_path) -> None:
+def test_a_killed_island_in_raise_mode_is_a_clear_error(launchers, coordinator: str, tmp_path) -> None:
     sizes = [2, 1]
-    results, events, ranks = _launch(coordinator, tmp_path, sizes, victim=1, on_failure="raise")
+    results, events, ranks = _launch(launchers, coordinator, tmp_path, sizes, victim=1, on_failure="raise")
     story = "\n".join(map(str, events + results))
     for r in ranks:
         assert isinstance(results[r], ProcessDied), story
