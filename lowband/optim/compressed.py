@@ -112,6 +112,11 @@ class CompressedGradients(torch.optim.Optimizer):
         # FSDP2 or DDP) are reduced over the canonical layout, each rank its own buckets.
         self._shards: ShardPlan | None = None
         if is_island_group(group):
+            if self._joining:
+                raise ConfigError(
+                    "this island restarted into a running run: over islands only DiLoCo (and "
+                    "sparseloco) heal a restarted island; restart every island for CompressedGradients"
+                )
             self._shards = ShardPlan(params, group, bucket_bytes=bucket_bytes)
             self._stats.flows = len(group.flows)
             config["islands"] = self._shards.describe()

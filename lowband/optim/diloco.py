@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lowband.errors import ConfigError, ConfigMismatch, TransportError
+from lowband.errors import ConfigError, ConfigMismatch, PeerLost, TransportError
 from lowband.optim._buckets import Bucket, gather_into, plan_buckets, scatter_from, split_fragments
 from lowband.optim._common import (
     GroupLike,
@@ -44,7 +44,12 @@ from lowband.optim._common import (
 )
 from lowband.transport import CommStats, agree_on_start
 from lowband.transport._join import fingerprint, heal, joining, welcome
-from lowband.transport._shards import ShardPlan, agree_on_start_islands, is_island_group
+from lowband.transport._shards import (
+    ShardPlan,
+    agree_on_start_islands,
+    is_island_group,
+    island_admits,
+)
 
 __all__ = ["DiLoCo"]
 
@@ -220,6 +225,10 @@ class DiLoCo(torch.optim.Optimizer):
             if frozen:
                 fplan = ShardPlan(frozen, group, bucket_bytes=bucket_bytes)
                 plans.append((fplan, [v for f in range(len(fplan.owned)) for v in fplan.gather(f)]))
+            if self._joining:  # a restarted island: the first step() takes each flow's live state
+                logger.info("island %d rank %d joins a running run: the first step() takes the live state",
+                            group.island_id, group.local_rank)
+                return
             agree_on_start_islands(group, config, plans, stats=self._stats)  # the globals are updated
             return
         start = self._buckets + plan_buckets(
@@ -333,6 +342,9 @@ class DiLoCo(torch.optim.Optimizer):
         self._welcome_due = False
         self.flush()  # nothing in flight: the state offered is the state at this count
         self._welcome_due = False
+        if self._shards is not None:
+            self._welcome_islands()
+            return
         state = {
             "step": self._step_count,
             "global": [g.detach().to("cpu") for g in self._global],
@@ -340,8 +352,74 @@ class DiLoCo(torch.optim.Optimizer):
         }
         self._welcomes = welcome(self.group, self._join_config(), state, fingerprint(self._global))
 
+    def _segment_state(self, segment: int) -> tuple[dict[str, Any], str]:
+        """What this rank offers on ``segment``'s flow: its buckets' global copy and outer
+        state by canonical key (the same on every island whatever its shape), and the count."""
+        outer = self._outer.state_dict()
+        mine = [b for b in self._buckets if b.segment == segment]
+        state = {
+            "step": self._step_count,
+            "global": {str(b.key): self._global[b.index].detach().to("cpu") for b in mine},
+            "outer": {str(b.key): outer["state"][b.index] for b in mine if b.index in outer["state"]},
+            "outer_groups": [{k: v for k, v in g.items() if k != "params"} for g in outer["param_groups"]],
+        }
+        return state, fingerprint([self._global[b.index] for b in mine])
+
+    def _welcome_islands(self) -> None:
+        """Members of an island: let the waiting islands in on every flow of this rank (in
+        segment order, as every rank of every island) and offer each flow its segment's state."""
+        for s in sorted(self.group.flows):
+            state, fp = self._segment_state(s)
+            self._welcomes += welcome(self.group.flows[s], self._join_config(), state, fp)
+
+    def _heal_islands(self) -> None:
+        """Joiner island rank: take each flow's segment state from that flow's member (the
+        rank owning the segment in a live island), check it, write it into the island's shards."""
+        config = self._join_config()
+        steps: set[int] = set()
+        outer = self._outer.state_dict()
+        outer["state"] = {}
+        for s in sorted(self.group.flows):
+            state, fp = heal(self.group.flows[s], config)
+            mine = [b for b in self._buckets if b.segment == s]
+            saved, saved_outer = state.get("global"), state.get("outer")
+            if not isinstance(saved, dict) or not isinstance(saved_outer, dict) or \
+                    sorted(saved) != sorted(str(b.key) for b in mine):
+                raise ConfigMismatch(f"the state sent on segment {s}'s flow does not match this model's buckets")
+            for b in mine:
+                t = saved[str(b.key)]
+                if not isinstance(t, torch.Tensor) or t.shape != self._global[b.index].shape:
+                    raise ConfigMismatch(f"the state sent on segment {s}'s flow does not match bucket {b.key}")
+                self._global[b.index].copy_(t)
+                if str(b.key) in saved_outer:
+                    outer["state"][b.index] = saved_outer[str(b.key)]
+            groups = state.get("outer_groups")
+            if isinstance(groups, list) and len(groups) == len(outer["param_groups"]):
+                for g, sent in zip(outer["param_groups"], groups):
+                    g.update({k: v for k, v in sent.items() if k != "params"})
+            got = fingerprint([self._global[b.index] for b in mine])
+            if got != fp:
+                raise TransportError(f"island {self.group.island_id} rank {self.group.local_rank}: the state of "
+                                     f"segment {s} has fingerprint {got[:16]}, the member sent {fp[:16]}")
+            steps.add(int(state["step"]))
+        if len(steps) != 1:
+            raise TransportError(f"the flows of this rank sent states of different steps {sorted(steps)}")
+        self._load_outer(outer)
+        self._step_count = steps.pop()
+        self._pending = []
+        if self.error_feedback is not None:
+            self.error_feedback.reset()
+        for f, run in enumerate(self._fragment_buckets):  # an island collective: all its ranks heal now
+            self._shards.scatter(f, [self._global[b.index] for b in run])
+        self._joining = False
+        logger.info("island %d rank %d joined at step %d", self.group.island_id, self.group.local_rank,
+                    self._step_count)
+
     def _heal(self) -> None:
         """Joiner: take a member's global copy, outer state and step count."""
+        if self._shards is not None:
+            self._heal_islands()
+            return
         state, fp = heal(self.group, self._join_config())
         saved = state.get("global")
         if not isinstance(saved, list) or len(saved) != len(self._global):
@@ -424,9 +502,20 @@ class DiLoCo(torch.optim.Optimizer):
             w.wait()
             self._stats.add(w.stats)
         self._welcomes = []
-        results = wait_counted(pending.works, self._stats)
-        if any(getattr(w, "waiting", ()) for w in pending.works):
-            self._welcome_due = True  # the same decision reached every member: all welcome
+        if self._shards is not None:
+            try:
+                results = wait_counted(pending.works, self._stats)
+            except PeerLost as e:  # a flow's ranks are island ids: say so
+                raise PeerLost(
+                    f"island {self.group.island_id} rank {self.group.local_rank}: islands {list(e.peers)} "
+                    f"lost on the WAN flows between islands ({e})", peers=e.peers,
+                ) from e
+            if island_admits(self.group, pending.works):  # agreed by the island's ranks
+                self._welcome_due = True
+        else:
+            results = wait_counted(pending.works, self._stats)
+            if any(getattr(w, "waiting", ()) for w in pending.works):
+                self._welcome_due = True  # the same decision reached every member: all welcome
         self._stats.count_sync()
         for b, avg in zip(buckets, results):
             g = self._global[b.index]

@@ -125,12 +125,12 @@ def init_group(
             return init_group(
                 r, n, addr, backend, security=security, peer_timeout=peer_timeout,
                 on_failure=on_failure, config={**dict(config or {}), **cfg}, group_name=name,
-                init_timeout=init_timeout, timeout=timeout, **options,
+                init_timeout=init_timeout, timeout=timeout, _coordinator_config=dict(cfg), **options,
             )
 
         return init_island_group(  # type: ignore[return-value]
             island, island_id=island_id, islands=islands, store=store, segments=segments,
-            group_name=group_name, join=join,
+            group_name=group_name, join=join, security=security, backend=backend,
         )
     if island_id is not None or islands is not None or segments is not None:
         raise ConfigError("island_id=, islands= and segments= need island=")
@@ -151,6 +151,9 @@ def init_group(
     if peer_timeout <= 0:
         raise ConfigError(f"peer_timeout must be > 0, got {peer_timeout}")
     host, port = parse_address(store)
+    # an island flow's layout goes to the coordinator too (zmq): a restarted island reads it
+    # there (its status of a running group), and a join with another layout is refused at once
+    coordinator_config = options.pop("_coordinator_config", None)
 
     if backend == "torch":
         if on_failure != "raise":
@@ -165,6 +168,8 @@ def init_group(
     else:
         zmq_backend = importlib.import_module("lowband.transport._zmq")
         options.setdefault("join_timeout", init_timeout)
+        if coordinator_config is not None:
+            options["config"] = coordinator_config
         # a peer whose process ended is lost at once, in drop mode too: a restart of it waits
         # at the coordinator until its old incarnation is out (issue 16), so no race remains
         options.setdefault("closed_is_lost", True)

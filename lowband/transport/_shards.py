@@ -39,7 +39,7 @@ from lowband.errors import ConfigError
 from lowband.transport._start import agree_on_start
 from lowband.transport._stats import CommStats
 
-__all__ = ["CanonBucket", "ShardPlan", "agree_on_start_islands", "is_island_group"]
+__all__ = ["CanonBucket", "ShardPlan", "agree_on_start_islands", "island_admits", "is_island_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -414,3 +414,21 @@ def agree_on_start_islands(
                 first = plan.owned[f][0].index if plan.owned[f] else 0
                 plan.scatter(f, values[first : first + len(plan.owned[f])])
     return True
+
+
+def island_admits(group: Any, works: Sequence[Any]) -> bool:
+    """Collective of the island, after a sync's ``works`` (one per canonical bucket, on the
+    buckets' flows) finished: whether to admit the islands waiting to join now, the same
+    answer on every rank of every live island. Yes when some island waits and every island
+    that waits did so on every bucket's flow (so it waits on all flows: a restarted island
+    asks for each of its flows at once, and admitted on some only it would stall the rest)."""
+    if group.on_failure != "drop":
+        return False  # a raise-mode group never changes
+    counts = torch.zeros(group.islands + 1, dtype=torch.float64)
+    counts[0] = len(works)
+    for w in works:
+        for j in getattr(w, "waiting", ()):
+            counts[1 + int(j)] += 1
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group.island)
+    seen = counts[1:]
+    return bool((seen > 0).any()) and bool(((seen == 0) | (seen == counts[0])).all())

@@ -550,8 +550,9 @@ class Membership:
         if g is None:
             return {"world_size": None, "joined": [], "started": False}
         joined = g.members if g.started else sorted(g.members_info)
+        # config: what a restarted island needs to know its group's shape (transport/islands.py)
         return {"world_size": g.world_size, "joined": list(joined), "started": g.started,
-                "waiting": sorted(g.joiners)}
+                "waiting": sorted(g.joiners), "config": g.config if g.started else None}
 
     def alive(self, req: dict[str, Any]) -> dict[str, Any]:
         """A member's lease: it is still there."""

@@ -18,6 +18,14 @@ depend on the island shapes (docs/islands.md).
 
 The optimizers map each rank's shards onto the canonical segments with
 ``lowband.transport._shards``; this module only builds the groups.
+
+A restarted island (torchrun restarts all its ranks; issue 16's join path): its leader
+finds the run going (the coordinator's status of segment 0's flow names the island
+sizes and segments in its config), so the island skips the directory, and every rank
+asks to join all its flows at once (one thread each: an island of 1 beside islands of
+2 is admitted on both flows at the same boundary). The members admit it after a sync
+on which every flow saw it waiting, and each flow's member sends that segment's state
+(DiLoCo: ``optim/diloco.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from typing import Any
 
 from lowband.errors import ConfigError
@@ -120,6 +129,13 @@ class IslandGroup:
         for g in self.flows.values():
             g.close()
 
+    @property
+    def joined_at(self) -> tuple[int, int, int] | None:
+        """For an island that entered a running run (a restart): the latest commit key that
+        admitted one of this rank's flows; ``None`` at a first start."""
+        keys = [getattr(g, "joined_at", None) for g in self.flows.values()]
+        return None if any(k is None for k in keys) else max(keys)
+
     def __enter__(self) -> IslandGroup:
         return self
 
@@ -152,6 +168,8 @@ def init_island_group(
     segments: int | None,
     group_name: str,
     join: Any,
+    security: Any = None,
+    backend: str = "zmq",
 ) -> IslandGroup:
     """Build an :class:`IslandGroup`; ``join(rank, world_size, store, group_name, config)``
     joins one lowband group (``init_group`` with the caller's other arguments)."""
@@ -180,19 +198,34 @@ def init_island_group(
     leader = dist.get_global_rank(island, 0) if island is not dist.group.WORLD else 0
 
     # Island sizes: the island leaders tell each other (a small lowband group), then
-    # each leader tells its island.
-    sizes_box: list[Any] = [None]
+    # each leader tells its island. A restarted island reads them from the running run.
+    box: list[Any] = [None]
     if local_rank == 0:
-        directory = join(island_id, islands, store, f"{group_name}/islands", {"role": "directory"})
-        try:
-            onehot = torch.zeros(islands)
-            onehot[island_id] = float(local_size)
-            summed = directory.all_reduce(onehot, op="sum").wait()
-            sizes_box[0] = tuple(int(v) for v in summed.tolist())
-        finally:
-            _close_after_barrier(directory)
-    dist.broadcast_object_list(sizes_box, src=leader, group=island)
-    sizes: tuple[int, ...] = sizes_box[0]
+        running = _running_layout(store, f"{group_name}/seg0", security) if backend == "zmq" else None
+        if running is not None:
+            log.info("island %d: run %r is going (sizes %s, %d segments): joining it", island_id,
+                     group_name, list(running[0]), running[1])
+            box[0] = (*running, True)
+        else:
+            directory = join(island_id, islands, store, f"{group_name}/islands", {"role": "directory"})
+            try:
+                onehot = torch.zeros(islands)
+                onehot[island_id] = float(local_size)
+                summed = directory.all_reduce(onehot, op="sum").wait()
+                box[0] = (tuple(int(v) for v in summed.tolist()), segments, False)
+            finally:
+                _close_after_barrier(directory)
+    dist.broadcast_object_list(box, src=leader, group=island)
+    sizes, running_segments, restart = box[0]
+    if restart:
+        if len(sizes) != islands or sizes[island_id] != local_size:
+            raise ConfigError(
+                f"island {island_id} restarts with {local_size} ranks of {islands} islands, but the "
+                f"running run {group_name!r} has island sizes {list(sizes)}: restart it with its shape"
+            )
+        if segments is not None and segments != running_segments:
+            raise ConfigError(f"segments={segments}, but the running run {group_name!r} has {running_segments}")
+        segments = running_segments
     if min(sizes) < 1:
         raise ConfigError(f"island sizes {sizes}: every island needs at least one rank")
     if segments is None:
@@ -206,9 +239,20 @@ def init_island_group(
         raise ConfigError(f"segments={segments} is below the largest island's size {max(sizes)}")
     config = {"islands": list(sizes), "segments": segments}
     flows: dict[int, Group] = {}
+    mine = [s for s in range(segments) if segment_owner(s, local_size, segments) == local_rank]
     try:
-        for s in range(segments):  # in segment order on every rank, so no join waits in a cycle
-            if segment_owner(s, local_size, segments) == local_rank:
+        if restart:
+            flows.update(_join_all(mine, lambda s: join(island_id, islands, store, f"{group_name}/seg{s}", config)))
+            # all anew: the old run had ended (every member gone) and this is a first start of
+            # the same shape after all (its flows' handshakes check it); some anew: a mixed state
+            new = [s for s, g in flows.items() if getattr(g, "joined_at", None) is None]
+            if new and len(new) < len(flows):
+                raise ConfigError(
+                    f"island {island_id} restarted into run {group_name!r}, but the flows of segments "
+                    f"{new} started anew (the run ended meanwhile?): start every island again"
+                )
+        else:
+            for s in mine:  # in segment order on every rank, so no join waits in a cycle
                 flows[s] = join(island_id, islands, store, f"{group_name}/seg{s}", config)
     except BaseException:
         for g in flows.values():
@@ -228,3 +272,57 @@ def _close_after_barrier(group: Group) -> None:
         group.barrier(timeout=60.0)
     finally:
         group.close()
+
+
+def _running_layout(store: str, flow: str, security: Any) -> tuple[tuple[int, ...], int] | None:
+    """The island sizes and segments of a running run (its segment-0 flow has started), or
+    ``None`` when it has not started (a first start: the islands meet in the directory)."""
+    import zmq
+
+    from lowband.transport._coord_client import CoordinatorClient
+
+    ctx = zmq.Context()
+    client = None
+    try:
+        client = CoordinatorClient(ctx, store, security=security)
+        rep = client.ask({"op": "status", "group": flow}, timeout=10.0)
+    finally:
+        if client is not None:
+            client.close()
+        ctx.term()
+    if rep is None or not rep.get("started"):
+        return None
+    config = rep.get("config")
+    sizes = config.get("islands") if isinstance(config, dict) else None
+    segments = config.get("segments") if isinstance(config, dict) else None
+    if not (isinstance(sizes, list) and sizes and all(isinstance(v, int) and v > 0 for v in sizes)
+            and isinstance(segments, int) and segments > 0):
+        return None  # a coordinator that does not say (an older one): the directory decides
+    return tuple(sizes), segments
+
+
+def _join_all(segments: list[int], join_one: Any) -> dict[int, Group]:
+    """Join the flows of ``segments`` at once, one thread each: a restarted rank waits to be
+    admitted on every flow, and the members admit it only once it waits on all of them."""
+    out: dict[int, Group] = {}
+    errors: list[BaseException] = []
+
+    def one(s: int) -> None:
+        try:
+            g = join_one(s)
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller's thread
+            errors.append(e)
+            return
+        out[s] = g
+
+    threads = [threading.Thread(target=one, args=(s,), name=f"lowband-join-seg{s}", daemon=True)
+               for s in segments]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for g in out.values():
+            g.close()
+        raise errors[0]
+    return out

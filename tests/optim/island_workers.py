@@ -171,3 +171,111 @@ def island(
         if group is not None:
             group.close()  # waits until the peers have what was sent to them
         dist.destroy_process_group()
+
+
+def _touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def _wait_waiting(coordinator: str, flows: dict[str, Any], island_id: int, timeout: float = 90.0) -> None:
+    """Until island ``island_id`` waits to join every flow of ``flows`` (coordinator status),
+    or is in (admitted at an earlier sync: a quick restart can be let in at the very sync
+    that dropped its old incarnation)."""
+    import zmq
+
+    from lowband.transport._coord_client import CoordinatorClient
+
+    ctx = zmq.Context()
+    client = CoordinatorClient(ctx, coordinator)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(island_id in g.participants for g in flows.values()):
+                return
+            reps = [client.ask({"op": "status", "group": f}, timeout=5.0) for f in flows]
+            if all(r is not None and island_id in r.get("waiting", ()) for r in reps):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"island {island_id} did not wait on {flows} within {timeout}s")
+    finally:
+        client.close()
+        ctx.term()
+
+
+#: elastic_island's schedule: DiLoCo syncs every H steps; the victim island blocks (to be
+#: SIGKILLed) before step KILL_AT, the survivors hold at WAIT_AT until it waits again
+H, KILL_AT, WAIT_AT = 3, 4, 7
+
+
+def elastic_island(
+    rank: int, world: int, sizes: list[int], store: str, coordinator: str, name: str,
+    steps: int, victim: int, on_failure: str, out: str,
+) -> dict[str, Any]:
+    """One rank of islands ``sizes`` (DDP inside an island of 2, a plain model in one of 1)
+    under DiLoCo, run by :class:`lowband.testing.Launcher`: the same function at a first
+    start and at a restart. The ranks of island ``victim`` (first incarnation) stop before
+    step KILL_AT and tell the test (a file each), which SIGKILLs them all. In drop mode the
+    survivors hold at step WAIT_AT until the restarted island waits on all their flows
+    (so the test does not depend on how fast a restart is), then train on: it is admitted
+    after the next sync. Returns the canonical buckets' fingerprints after each sync."""
+    import hashlib
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if os.environ.get("LOWBAND_TEST_LOG"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format=f"%(relativeCreated)d r{rank} %(name)s: %(message)s")
+    k, local = _locate(rank, sizes)
+    L = sizes[k]
+    host, port = store.rsplit(":", 1)
+    tcp = dist.TCPStore(host, int(port), None, False, datetime.timedelta(seconds=60))
+    # torchrun's restart count: each incarnation of the island has its own gloo rendezvous
+    attempt = (tcp.add(f"{name}/starts{k}", 1) - 1) // L
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore(f"{name}/island{k}/{attempt}", tcp), rank=local, world_size=L
+    )
+    group = None
+    try:
+        group = lowband.init_group(
+            island=dist.group.WORLD, island_id=k, islands=len(sizes), store=coordinator,
+            group_name=name, peer_timeout=20.0, on_failure=on_failure,
+        )
+        joined = group.joined_at is not None
+        net = model()
+        if L > 1:
+            net = torch.nn.parallel.DistributedDataParallel(net)
+        opt = DiLoCo(torch.optim.AdamW(net.parameters(), lr=1e-2), group=group, sync_every=H)
+        fps: dict[int, dict[int, str]] = {}
+        first_step = opt.step_count
+        while opt.step_count < steps:
+            t = opt.step_count
+            if k == victim and attempt == 0 and t == KILL_AT:
+                _touch(os.path.join(out, f"doomed{rank}"))
+                time.sleep(600)  # SIGKILLed here, between two syncs
+            if k != victim and on_failure == "drop" and t == WAIT_AT:
+                _wait_waiting(coordinator, {f"{name}/seg{s}": g for s, g in group.flows.items()}, victim)
+            x, y = batch(k, t)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+            if opt.step_count % H == 0 and not opt._joining:
+                fps[opt.step_count] = {
+                    b.key: hashlib.sha256(opt._global[b.index].numpy().tobytes()).hexdigest()
+                    for b in opt._buckets
+                }
+        opt.flush()
+        return {
+            "island": k, "local": local, "attempt": attempt, "joined": joined, "first": first_step,
+            "fps": fps, "params": [_full(p) for p in (net.module if L > 1 else net).parameters()],
+            "participants": [g.participants for _, g in sorted(group.flows.items())],
+        }
+    finally:
+        live = world - (sizes[victim] if on_failure == "raise" else 0)
+        _wait_all(tcp, f"{name}/done", live)
+        if group is not None:
+            group.close()
+        dist.destroy_process_group()
