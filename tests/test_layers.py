@@ -32,8 +32,6 @@ KNOWN_LAZY_CIRCLES: set[frozenset[str]] = {
     frozenset({"lowband.compress._codec", "lowband.compress._payload", "lowband.compress._spec"}),
     # SnapshotFetch, a mixin over WeightSubscriber's fields (issue 14, item 5)
     frozenset({"lowband.sync._resync", "lowband.sync.subscriber"}),
-    # IOLoop reads its carrier's fields (issue 14, item 5)
-    frozenset({"lowband.transport._zmq", "lowband.transport._zmq_io"}),
     # DeMo.__new__ returns an IslandDeMo for an island group, which builds DeMo per segment
     frozenset({"lowband.distro.demo", "lowband.distro.islands"}),
 }
