@@ -58,7 +58,8 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds: Any, q: Any) -> None:
+def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds: Any, q: Any,
+            streams: int | None = None) -> None:
     import torch
 
     import lowband
@@ -69,7 +70,7 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
             if rank < peers:
                 groups[(peers, threads)] = lowband.init_group(
                     rank, peers, store=coord, backend="zmq", peer_timeout=120,
-                    group_name=f"loop{peers}x{threads}", io_threads=threads or None,
+                    group_name=f"loop{peers}x{threads}", io_threads=threads or None, streams=streams,
                 )
         inputs = {p: torch.randn(n, generator=torch.Generator().manual_seed(7 + rank)) for p, _ in configs}
         result = torch.zeros(n)  # preallocated output, as the raw receiver's buffer
@@ -253,9 +254,11 @@ def run(args: argparse.Namespace) -> int:
     gib = 2**30
     best: dict[str, tuple[float, float, float]] = {}  # name -> (time, cpu, bytes)
     print(f"loopback, {size / 2**20:.0f} MiB, best of {args.repeat} interleaved rounds, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
+          f"streams per peer pair: {args.streams or 'carrier default'}")
     with start_coordinator() as co:
-        procs = [ctx.Process(target=_worker, args=(r, co.address, n, configs, cmds[r], q)) for r in range(workers)]
+        procs = [ctx.Process(target=_worker, args=(r, co.address, n, configs, cmds[r], q, args.streams))
+                 for r in range(workers)]
         for p in procs:
             p.start()
         try:
@@ -463,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="2,4")
     ap.add_argument("--threads", default="1,2", help="transport (libzmq I/O) threads per carrier")
     ap.add_argument("--codecs", default="fp32,q8")
+    ap.add_argument("--streams", type=int, default=None,
+                    help="TCP streams per peer pair (default: the carrier's, 6, for 1 Gbit/s at 100 ms; 1 is what "
+                         "default_streams gives a datacenter link, 10 Gbit/s at 0.1 ms)")
     ap.add_argument("--hivemind", help="python of a hivemind environment: run issue 5's comparison instead")
     args = ap.parse_args(argv)
     if args.hivemind:
