@@ -209,9 +209,12 @@ def bench_link(args: argparse.Namespace) -> dict[str, float]:
               f"link rate")
     print(f"lowband / {base_streams} TCP stream(s): {best['tcp'] / best['zmq']:.2f}x")
     share = size * 8 / best["zmq"] / rate
+    if (rate, parse_seconds(args.rtt)) == (parse_rate("1gbit"), parse_seconds("100ms")):
+        mark = "(target >= 80%) " + ("MET" if share >= 0.8 else "MISSED")
+    else:
+        mark = "(issue 5's target of 80% is set at 1gbit / 100ms)"
     print(f"issue 5/17 (done when): lowband goodput {100 * share:.1f}% of the {args.rate} link at rtt {args.rtt} "
-          f"(target >= 80% at 1gbit / 100ms) {'MET' if share >= 0.8 else 'MISSED'}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"{mark}; load average {os.getloadavg()[0]:.2f}")
     return {"tcp": size * 8 / best["tcp"], "zmq": size * 8 / best["zmq"], "streams": float(streams or 0)}
 
 
