@@ -99,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(f"{c:>14}" if i else f"{c:<38}" for i, c in enumerate(cols)))
     for r in rows:
         print("  ".join((f"{v:>14.3f}" if isinstance(v, float) else f"{v:<38}") for v in r.values()))
+    q8 = [r for r in rows if r["codec"] == "q8"]
+    if q8:
+        import os
+
+        r = q8[0]
+        print(f"\nissue 17 (done when), q8 on {args.n} values, load average {os.getloadavg()[0]:.2f}:")
+        for name, col, target in (("decode", "decode/copy", 0.6), ("encode+ef", "encode+ef/copy", 0.8)):
+            v = float(r[col])  # type: ignore[arg-type]
+            print(f"  q8 {name} / tensor copy: {v:.2f} (target >= {target}) {'MET' if v >= target else 'MISSED'}")
     return 0
 
 

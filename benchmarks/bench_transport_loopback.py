@@ -22,6 +22,14 @@ an all-reduce as fast as one one-way send of the same bytes); ``CPU s/GiB``, CPU
 *sent* (transport bytes summed over the peers for lowband; the bytes written for raw); and
 ``x raw CPU``, that figure over the raw socket's. Every fp32 result is checked against the exact
 mean and every result across peers (identical bits).
+
+Machine-bound baselines, in the same rounds (plain sockets, no framing, no acks, no checksums):
+``raw TCP 2-way exchange``, two processes each sending ``--size`` to the other at once (a 2-peer
+all-reduce moves twice the one-way send's bytes through each process's copies); ``raw ring
+all-reduce N procs``, a plain reduce-scatter + all-gather ring of N processes over sockets with a
+torch ``add_``. ``x machine`` is that baseline's time over lowband's: whether a gap to the issue's
+target is lowband's overhead or this machine's. The last lines print issue 17's figures with their
+targets, MET or MISSED.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds: Any, q: Any) -> None:
+def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds: Any, q: Any,
+            streams: int | None = None) -> None:
     import torch
 
     import lowband
@@ -61,7 +70,7 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
             if rank < peers:
                 groups[(peers, threads)] = lowband.init_group(
                     rank, peers, store=coord, backend="zmq", peer_timeout=120,
-                    group_name=f"loop{peers}x{threads}", io_threads=threads or None,
+                    group_name=f"loop{peers}x{threads}", io_threads=threads or None, streams=streams,
                 )
         inputs = {p: torch.randn(n, generator=torch.Generator().manual_seed(7 + rank)) for p, _ in configs}
         result = torch.zeros(n)  # preallocated output, as the raw receiver's buffer
@@ -106,6 +115,16 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
                 s.recv(1)
                 s.close()
                 q.put(("raw_send", t0, c))
+            elif cmd[0] == "listen":
+                # a server socket for a raw baseline; its port goes to the parent
+                srv = socket.create_server(("127.0.0.1", 0))
+                q.put(("port", rank, srv.getsockname()[1]))
+            elif cmd[0] == "raw_ring":
+                # raw-socket ring all-reduce (or, for peers=2 and exchange=True, a plain exchange)
+                _, peers, ports, exchange = cmd
+                q.put(("raw_ring", rank, *_raw_ring(rank, peers, srv, ports, inputs[peers], result,
+                                                     expected[peers], exchange)))
+                srv.close()
             elif cmd[0] == "reduce":
                 _, peers, threads, codec = cmd
                 g = groups[(peers, threads)]
@@ -125,6 +144,99 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
             g.close()
 
 
+def _sendall_thread(sock: socket.socket, data: memoryview) -> Any:
+    import threading
+
+    err: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            sock.sendall(data)
+        except BaseException as e:  # pragma: no cover - reported by the caller
+            err.append(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, err
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise ConnectionError("raw peer closed early")
+        got += k
+
+
+def _raw_ring(rank: int, peers: int, srv: socket.socket, ports: dict[int, int], x: Any, result: Any,
+              expected: Any, exchange: bool) -> tuple[float, float, float, int, bool]:
+    """A raw-socket baseline, written plainly: no framing, no acks, no checksums.
+
+    ``exchange``: the two ranks each send their whole input to the other at once, and each adds
+    what it received (the bidirectional copy work of a 2-peer all-reduce, with none of its
+    steps). Otherwise a ring all-reduce: reduce-scatter (``peers - 1`` steps, each sending one
+    shard to the next rank while receiving one from the previous into a scratch shard, then
+    ``add_`` into place) and all-gather (``peers - 1`` steps received straight into ``result``).
+    Sends run in a thread (``sendall`` drops the GIL) while this thread receives.
+    Returns (t0, t1, CPU s, bytes sent, result correct)."""
+    import torch
+
+    nxt = (rank + 1) % peers
+    out = socket.create_connection(("127.0.0.1", ports[nxt]))
+    inn, _ = srv.accept()
+    for s in (out, inn):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    result.copy_(x)
+    n = result.numel()
+    bounds = [n * i // peers for i in range(peers + 1)]
+    # scratch for what arrives before it is added, allocated and touched before the clock starts
+    scratch = torch.zeros(n if exchange else bounds[1] - bounds[0] + 1)
+    # connection set up; exchange one byte each way so both ends start together
+    out.sendall(b"g")
+    _recv_exact(inn, memoryview(bytearray(1)))
+    c0 = _cpu()
+    t0 = time.monotonic()
+    sent = 0
+    if exchange:
+        th, err = _sendall_thread(out, memoryview(x.numpy()).cast("B"))
+        _recv_exact(inn, memoryview(scratch.numpy()).cast("B"))
+        th.join()
+        sent += n * 4
+        result.add_(scratch).mul_(0.5)
+    else:
+        def shard(i: int) -> Any:
+            return result[bounds[i]:bounds[i + 1]]
+
+        err = []
+        for s in range(peers - 1):  # reduce-scatter: after it, rank r owns shard (r + 1) % peers
+            send_i, recv_i = (rank - s) % peers, (rank - s - 1) % peers
+            dst = shard(recv_i)
+            tmp = scratch[: dst.numel()]
+            th, e = _sendall_thread(out, memoryview(shard(send_i).numpy()).cast("B"))
+            _recv_exact(inn, memoryview(tmp.numpy()).cast("B"))
+            th.join()
+            err += e
+            sent += shard(send_i).numel() * 4
+            dst.add_(tmp)
+        shard((rank + 1) % peers).mul_(1.0 / peers)
+        for s in range(peers - 1):  # all-gather, received in place
+            send_i, recv_i = (rank + 1 - s) % peers, (rank - s) % peers
+            th, e = _sendall_thread(out, memoryview(shard(send_i).numpy()).cast("B"))
+            _recv_exact(inn, memoryview(shard(recv_i).numpy()).cast("B"))
+            th.join()
+            err += e
+            sent += shard(send_i).numel() * 4
+    t1 = time.monotonic()
+    c = _cpu() - c0
+    if err:
+        raise err[0]
+    out.close()
+    inn.close()
+    ok = bool(torch.allclose(result, expected, rtol=1e-5, atol=1e-6))
+    return t0, t1, c, sent, ok
+
+
 def run(args: argparse.Namespace) -> int:
     from lowband.transport.coordinator import start_coordinator
     from lowband.wan.topology import parse_bytes
@@ -142,9 +254,11 @@ def run(args: argparse.Namespace) -> int:
     gib = 2**30
     best: dict[str, tuple[float, float, float]] = {}  # name -> (time, cpu, bytes)
     print(f"loopback, {size / 2**20:.0f} MiB, best of {args.repeat} interleaved rounds, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
+          f"streams per peer pair: {args.streams or 'carrier default'}")
     with start_coordinator() as co:
-        procs = [ctx.Process(target=_worker, args=(r, co.address, n, configs, cmds[r], q)) for r in range(workers)]
+        procs = [ctx.Process(target=_worker, args=(r, co.address, n, configs, cmds[r], q, args.streams))
+                 for r in range(workers)]
         for p in procs:
             p.start()
         try:
@@ -161,6 +275,19 @@ def run(args: argparse.Namespace) -> int:
                 cpu = got["raw_recv"][2] + got["raw_send"][2]
                 _keep(best, "raw TCP one-way", t, cpu, size)
                 line = [f"round {k}: raw {t:.3f}s"]
+                for name, peers, exchange in _machine_baselines(peers_list):
+                    for r in range(peers):
+                        cmds[r].put(("listen",))
+                    ports = {m[1]: m[2] for m in (q.get(timeout=120) for _ in range(peers))}
+                    for r in range(peers):
+                        cmds[r].put(("raw_ring", peers, ports, exchange))
+                    rows = [q.get(timeout=900) for _ in range(peers)]
+                    if not all(r[6] for r in rows):
+                        print(f"  {name}: WRONG RESULT", flush=True)
+                        return 1
+                    t = max(r[3] for r in rows) - min(r[2] for r in rows)
+                    _keep(best, name, t, sum(r[4] for r in rows), sum(r[5] for r in rows))
+                    line.append(f"{name} {t:.3f}s")
                 for codec in codecs:
                     for peers, threads in configs:
                         for r in range(peers):
@@ -184,11 +311,62 @@ def run(args: argparse.Namespace) -> int:
                     p.kill()
     raw_t, raw_cpu, raw_b = best["raw TCP one-way"]
     raw_cpg = raw_cpu / (raw_b / gib)
-    print(f"\n{'':34s} {'time':>8s} {'x raw':>7s} {'CPU s/GiB':>10s} {'x raw CPU':>10s}")
+    print(f"\n{'':34s} {'time':>8s} {'x raw':>7s} {'CPU s/GiB':>10s} {'x raw CPU':>10s} {'x machine':>10s}")
     for name, (t, cpu, b) in best.items():
         cpg = cpu / (b / gib)
-        print(f"{name:34s} {t:7.3f}s {raw_t / t:7.2f} {cpg:10.3f} {cpg / raw_cpg:10.2f}")
+        mb = _machine_for(name, best)
+        vs = f"{best[mb][0] / t:10.2f}" if mb else f"{'':10s}"
+        print(f"{name:34s} {t:7.3f}s {raw_t / t:7.2f} {cpg:10.3f} {cpg / raw_cpg:10.2f} {vs}")
+    print("'x machine': the machine-bound raw baseline of the same shape (raw ring all-reduce of as many\n"
+          "processes) over lowband's time: the share of what plain sockets reach here that lowband reaches.")
+    _done_when(best, raw_t, raw_cpg, peers_list, threads_list, codecs)
     return 0
+
+
+def _machine_baselines(peers_list: list[int]) -> list[tuple[str, int, bool]]:
+    out = [("raw TCP 2-way exchange", 2, True)]
+    return out + [(f"raw ring all-reduce {p} procs", p, False) for p in peers_list]
+
+
+def _machine_for(name: str, best: dict[str, tuple[float, float, float]]) -> str | None:
+    if not name.startswith(("2-peer", "4-peer", "3-peer")) or "fp32" not in name:
+        return None
+    ring = f"raw ring all-reduce {name.split('-')[0]} procs"
+    return ring if ring in best else None
+
+
+def _done_when(best: dict[str, tuple[float, float, float]], raw_t: float, raw_cpg: float,
+               peers_list: list[int], threads_list: list[int], codecs: list[str]) -> None:
+    """Issue 17's figures with their targets: the best io_threads configuration of each."""
+    gib = 2**30
+    print("\nissue 17 (done when), best io_threads setting of each:")
+
+    def fp32(peers: int) -> tuple[str, tuple[float, float, float]] | None:
+        rows = [(n, best[n]) for n in best if n.startswith(f"{peers}-peer fp32 ")]
+        return min(rows, key=lambda r: r[1][0]) if rows else None
+
+    for peers, target in ((2, 0.5), (4, 0.35)):
+        got = fp32(peers)
+        if got is None or peers not in peers_list:
+            print(f"  {peers}-peer fp32 all-reduce / raw one-way send: not measured (--peers)")
+            continue
+        name, (t, _, _) = got
+        r = raw_t / t
+        ring = best.get(f"raw ring all-reduce {peers} procs")
+        also = "" if ring is None else (f"; raw ring all-reduce of {peers} procs reaches {raw_t / ring[0]:.2f}, "
+                                        f"lowband {ring[0] / t:.2f} of it")
+        ex = best.get("raw TCP 2-way exchange") if peers == 2 else None
+        also += "" if ex is None else f"; raw 2-way exchange reaches {raw_t / ex[0]:.2f}"
+        print(f"  {peers}-peer fp32 all-reduce / raw one-way send: {r:.2f} (target >= {target}) "
+              f"{'MET' if r >= target else 'MISSED'} [{name}{also}]")
+    for peers in peers_list:
+        got = fp32(peers)
+        if got is None:
+            continue
+        name, (t, cpu, b) = got
+        x = cpu / (b / gib) / raw_cpg
+        print(f"  {peers}-peer fp32 CPU s/GiB / raw socket's: {x:.2f} (target <= 3) "
+              f"{'MET' if x <= 3 else 'MISSED'} [{name}]")
 
 
 def _keep(best: dict[str, tuple[float, float, float]], name: str, t: float, cpu: float, nbytes: float) -> None:
@@ -288,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="2,4")
     ap.add_argument("--threads", default="1,2", help="transport (libzmq I/O) threads per carrier")
     ap.add_argument("--codecs", default="fp32,q8")
+    ap.add_argument("--streams", type=int, default=None,
+                    help="TCP streams per peer pair (default: the carrier's, 6, for 1 Gbit/s at 100 ms; 1 is what "
+                         "default_streams gives a datacenter link, 10 Gbit/s at 0.1 ms)")
     ap.add_argument("--hivemind", help="python of a hivemind environment: run issue 5's comparison instead")
     args = ap.parse_args(argv)
     if args.hivemind:

@@ -297,6 +297,10 @@ int lb_quantize(const void *x, int dtype, float *res, float decay, int64_t n, in
     return bad ? LB_NONFINITE : LB_OK;
 }
 
+/* Values of a decode that overwrites at least this many use streaming stores (about 8 MiB of
+ * fp32 output: more than a last-level cache here, so the lines would leave it anyway). */
+#define LB_STREAM_MIN (2 * 1024 * 1024)
+
 static void dequant_scalar(const uint8_t *codes, const float *steps, int64_t lo, int64_t hi, int bits, int64_t block,
                            float h, float *out, int accumulate) {
     const uint32_t mask = (1u << bits) - 1u;
@@ -310,7 +314,7 @@ static void dequant_scalar(const uint8_t *codes, const float *steps, int64_t lo,
 #if LB_X86
 /* Blocks [b0, b1) with block % 8 == 0: 8 codes per step from bits bytes. */
 LB_AVX2 static void dequant_avx2(const uint8_t *codes, const float *steps, int64_t n, int64_t b0, int64_t b1, int bits,
-                                 int64_t block, float hs, float *out, int accumulate) {
+                                 int64_t block, float hs, float *out, int accumulate, int stream) {
     const __m256 h = _mm256_set1_ps(hs);
     const __m256i mask = _mm256_set1_epi32((int)((1u << bits) - 1u));
     const __m256i sh = bits == 4   ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
@@ -334,10 +338,14 @@ LB_AVX2 static void dequant_avx2(const uint8_t *codes, const float *steps, int64
             }
             __m256 dec = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), h), st);
             if (accumulate) dec = _mm256_add_ps(_mm256_loadu_ps(out + i), dec);
-            _mm256_storeu_ps(out + i, dec);
+            if (stream)
+                _mm256_stream_ps(out + i, dec);
+            else
+                _mm256_storeu_ps(out + i, dec);
         }
         if (i < hi) dequant_scalar(codes, steps, i, hi, bits, block, hs, out, accumulate);
     }
+    if (stream) _mm_sfence();
 }
 #endif
 
@@ -355,6 +363,11 @@ int lb_dequantize(const uint8_t *codes, const float *steps, int64_t n, int bits,
 #if LB_X86
     vec = lb_has_avx2() && block % 8 == 0;
 #endif
+    /* A large overwrite goes past the caches with streaming stores: the output's lines are
+     * then not read before they are written (a plain store reads each line first, a third of
+     * the memory traffic of an 8-bit decode). Same values, only the store differs. Every
+     * block then starts 32-byte aligned (block % 8 == 0 and an aligned out). */
+    int stream = !accumulate && n >= LB_STREAM_MIN && ((uintptr_t)out & 31u) == 0;
     int64_t per = lb_chunk_units(block);
     int64_t chunks = (units + per - 1) / per;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -363,7 +376,7 @@ int lb_dequantize(const uint8_t *codes, const float *steps, int64_t n, int bits,
         {
 #if LB_X86
             if (vec)
-                dequant_avx2(codes, steps, n, b0, b1, bits, block, h, out, accumulate);
+                dequant_avx2(codes, steps, n, b0, b1, bits, block, h, out, accumulate, stream);
             else
 #endif
             {
@@ -373,6 +386,7 @@ int lb_dequantize(const uint8_t *codes, const float *steps, int64_t n, int bits,
         }
     }
     (void)vec;
+    (void)stream;
     return LB_OK;
 }
 

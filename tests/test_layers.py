@@ -25,12 +25,6 @@ ALLOWED = {
 }
 LEAVES = {"lowband.errors", "lowband._version", "lowband._endpoint"}
 
-#: Circles through function-level imports that other work in flight removes; the test
-#: fails on any circle not listed here (and on any circle of top-level imports).
-KNOWN_LAZY_CIRCLES: set[frozenset[str]] = {
-    # IOLoop reads its carrier's fields (issue 14, item 5)
-    frozenset({"lowband.transport._zmq", "lowband.transport._zmq_io"}),
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -120,8 +114,8 @@ def test_layers_import_only_what_their_row_allows() -> None:
 
 def test_no_import_circles() -> None:
     assert _circles(_graph(top_level_only=True)) == []
-    unknown = [sorted(c) for c in _circles(_graph(top_level_only=False)) if c not in KNOWN_LAZY_CIRCLES]
-    assert not unknown, f"import circles: {unknown}"
+    lazy = [sorted(c) for c in _circles(_graph(top_level_only=False))]
+    assert not lazy, f"import circles through function-level imports: {lazy}"
 
 
 def test_the_checker_sees_a_circle() -> None:

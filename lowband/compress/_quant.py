@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lowband import kernels
@@ -71,7 +72,13 @@ class BlockQuant:
 
     def validate(self, bufs: list[torch.Tensor], n: int) -> None:
         steps = bufs[1].view(torch.float32)
-        if steps.numel() and not bool((torch.isfinite(steps) & (steps >= 0)).all()):
+        if steps.numel() and steps.device.type == "cpu":
+            # one numpy pass on this thread (NaN fails both comparisons): a few torch ops on
+            # 64K scales cost more in thread-pool hand-offs than the decode they guard
+            a = steps.numpy()
+            if not bool(np.logical_and(a >= 0, a < np.inf).all()):
+                raise CodecError("block scales must be finite and non-negative")
+        elif steps.numel() and not bool((torch.isfinite(steps) & (steps >= 0)).all()):
             raise CodecError("block scales must be finite and non-negative")
         if self.bits in (8, 4) and n:
             top = kernels.max_code(bufs[0], self.bits, n)

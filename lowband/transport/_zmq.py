@@ -67,7 +67,7 @@ from lowband.transport._coord_client import (
 )
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import MAX_FRAMES, chunk_spans
-from lowband.transport._zmq_io import IOLoop
+from lowband.transport._zmq_io import CarrierHooks, IOConfig, IOLoop
 from lowband.transport._zmq_link import SNDBUF_CEILING
 
 __all__ = ["ZmqCarrier", "default_streams", "open_carrier"]
@@ -189,9 +189,24 @@ class ZmqCarrier:
         self.ctx = zmq.Context(io_threads=io_threads or max(1, min(4, n_streams)))
         self._auth = security.start_authenticator(self.ctx) if security is not None else None
         try:
-            self.io = IOLoop(
-                self, host=host, max_message_bytes=max_message_bytes, rate_limit=rate_limit
+            cfg = IOConfig(
+                rank=rank,
+                world_size=world_size,
+                group_id=self.group_id,
+                incarnation=self.incarnation,
+                chunk_size=chunk_size,
+                peer_timeout=peer_timeout,
+                closed_is_lost=closed_is_lost,
+                streams=n_streams,
+                zero_copy_threshold=zero_copy_threshold,
+                max_pending_bytes=self.max_pending_bytes,
+                max_message_bytes=max_message_bytes,
+                rate_limit=rate_limit,
+                security=security,
+                connect_map=self.connect_map,
             )
+            hooks = CarrierHooks(deliver=self._deliver, acked=self._acked, unacked_void=self.drop_unacked)
+            self.io = IOLoop(cfg, self.ctx, self.stats, hooks, host=host)
             self.client = CoordinatorClient(self.ctx, coordinator, security=security)
             view = self._join(dict(config or {}), join_timeout)
         except BaseException:

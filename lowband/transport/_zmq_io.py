@@ -6,6 +6,13 @@ and heartbeats, read acks, follow connection events, send queued chunks (within
 the upload rate cap and each stream's high-water mark), acknowledge what
 arrived, send heartbeats, and declare silent peers lost. Socket options are
 documented in ``_zmq.py`` (ROUTERs) and ``_zmq_link.py`` (DEALERs).
+
+The loop owns its state (links, reassembly, liveness, bans). What it needs of the carrier
+it is handed at construction: the process's settings (:class:`IOConfig`), its ZeroMQ
+context, the statistics it counts into, and three callbacks (:class:`CarrierHooks`) by which
+it hands over a complete message, reports acknowledged chunks, and says that what was sent
+to a peer will never be acknowledged (the peer is lost or restarted). It never reads the
+carrier's fields or takes its lock.
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from lowband.errors import TransportError
+from lowband.transport._stats import CommStats
 from lowband.transport._wire import (
     ACK,
     DATA,
@@ -45,10 +55,7 @@ from lowband.transport._zmq_link import (
 )
 from lowband.transport._zmq_recv import Inbound
 
-if TYPE_CHECKING:
-    from lowband.transport._zmq import ZmqCarrier
-
-__all__ = ["IOLoop"]
+__all__ = ["CarrierHooks", "IOConfig", "IOLoop"]
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +70,56 @@ _BATCH = 256  # messages read from one socket per turn, so no socket starves the
 _GONE_GRACE = 0.5  # s every connection to a peer must have been down before close stops waiting
 
 
+@dataclass(frozen=True)
+class IOConfig:
+    """The settings of the carrier's process that the I/O thread works by (fixed for its life)."""
+
+    rank: int
+    world_size: int
+    group_id: int
+    incarnation: int
+    chunk_size: int
+    peer_timeout: float
+    closed_is_lost: bool
+    streams: int
+    zero_copy_threshold: int
+    max_pending_bytes: int
+    max_message_bytes: int
+    rate_limit: float | None
+    security: Any
+    connect_map: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class CarrierHooks:
+    """How the I/O thread hands results to its carrier (each called on the I/O thread)."""
+
+    #: a complete message: (peer, key, frames, payload bytes, transport bytes) -> why it was
+    #: refused (the connection is then banned), or None once the carrier holds it
+    deliver: Callable[[int, tuple[int, int, int], list[Any], int, int], str | None]
+    #: (peer, {key: chunks of it newly acknowledged})
+    acked: Callable[[int, dict[tuple[int, int, int], int]], None]
+    #: (peer): nothing sent to it will be acknowledged (lost, or restarted as a new process);
+    #: the carrier stops waiting for it and wakes its waiters
+    unacked_void: Callable[[int], None]
+
+
 class IOLoop:
     def __init__(
-        self, carrier: ZmqCarrier, *, host: str, max_message_bytes: int, rate_limit: float | None
+        self, cfg: IOConfig, ctx: zmq.Context, stats: CommStats, hooks: CarrierHooks, *, host: str
     ) -> None:
-        self.c = carrier
-        self.max_message_bytes = max_message_bytes
+        self.cfg = cfg
+        self.ctx = ctx
+        self.stats = stats
+        self.hooks = hooks
+        self.max_message_bytes = cfg.max_message_bytes
         self.max_header = HEADER.size + 8 * MAX_FRAMES
-        self.hwm = max(8, (32 << 20) // carrier.chunk_size)
+        self.hwm = max(8, (32 << 20) // cfg.chunk_size)
         # chunks a stream's pipe may hold before the link queue tries another stream
-        self.stream_hwm = max(2, SNDBUF_CEILING // carrier.chunk_size)
-        self.heartbeat = min(1.0, carrier.peer_timeout / 5)
+        self.stream_hwm = max(2, SNDBUF_CEILING // cfg.chunk_size)
+        self.heartbeat = min(1.0, cfg.peer_timeout / 5)
         self.bucket = TokenBucket(
-            rate_limit, max(2 * carrier.chunk_size, int((rate_limit or 0) * 0.02))
+            cfg.rate_limit, max(2 * cfg.chunk_size, int((cfg.rate_limit or 0) * 0.02))
         )
         self.links: dict[int, Link] = {}
         self.inbound: dict[int, Inbound] = {}
@@ -96,13 +140,13 @@ class IOLoop:
         self.data_endpoint = self.data.getsockopt_string(zmq.LAST_ENDPOINT)
         self.hb_endpoint = self.hb.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread = threading.Thread(
-            target=self._run, name=f"lowband-zmq-{carrier.rank}", daemon=True
+            target=self._run, name=f"lowband-zmq-{cfg.rank}", daemon=True
         )
 
     def _router(self, host: str) -> zmq.Socket:
-        s = self.c.ctx.socket(zmq.ROUTER)
+        s = self.ctx.socket(zmq.ROUTER)
         s.linger = 0
-        s.maxmsgsize = self.c.chunk_size + self.max_header
+        s.maxmsgsize = self.cfg.chunk_size + self.max_header
         s.rcvhwm = s.sndhwm = self.hwm * 4
         s.router_mandatory = 1
         s.router_handover = 1
@@ -112,13 +156,13 @@ class IOLoop:
             5,
             4,
         )
-        if self.c.security is not None:
-            self.c.security.server(s)
+        if self.cfg.security is not None:
+            self.cfg.security.server(s)
         try:
             s.bind(f"tcp://{host}:*")
         except zmq.ZMQError as e:
             s.close(0)
-            raise TransportError(f"rank {self.c.rank} cannot bind {host!r}: {e}") from e
+            raise TransportError(f"rank {self.cfg.rank} cannot bind {host!r}: {e}") from e
         return s
 
     # -- called from other threads --------------------------------------------------------
@@ -138,7 +182,7 @@ class IOLoop:
         silent = 0.0 if last is None else time.monotonic() - last
         return (
             f"no heartbeat and no data from it for {silent:.1f}s "
-            f"(peer_timeout={self.c.peer_timeout:g}s)"
+            f"(peer_timeout={self.cfg.peer_timeout:g}s)"
         )
 
     def call(self, *cmd: Any) -> None:
@@ -179,7 +223,7 @@ class IOLoop:
         if peer in self.lost:
             return True
         last = self.last_alive.get(peer)
-        return last is not None and time.monotonic() - last > self.c.peer_timeout
+        return last is not None and time.monotonic() - last > self.cfg.peer_timeout
 
     def drain(self, patience: float) -> bool:
         """Wait until every live peer has acknowledged what was sent to it.
@@ -212,7 +256,7 @@ class IOLoop:
                 last_left, last_progress = left, now
             elif now - last_progress > patience:
                 log.warning("rank %d: closing with %d chunks unacknowledged after %.1f s without progress",
-                            self.c.rank, left, patience)
+                            self.cfg.rank, left, patience)
                 return False
             time.sleep(0.01)
         return False
@@ -266,8 +310,8 @@ class IOLoop:
                     self._check_lost(now)
                     next_hb = now + self.heartbeat
         except Exception:  # pragma: no cover - a bug; make it visible and stop cleanly
-            log.exception("rank %d: I/O thread failed", self.c.rank)
-            self.lost.update(p for p in range(self.c.world_size) if p != self.c.rank)
+            log.exception("rank %d: I/O thread failed", self.cfg.rank)
+            self.lost.update(p for p in range(self.cfg.world_size) if p != self.cfg.rank)
 
     def _commands(self) -> None:
         while self._cmds:
@@ -307,11 +351,11 @@ class IOLoop:
             return
         if old is not None:
             old.close()
-            self.c.drop_unacked(peer)  # what the old process did not acknowledge, it never will
-        c = self.c
+            self.hooks.unacked_void(peer)  # what the old process did not acknowledge, it never will
+        c = self.cfg
         streams = []
         for i in range(c.streams):
-            s = c.ctx.socket(zmq.DEALER)
+            s = self.ctx.socket(zmq.DEALER)
             s.identity = identity(c.rank, i, c.incarnation)
             tune_dealer(s, hwm=self.hwm, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat)
             s.sndhwm = self.stream_hwm
@@ -321,7 +365,7 @@ class IOLoop:
             mon = s.get_monitor_socket(_MONITOR_EVENTS)
             s.connect(c.connect_map(info["data"]))
             streams.append(Stream(s, mon))
-        hb = c.ctx.socket(zmq.DEALER)
+        hb = self.ctx.socket(zmq.DEALER)
         hb.identity = identity(c.rank, HB_STREAM, c.incarnation)
         tune_dealer(hb, hwm=16, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat)
         if server_key is not None:
@@ -342,7 +386,7 @@ class IOLoop:
         link = self.links.get(peer)
         if link is None or peer in self.lost:
             return
-        c = self.c
+        c = self.cfg
         for seq, (idx, off, body) in zip(link.assign(len(chunks)), chunks, strict=True):
             head = pack_header(
                 DATA,
@@ -361,16 +405,16 @@ class IOLoop:
 
     def _send_queued(self) -> None:
         for link in self.links.values():
-            for ch in link.send_queued(self.bucket, self.c.zero_copy_threshold):
+            for ch in link.send_queued(self.bucket, self.cfg.zero_copy_threshold):
                 if ch.link_seq in link.unacked:  # a re-send after a reconnect
-                    self.c.stats.count_transport(link.peer, sent=ch.nbytes)
+                    self.stats.count_transport(link.peer, sent=ch.nbytes)
                 link.unacked[ch.link_seq] = ch
 
     def _ban(self, ident: bytes, why: str) -> None:
         self.rejected += 1
         if ident not in self.banned:
             self.banned.add(ident)
-            log.warning("rank %d: cut off connection %s: %s", self.c.rank, ident.hex(), why)
+            log.warning("rank %d: cut off connection %s: %s", self.cfg.rank, ident.hex(), why)
 
     def _parse(self, ident: bytes, head: Any) -> Any:
         who = parse_identity(ident)
@@ -378,12 +422,12 @@ class IOLoop:
             raise TransportError("routing id is not a lowband peer's")
         h = parse_header(
             head,
-            world_size=self.c.world_size,
-            group=self.c.group_id,
+            world_size=self.cfg.world_size,
+            group=self.cfg.group_id,
             max_message_bytes=self.max_message_bytes,
-            max_chunk_size=self.c.chunk_size,
+            max_chunk_size=self.cfg.chunk_size,
         )
-        if (h.sender, h.incarnation) != (who[0], who[2]) or h.sender == self.c.rank:
+        if (h.sender, h.incarnation) != (who[0], who[2]) or h.sender == self.cfg.rank:
             raise TransportError(f"header says rank {h.sender}, connection says rank {who[0]}")
         return h
 
@@ -409,13 +453,13 @@ class IOLoop:
                     ib = self.inbound[h.sender] = Inbound(
                         h.sender,
                         h.incarnation,
-                        max_pending_bytes=self.c.max_pending_bytes,
+                        max_pending_bytes=self.cfg.max_pending_bytes,
                         posted=self.posted.setdefault(h.sender, {}),
                     )
                 self.last_alive[h.sender] = time.monotonic()
                 acks.setdefault(ident, []).append(h.link_seq)
                 if ib.seen(h.link_seq):
-                    self.c.stats.count_transport(h.sender, received=len(msg[1]) + len(msg[2]))
+                    self.stats.count_transport(h.sender, received=len(msg[1]) + len(msg[2]))
                     continue  # a duplicate after a re-send: acknowledge again, drop
                 done = ib.accept(h, len(msg[1]), msg[2].buffer)
             except TransportError as e:
@@ -423,7 +467,7 @@ class IOLoop:
                 acks.pop(ident, None)
                 continue
             if done is not None:
-                refused = self.c._deliver(
+                refused = self.hooks.deliver(
                     h.sender, done.key, done.frames, done.payload_bytes, done.transport_bytes
                 )
                 if refused:
@@ -435,15 +479,15 @@ class IOLoop:
             ib = self.inbound[who[0]]
             head = pack_header(
                 ACK,
-                sender=self.c.rank,
-                group=self.c.group_id,
-                incarnation=self.c.incarnation,
+                sender=self.cfg.rank,
+                group=self.cfg.group_id,
+                incarnation=self.cfg.incarnation,
                 link_seq=ib.floor,
             )
             body = ack_body(seqs)
             try:
                 self.data.send_multipart([ident, head, body], zmq.NOBLOCK)
-                self.c.stats.count_transport(who[0], sent=len(head) + len(body))
+                self.stats.count_transport(who[0], sent=len(head) + len(body))
             except zmq.ZMQError:  # gone or full: the cumulative floor of a later ack covers it
                 pass
 
@@ -468,7 +512,7 @@ class IOLoop:
                 continue
             if h.sender not in self.lost:
                 self.last_alive[h.sender] = time.monotonic()
-            self.c.stats.count_transport(h.sender, received=len(msg[1]))
+            self.stats.count_transport(h.sender, received=len(msg[1]))
 
     def _read_link(self, link: Link, ready: dict[Any, int]) -> None:
         for i, st in enumerate(link.streams):
@@ -491,8 +535,8 @@ class IOLoop:
                         raise TransportError("an ack has 2 frames")
                     h = parse_header(
                         msg[0],
-                        world_size=self.c.world_size,
-                        group=self.c.group_id,
+                        world_size=self.cfg.world_size,
+                        group=self.cfg.group_id,
                         max_message_bytes=0,
                         max_chunk_size=1,
                     )
@@ -502,22 +546,22 @@ class IOLoop:
                         )
                     done = link.acked(h.link_seq, parse_ack(msg[1]))
                     if done:
-                        self.c._acked(link.peer, done)
+                        self.hooks.acked(link.peer, done)
                 except TransportError as e:
                     self.rejected += 1
-                    log.warning("rank %d: bad ack from rank %d: %s", self.c.rank, link.peer, e)
+                    log.warning("rank %d: bad ack from rank %d: %s", self.cfg.rank, link.peer, e)
                     continue
                 if link.peer not in self.lost:
                     self.last_alive[link.peer] = time.monotonic()
-                self.c.stats.count_transport(link.peer, received=len(msg[0]) + len(msg[1]))
+                self.stats.count_transport(link.peer, received=len(msg[0]) + len(msg[1]))
 
     def _heartbeat(self) -> None:
-        c = self.c
+        c = self.cfg
         head = pack_header(HEARTBEAT, sender=c.rank, group=c.group_id, incarnation=c.incarnation)
         for link in self.links.values():
             try:
                 link.hb.send(head, zmq.NOBLOCK)
-                c.stats.count_transport(link.peer, sent=len(head))
+                self.stats.count_transport(link.peer, sent=len(head))
             except zmq.Again:
                 pass
 
@@ -526,12 +570,12 @@ class IOLoop:
             if peer in self.lost:
                 continue
             silent = now - self.last_alive.get(peer, now)
-            if silent > self.c.peer_timeout:
+            if silent > self.cfg.peer_timeout:
                 why = (
                     f"no heartbeat and no data from it for {silent:.1f}s "
-                    f"(peer_timeout={self.c.peer_timeout:g}s)"
+                    f"(peer_timeout={self.cfg.peer_timeout:g}s)"
                 )
-            elif self.c.closed_is_lost and link.refused(now, self.last_alive.get(peer, now), _CLOSED_GRACE, _CLOSED_RETRIES):
+            elif self.cfg.closed_is_lost and link.refused(now, self.last_alive.get(peer, now), _CLOSED_GRACE, _CLOSED_RETRIES):
                 why = (
                     "its connections closed and its address refuses new ones "
                     f"(its process ended; last heard from {silent:.1f}s ago)"
@@ -540,9 +584,7 @@ class IOLoop:
                 continue
             self.lost.add(peer)
             self._lost_why[peer] = why
-            log.warning("rank %d: rank %d lost: %s", self.c.rank, peer, why)
+            log.warning("rank %d: rank %d lost: %s", self.cfg.rank, peer, why)
             link.queue.clear()
             link.unacked.clear()
-            self.c.drop_unacked(peer)
-            with self.c._cond:
-                self.c._cond.notify_all()
+            self.hooks.unacked_void(peer)  # wakes whoever waits on it

@@ -145,6 +145,22 @@ def test_quantize_large_multithreaded() -> None:
     _check_quantize(x, bits=2, block=128, stochastic=True, seed=11)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_dequantize_large_overwrite(bits: int, offset: int) -> None:
+    """A decode big enough for streaming stores (32-byte aligned out), and the same into an
+    unaligned view (plain stores): both equal the reference bit for bit, tail block included."""
+    n = (2 << 20) + 4097
+    x = _data(n, "normal", 11)
+    codes, steps = R.quantize(x, bits=bits, block=256)
+    want = R.dequantize(codes, steps, bits=bits, n=n, block=256)
+    base = torch.full((n + offset,), float("nan"))
+    out = base[offset:]
+    got = N.dequantize(codes, steps, bits=bits, n=n, block=256, out=out)
+    assert torch.equal(got, want)
+    assert torch.equal(out, want)
+
+
 def test_quantize_rejects_nonfinite() -> None:
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = _data(1000, "normal", 0)
