@@ -202,10 +202,10 @@ def framing_cases() -> list[str]:
     must leave each of these exactly as it was."""
     from lowband.optim.ddp_hook import _pack as ddp_pack
     from lowband.sync import _wire as sw
+    from lowband.sync._tree import dumps
     from lowband.sync.commit import Commitment
     from lowband.sync.rollouts import _HELLO, _PUSH, _SHARE
     from lowband.sync.rollouts import _pack as ro_pack
-    from lowband.sync._tree import dumps
     from lowband.transport import _wire as tw
 
     out = []
