@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowband._frames import Reader
 from lowband.compress import Payload, parse
 from lowband.errors import CodecError
 from lowband.kernels import checksum
@@ -110,34 +111,16 @@ def loads(frames: list, *, max_bytes: int) -> Any:
     """Parse what :func:`dumps` wrote; CodecError on anything malformed or over ``max_bytes``."""
     if not frames:
         raise CodecError("empty rollout")
-    buf = memoryview(frames[0]).cast("B")
+    r = Reader(frames[0], "rollout structure")
+    take = r.take
     data = [memoryview(f).cast("B") for f in frames[1:]]
-    if len(data) > MAX_FRAMES or buf.nbytes + sum(d.nbytes for d in data) > max_bytes:
+    if len(data) > MAX_FRAMES or r.remaining + sum(d.nbytes for d in data) > max_bytes:
         raise CodecError("rollout over its frame or size cap")
     used: set[int] = set()
-    off = 0
     nodes = 0
 
-    def take(fmt: str) -> tuple:
-        nonlocal off
-        size = struct.calcsize(fmt)
-        if off + size > buf.nbytes:
-            raise CodecError("truncated rollout structure")
-        vals = struct.unpack_from(fmt, buf, off)
-        off += size
-        return vals
-
     def text() -> str:
-        nonlocal off
-        (n,) = take("<I")
-        if off + n > buf.nbytes:
-            raise CodecError("truncated string in rollout")
-        try:
-            s = bytes(buf[off : off + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError("rollout string is not UTF-8") from None
-        off += n
-        return s
+        return r.text(take("<I")[0])
 
     def claim(first: int, count: int) -> list[memoryview]:
         if (
@@ -150,7 +133,7 @@ def loads(frames: list, *, max_bytes: int) -> Any:
         return data[first : first + count]
 
     def get(depth: int) -> Any:
-        nonlocal nodes, off
+        nonlocal nodes
         nodes += 1
         if depth > MAX_DEPTH or nodes > MAX_NODES:
             raise CodecError("rollout structure too deep or too large")
@@ -164,20 +147,16 @@ def loads(frames: list, *, max_bytes: int) -> Any:
         if tag == 5:
             return text()
         if tag == 6:
-            (n,) = take("<I")
-            if off + n > buf.nbytes:
-                raise CodecError("truncated bytes in rollout")
-            off += n
-            return bytes(buf[off - n : off])
+            return bytes(r.bytes(take("<I")[0], what="bytes"))
         if tag in (7, 8):
             (n,) = take("<I")
-            if n > buf.nbytes - off:
+            if n > r.remaining:
                 raise CodecError("rollout sequence longer than its bytes")
             items = [get(depth + 1) for _ in range(n)]
             return items if tag == 7 else tuple(items)
         if tag == 9:
             (n,) = take("<I")
-            if n > buf.nbytes - off:
+            if n > r.remaining:
                 raise CodecError("rollout dict longer than its bytes")
             out = {}
             for _ in range(n):
@@ -218,8 +197,7 @@ def loads(frames: list, *, max_bytes: int) -> Any:
         raise CodecError(f"unknown rollout tag {tag}")
 
     obj = get(0)
-    if off != buf.nbytes:
-        raise CodecError("trailing bytes after the rollout structure")
+    r.done()
     if len(used) != len(data):
         raise CodecError("rollout carries frames no tensor refers to")
     return obj
