@@ -26,6 +26,7 @@ from lowband.errors import CodecError
 __all__ = [
     "Layout",
     "Reader",
+    "Writer",
     "check_lengths",
     "join_frames",
     "pack_u64s",
@@ -158,6 +159,28 @@ def split_frames(
         frames.append(raw[pos : pos + ln])
         pos += ln
     return frames
+
+
+class Writer:
+    """Builds the variable part of a message: fixed fields and length-prefixed byte strings,
+    the counterpart of :class:`Reader`."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, start: bytes = b"") -> None:
+        self.out = bytearray(start)
+
+    def put(self, fmt: str, *values: Any) -> None:
+        """``values`` packed with struct format ``fmt`` (``<`` included)."""
+        self.out += _struct(fmt).pack(*values)
+
+    def sized(self, fmt: str, data: bytes, *lead: Any) -> None:
+        """``lead`` values, then ``len(data)``, both with ``fmt``, then ``data`` itself."""
+        self.out += _struct(fmt).pack(*lead, len(data))
+        self.out += data
+
+    def bytes(self) -> bytes:
+        return bytes(self.out)
 
 
 class Reader:

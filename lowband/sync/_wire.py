@@ -25,12 +25,11 @@ allocate. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import torch
 
-from lowband._frames import Layout, Reader
+from lowband._frames import Layout, Reader, Writer
 from lowband.errors import CodecError
 
 __all__ = [
@@ -175,15 +174,14 @@ class Manifest:
         return lo, min(n, lo + self.chunk_elems)
 
     def to_bytes(self) -> bytes:
-        spec = self.codec.encode("ascii")
-        out = bytearray(struct.pack("<H", len(spec)) + spec)
-        out += struct.pack(f"<QB{len(self.ports)}H", self.chunk_elems, len(self.ports), *self.ports)
-        out += struct.pack("<I", len(self.tensors))
+        w = Writer()
+        w.sized("<H", self.codec.encode("ascii"))
+        w.put(f"<QB{len(self.ports)}H", self.chunk_elems, len(self.ports), *self.ports)
+        w.put("<I", len(self.tensors))
         for t in self.tensors:
-            name = t.name.encode("utf-8")
-            out += struct.pack("<H", len(name)) + name
-            out += struct.pack(f"<BB{len(t.shape)}Q", DTYPE_CODES[t.dtype], len(t.shape), *t.shape)
-        return bytes(out)
+            w.sized("<H", t.name.encode("utf-8"))
+            w.put(f"<BB{len(t.shape)}Q", DTYPE_CODES[t.dtype], len(t.shape), *t.shape)
+        return w.bytes()
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, *, max_elems: int) -> Manifest:
