@@ -33,7 +33,7 @@ from lowband.compress import Codec, parse
 from lowband.errors import CodecError, ConfigError
 from lowband.sync._delta import Encoded, bits, chunk_sum, encode_exact, encode_lossy, fingerprint
 from lowband.sync._model import Selection, named_tensors, select
-from lowband.sync._net import bind_socket, parse_endpoint
+from lowband.sync._net import Endpoint, bind_socket, parse_endpoint
 from lowband.sync._wire import (
     CHUNK,
     COMMIT,
@@ -180,7 +180,7 @@ class WeightPublisher:
             port = bind_socket(self._router, ep, security, "WeightPublisher")
             self.announce_port = bind_socket(
                 self._announce,
-                parse_endpoint(f"{ep.url(0)}", "announce"),
+                Endpoint(ep.host, 0),
                 security,
                 "WeightPublisher announce",
             )
@@ -193,7 +193,7 @@ class WeightPublisher:
                 ports.append(
                     bind_socket(
                         s,
-                        parse_endpoint(f"{ep.url(0)}", "stream"),
+                        Endpoint(ep.host, 0),
                         security,
                         "WeightPublisher stream",
                     )

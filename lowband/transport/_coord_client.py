@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from lowband._endpoint import Endpoint
 from lowband.errors import ConfigError, ConfigMismatch, RankInUse, SecurityError, TransportError
 
 __all__ = ["CoordinatorClient", "StaleEpoch", "UnknownToCoordinator", "route_source"]
@@ -57,15 +58,6 @@ class UnknownToCoordinator(TransportError):
     """The coordinator does not know this peer's group or registration (it restarted)."""
 
 
-def _endpoint(address: str) -> str:
-    if address.startswith("tcp://"):
-        return address
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"coordinator address must be HOST:PORT, got {address!r}")
-    return f"tcp://{host}:{port}"
-
-
 def route_source(host: str, port: int = 9) -> str:
     """The local address this machine uses to reach ``host``: the address of the interface
     whose route leads there (a UDP ``connect`` sends nothing; it only asks the kernel's
@@ -88,7 +80,8 @@ def route_source(host: str, port: int = 9) -> str:
 
 class CoordinatorClient:
     def __init__(self, ctx: zmq.Context, address: str, *, security: Any = None) -> None:
-        self.endpoint = _endpoint(address)
+        ep = Endpoint.parse(address, "coordinator address")
+        self.endpoint = ep.url()
         if security is not None and security.coordinator_key is None:
             raise ConfigError(
                 "CURVE is on but the coordinator's public key is not known: pass "
@@ -105,8 +98,7 @@ class CoordinatorClient:
         # a routing id of our own (random, never published): after a reconnect the coordinator
         # still knows this connection as the one that holds our rank
         self.sock.routing_id = b"\x01" + secrets.token_bytes(15)
-        if ":" in self.endpoint.removeprefix("tcp://").rpartition(":")[0]:
-            self.sock.ipv6 = 1
+        self.sock.ipv6 = ep.ipv6
         if security is not None:
             security.client(self.sock, security.coordinator_key)
         self.monitor = self.sock.get_monitor_socket(_EVENTS)

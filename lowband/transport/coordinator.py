@@ -96,7 +96,8 @@ from typing import Any
 
 import zmq
 
-from lowband.errors import ConfigError, TransportError
+from lowband._endpoint import Endpoint
+from lowband.errors import TransportError
 
 __all__ = ["Coordinator", "CoordinatorProcess", "Holder", "Membership", "main", "start_coordinator"]
 
@@ -763,10 +764,8 @@ class Coordinator:
     ) -> None:
         from lowband.transport.security import warn_if_exposed
 
-        host, _, port = bind.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"coordinator bind address must be HOST:PORT, got {bind!r}")
-        warn_if_exposed(host, security, "the coordinator")
+        ep = Endpoint.parse(bind, "coordinator bind address", any_port=True)
+        warn_if_exposed(ep.host, security, "the coordinator")
         self.ctx = zmq.Context()
         self._auth = security.start_authenticator(self.ctx) if security is not None else None
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -779,9 +778,10 @@ class Coordinator:
         self.sock.router_handover = 1
         self.sock.heartbeat_ivl = int(_HEARTBEAT_IVL_S * 1000)
         self.sock.heartbeat_timeout = int(HOLDER_TIMEOUT_S * 1000)
+        self.sock.ipv6 = ep.ipv6
         if security is not None:
             security.server(self.sock)
-        endpoint = f"tcp://{host}:{'*' if port == '0' else port}"
+        endpoint = ep.url("*" if ep.port == 0 else None)
         try:
             self.sock.bind(endpoint)
         except zmq.ZMQError as e:
@@ -1042,7 +1042,8 @@ def main(argv: list[str]) -> int:
         from lowband.transport._torch import serve_store
 
         # bound to --bind's host alone (torch's own server would listen on every interface)
-        store, _ = serve_store(args.bind.rpartition(":")[0], args.torch_store_port)
+        host = Endpoint.parse(args.bind, "--bind", any_port=True).host
+        store, _ = serve_store(host, args.torch_store_port)
     coord = Coordinator(args.bind, security=security, lease=args.lease,
                         max_groups=args.max_groups, abandon_after=args.abandon_after)
     print(f"listening on {coord.endpoint}", flush=True)
