@@ -49,6 +49,7 @@ from lowband.sync._wire import (
     pack,
     parse_header,
 )
+from lowband.transport._sockets import open_socket
 from lowband.transport.security import Curve
 
 __all__ = ["PublishStats", "WeightPublisher"]
@@ -163,19 +164,13 @@ class WeightPublisher:
         ep = parse_endpoint(bind, "WeightPublisher bind")
         self._ctx = zmq.Context()
         self._auth = security.start_authenticator(self._ctx) if security is not None else None
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.linger = 0
-        self._router.maxmsgsize = 4096  # requests are one header frame
-        self._router.rcvhwm = 1000
-        # Replies queued for a client that does not read: at most this many per connection,
-        # the rest dropped (that client asks again after its retry_s).
-        self._router.sndhwm = 32
+        # Requests are one header frame. Replies queued for a client that does not read: at
+        # most sndhwm per connection, the rest dropped (that client asks again after retry_s).
+        self._router = open_socket(self._ctx, zmq.ROUTER, maxmsgsize=4096, rcvhwm=1000, sndhwm=32)
         self._pubs: list[zmq.Socket] = []
         # The announce stream: one small COMMIT per version (and the heartbeats), no chunks.
         # Subscribers behind relays read the fingerprints they trust from it.
-        self._announce = self._ctx.socket(zmq.PUB)
-        self._announce.linger = 0
-        self._announce.sndhwm = 10_000
+        self._announce = open_socket(self._ctx, zmq.PUB, sndhwm=10_000)
         try:
             port = bind_socket(self._router, ep, security, "WeightPublisher")
             self.announce_port = bind_socket(
@@ -186,9 +181,7 @@ class WeightPublisher:
             )
             ports = []
             for _ in range(streams):
-                s = self._ctx.socket(zmq.PUB)
-                s.linger = 0
-                s.sndhwm = hwm
+                s = open_socket(self._ctx, zmq.PUB, sndhwm=hwm)
                 self._pubs.append(s)
                 ports.append(
                     bind_socket(

@@ -33,6 +33,7 @@ from lowband.errors import CodecError, CollectiveTimeout, ConfigError
 from lowband.kernels import checksum
 from lowband.sync._net import AuthWatch, bind_socket, connect_socket, parse_endpoint, to_key
 from lowband.sync._tree import MAX_FRAMES, dumps, loads
+from lowband.transport._sockets import open_socket
 from lowband.transport.security import Curve
 
 __all__ = ["Rollout", "RolloutChannel"]
@@ -178,10 +179,10 @@ class RolloutChannel:
             if (security is not None and self.is_hub)
             else None
         )
-        self._sock = self._ctx.socket(zmq.ROUTER if self.is_hub else zmq.DEALER)
-        self._sock.linger = 0
-        self._sock.maxmsgsize = max_bytes + (1 << 16)
-        self._sock.sndhwm = self._sock.rcvhwm = hwm
+        self._sock = open_socket(
+            self._ctx, zmq.ROUTER if self.is_hub else zmq.DEALER,
+            maxmsgsize=max_bytes + (1 << 16), sndhwm=hwm, rcvhwm=hwm,
+        )
         if self.is_hub:  # a share to a full or gone peer raises, so it is counted and dropped
             self._sock.router_mandatory = True
         try:
