@@ -81,7 +81,7 @@ class Layout:
     def unpack(self, buf: Any, *, exact: bool = False) -> tuple:
         """The fields after magic and version; ``error`` when ``buf`` is short (or, with
         ``exact``, not exactly the header), has another magic or another version."""
-        n = len(buf) if isinstance(buf, (bytes, bytearray)) else memoryview(buf).nbytes
+        n = buf.nbytes if type(buf) is memoryview else len(buf)
         if n < self.size or (exact and n != self.size):
             raise self.error(f"{self.what} header of {n} bytes, {self.size} expected")
         vals = self.struct.unpack_from(buf, 0)
@@ -107,10 +107,12 @@ def unpack_u64s(
     buf: Any, offset: int, count: int, *, what: str = "table", error: ErrorFactory = CodecError
 ) -> tuple[int, ...]:
     """``count`` u64 from ``buf`` at ``offset``; ``error`` if they run past its end."""
-    n = len(buf) if isinstance(buf, (bytes, bytearray)) else memoryview(buf).nbytes
-    if count < 0 or offset < 0 or offset + 8 * count > n:
-        raise error(f"truncated {what}: {count} u64 at {offset} in {n} bytes")
-    return _struct(f"<{count}Q").unpack_from(buf, offset)
+    if offset < 0 or count < 0:
+        raise error(f"truncated {what}: {count} u64 at {offset}")
+    try:
+        return struct.unpack_from(f"<{count}Q", buf, offset)
+    except struct.error:
+        raise error(f"truncated {what}: {count} u64 at {offset} in {memoryview(buf).nbytes} bytes") from None
 
 
 def check_lengths(
@@ -126,11 +128,11 @@ def check_lengths(
     lengths, none negative, and the total is at most ``max_bytes``."""
     if not min_frames <= len(lengths) <= max_frames:
         raise error(f"{what} of {len(lengths)} frames (allowed {min_frames}..{max_frames})")
-    if min(lengths, default=0) < 0:
-        raise error(f"{what} with a negative frame length")
     total = sum(lengths)
     if total > max_bytes:
         raise error(f"{what} of {total} bytes exceeds the cap of {max_bytes}")
+    if lengths and min(lengths) < 0:
+        raise error(f"{what} with a negative frame length")
     return total
 
 
