@@ -30,6 +30,7 @@ __all__ = [
     "check_lengths",
     "join_frames",
     "pack_u64s",
+    "recv_line",
     "split_frames",
     "unpack_u64s",
 ]
@@ -161,6 +162,21 @@ def split_frames(
         frames.append(raw[pos : pos + ln])
         pos += ln
     return frames
+
+
+def recv_line(sock: Any, *, limit: int = 1 << 20, error: ErrorFactory = CodecError) -> bytes:
+    """Bytes read from stream socket ``sock`` up to and including the first newline (what
+    came before the end of the stream if it ends first); ``error`` once ``limit`` bytes
+    have come without one. The framing of the link emulator's one-line control requests."""
+    data = b""
+    while not data.endswith(b"\n"):
+        if len(data) > limit:
+            raise error(f"control line longer than {limit} bytes")
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class Writer:

@@ -177,3 +177,23 @@ def test_each_format_refuses_another_magic_and_version_with_its_error() -> None:
         for cut in (0, m, m + 1):
             with pytest.raises(err, match="bytes"):
                 parse_fn([head[:cut], *rest])
+
+
+def test_recv_line_reads_one_line_stops_at_the_end_and_is_bounded() -> None:
+    import socket
+
+    from lowband._frames import recv_line
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"route 1 10.0.0.2 ")
+        a.sendall(b"5555\n")
+        assert recv_line(b) == b"route 1 10.0.0.2 5555\n"
+        a.sendall(b"no newline")
+        a.shutdown(socket.SHUT_WR)
+        assert recv_line(b) == b"no newline"
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"x" * 5000)
+        with pytest.raises(TransportError, match="longer than 4096"):
+            recv_line(b, limit=4096, error=TransportError)
