@@ -133,3 +133,11 @@ def test_no_import_circles() -> None:
 
 def test_the_checker_sees_a_circle() -> None:
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
+
+
+def test_leaves_import_only_other_leaves() -> None:
+    """A leaf (errors, versions, the address type, the framing helper) may be imported by every
+    layer, so it imports no layer itself."""
+    graph = _graph(top_level_only=False)
+    bad = {m: sorted(graph[m] - LEAVES - {"lowband"}) for m in LEAVES}
+    assert not any(bad.values()), f"leaves importing layers: {bad}"
