@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from lowband.errors import CodecError
@@ -53,7 +53,7 @@ class Layout:
     version field (``"wire version"``, ``"protocol"``); ``error`` builds the exception.
     """
 
-    __slots__ = ("what", "magic", "version", "version_name", "error", "struct", "size")
+    __slots__ = ("what", "magic", "version", "version_name", "error", "struct", "size", "pack")
 
     def __init__(
         self,
@@ -74,10 +74,9 @@ class Layout:
         self.error = error
         self.struct = struct.Struct(f"<{len(magic)}sB{fields}")
         self.size = self.struct.size
-
-    def pack(self, *fields: Any) -> bytes:
-        """The header bytes: magic, version, then ``fields`` in order."""
-        return self.struct.pack(self.magic, self.version, *fields)
+        #: ``pack(*fields)``: the header bytes, magic, version, then ``fields`` in order (a
+        #: partial of the struct's own pack: no Python frame on the send path)
+        self.pack: Callable[..., bytes] = partial(self.struct.pack, magic, version)
 
     def unpack(self, buf: Any, *, exact: bool = False) -> tuple:
         """The fields after magic and version; ``error`` when ``buf`` is short (or, with
