@@ -4,7 +4,9 @@ On fixed seeds it runs every codec's encode / decode / decode_into / decode_sum 
 of several shapes (1-D, 2-D, small axes, 3-D, a 4-D convolution weight), error feedback
 over several steps, 2-peer all-reduces with error feedback (dense, sparse and ``dct``
 codecs), DeMo steps (2 peers over the in-process carrier, with and without overlap, a
-model with a convolution), and DiLoCo / CompressedGradients steps. Each case prints one
+model with a convolution), DiLoCo / CompressedGradients steps, and the bytes of every wire
+framing (payload, transport, sync headers and manifest, rollouts, nested trees, commitments,
+the DDP hook's packing; ``--framing-only`` runs just those). Each case prints one
 line ``name sha256-prefix [bytes]``; ``--save FILE`` writes them, ``--compare FILE`` says
 which differ (exit 1 when any does).
 
@@ -195,13 +197,68 @@ def optimizer_cases() -> list[str]:
     return out
 
 
+def framing_cases() -> list[str]:
+    """The bytes of every wire framing (issue 14 item 6) on fixed inputs: a framing refactor
+    must leave each of these exactly as it was."""
+    from lowband.optim.ddp_hook import _pack as ddp_pack
+    from lowband.sync import _wire as sw
+    from lowband.sync._tree import dumps
+    from lowband.sync.commit import Commitment
+    from lowband.sync.rollouts import _HELLO, _PUSH, _SHARE
+    from lowband.sync.rollouts import _pack as ro_pack
+    from lowband.transport import _wire as tw
+
+    out = []
+
+    def case(name: str, frames: list) -> None:
+        h = Hasher()
+        h.frames(frames)
+        out.append(h.line(f"framing {name}"))
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3000, generator=g)
+    for spec in ("fp32", "q4", "topk:k=64,tile=1024+q8", "dct:chunk=16+fp16+lz4"):
+        case(f"payload {spec}", parse(spec).encode(x).to_frames())
+    case("payload 4d bf16", parse("bf16").encode(torch.randn(2, 3, 4, 5, generator=g)).to_frames())
+    case("transport data", [tw.pack_header(tw.DATA, sender=3, group=0xDEADBEEF, incarnation=123456789,
+                                           key=(2, 77, 5), lengths=(100, 0, 70000), frame_idx=2,
+                                           link_seq=9, chunk_size=65536, offset=65536, payload_bytes=70100)])
+    case("transport ack", [tw.pack_header(tw.ACK, sender=1, group=5, incarnation=2, key=(1, 2, 3)),
+                           tw.ack_body([1, 5, 1 << 40])])
+    case("transport heartbeat", [tw.pack_header(tw.HEARTBEAT, sender=0, group=1, incarnation=1 << 63)])
+    for kind in (sw.HELLO, sw.MANIFEST, sw.CHUNK, sw.COMMIT, sw.SNAP_REQ, sw.SNAP_REP, sw.HEARTBEAT):
+        hd = sw.Header(kind, enc=2, flags=1, tensor=4, chunk=5, seq=6, version=7, a=8, b=9, c=10,
+                       finger=(1 << 64) - 3, inc=12345)
+        case(f"sync header {kind}", [sw.pack(hd)])
+    man = sw.Manifest("q8", 4096, (5001, 5002), (
+        sw.TensorSpec("w", torch.float32, (10, 20)), sw.TensorSpec("b\u00e9", torch.bfloat16, (7,)),
+        sw.TensorSpec("s", torch.float16, ())))
+    case("sync manifest", [man.to_bytes()])
+    tree = {"ids": torch.arange(12, dtype=torch.int64).reshape(3, 4), "mask": torch.ones(5, dtype=torch.bool),
+            "logp": torch.randn(4, 3, generator=g), "h": torch.randn(6, generator=g).to(torch.bfloat16),
+            "meta": [1, -2.5, "t\u00e9xt", b"raw", None, True, False, (3, (4,))], "empty": torch.zeros(0)}
+    body = dumps(tree)
+    case("tree", body)
+    for kind in (_PUSH, _SHARE):
+        case(f"rollout {kind}", ro_pack(kind, "worker-\u00e9", 41, (1 << 64) - 1, body))
+    case("rollout hello", ro_pack(_HELLO, "w", 0, 0, []))
+    cm = Commitment(16, 4, torch.randint(0, 1 << 15, (9, 4), generator=g),
+                    torch.randn(9, 4, generator=g).to(torch.bfloat16))
+    case("commitment", [cm.to_bytes()])
+    case("ddp pack", [ddp_pack(parse("q8").encode(x).to_frames()).numpy().tobytes()])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--save")
     ap.add_argument("--compare")
+    ap.add_argument("--framing-only", action="store_true", help="only the wire framings (seconds)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lines = codec_cases() + allreduce_cases() + optimizer_cases()
+    lines = framing_cases()
+    if not args.framing_only:
+        lines += codec_cases() + allreduce_cases() + optimizer_cases()
     if args.save:
         with open(args.save, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -52,7 +52,7 @@ class Endpoint:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if self.ipv6 else f"{self.host}:{self.port}"
 
-    def url(self, port: int | None = None) -> str:
-        """The ZeroMQ endpoint ``tcp://host:port`` (another ``port`` if given)."""
+    def url(self, port: int | str | None = None) -> str:
+        """The ZeroMQ endpoint ``tcp://host:port`` (another ``port`` if given; ``"*"``: any)."""
         h = f"[{self.host}]" if self.ipv6 else self.host
         return f"tcp://{h}:{self.port if port is None else port}"

@@ -37,3 +37,54 @@ def test_malformed_addresses_raise_config_error(addr: str) -> None:
 def test_port_zero_only_when_binding_anywhere() -> None:
     assert Endpoint.parse("0.0.0.0:0", any_port=True).port == 0
     assert Endpoint.parse("[::]:0", any_port=True).url(5555) == "tcp://[::]:5555"
+
+
+# -- every address parser is this one (issue 14, item 6) ------------------------------------
+
+_BAD = ["::1:29500", "host", "udp://host:1", "[]:1", "host:65536"]
+
+
+@pytest.mark.parametrize("addr", _BAD)
+def test_every_site_refuses_what_endpoint_refuses(addr: str) -> None:
+    import zmq
+
+    from lowband.sync._net import parse_endpoint
+    from lowband.transport._coord_client import CoordinatorClient
+    from lowband.transport.coordinator import Coordinator
+
+    with pytest.raises(ConfigError):
+        parse_endpoint(addr, "sync")
+    with pytest.raises(ConfigError):
+        Coordinator(addr)
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(ConfigError):
+            CoordinatorClient(ctx, addr)
+    finally:
+        ctx.term()
+
+
+def test_sync_endpoints_are_the_shared_type() -> None:
+    from lowband.sync import _net
+
+    assert _net.Endpoint is Endpoint
+    assert _net.parse_endpoint("tcp://[::1]:0", "x") == Endpoint("::1", 0)
+
+
+def test_coordinator_serves_and_is_reached_over_bracketed_ipv6() -> None:
+    """A real coordinator process bound to ``[::1]:0`` and a client that finds it there."""
+    import zmq
+
+    from lowband.transport._coord_client import CoordinatorClient
+    from lowband.transport.coordinator import start_coordinator
+
+    ctx = zmq.Context()
+    with start_coordinator("[::1]:0") as co:
+        ep = Endpoint.parse(co.address)
+        assert ep.host == "::1" and ep.port > 0
+        client = CoordinatorClient(ctx, co.address)
+        try:
+            assert client.ask({"op": "ping"}, timeout=20) is not None
+        finally:
+            client.close()
+    ctx.term()

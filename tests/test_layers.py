@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "lowband"
 
 #: What each layer may import besides itself (DESIGN.md's table). Leaf modules of the
-#: package root (errors, versions, the address type) may be imported by any layer.
+#: package root (errors, versions, the address type, the framing helper) may be imported by
+#: any layer.
 ALLOWED = {
     "kernels": set(),
     "compress": {"kernels"},
@@ -23,7 +24,7 @@ ALLOWED = {
     "distro": {"compress", "transport", "kernels"},
     "sync": {"compress", "transport", "kernels"},
 }
-LEAVES = {"lowband.errors", "lowband._version", "lowband._endpoint"}
+LEAVES = {"lowband.errors", "lowband._version", "lowband._endpoint", "lowband._frames"}
 
 
 
@@ -120,3 +121,11 @@ def test_no_import_circles() -> None:
 
 def test_the_checker_sees_a_circle() -> None:
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
+
+
+def test_leaves_import_only_other_leaves() -> None:
+    """A leaf (errors, versions, the address type, the framing helper) may be imported by every
+    layer, so it imports no layer itself."""
+    graph = _graph(top_level_only=False)
+    bad = {m: sorted(graph[m] - LEAVES) for m in LEAVES}
+    assert not any(bad.values()), f"leaves importing layers: {bad}"

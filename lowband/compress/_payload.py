@@ -24,13 +24,14 @@ ours does, and a peer with another version is refused with a clear message.
 
 from __future__ import annotations
 
-import struct
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from lowband._frames import Layout, pack_u64s, unpack_u64s
 from lowband._version import WIRE_VERSION
 from lowband.compress._spec import MAX_PAYLOAD_BYTES, Spec, parse_spec
 from lowband.errors import CodecError
@@ -39,7 +40,8 @@ from lowband.kernels import checksum
 __all__ = ["Payload", "DTYPES", "MAX_PAYLOAD_BYTES"]
 
 MAGIC = b"LBND"
-_FIXED = struct.Struct("<4sBBBBHH")
+#: After magic and version: dtype, ndim, nbuf, spec_len, reserved.
+_FIXED = Layout("payload", MAGIC, WIRE_VERSION, "BBBHH", version_name="wire version")
 MAX_NDIM = 8
 MAX_BUFFERS = 8
 MAX_SPEC = 512
@@ -100,10 +102,7 @@ class Payload:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -113,14 +112,12 @@ class Payload:
         """The frames to send: the header, then each buffer (zero-copy views)."""
         if self._frames is None:
             spec = self.spec.encode("ascii")
-            head = bytearray(
-                _FIXED.pack(MAGIC, WIRE_VERSION, DTYPE_CODES[self.dtype], len(self.shape), len(self.buffers), len(spec), 0)
-            )
-            head += struct.pack(f"<{len(self.shape)}Q", *self.shape)
+            head = bytearray(_FIXED.pack(DTYPE_CODES[self.dtype], len(self.shape), len(self.buffers), len(spec), 0))
+            head += pack_u64s(self.shape)
             head += spec
-            head += struct.pack(f"<{len(self.buffers)}Q", *(b.nbytes for b in self.buffers))
-            head += struct.pack(f"<{len(self.buffers)}Q", *(checksum(b) for b in self.buffers))
-            head += struct.pack("<Q", checksum(bytes(head)))
+            head += pack_u64s([b.nbytes for b in self.buffers])
+            head += pack_u64s([checksum(b) for b in self.buffers])
+            head += pack_u64s([checksum(bytes(head))])
             self._frames = [bytes(head), *self.buffers]
         return list(self._frames)
 
@@ -146,13 +143,7 @@ class Payload:
         if not frames:
             raise CodecError("no frames")
         head = _as_bytes_view(frames[0])
-        if head.nbytes < _FIXED.size:
-            raise CodecError(f"header frame of {head.nbytes} bytes is shorter than the fixed header ({_FIXED.size})")
-        magic, version, dcode, ndim, nbuf, spec_len, _ = _FIXED.unpack_from(head, 0)
-        if magic != MAGIC:
-            raise CodecError(f"bad magic {bytes(magic)!r}: not a lowband payload")
-        if version != WIRE_VERSION:
-            raise CodecError(f"payload wire version {version}, this lowband speaks {WIRE_VERSION}")
+        dcode, ndim, nbuf, spec_len, _ = _FIXED.unpack(head)
         if dcode not in DTYPES:
             raise CodecError(f"unknown dtype code {dcode}")
         if ndim > MAX_NDIM or nbuf > MAX_BUFFERS or spec_len > MAX_SPEC:
@@ -160,22 +151,21 @@ class Payload:
         hsize = header_size(ndim, spec_len, nbuf)
         if head.nbytes != hsize:
             raise CodecError(f"header frame has {head.nbytes} bytes, {hsize} expected")
-        (head_sum,) = struct.unpack_from("<Q", head, hsize - 8)
+        (head_sum,) = unpack_u64s(head, hsize - 8, 1)
         if checksum(head[: hsize - 8]) != head_sum:
             raise CodecError("header checksum mismatch: the header was corrupted (a checksum catches accidents, not tampering: CURVE authenticates)")
         if len(frames) != 1 + nbuf:
             raise CodecError(f"payload has {len(frames) - 1} buffer frames, header says {nbuf}")
         off = _FIXED.size
-        shape = struct.unpack_from(f"<{ndim}Q", head, off)
+        shape = unpack_u64s(head, off, ndim)
         off += 8 * ndim
         try:
             spec = bytes(head[off : off + spec_len]).decode("ascii")
         except UnicodeDecodeError:
             raise CodecError("codec spec is not ASCII") from None
         off += spec_len
-        lengths = struct.unpack_from(f"<{nbuf}Q", head, off)
-        off += 8 * nbuf
-        sums = struct.unpack_from(f"<{nbuf}Q", head, off)
+        lengths = unpack_u64s(head, off, nbuf)
+        sums = unpack_u64s(head, off + 8 * nbuf, nbuf)
         numel = 1
         for s in shape:
             numel *= s

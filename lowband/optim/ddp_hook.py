@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lowband._frames import join_frames, split_frames
 from lowband.errors import CodecError, ConfigError
 from lowband.optim._common import resolve_codec, resolve_error_feedback
 from lowband.transport import CommStats
@@ -194,27 +195,8 @@ def _offsets(bucket: dist.GradBucket, flat: torch.Tensor) -> list[int]:
 
 def _pack(frames: list[Any]) -> torch.Tensor:
     """Frames as one uint8 tensor: count, lengths (int64 each), then the bytes."""
-    parts = [bytes(memoryview(f)) for f in frames]
-    head = torch.tensor([len(parts), *(len(p) for p in parts)], dtype=torch.int64)
-    body = b"".join(parts)
-    return torch.cat([head.view(torch.uint8), torch.frombuffer(bytearray(body), dtype=torch.uint8)])
+    return torch.frombuffer(bytearray(join_frames(frames)), dtype=torch.uint8)
 
 
 def _unpack(data: torch.Tensor) -> list[bytes]:
-    raw = data.numpy().tobytes()
-    if len(raw) < 8:
-        raise CodecError("truncated gradient payload from a peer")
-    n = int.from_bytes(raw[:8], "little", signed=True)
-    if not 0 < n <= 64 or len(raw) < 8 * (n + 1):
-        raise CodecError(f"gradient payload from a peer announces {n} frames")
-    lengths = [
-        int.from_bytes(raw[8 * (i + 1) : 8 * (i + 2)], "little", signed=True) for i in range(n)
-    ]
-    pos = 8 * (n + 1)
-    if any(ln < 0 for ln in lengths) or pos + sum(lengths) != len(raw):
-        raise CodecError("gradient payload from a peer has inconsistent frame lengths")
-    frames = []
-    for ln in lengths:
-        frames.append(raw[pos : pos + ln])
-        pos += ln
-    return frames
+    return split_frames(data.numpy().tobytes(), what="gradient payload from a peer", max_frames=64)

@@ -1,6 +1,7 @@
 """Socket plumbing shared by the weight sync and the rollout channel.
 
-Addresses are ``host:port`` or ``tcp://host:port`` (``[::1]:port`` for IPv6);
+Addresses are ``host:port`` or ``tcp://host:port`` (``[::1]:port`` for IPv6, always in
+brackets: :class:`lowband._endpoint.Endpoint`);
 port 0 binds a free port. A socket that binds with ``security`` set is a CURVE
 server behind the allow-list of :class:`lowband.transport.security.Curve`; a
 connecting one is a CURVE client of the server's public key. A client whose
@@ -12,11 +13,11 @@ ZeroMQ's silent retries.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from lowband._endpoint import Endpoint
 from lowband.errors import ConfigError, SecurityError, TransportError
 from lowband.transport.security import Curve, warn_if_exposed
 
@@ -25,38 +26,9 @@ __all__ = ["Endpoint", "AuthWatch", "parse_endpoint", "bind_socket", "connect_so
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-
-    @property
-    def ipv6(self) -> bool:
-        return ":" in self.host
-
-    def url(self, port: int | None = None) -> str:
-        h = f"[{self.host}]" if self.ipv6 else self.host
-        return f"tcp://{h}:{self.port if port is None else port}"
-
-
 def parse_endpoint(addr: str, what: str) -> Endpoint:
-    """``host:port`` or ``tcp://host:port`` as an :class:`Endpoint`; ConfigError otherwise."""
-    if not isinstance(addr, str) or not addr:
-        raise ConfigError(f"{what}: expected 'host:port', got {addr!r}")
-    a = addr[len("tcp://") :] if addr.startswith("tcp://") else addr
-    if "://" in a:
-        raise ConfigError(f"{what}: only tcp:// addresses are supported, got {addr!r}")
-    host, sep, port = a.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host:
-        raise ConfigError(f"{what}: expected 'host:port', got {addr!r}")
-    try:
-        p = int(port)
-    except ValueError:
-        raise ConfigError(f"{what}: bad port in {addr!r}") from None
-    if not 0 <= p <= 65535:
-        raise ConfigError(f"{what}: port {p} out of range")
-    return Endpoint(host, p)
+    """``addr`` as an :class:`~lowband._endpoint.Endpoint` (port 0: bind a free port)."""
+    return Endpoint.parse(addr, what, any_port=True)
 
 
 def bind_socket(sock: zmq.Socket, ep: Endpoint, security: Curve | None, what: str) -> int:

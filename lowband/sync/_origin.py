@@ -18,6 +18,7 @@ import zmq
 from lowband.errors import CodecError, ConfigError
 from lowband.sync._net import AuthWatch, connect_socket, parse_endpoint
 from lowband.sync._wire import COMMIT, HEARTBEAT, HELLO, MANIFEST, Header, pack, parse_header
+from lowband.transport._sockets import open_socket
 from lowband.transport.security import Curve
 
 __all__ = ["Origin"]
@@ -44,9 +45,7 @@ class Origin:
         self._ctx, self._poller = ctx, poller
         self._security, self._server_key = security, server_key
         self.retry_s = retry_s
-        self.dealer = ctx.socket(zmq.DEALER)
-        self.dealer.linger = 0
-        self.dealer.maxmsgsize = 1 << 24
+        self.dealer = open_socket(ctx, zmq.DEALER, maxmsgsize=1 << 24)
         self.watch = AuthWatch(self.dealer) if security is not None else None
         connect_socket(
             self.dealer, self.ep.url(), ipv6=self.ep.ipv6, security=security, server_key=server_key
@@ -122,9 +121,7 @@ class Origin:
             self._poller.unregister(self.announce)
             self.announce.close(linger=0)
             self.announce = None
-        s = self._ctx.socket(zmq.SUB)
-        s.linger = 0
-        s.maxmsgsize = 4096
+        s = open_socket(self._ctx, zmq.SUB, maxmsgsize=4096)
         connect_socket(
             s,
             self.ep.url(port),

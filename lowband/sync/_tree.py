@@ -15,12 +15,12 @@ frame, u8 frame count), 11 raw tensor (u8 dtype, u8 ndim, ndim x u64, u32 frame,
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import numpy as np
 import torch
 
+from lowband._frames import Reader, Writer
 from lowband.compress import Payload, parse
 from lowband.errors import CodecError
 from lowband.kernels import checksum
@@ -45,53 +45,49 @@ _RAW_CODE = {v: k for k, v in _RAW.items()}
 
 def dumps(obj: Any) -> list[bytes | memoryview]:
     """``[structure, *tensor frames]`` for ``obj``; CodecError for what cannot travel."""
-    out = bytearray()
+    w = Writer()
     frames: list[bytes | memoryview] = []
 
     def put(x: Any, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise CodecError(f"rollout nested deeper than {MAX_DEPTH}")
         if x is None:
-            out.append(0)
+            w.put("<B", 0)
         elif isinstance(x, bool):
-            out.append(2 if x else 1)
+            w.put("<B", 2 if x else 1)
         elif isinstance(x, int):
             if not -(1 << 63) <= x < 1 << 63:
                 raise CodecError(f"integer {x} does not fit in 64 bits")
-            out.extend(struct.pack("<Bq", 3, x))
+            w.put("<Bq", 3, x)
         elif isinstance(x, float):
-            out.extend(struct.pack("<Bd", 4, x))
+            w.put("<Bd", 4, x)
         elif isinstance(x, str):
-            b = x.encode("utf-8")
-            out.extend(struct.pack("<BI", 5, len(b)) + b)
+            w.sized("<BI", x.encode("utf-8"), 5)
         elif isinstance(x, (bytes, bytearray)):
-            out.extend(struct.pack("<BI", 6, len(x)) + bytes(x))
+            w.sized("<BI", bytes(x), 6)
         elif isinstance(x, (list, tuple)):
-            out.extend(struct.pack("<BI", 7 if isinstance(x, list) else 8, len(x)))
+            w.put("<BI", 7 if isinstance(x, list) else 8, len(x))
             for v in x:
                 put(v, depth + 1)
         elif isinstance(x, dict):
-            out.extend(struct.pack("<BI", 9, len(x)))
+            w.put("<BI", 9, len(x))
             for k, v in x.items():
                 if not isinstance(k, str):
                     raise CodecError(f"rollout dict keys must be str, got {type(k).__name__}")
-                b = k.encode("utf-8")
-                out.extend(struct.pack("<I", len(b)) + b)
+                w.sized("<I", k.encode("utf-8"))
                 put(v, depth + 1)
         elif isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             if t.dtype in _FLOAT_SPEC:
                 fs = parse(_FLOAT_SPEC[t.dtype]).encode(t).to_frames()
-                out.extend(struct.pack("<BIB", 10, len(frames), len(fs)))
+                w.put("<BIB", 10, len(frames), len(fs))
                 frames.extend(fs)
             elif t.dtype in _RAW_CODE:
                 raw = (
                     t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
                 )
-                out.extend(
-                    struct.pack(f"<BBB{t.dim()}Q", 11, _RAW_CODE[t.dtype], t.dim(), *t.shape)
-                )
-                out.extend(struct.pack("<IQ", len(frames), checksum(raw)))
+                w.put(f"<BBB{t.dim()}Q", 11, _RAW_CODE[t.dtype], t.dim(), *t.shape)
+                w.put("<IQ", len(frames), checksum(raw))
                 frames.append(memoryview(raw))
             else:
                 raise CodecError(f"tensors of dtype {t.dtype} cannot travel in a rollout")
@@ -103,41 +99,23 @@ def dumps(obj: Any) -> list[bytes | memoryview]:
     put(obj, 0)
     if len(frames) > MAX_FRAMES:
         raise CodecError(f"rollout has {len(frames)} tensor frames, at most {MAX_FRAMES}")
-    return [bytes(out), *frames]
+    return [w.bytes(), *frames]
 
 
 def loads(frames: list, *, max_bytes: int) -> Any:
     """Parse what :func:`dumps` wrote; CodecError on anything malformed or over ``max_bytes``."""
     if not frames:
         raise CodecError("empty rollout")
-    buf = memoryview(frames[0]).cast("B")
+    r = Reader(frames[0], "rollout structure")
+    take = r.take
     data = [memoryview(f).cast("B") for f in frames[1:]]
-    if len(data) > MAX_FRAMES or buf.nbytes + sum(d.nbytes for d in data) > max_bytes:
+    if len(data) > MAX_FRAMES or r.remaining + sum(d.nbytes for d in data) > max_bytes:
         raise CodecError("rollout over its frame or size cap")
     used: set[int] = set()
-    off = 0
     nodes = 0
 
-    def take(fmt: str) -> tuple:
-        nonlocal off
-        size = struct.calcsize(fmt)
-        if off + size > buf.nbytes:
-            raise CodecError("truncated rollout structure")
-        vals = struct.unpack_from(fmt, buf, off)
-        off += size
-        return vals
-
     def text() -> str:
-        nonlocal off
-        (n,) = take("<I")
-        if off + n > buf.nbytes:
-            raise CodecError("truncated string in rollout")
-        try:
-            s = bytes(buf[off : off + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError("rollout string is not UTF-8") from None
-        off += n
-        return s
+        return r.text(take("<I")[0])
 
     def claim(first: int, count: int) -> list[memoryview]:
         if (
@@ -150,7 +128,7 @@ def loads(frames: list, *, max_bytes: int) -> Any:
         return data[first : first + count]
 
     def get(depth: int) -> Any:
-        nonlocal nodes, off
+        nonlocal nodes
         nodes += 1
         if depth > MAX_DEPTH or nodes > MAX_NODES:
             raise CodecError("rollout structure too deep or too large")
@@ -164,20 +142,16 @@ def loads(frames: list, *, max_bytes: int) -> Any:
         if tag == 5:
             return text()
         if tag == 6:
-            (n,) = take("<I")
-            if off + n > buf.nbytes:
-                raise CodecError("truncated bytes in rollout")
-            off += n
-            return bytes(buf[off - n : off])
+            return bytes(r.bytes(take("<I")[0], what="bytes"))
         if tag in (7, 8):
             (n,) = take("<I")
-            if n > buf.nbytes - off:
+            if n > r.remaining:
                 raise CodecError("rollout sequence longer than its bytes")
             items = [get(depth + 1) for _ in range(n)]
             return items if tag == 7 else tuple(items)
         if tag == 9:
             (n,) = take("<I")
-            if n > buf.nbytes - off:
+            if n > r.remaining:
                 raise CodecError("rollout dict longer than its bytes")
             out = {}
             for _ in range(n):
@@ -218,8 +192,7 @@ def loads(frames: list, *, max_bytes: int) -> Any:
         raise CodecError(f"unknown rollout tag {tag}")
 
     obj = get(0)
-    if off != buf.nbytes:
-        raise CodecError("trailing bytes after the rollout structure")
+    r.done()
     if len(used) != len(data):
         raise CodecError("rollout carries frames no tensor refers to")
     return obj

@@ -1,6 +1,6 @@
 """Byte layout of the weight-sync messages, and their strict parsers.
 
-Every message starts with one fixed 80-byte header frame (little-endian)::
+Every message starts with one fixed 72-byte header frame (little-endian)::
 
     magic     4s   b"LBSY"
     proto     u8   PROTO
@@ -25,11 +25,12 @@ allocate. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import struct
+import math
 from dataclasses import dataclass
 
 import torch
 
+from lowband._frames import Layout, Reader, Writer
 from lowband.errors import CodecError
 
 __all__ = [
@@ -52,7 +53,8 @@ __all__ = [
 
 MAGIC = b"LBSY"
 PROTO = 2
-_HEAD = struct.Struct("<4sBBBBIIQQQQQQQ")
+#: After magic and protocol: kind, enc, flags, tensor, chunk, seq, version, a, b, c, finger, inc.
+_HEAD = Layout("sync message", MAGIC, PROTO, "BBBIIQQQQQQQ", version_name="protocol")
 HEADER_SIZE = _HEAD.size
 
 HELLO, MANIFEST, CHUNK, COMMIT, SNAP_REQ, SNAP_REP, HEARTBEAT = range(1, 8)
@@ -110,8 +112,6 @@ class Header:
 
 def pack(h: Header) -> bytes:
     return _HEAD.pack(
-        MAGIC,
-        PROTO,
         h.kind,
         h.enc,
         h.flags,
@@ -131,16 +131,8 @@ def parse_header(frames: list, *, expect: tuple[int, ...] | None = None) -> Head
     """The header of a message; CodecError unless it is well formed (and of an ``expect`` kind)."""
     if not frames:
         raise CodecError("empty sync message")
-    head = memoryview(frames[0]).cast("B")
-    if head.nbytes != HEADER_SIZE:
-        raise CodecError(f"sync header of {head.nbytes} bytes, {HEADER_SIZE} expected")
-    magic, proto, kind, enc, flags, tensor, chunk, seq, version, a, b, c, finger, inc = (
-        _HEAD.unpack(head)
-    )
-    if magic != MAGIC:
-        raise CodecError(f"bad magic {magic!r}: not a lowband sync message")
-    if proto != PROTO:
-        raise CodecError(f"sync protocol {proto}, this lowband speaks {PROTO}")
+    fields = _HEAD.unpack(memoryview(frames[0]).cast("B"), exact=True)
+    kind = fields[0]
     if kind not in _FRAMES or (expect is not None and kind not in expect):
         raise CodecError(f"unexpected sync message kind {kind}")
     lo, hi = _FRAMES[kind]
@@ -148,7 +140,7 @@ def parse_header(frames: list, *, expect: tuple[int, ...] | None = None) -> Head
         raise CodecError(
             f"sync message kind {kind} with {len(frames) - 1} data frames, {lo}..{hi} expected"
         )
-    return Header(kind, enc, flags, tensor, chunk, seq, version, a, b, c, finger, inc)
+    return Header(*fields)
 
 
 @dataclass(frozen=True)
@@ -159,10 +151,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -183,74 +172,47 @@ class Manifest:
         return lo, min(n, lo + self.chunk_elems)
 
     def to_bytes(self) -> bytes:
-        spec = self.codec.encode("ascii")
-        out = bytearray(struct.pack("<H", len(spec)) + spec)
-        out += struct.pack(f"<QB{len(self.ports)}H", self.chunk_elems, len(self.ports), *self.ports)
-        out += struct.pack("<I", len(self.tensors))
+        w = Writer()
+        w.sized("<H", self.codec.encode("ascii"))
+        w.put(f"<QB{len(self.ports)}H", self.chunk_elems, len(self.ports), *self.ports)
+        w.put("<I", len(self.tensors))
         for t in self.tensors:
-            name = t.name.encode("utf-8")
-            out += struct.pack("<H", len(name)) + name
-            out += struct.pack(f"<BB{len(t.shape)}Q", DTYPE_CODES[t.dtype], len(t.shape), *t.shape)
-        return bytes(out)
+            w.sized("<H", t.name.encode("utf-8"))
+            w.put(f"<BB{len(t.shape)}Q", DTYPE_CODES[t.dtype], len(t.shape), *t.shape)
+        return w.bytes()
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, *, max_elems: int) -> Manifest:
         """Parse a manifest; CodecError on anything malformed or over ``max_elems`` values in all."""
-        buf = memoryview(data).cast("B")
-        off = 0
-
-        def take(fmt: str) -> tuple:
-            nonlocal off
-            size = struct.calcsize(fmt)
-            if off + size > buf.nbytes:
-                raise CodecError("truncated manifest")
-            vals = struct.unpack_from(fmt, buf, off)
-            off += size
-            return vals
-
-        def take_bytes(n: int) -> bytes:
-            nonlocal off
-            if off + n > buf.nbytes:
-                raise CodecError("truncated manifest")
-            out = bytes(buf[off : off + n])
-            off += n
-            return out
-
-        (slen,) = take("<H")
+        r = Reader(data, "manifest")
+        (slen,) = r.take("<H")
         if slen > MAX_SPEC:
             raise CodecError("manifest codec spec too long")
-        try:
-            codec = take_bytes(slen).decode("ascii")
-        except UnicodeDecodeError:
-            raise CodecError("manifest codec spec is not ASCII") from None
-        chunk_elems, nports = take("<QB")
+        codec = r.text(slen, "ascii", what="codec spec")
+        chunk_elems, nports = r.take("<QB")
         if not 1 <= nports <= MAX_STREAMS or not 1 <= chunk_elems <= 1 << 40:
             raise CodecError(f"manifest has {nports} streams and chunks of {chunk_elems}")
-        ports = take(f"<{nports}H")
-        (ntensors,) = take("<I")
+        ports = r.take(f"<{nports}H")
+        (ntensors,) = r.take("<I")
         if ntensors > MAX_TENSORS:
             raise CodecError(f"manifest lists {ntensors} tensors, at most {MAX_TENSORS}")
         tensors = []
         total = 0
         for _ in range(ntensors):
-            (nlen,) = take("<H")
+            (nlen,) = r.take("<H")
             if nlen > MAX_NAME:
                 raise CodecError("tensor name too long")
-            try:
-                name = take_bytes(nlen).decode("utf-8")
-            except UnicodeDecodeError:
-                raise CodecError("tensor name is not UTF-8") from None
-            dcode, ndim = take("<BB")
+            name = r.text(nlen, what="tensor name")
+            dcode, ndim = r.take("<BB")
             if dcode not in DTYPES or ndim > MAX_NDIM:
                 raise CodecError(f"tensor {name!r}: dtype code {dcode}, ndim {ndim}")
-            shape = take(f"<{ndim}Q")
+            shape = r.take(f"<{ndim}Q")
             spec = TensorSpec(name, DTYPES[dcode], tuple(shape))
             total += spec.numel
             if total > max_elems:
                 raise CodecError(f"manifest describes more than {max_elems} values")
             tensors.append(spec)
-        if off != buf.nbytes:
-            raise CodecError("trailing bytes after the manifest")
+        r.done()
         if len({t.name for t in tensors}) != len(tensors):
             raise CodecError("manifest repeats a tensor name")
         return cls(codec, int(chunk_elems), tuple(ports), tuple(tensors))

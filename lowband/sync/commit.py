@@ -23,18 +23,19 @@ then ``tokens x k`` u16 indices and ``tokens x k`` bf16 values.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from lowband._frames import Layout
 from lowband.errors import CodecError, ConfigError
 
 __all__ = ["Commitment", "Verdict", "commit", "hidden_states", "verify"]
 
 _MAGIC = b"LBCM"
-_HEAD = struct.Struct("<4sBBHI")
+#: After magic and version 1: block, k, tokens.
+_HEAD = Layout("rollout commitment", _MAGIC, 1, "BHI")
 _MAX_TOKENS = 1 << 24
 
 HiddenFn = Callable[[torch.Tensor], torch.Tensor]
@@ -69,7 +70,7 @@ class Commitment:
         return _HEAD.size + 4 * self.k * self.tokens
 
     def to_bytes(self) -> bytes:
-        head = _HEAD.pack(_MAGIC, 1, self.block, self.k, self.tokens)
+        head = _HEAD.pack(self.block, self.k, self.tokens)
         idx = self.indices.to(torch.int32).numpy().astype("<u2").tobytes()
         val = self.values.contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
         return head + idx + val
@@ -77,11 +78,7 @@ class Commitment:
     @classmethod
     def from_bytes(cls, data: bytes) -> Commitment:
         """Parse :meth:`to_bytes`; CodecError on anything malformed."""
-        if len(data) < _HEAD.size:
-            raise CodecError("commitment too short")
-        magic, ver, block, k, tokens = _HEAD.unpack_from(data, 0)
-        if magic != _MAGIC or ver != 1:
-            raise CodecError(f"not a lowband rollout commitment (magic {magic!r}, version {ver})")
+        block, k, tokens = _HEAD.unpack(data)
         if block < 1 or k < 1 or tokens > _MAX_TOKENS:
             raise CodecError(f"commitment with block {block}, k {k}, {tokens} tokens")
         n = tokens * k

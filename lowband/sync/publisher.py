@@ -33,7 +33,7 @@ from lowband.compress import Codec, parse
 from lowband.errors import CodecError, ConfigError
 from lowband.sync._delta import Encoded, bits, chunk_sum, encode_exact, encode_lossy, fingerprint
 from lowband.sync._model import Selection, named_tensors, select
-from lowband.sync._net import bind_socket, parse_endpoint
+from lowband.sync._net import Endpoint, bind_socket, parse_endpoint
 from lowband.sync._wire import (
     CHUNK,
     COMMIT,
@@ -49,6 +49,7 @@ from lowband.sync._wire import (
     pack,
     parse_header,
 )
+from lowband.transport._sockets import open_socket
 from lowband.transport.security import Curve
 
 __all__ = ["PublishStats", "WeightPublisher"]
@@ -163,37 +164,29 @@ class WeightPublisher:
         ep = parse_endpoint(bind, "WeightPublisher bind")
         self._ctx = zmq.Context()
         self._auth = security.start_authenticator(self._ctx) if security is not None else None
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.linger = 0
-        self._router.maxmsgsize = 4096  # requests are one header frame
-        self._router.rcvhwm = 1000
-        # Replies queued for a client that does not read: at most this many per connection,
-        # the rest dropped (that client asks again after its retry_s).
-        self._router.sndhwm = 32
+        # Requests are one header frame. Replies queued for a client that does not read: at
+        # most sndhwm per connection, the rest dropped (that client asks again after retry_s).
+        self._router = open_socket(self._ctx, zmq.ROUTER, maxmsgsize=4096, rcvhwm=1000, sndhwm=32)
         self._pubs: list[zmq.Socket] = []
         # The announce stream: one small COMMIT per version (and the heartbeats), no chunks.
         # Subscribers behind relays read the fingerprints they trust from it.
-        self._announce = self._ctx.socket(zmq.PUB)
-        self._announce.linger = 0
-        self._announce.sndhwm = 10_000
+        self._announce = open_socket(self._ctx, zmq.PUB, sndhwm=10_000)
         try:
             port = bind_socket(self._router, ep, security, "WeightPublisher")
             self.announce_port = bind_socket(
                 self._announce,
-                parse_endpoint(f"{ep.url(0)}", "announce"),
+                Endpoint(ep.host, 0),
                 security,
                 "WeightPublisher announce",
             )
             ports = []
             for _ in range(streams):
-                s = self._ctx.socket(zmq.PUB)
-                s.linger = 0
-                s.sndhwm = hwm
+                s = open_socket(self._ctx, zmq.PUB, sndhwm=hwm)
                 self._pubs.append(s)
                 ports.append(
                     bind_socket(
                         s,
-                        parse_endpoint(f"{ep.url(0)}", "stream"),
+                        Endpoint(ep.host, 0),
                         security,
                         "WeightPublisher stream",
                     )

@@ -41,6 +41,7 @@ from lowband.sync._wire import (
     parse_header,
 )
 from lowband.sync.subscriber import WeightSubscriber
+from lowband.transport._sockets import open_socket
 from lowband.transport.security import Curve
 
 __all__ = ["WeightRelay"]
@@ -97,11 +98,7 @@ class WeightRelay(WeightSubscriber):
         self._bind_ep = parse_endpoint(bind, "WeightRelay bind")
         self._bind_security = security
         self._hwm = int(hwm)
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.linger = 0
-        self._router.maxmsgsize = 4096
-        self._router.rcvhwm = 1000
-        self._router.sndhwm = 32
+        self._router = open_socket(self._ctx, zmq.ROUTER, maxmsgsize=4096, rcvhwm=1000, sndhwm=32)
         self._outs: list[zmq.Socket] = []
         self._out_ports: list[int] = []
         self._manifest_out: bytes | None = None
@@ -157,9 +154,7 @@ class WeightRelay(WeightSubscriber):
     def _bind(self, m: Manifest) -> None:
         super()._bind(m)
         while len(self._outs) < len(m.ports):
-            s = self._ctx.socket(zmq.PUB)
-            s.linger = 0
-            s.sndhwm = self._hwm
+            s = open_socket(self._ctx, zmq.PUB, sndhwm=self._hwm)
             try:
                 port = bind_socket(
                     s, Endpoint(self._bind_ep.host, 0), self._bind_security, "WeightRelay stream"

@@ -20,7 +20,6 @@ allowed key can send at all.
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,10 +28,12 @@ from typing import Any
 
 import zmq
 
+from lowband._frames import Layout
 from lowband.errors import CodecError, CollectiveTimeout, ConfigError
 from lowband.kernels import checksum
 from lowband.sync._net import AuthWatch, bind_socket, connect_socket, parse_endpoint, to_key
 from lowband.sync._tree import MAX_FRAMES, dumps, loads
+from lowband.transport._sockets import open_socket
 from lowband.transport.security import Curve
 
 __all__ = ["Rollout", "RolloutChannel"]
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 _MAGIC = b"LBRO"
 _PROTO = 1
-_HEAD = struct.Struct("<4sBBHQQQI")
+#: After magic and protocol: kind, name length, version, fingerprint, structure XXH3-64, frames.
+_HEAD = Layout("rollout message", _MAGIC, _PROTO, "BHQQQI", version_name="protocol")
 _PUSH, _SHARE, _HELLO = 1, 2, 3
 _MAX_NAME = 256
 _OUTCOMES = ("accepted", "stale", "unknown", "malformed", "rejected")
@@ -63,8 +65,6 @@ class Rollout:
 def _pack(kind: int, worker: str, version: int, finger: int, body: list) -> list:
     name = worker.encode("utf-8")
     head = _HEAD.pack(
-        _MAGIC,
-        _PROTO,
         kind,
         len(name),
         version,
@@ -77,13 +77,9 @@ def _pack(kind: int, worker: str, version: int, finger: int, body: list) -> list
 
 def _unpack(frames: list, *, max_bytes: int) -> tuple[int, Rollout | None]:
     head = memoryview(frames[0]).cast("B") if frames else memoryview(b"")
-    if head.nbytes < _HEAD.size:
-        raise CodecError("rollout header too short")
-    magic, proto, kind, nlen, version, finger, ssum, nframes = _HEAD.unpack_from(head, 0)
-    if magic != _MAGIC or proto != _PROTO or kind not in (_PUSH, _SHARE, _HELLO):
-        raise CodecError(
-            f"not a lowband rollout message (magic {bytes(magic)!r}, protocol {proto}, kind {kind})"
-        )
+    kind, nlen, version, finger, ssum, nframes = _HEAD.unpack(head)
+    if kind not in (_PUSH, _SHARE, _HELLO):
+        raise CodecError(f"unknown rollout message kind {kind}")
     if (
         nlen > _MAX_NAME
         or head.nbytes != _HEAD.size + nlen
@@ -183,10 +179,10 @@ class RolloutChannel:
             if (security is not None and self.is_hub)
             else None
         )
-        self._sock = self._ctx.socket(zmq.ROUTER if self.is_hub else zmq.DEALER)
-        self._sock.linger = 0
-        self._sock.maxmsgsize = max_bytes + (1 << 16)
-        self._sock.sndhwm = self._sock.rcvhwm = hwm
+        self._sock = open_socket(
+            self._ctx, zmq.ROUTER if self.is_hub else zmq.DEALER,
+            maxmsgsize=max_bytes + (1 << 16), sndhwm=hwm, rcvhwm=hwm,
+        )
         if self.is_hub:  # a share to a full or gone peer raises, so it is counted and dropped
             self._sock.router_mandatory = True
         try:

@@ -49,6 +49,7 @@ from lowband.sync._wire import (
     pack,
     parse_header,
 )
+from lowband.transport._sockets import open_socket
 from lowband.transport.security import Curve
 
 __all__ = ["WeightSubscriber"]
@@ -236,10 +237,7 @@ class WeightSubscriber:
 
     def _open_dealer(self, ep: Endpoint) -> zmq.Socket:
         """The request socket to source ``ep`` (manifest and snapshots)."""
-        d = self._ctx.socket(zmq.DEALER)
-        d.linger = 0
-        d.maxmsgsize = self._max_msg
-        d.sndhwm = d.rcvhwm = 1000
+        d = open_socket(self._ctx, zmq.DEALER, maxmsgsize=self._max_msg, sndhwm=1000, rcvhwm=1000)
         try:
             self._watch = AuthWatch(d) if self._security is not None else None
             connect_socket(
@@ -463,10 +461,9 @@ class WeightSubscriber:
         self._targets = [self._tensors[n].detach().view(-1) for n in names]
         self._sums = [np.zeros(m.chunks(i), dtype=np.uint64) for i in range(len(m.tensors))]
         for port in m.ports:
-            s = self._ctx.socket(zmq.SUB)
-            s.linger = 0
-            s.rcvhwm = 100_000  # finite; a drop here is a gap, which forces a resync
-            s.maxmsgsize = min(self._max_msg, 16 * m.chunk_elems + (1 << 16))
+            # rcvhwm finite; a drop here is a gap, which forces a resync
+            s = open_socket(self._ctx, zmq.SUB, rcvhwm=100_000,
+                            maxmsgsize=min(self._max_msg, 16 * m.chunk_elems + (1 << 16)))
             connect_socket(
                 s,
                 self._ep.url(port),

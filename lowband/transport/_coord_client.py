@@ -28,7 +28,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from lowband._endpoint import Endpoint
 from lowband.errors import ConfigError, ConfigMismatch, RankInUse, SecurityError, TransportError
+from lowband.transport._sockets import open_socket
 
 __all__ = ["CoordinatorClient", "StaleEpoch", "UnknownToCoordinator", "route_source"]
 
@@ -57,15 +59,6 @@ class UnknownToCoordinator(TransportError):
     """The coordinator does not know this peer's group or registration (it restarted)."""
 
 
-def _endpoint(address: str) -> str:
-    if address.startswith("tcp://"):
-        return address
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"coordinator address must be HOST:PORT, got {address!r}")
-    return f"tcp://{host}:{port}"
-
-
 def route_source(host: str, port: int = 9) -> str:
     """The local address this machine uses to reach ``host``: the address of the interface
     whose route leads there (a UDP ``connect`` sends nothing; it only asks the kernel's
@@ -88,7 +81,8 @@ def route_source(host: str, port: int = 9) -> str:
 
 class CoordinatorClient:
     def __init__(self, ctx: zmq.Context, address: str, *, security: Any = None) -> None:
-        self.endpoint = _endpoint(address)
+        ep = Endpoint.parse(address, "coordinator address")
+        self.endpoint = ep.url()
         if security is not None and security.coordinator_key is None:
             raise ConfigError(
                 "CURVE is on but the coordinator's public key is not known: pass "
@@ -96,17 +90,15 @@ class CoordinatorClient:
                 "(or Curve(..., coordinator_key=...))"
             )
         self.curve = security is not None
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.linger = 0  # close never waits on an unreachable coordinator
-        self.sock.maxmsgsize = 16 << 20  # views list every peer; still bounded
-        self.sock.reconnect_ivl, self.sock.reconnect_ivl_max = 100, 2000  # ms, with backoff
-        self.sock.tcp_keepalive, self.sock.tcp_keepalive_idle = 1, 20
-        self.sock.handshake_ivl = _HANDSHAKE_MS
-        # a routing id of our own (random, never published): after a reconnect the coordinator
-        # still knows this connection as the one that holds our rank
-        self.sock.routing_id = b"\x01" + secrets.token_bytes(15)
-        if ":" in self.endpoint.removeprefix("tcp://").rpartition(":")[0]:
-            self.sock.ipv6 = 1
+        # linger 0: close never waits on an unreachable coordinator; views list every peer,
+        # still bounded (maxmsgsize); reconnects back off 100 ms to 2 s; a routing id of our
+        # own (random, never published): after a reconnect the coordinator still knows this
+        # connection as the one that holds our rank
+        self.sock = open_socket(
+            ctx, zmq.DEALER, ep, maxmsgsize=16 << 20, reconnect_ivl=100, reconnect_ivl_max=2000,
+            tcp_keepalive=1, tcp_keepalive_idle=20, handshake_ivl=_HANDSHAKE_MS,
+            routing_id=b"\x01" + secrets.token_bytes(15),
+        )
         if security is not None:
             security.client(self.sock, security.coordinator_key)
         self.monitor = self.sock.get_monitor_socket(_EVENTS)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lowband._frames import check_lengths
 from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, TransportError
 from lowband.transport._carrier import Frame, Key
 from lowband.transport._stats import CommStats
@@ -131,10 +132,14 @@ class TorchCarrier:
         values = head.tolist()
         epoch, seq, phase, nframes, payload_bytes = values[:_HEAD]
         lengths = values[_HEAD : _HEAD + max(0, min(nframes, MAX_FRAMES))]
-        if not (0 <= nframes <= MAX_FRAMES and payload_bytes >= 0 and min(lengths, default=0) >= 0
-                and sum(lengths) <= MAX_MESSAGE_BYTES):
+
+        def bad(why: str) -> TransportError:
             self._lost.add(peer)
-            raise TransportError(f"peer {peer} sent a malformed header {values[:_HEAD]}, lengths {lengths}")
+            return TransportError(f"peer {peer} sent a malformed header {values[:_HEAD]}: {why}")
+
+        if not 0 <= nframes <= MAX_FRAMES or payload_bytes < 0:
+            raise bad(f"{nframes} frames, {payload_bytes} payload bytes")
+        check_lengths(lengths, what="message", max_frames=MAX_FRAMES, max_bytes=MAX_MESSAGE_BYTES, error=bad)
         frames: list[Frame] = []
         for n in lengths:
             t = torch.empty(n, dtype=torch.uint8)

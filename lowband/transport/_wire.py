@@ -35,9 +35,9 @@ reject its frames but never allocate more than the configured caps.
 
 from __future__ import annotations
 
-import struct
 from typing import NamedTuple
 
+from lowband._frames import Layout, pack_u64s, unpack_u64s
 from lowband._version import WIRE_VERSION
 from lowband.errors import TransportError
 
@@ -69,8 +69,14 @@ MIN_CHUNK = 4096
 #: Largest number of sequence numbers in one ACK body.
 MAX_ACKS = 65536
 
-HEADER = struct.Struct("<3sBBBHHHIIQIQQIQQ")
-_LEN = struct.Struct("<Q")
+def _fail(why: str) -> TransportError:
+    return TransportError(f"malformed transport frame: {why}")
+
+
+#: After magic and version: kind, flags, sender, n_frames, frame_idx, group, epoch, seq,
+#: phase, incarnation, link_seq, chunk_size, offset, payload_bytes.
+LAYOUT = Layout("transport frame", MAGIC, WIRE_VERSION, "BBHHHIIQIQQIQQ", version_name="wire version", error=_fail)
+HEADER = LAYOUT.struct
 
 
 class Header(NamedTuple):
@@ -113,9 +119,7 @@ def pack_header(
     payload_bytes: int = 0,
 ) -> bytes:
     epoch, seq, phase = key
-    head = HEADER.pack(
-        MAGIC,
-        WIRE_VERSION,
+    head = LAYOUT.pack(
         kind,
         0,
         sender,
@@ -133,11 +137,7 @@ def pack_header(
     )
     if not lengths:
         return head
-    return head + struct.pack(f"<{len(lengths)}Q", *lengths)
-
-
-def _fail(why: str) -> TransportError:
-    return TransportError(f"malformed transport frame: {why}")
+    return head + pack_u64s(lengths)
 
 
 def parse_header(
@@ -150,30 +150,8 @@ def parse_header(
 ) -> Header:
     """Parse and fully validate one header; raises :class:`TransportError` on any flaw."""
     n = len(buf)
-    if n < HEADER.size:
-        raise _fail(f"header of {n} bytes, need {HEADER.size}")
-    (
-        magic,
-        version,
-        kind,
-        flags,
-        sender,
-        n_frames,
-        frame_idx,
-        grp,
-        epoch,
-        seq,
-        phase,
-        incarnation,
-        link_seq,
-        chunk_size,
-        offset,
-        payload_bytes,
-    ) = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise _fail(f"bad magic {magic!r}")
-    if version != WIRE_VERSION:
-        raise _fail(f"wire version {version}, this peer speaks {WIRE_VERSION}")
+    fields = LAYOUT.unpack(buf)
+    kind, flags, sender, n_frames, frame_idx, grp, epoch, seq, phase, incarnation = fields[:10]
     if kind not in _KINDS:
         raise _fail(f"unknown kind {kind}")
     if flags:
@@ -182,12 +160,11 @@ def parse_header(
         raise _fail(f"sender {sender} outside a group of {world_size}")
     if grp != group:
         raise _fail(f"group id {grp:#x}, expected {group:#x}")
+    link_seq, chunk_size, offset, payload_bytes = fields[10:]
     if kind != DATA:
         if n != HEADER.size or n_frames or frame_idx:
             raise _fail("control frame with a frame table")
-        return Header(
-            kind, sender, 0, 0, grp, epoch, seq, phase, incarnation, link_seq, 0, 0, 0, ()
-        )
+        return Header(kind, sender, 0, 0, grp, epoch, seq, phase, incarnation, link_seq, 0, 0, 0, ())
     if not 1 <= n_frames <= MAX_FRAMES:
         raise _fail(f"{n_frames} frames (allowed 1..{MAX_FRAMES})")
     if n != HEADER.size + 8 * n_frames:
@@ -198,8 +175,8 @@ def parse_header(
         raise _fail(f"chunk size {chunk_size} (allowed {MIN_CHUNK}..{max_chunk_size})")
     if link_seq == 0:
         raise _fail("link sequence number 0")
-    lengths = struct.unpack_from(f"<{n_frames}Q", buf, HEADER.size)
-    total = sum(lengths)
+    lengths = unpack_u64s(buf, HEADER.size, n_frames, what="frame table", error=_fail)
+    total = sum(lengths)  # count checked above, and u64 lengths are never negative
     if total > max_message_bytes:
         raise _fail(f"message of {total} bytes exceeds the cap of {max_message_bytes}")
     if payload_bytes > total:
@@ -207,22 +184,7 @@ def parse_header(
     flen = lengths[frame_idx]
     if offset % chunk_size or (offset >= flen and not (offset == 0 and flen == 0)):
         raise _fail(f"chunk offset {offset} in a frame of {flen} bytes (chunk size {chunk_size})")
-    return Header(
-        kind,
-        sender,
-        n_frames,
-        frame_idx,
-        grp,
-        epoch,
-        seq,
-        phase,
-        incarnation,
-        link_seq,
-        chunk_size,
-        offset,
-        payload_bytes,
-        tuple(lengths),
-    )
+    return Header(kind, *fields[2:], lengths)
 
 
 def chunk_spans(length: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -243,11 +205,11 @@ def expected_body(h: Header) -> int:
 
 
 def ack_body(seqs: list[int]) -> bytes:
-    return struct.pack(f"<{len(seqs)}Q", *seqs)
+    return pack_u64s(seqs)
 
 
 def parse_ack(body: bytes | memoryview) -> tuple[int, ...]:
     n = len(body)
     if n % 8 or n // 8 > MAX_ACKS:
         raise _fail(f"ack body of {n} bytes")
-    return struct.unpack(f"<{n // 8}Q", body)
+    return unpack_u64s(body, 0, n // 8, what="ack body", error=_fail)

@@ -57,6 +57,7 @@ from typing import Any
 
 import zmq
 
+from lowband._endpoint import Endpoint
 from lowband._version import WIRE_VERSION, __version__
 from lowband.errors import CollectiveTimeout, ConfigError, PeerLost, RankInUse, TransportError
 from lowband.transport._coord_client import (
@@ -151,8 +152,8 @@ class ZmqCarrier:
         from lowband.transport.security import warn_if_exposed
 
         if host is None:
-            chost, _, cport = coordinator.removeprefix("tcp://").rpartition(":")
-            host = route_source(chost, int(cport) if cport.isdigit() else 9)
+            cep = Endpoint.parse(coordinator, "coordinator address")
+            host = route_source(cep.host, cep.port)
         warn_if_exposed(host, security, f"rank {rank}")
         self.rank, self.world_size = rank, world_size
         self.stats = CommStats()

@@ -96,7 +96,9 @@ from typing import Any
 
 import zmq
 
-from lowband.errors import ConfigError, TransportError
+from lowband._endpoint import Endpoint
+from lowband.errors import TransportError
+from lowband.transport._sockets import open_socket
 
 __all__ = ["Coordinator", "CoordinatorProcess", "Holder", "Membership", "main", "start_coordinator"]
 
@@ -764,25 +766,23 @@ class Coordinator:
     ) -> None:
         from lowband.transport.security import warn_if_exposed
 
-        host, _, port = bind.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"coordinator bind address must be HOST:PORT, got {bind!r}")
-        warn_if_exposed(host, security, "the coordinator")
+        ep = Endpoint.parse(bind, "coordinator bind address", any_port=True)
+        warn_if_exposed(ep.host, security, "the coordinator")
         self.ctx = zmq.Context()
         self._auth = security.start_authenticator(self.ctx) if security is not None else None
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.linger = 0  # never block shutdown on replies to dead peers
-        self.sock.maxmsgsize = MAX_REQUEST_BYTES  # libzmq drops a peer that sends more
-        self.sock.router_mandatory = 1  # a reply to a vanished client raises instead of vanishing
-        self.sock.sndhwm = self.sock.rcvhwm = 10000
-        # a client that reconnects with its routing id takes it over; ZeroMQ heartbeats close
-        # a connection whose process stopped answering, so its ranks' holders count as gone
-        self.sock.router_handover = 1
-        self.sock.heartbeat_ivl = int(_HEARTBEAT_IVL_S * 1000)
-        self.sock.heartbeat_timeout = int(HOLDER_TIMEOUT_S * 1000)
+        # linger 0: never block shutdown on replies to dead peers; libzmq drops a peer that
+        # sends more than maxmsgsize; with router_mandatory a reply to a vanished client raises
+        # instead of vanishing; a client that reconnects with its routing id takes it over
+        # (router_handover); ZeroMQ heartbeats close a connection whose process stopped
+        # answering, so its ranks' holders count as gone
+        self.sock = open_socket(
+            self.ctx, zmq.ROUTER, ep, maxmsgsize=MAX_REQUEST_BYTES, router_mandatory=1,
+            sndhwm=10000, rcvhwm=10000, router_handover=1,
+            heartbeat_ivl=int(_HEARTBEAT_IVL_S * 1000), heartbeat_timeout=int(HOLDER_TIMEOUT_S * 1000),
+        )
         if security is not None:
             security.server(self.sock)
-        endpoint = f"tcp://{host}:{'*' if port == '0' else port}"
+        endpoint = ep.url("*" if ep.port == 0 else None)
         try:
             self.sock.bind(endpoint)
         except zmq.ZMQError as e:
@@ -1043,7 +1043,8 @@ def main(argv: list[str]) -> int:
         from lowband.transport._torch import serve_store
 
         # bound to --bind's host alone (torch's own server would listen on every interface)
-        store, _ = serve_store(args.bind.rpartition(":")[0], args.torch_store_port)
+        host = Endpoint.parse(args.bind, "--bind", any_port=True).host
+        store, _ = serve_store(host, args.torch_store_port)
     coord = Coordinator(args.bind, security=security, lease=args.lease,
                         max_groups=args.max_groups, abandon_after=args.abandon_after)
     print(f"listening on {coord.endpoint}", flush=True)

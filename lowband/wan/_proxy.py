@@ -33,6 +33,8 @@ import sys
 import time
 from collections import deque
 
+from lowband._frames import recv_line
+from lowband.errors import ConfigError
 from lowband.wan._schedule import PairClock
 
 __all__ = ["main"]
@@ -143,12 +145,12 @@ class Relay:
         conn, _ = self.control.accept()
         with conn:
             conn.settimeout(2.0)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
+            try:
+                data = recv_line(conn, error=ConfigError)
+            except ConfigError:
+                return  # not a control line: the connection closes unanswered
+            if not data.endswith(b"\n"):
+                return
             reply = self.command(data.decode().split())
             conn.sendall((reply + "\n").encode())
 

@@ -19,6 +19,7 @@ import os
 import socket
 
 from lowband._endpoint import Endpoint
+from lowband._frames import recv_line
 from lowband.errors import ConfigError, TransportError
 
 __all__ = [
@@ -65,12 +66,7 @@ def control_request(path: str, line: str, *, timeout: float = 10.0) -> str:
             s.settimeout(timeout)
             s.connect(path)
             s.sendall((line + "\n").encode())
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = recv_line(s, error=TransportError)
     except OSError as exc:
         raise TransportError(
             f"link emulator relay at {path!r} did not answer {line.split()[0]!r}: {exc}"

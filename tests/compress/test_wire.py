@@ -72,7 +72,7 @@ def _header(spec: str, shape: tuple[int, ...], lengths: list[int], *, version: i
     from lowband.kernels import checksum
 
     s = spec.encode()
-    h = bytearray(_FIXED.pack(b"LBND", version, 0, len(shape), len(lengths), len(s), 0))
+    h = bytearray(_FIXED.struct.pack(b"LBND", version, 0, len(shape), len(lengths), len(s), 0))
     h += struct.pack(f"<{len(shape)}Q", *shape) + s
     h += struct.pack(f"<{len(lengths)}Q", *lengths) + struct.pack(f"<{len(lengths)}Q", *([0] * len(lengths)))
     h += struct.pack("<Q", checksum(bytes(h)))

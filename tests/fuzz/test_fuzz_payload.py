@@ -98,7 +98,7 @@ def _pack(dcode: int, shape: list[int], spec: bytes, bufs: list[bytes], *, lengt
     from lowband.compress._payload import _FIXED, MAGIC
     from lowband.kernels import checksum
 
-    head = bytearray(_FIXED.pack(MAGIC, WIRE, dcode, len(shape), len(bufs), len(spec), 0))
+    head = bytearray(_FIXED.struct.pack(MAGIC, WIRE, dcode, len(shape), len(bufs), len(spec), 0))
     head += struct.pack(f"<{len(shape)}Q", *shape)
     head += spec
     head += struct.pack(f"<{len(bufs)}Q", *(lengths if lengths is not None else [len(b) for b in bufs]))
