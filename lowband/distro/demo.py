@@ -510,6 +510,11 @@ class IslandDeMo(torch.optim.Optimizer):
         overlap = hyper.pop("overlap")
         aggregate = hyper.pop("aggregate")
         super().__init__(params, dict(hyper))
+        if getattr(group, "joined_at", None) is not None:
+            raise ConfigError(
+                "this island restarted into a running run: over islands only DiLoCo (and sparseloco) "
+                "heal a restarted island; restart every island for DeMo"
+            )
         self.group = group
         everything = [p for g in self.param_groups for p in g["params"]]
         trainable = [p for p in everything if p.requires_grad]
