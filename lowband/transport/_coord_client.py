@@ -99,7 +99,8 @@ class CoordinatorClient:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0  # close never waits on an unreachable coordinator
         self.sock.maxmsgsize = 16 << 20  # views list every peer; still bounded
-        self.sock.reconnect_ivl, self.sock.reconnect_ivl_max = 100, 2000  # ms, with backoff
+        # ms, doubling: a restarted coordinator is found within a second of listening again
+        self.sock.reconnect_ivl, self.sock.reconnect_ivl_max = 50, 1000
         self.sock.tcp_keepalive, self.sock.tcp_keepalive_idle = 1, 20
         self.sock.handshake_ivl = _HANDSHAKE_MS
         # a routing id of our own (random, never published): after a reconnect the coordinator

@@ -297,6 +297,8 @@ class IOLoop:
                 for posts in self.posted.values():
                     for k in [k for k in posts if k[0][0] < args[0]]:
                         del posts[k]
+            elif op == "lose":  # the coordinator confirmed that the process is gone
+                self._lose(*args)
             elif op == "stop":
                 self._stop = True
 
@@ -538,11 +540,18 @@ class IOLoop:
                 )
             else:
                 continue
-            self.lost.add(peer)
-            self._lost_why[peer] = why
-            log.warning("rank %d: rank %d lost: %s", self.c.rank, peer, why)
-            link.queue.clear()
-            link.unacked.clear()
-            self.c.drop_unacked(peer)
-            with self.c._cond:
-                self.c._cond.notify_all()
+            self._lose(peer, why)
+
+    def _lose(self, peer: int, why: str, incarnation: int | None = None) -> None:
+        """Count ``peer`` lost (``incarnation``: only if the link is still to that process)."""
+        link = self.links.get(peer)
+        if peer in self.lost or link is None or incarnation not in (None, link.incarnation):
+            return
+        self.lost.add(peer)
+        self._lost_why[peer] = why
+        log.warning("rank %d: rank %d lost: %s", self.c.rank, peer, why)
+        link.queue.clear()
+        link.unacked.clear()
+        self.c.drop_unacked(peer)
+        with self.c._cond:
+            self.c._cond.notify_all()

@@ -379,6 +379,12 @@ class Membership:
         waiting.append((who, rank))
         _cap_waiters(waiting, g.world_size)
         log.info("group %r: rank %d waits to be admitted", name, rank)
+        if rank in g.members and rank in g.members_info:
+            # a restart: _claim found the old process gone (its connection closed, or its lease
+            # ran out), so it leaves the membership now; commits stop waiting for it, and the
+            # new process is admitted at the next admission commit, not after a timeout
+            log.info("group %r: rank %d restarted; its old process leaves the members", name, rank)
+            self._remove_member(name, g, rank)
         return None
 
     def _drop_waiting(self, name: str, rank: int) -> None:
@@ -550,8 +556,24 @@ class Membership:
         if g is None:
             return {"world_size": None, "joined": [], "started": False}
         joined = g.members if g.started else sorted(g.members_info)
-        return {"world_size": g.world_size, "joined": list(joined), "started": g.started,
-                "waiting": sorted(g.joiners)}
+        out = {"world_size": g.world_size, "joined": list(joined), "started": g.started,
+               "waiting": sorted(g.joiners)}
+        peer, inc = req.get("peer"), req.get("incarnation")
+        if g.started and isinstance(peer, int) and isinstance(inc, int) and 0 <= peer < g.world_size:
+            out["gone"], out["why"] = self._process_gone(_field(req, "group", str), g, peer, inc)
+        return out
+
+    def _process_gone(self, name: str, g: Group, rank: int, inc: int) -> tuple[bool, str]:
+        """Whether process ``inc`` of ``rank`` is gone as far as this coordinator knows: a
+        member that asks about a peer whose connections all closed learns it is lost now."""
+        h = self.holders.get((name, rank))
+        if h is not None and h.incarnation != inc and _holds(g, rank, h):
+            return True, "a new process holds its rank"
+        if rank not in g.members:
+            return True, "it is no longer a member"
+        if h is not None and h.incarnation == inc and not self._is_live(h.conn):
+            return True, "its connection to the coordinator closed"
+        return False, ""
 
     def alive(self, req: dict[str, Any]) -> dict[str, Any]:
         """A member's lease: it is still there."""
@@ -589,16 +611,21 @@ class Membership:
             del g.joiners[rank]
             self._waiting_join[name] = [x for x in self._waiting_join.get(name, []) if x[1] != rank]
         if rank in g.members and g.members_info.get(rank, {}).get("incarnation") == inc:
-            g.members = tuple(r for r in g.members if r != rank)
-            g.seen.pop(rank, None)
-            g.epoch += 1
-            log.info("group %r: rank %d left; members %s", name, rank, g.members)
-            if not g.members:
-                self._end(name, g)
-                return {}
-            for key in list(g.proposals):  # a commit that waited for it may be due now
-                self._settle(name, g, key)
+            log.info("group %r: rank %d left", name, rank)
+            self._remove_member(name, g, rank)
         return {}
+
+    def _remove_member(self, name: str, g: Group, rank: int) -> None:
+        """``rank``'s process is out of the running group (it left, or a restart replaced it)."""
+        g.members = tuple(r for r in g.members if r != rank)
+        g.seen.pop(rank, None)
+        g.epoch += 1
+        log.info("group %r: epoch %d, members %s", name, g.epoch, g.members)
+        if not g.members:
+            self._end(name, g)
+            return
+        for key in list(g.proposals):  # a commit that waited for it may be due now
+            self._settle(name, g, key)
 
     def recover(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
         """A member re-registers after a coordinator restart (this process knows nothing)."""
@@ -712,7 +739,10 @@ class Membership:
         # held its rank before is out of the membership
         shrank = parts != g.members
         joined: dict[int, dict[str, Any]] = {}
-        if admit and not shrank:
+        # nor at a collective begun before the membership last changed outside a commit (a
+        # member left, or a restart replaced it): it counted the rank that went, so the
+        # survivors run it again among fewer, which would drop the joiner at once
+        if admit and not shrank and key[0] >= g.epoch:
             joined = {r: i for r, i in g.joiners.items() if r not in parts}
         if shrank or joined:
             g.epoch += 1
