@@ -36,6 +36,7 @@ has not converged if it still falls).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import signal
@@ -88,6 +89,11 @@ def peer(conn: Connection, rank: int, world: int, coord: str, o: dict[str, Any])
     from lowband.kernels import checksum
     from lowband.optim import DiLoCo
     from lowband.wan import local_address
+
+    # what init_group imports on first use, imported before the process says it is joining:
+    # the rejoin time measures the protocol, not module loading on a loaded machine
+    importlib.import_module("lowband.transport._zmq")
+    importlib.import_module("lowband.transport._init")
 
     torch.set_num_threads(1)
     pt, H = o["peer_timeout"], o["sync_every"]

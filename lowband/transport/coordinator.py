@@ -14,7 +14,9 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   0 starts with every rank. A configuration that differs from the first joiner's
   is refused with ``kind = "mismatch"`` naming the keys and values. A rank that
   joins a running group (a restart or a late joiner) waits until its old
-  incarnation is gone (dropped by a commit, or left) and then enters at the next
+  incarnation is out of the membership (dropped by a commit, left, or, for a
+  restart whose old process is gone, taken out at once by this join: commits stop
+  waiting for it) and then enters at the next
   commit that asks for admission (``admit: true``, see :meth:`Group.admit
   <lowband.transport.group.Group.admit>`), which starts a new epoch; its reply
   names that commit's key as ``joined_at`` (``None`` for the ranks present from
@@ -28,7 +30,10 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   it holds (epoch, members, its own endpoints, its last decision); the first
   such claim re-creates the running group, later ones add their endpoints.
 - ``status``: which ranks of a group have joined and whether it started (read only;
-  a waiting peer names the missing ranks when its ``init_timeout`` ends).
+  a waiting peer names the missing ranks when its ``init_timeout`` ends). With
+  ``peer`` and ``incarnation``: whether that process is gone here too (``gone``: its
+  connection closed, a new process holds its rank, or it is no longer a member); a
+  member whose every connection to that peer closed then counts it lost at once.
 - ``commit``: a member proposes the ranks it believes alive for one collective
   ``key = (epoch, seq, phase)``. Members may re-propose a smaller set while they
   wait. Members are the ranks of the previous decision (every rank before the
@@ -229,6 +234,7 @@ class Group:
     seen: dict[int, float] = field(default_factory=dict)  # member -> last request (lease)
     admit: set[tuple[int, int, int]] = field(default_factory=set)  # keys that asked for admission
     recovered: bool = False  # rebuilt from members' claims after a coordinator restart
+    recovered_at: float = 0.0  # when (a member not re-registered by then + the grace: gone)
     seeded: set[tuple[int, int, int]] = field(default_factory=set)  # decisions taken from claims
 
 
@@ -647,7 +653,7 @@ class Membership:
                 self._last_live[name] = self.clock()
             g = self.groups[name] = Group(world, config, rank)
             g.started, g.epoch, g.members = True, epoch, tuple(sorted(set(members)))
-            g.joiners, g.recovered = early, True
+            g.joiners, g.recovered, g.recovered_at = early, True, self.clock()
             log.info("group %r recovered from rank %d: epoch %d, members %s", name, rank, epoch, g.members)
         elif g.recovered and epoch > g.epoch and not g.decisions.keys() - g.seeded:
             # a newer view than the claim the group was rebuilt from (that one came from a
@@ -676,6 +682,8 @@ class Membership:
                 if at not in g.decisions:
                     g.decisions[at] = {"participants": sorted(parts), **self._view(g), "waiting": []}
                     g.seeded.add(at)
+        for k in list(g.proposals):  # a commit that waited for this member's claim may be due
+            self._settle(name, g, k)
         return self._view(g)
 
     # -- commit ----------------------------------------------------------------------
@@ -726,7 +734,20 @@ class Membership:
             return
         agreed = frozenset.intersection(*props.values()) & frozenset(g.members)
         if agreed <= props.keys() and agreed:
+            if agreed != frozenset(g.members) and self._recovering(g):
+                return  # it would drop members that may still re-register (with a newer view)
             self._decide(name, g, key, tuple(sorted(agreed)))
+
+    def _recovering(self, g: Group) -> bool:
+        """A group rebuilt after a restart whose members have not all re-registered, within
+        the grace they need to (two lease renewals and a second). The first claim may come from
+        a member that missed a change (one the others dropped while it stalled): a decision
+        that drops the others now would split the group, so it waits for their newer claims."""
+        # (a rank a new process waits for counts: its old process is gone)
+        if not g.recovered or all(r in g.members_info or r in g.joiners for r in g.members):
+            return False
+        renew = min(3.0, max(0.2, self.lease / 5))
+        return self.clock() - g.recovered_at < 2 * renew + 1.0
 
     def _decide(
         self, name: str, g: Group, key: tuple[int, int, int], parts: tuple[int, ...]

@@ -187,6 +187,43 @@ def test_a_restarted_coordinator_recovers_membership_from_the_members() -> None:
     assert [v["participants"] for _, v in m.ready()] == [[0, 2], [0, 2]]
 
 
+def test_a_stale_first_claim_after_a_coordinator_restart_cannot_split_the_group() -> None:
+    """Soak, 2026-12-02: rank 0 stalled, the others dropped it (epoch 1), the coordinator
+    restarted, and rank 0 (which believed everyone else lost) re-registered first with its
+    old view and decided a collective alone. A decision that drops members who have not
+    re-registered waits for their claims (or the grace), and the newer claim replaces the view."""
+    now = [0.0]
+    m = Membership(clock=lambda: now[0])  # lease 15 s: a grace of 7 s
+    stale = {**_req(0, 100, world=4), "epoch": 0, "members": [0, 1, 2, 3]}
+    m.recover(("a", 0), stale)
+    alone = {"group": "g", "rank": 0, "incarnation": 100, "key": [0, 9, 9], "alive": [0]}
+    assert m.commit(("c", 0), alone) is None  # would drop 1, 2, 3: it waits
+    now[0] = 0.5
+    view = m.recover(("a", 1), {**_req(1, 101, world=4), "epoch": 1, "members": [1, 2, 3]})
+    assert view["members"] == [1, 2, 3] and view["epoch"] == 1
+    for r in (2, 3):
+        m.recover(("a", r), {**_req(r, 100 + r, world=4), "epoch": 1, "members": [1, 2, 3]})
+    assert m.ready() == []  # rank 0's lone collective was never decided
+    late = m.commit(("c", 0), alone)
+    assert late is not None and 0 not in late["participants"]  # rank 0 learns it was dropped
+    for r in (1, 2, 3):
+        m.commit(("d", r), {"group": "g", "rank": r, "incarnation": 100 + r, "key": [1, 5, 9], "alive": [1, 2, 3]})
+    assert [v["participants"] for _, v in m.ready()] == [[1, 2, 3]] * 3
+
+
+def test_after_a_restart_a_member_that_never_re_registers_is_dropped_after_the_grace() -> None:
+    now = [0.0]
+    m = Membership(clock=lambda: now[0])
+    for r in (0, 1):
+        m.recover(("a", r), {**_req(r, 10 + r, world=3), "epoch": 2, "members": [0, 1, 2]})
+    for r in (0, 1):
+        m.commit(("c", r), {"group": "g", "rank": r, "incarnation": 10 + r, "key": [2, 1, 9], "alive": [0, 1]})
+    assert m.ready() == []  # rank 2 may still re-register
+    now[0] = 8.0  # past the grace: rank 2 is gone
+    m.commit(("c", 0), {"group": "g", "rank": 0, "incarnation": 10, "key": [2, 1, 9], "alive": [0, 1]})
+    assert [v["participants"] for _, v in m.ready()] == [[0, 1]] * 3
+
+
 def test_bad_requests_are_refused() -> None:
     m = Membership()
     with pytest.raises(RequestError):
