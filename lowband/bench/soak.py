@@ -101,7 +101,7 @@ def peer(conn: Connection, rank: int, world: int, coord: str, o: dict[str, Any])
     stop_file = os.path.join(o["dir"], "stop")
 
     def start() -> tuple[Any, Any, Any]:
-        conn.send(("joining", rank))
+        conn.send(("joining", rank, time.time()))
         group = lowband.init_group(rank, world, store=coord, backend="zmq", peer_timeout=pt, on_failure="drop",
                                    group_name=o["name"], host=local_address(), streams=1, timeout=10 * pt,
                                    init_timeout=o["init_timeout"])
@@ -147,7 +147,7 @@ def peer(conn: Connection, rank: int, world: int, coord: str, o: dict[str, Any])
                 torch.nn.functional.mse_loss(model(x), y).backward()
                 opt.step()
                 if healing:
-                    conn.send(("joined", rank, opt.step_count, bool(o.get("restart"))))
+                    conn.send(("joined", rank, opt.step_count, bool(o.get("restart")), time.time()))
             except (PeerLost, CollectiveTimeout, TransportError) as e:
                 conn.send(("dropped", rank, r, f"{type(e).__name__}: {e}"))
                 group.close()
@@ -341,7 +341,7 @@ def run(
                 if kind == "joining":
                     if max_round >= 0:  # a first start is not a rejoin
                         asked_at[msg[1]] = max_round
-                        joining_at[msg[1]] = time.monotonic()
+                        joining_at[msg[1]] = msg[2]  # the peer's clock: the launcher may read late
                 elif kind == "round" and not msg[6]:
                     reports.setdefault(msg[2], {})[msg[1]] = (msg[3], msg[4], msg[5])
                     ev = healed_at.pop(msg[1], None)
@@ -371,7 +371,7 @@ def run(
                         healed_at[msg[1]] = len(f["rejoin_detail"])
                         f["rejoin_detail"].append(dict(
                             rank=msg[1], restart=bool(msg[3]), lag=lag, round=at, first_round=None,
-                            seconds=time.monotonic() - joining_at.pop(msg[1], time.monotonic())))
+                            seconds=msg[4] - joining_at.pop(msg[1], msg[4])))
                     say(f"{time.monotonic() - t0:7.1f} s: rank {msg[1]} rejoined, healed at step {msg[2]} "
                         f"(round {at}){' after a restart' if msg[3] else ''}")
                 elif kind == "mismatch":
