@@ -1,7 +1,14 @@
 """Soak: DiLoCo training over the ZeroMQ group under seeded faults (issues 9 and 16).
 
-    python benchmarks/soak.py --minutes 10 --world 8      # the issue's figure (about 25 min)
+    python benchmarks/soak.py --minutes 10 --world 8      # the issue's figure (about 22 min)
     python benchmarks/soak.py --minutes 1 --world 4        # a short run (about 4 min)
+
+Wall time: the peers' start-up (under a minute), ``--minutes`` of faults counted from the
+first round, the stop, then the fault-free run of as many rounds (no faults: no longer). It
+is bounded: the fault run ends at ``--minutes`` + 10 min of wall time, the fault-free run at
+the fault run's length + 5 min, and a round that takes longer than ``20 x peer_timeout + 90``
+s ends either run as a hang. The last lines are one ``[PASS]`` or ``[FAIL]`` per criterion of
+issue 16's "Done when", then ``PASS`` or ``FAIL`` (exit status 0 or 1).
 
 (``benchmarks/soak.py`` runs :func:`main`; ``tests/reliability/test_faults.py`` runs
 :func:`run` with a fixed schedule.)

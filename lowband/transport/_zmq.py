@@ -501,6 +501,9 @@ class ZmqCarrier:
                 self._last = {"key": list(key), "participants": list(parts)}
                 return parts
             silent = time.monotonic() - max(self.client.last_reply, t0)
+            if silent > silent_limit and self.client.ask({"op": "ping"}, timeout=1.0) is not None:
+                continue  # it answers (this process was stopped, or the decision waits on others)
+            silent = time.monotonic() - max(self.client.last_reply, t0)
             if silent > silent_limit:
                 raise CollectiveTimeout(
                     f"rank {self.rank}: collective {key[1]} cannot commit: the coordinator at "
