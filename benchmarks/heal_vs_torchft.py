@@ -11,13 +11,16 @@ Both sides: 2 replicas of the same MLP on CPU, one gradient sync per step (lowba
 interpreter start-up and ``import torch`` are part of the figure on both sides). Printed,
 per side: seconds from the restart to the restarted replica's first completed step whose
 sync had 2 participants, and the same from its first line of Python (the protocol's own
-share). torchft runs in its own venv (``--torchft-python``), as its wheel pins its deps.
+share), and from the end of its set-up (imports of torch and the library, the model and
+its inner AdamW built: what is left is the protocol's own share: connect, join or quorum,
+heal, the sync). torchft runs in its own venv (``--torchft-python``), as its wheel pins its deps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing as mp
 import os
 import subprocess
@@ -53,18 +56,33 @@ def lowband_replica(conn: Any, rank: int, coord: str, steps: int, pause: float) 
     import torch
 
     import lowband
+    from lowband.optim import CompressedGradients  # imported here, as torchft's DDP is below
 
     torch.set_num_threads(1)
+    model = _model()  # model and inner optimizer before the clock: not the protocol's share
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    t_imp = time.time()
+    if os.environ.get("HEAL_LOG"):  # the protocol's steps, timed (for finding where time goes)
+        logging.basicConfig(level=logging.DEBUG, format=f"%(created).3f r{rank} %(name)s %(message)s")
+    if os.environ.get("HEAL_LOG"):
+        logging.info("imports done")
     group = lowband.init_group(rank, 2, store=coord, backend="zmq", on_failure="drop", peer_timeout=5.0,
                                group_name="heal", init_timeout=120)
-    model = _model()
-    opt = lowband.CompressedGradients(torch.optim.AdamW(model.parameters(), lr=1e-3), group=group, codec="fp32")
+    if os.environ.get("HEAL_LOG"):
+        logging.info("init_group returned, joined_at %s", group.joined_at)
+    opt = CompressedGradients(inner, group=group, codec="fp32")
+    if os.environ.get("HEAL_LOG"):
+        logging.info("optimizer built")
     for i in range(steps):
         x, y = _batch(rank * 100_000 + i)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
+        if os.environ.get("HEAL_LOG") and i < 1:
+            logging.info("backward done")
         opt.step()
-        conn.send((time.time(), t_py, len(group.participants)))
+        conn.send((time.time(), t_py, t_imp, len(group.participants)))
+        if os.environ.get("HEAL_LOG") and i < 3:
+            logging.info("step %d done, participants %s", i, group.participants)
         time.sleep(pause)
     group.close()
 
@@ -98,9 +116,10 @@ def torchft_replica(conn: Any, rank: int, lighthouse: str, steps: int, pause: fl
     from torchft.process_group import ProcessGroupGloo
 
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    model = _model()
+    model = _model()  # model and inner optimizer before the clock: not the protocol's share
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    t_imp = time.time()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
     def load_state_dict(sd: dict) -> None:
         model.load_state_dict(sd["model"])
@@ -119,7 +138,7 @@ def torchft_replica(conn: Any, rank: int, lighthouse: str, steps: int, pause: fl
         opt.zero_grad()
         torch.nn.functional.mse_loss(ddp(x), y).backward()
         committed = opt.step()
-        conn.send((time.time(), t_py, manager.num_participants() if committed is not False else 0))
+        conn.send((time.time(), t_py, t_imp, manager.num_participants() if committed is not False else 0))
         time.sleep(pause)
     manager.shutdown(wait=False)
 
@@ -154,7 +173,7 @@ def _drive(ctx: Any, pipes: list, procs: list, kill_after: int, respawn: Any) ->
     while min(seen) < kill_after and time.time() < deadline:
         for i, c in enumerate(pipes):
             while c.poll(0.01):
-                _, _, n = c.recv()
+                *_, n = c.recv()
                 if n == 2:
                     seen[i] += 1
     procs[1].kill()
@@ -169,9 +188,9 @@ def _drive(ctx: Any, pipes: list, procs: list, kill_after: int, respawn: Any) ->
         while pipes[0].poll(0):  # keep the survivor's pipe drained
             pipes[0].recv()
         if a.poll(0.01):
-            t, t_py, n = a.recv()
+            t, t_py, t_imp, n = a.recv()
             if n == 2:
-                out = {"from_restart_s": t - t_restart, "from_python_s": t - t_py}
+                out = {"from_restart_s": t - t_restart, "from_python_s": t - t_py, "from_imports_s": t - t_imp}
                 break
     for q in procs:
         q.kill()
@@ -200,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [ln for ln in rep.stdout.splitlines() if ln.startswith("{")]
     tft = json.loads(lines[-1]) if lines else {}
     print(f"heal of a killed replica, 2 replicas, one sync per step (load average {os.getloadavg()[0]:.1f}):")
-    print(f"{'':10} {'restart -> first 2-replica sync':>32} {'first line of Python -> it':>28}")
+    print(f"{'':10} {'restart -> first 2-replica sync':>32} {'first line of Python -> it':>28} "
+          f"{'set-up done -> it':>20}")
     for name, r in (("lowband", low), ("torchft", tft)):
         if r:
-            print(f"{name:10} {r['from_restart_s']:31.2f}s {r['from_python_s']:27.2f}s")
+            print(f"{name:10} {r['from_restart_s']:31.2f}s {r['from_python_s']:27.2f}s {r['from_imports_s']:19.2f}s")
         else:
             print(f"{name:10} {'failed':>32}")
     if not tft:

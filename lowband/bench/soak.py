@@ -1,7 +1,14 @@
 """Soak: DiLoCo training over the ZeroMQ group under seeded faults (issues 9 and 16).
 
-    python benchmarks/soak.py --minutes 10 --world 8      # the issue's figure (about 25 min)
+    python benchmarks/soak.py --minutes 10 --world 8      # the issue's figure (about 22 min)
     python benchmarks/soak.py --minutes 1 --world 4        # a short run (about 4 min)
+
+Wall time: the peers' start-up (under a minute), ``--minutes`` of faults counted from the
+first round, the stop, then the fault-free run of as many rounds (no faults: no longer). It
+is bounded: the fault run ends at ``--minutes`` + 10 min of wall time, the fault-free run at
+the fault run's length + 5 min, and a round that takes longer than ``20 x peer_timeout + 90``
+s ends either run as a hang. The last lines are one ``[PASS]`` or ``[FAIL]`` per criterion of
+issue 16's "Done when", then ``PASS`` or ``FAIL`` (exit status 0 or 1).
 
 (``benchmarks/soak.py`` runs :func:`main`; ``tests/reliability/test_faults.py`` runs
 :func:`run` with a fixed schedule.)
@@ -36,6 +43,7 @@ has not converged if it still falls).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import signal
@@ -89,13 +97,18 @@ def peer(conn: Connection, rank: int, world: int, coord: str, o: dict[str, Any])
     from lowband.optim import DiLoCo
     from lowband.wan import local_address
 
+    # what init_group imports on first use, imported before the process says it is joining:
+    # the rejoin time measures the protocol, not module loading on a loaded machine
+    importlib.import_module("lowband.transport._zmq")
+    importlib.import_module("lowband.transport._init")
+
     torch.set_num_threads(1)
     pt, H = o["peer_timeout"], o["sync_every"]
     ckpt = os.path.join(o["dir"], f"rank{rank}.pt")
     stop_file = os.path.join(o["dir"], "stop")
 
     def start() -> tuple[Any, Any, Any]:
-        conn.send(("joining", rank))
+        conn.send(("joining", rank, time.time()))
         group = lowband.init_group(rank, world, store=coord, backend="zmq", peer_timeout=pt, on_failure="drop",
                                    group_name=o["name"], host=local_address(), streams=1, timeout=10 * pt,
                                    init_timeout=o["init_timeout"])
@@ -141,7 +154,7 @@ def peer(conn: Connection, rank: int, world: int, coord: str, o: dict[str, Any])
                 torch.nn.functional.mse_loss(model(x), y).backward()
                 opt.step()
                 if healing:
-                    conn.send(("joined", rank, opt.step_count, bool(o.get("restart"))))
+                    conn.send(("joined", rank, opt.step_count, bool(o.get("restart")), time.time()))
             except (PeerLost, CollectiveTimeout, TransportError) as e:
                 conn.send(("dropped", rank, r, f"{type(e).__name__}: {e}"))
                 group.close()
@@ -187,10 +200,12 @@ def run(
     sync_every: int = 5,
     fault_every: float = 8.0,
     coordinator_kills: int = 0,
+    max_seconds: float | None = None,
     say: Any = print,
 ) -> dict[str, Any]:
     """Run one scenario; returns its figures. ``schedule`` ({round: (fault, rank)}) replaces
-    the seeded random faults; ``rounds`` or ``minutes`` bounds the run."""
+    the seeded random faults; ``rounds`` or ``minutes`` (counted from the first round) bounds
+    the run, and ``max_seconds`` its wall time from the start of the peers."""
     import multiprocessing
 
     from lowband.wan import HUB, LinkEmulator, Topology
@@ -200,7 +215,7 @@ def run(
     pt = peer_timeout
     hang_s = 20 * pt + 90  # a rejoin pays process start-up and the join; nothing settles for longer: a hang
     f: dict[str, Any] = dict(kills=0, stalls=0, cuts=0, restarts=0, drops=0, rejoins=0, mismatches=0, hangs=0,
-                             divergent=0, crashed=0, coordinator_restarts=0, rejoin_lag=[])
+                             divergent=0, crashed=0, coordinator_restarts=0, rejoin_lag=[], rejoin_detail=[])
     reports: dict[int, dict[int, tuple]] = {}
     with tempfile.TemporaryDirectory(prefix="lowband-soak-") as d, \
             LinkEmulator(Topology.uniform(world, rate="1gbit", rtt="2ms"), mode="netns") as net:
@@ -230,12 +245,12 @@ def run(
         for r in range(world):
             start(r, die_mid_sync=die.get(r))
         t0 = last = time.monotonic()
+        t_first: float | None = None  # when round 0 settled: the run's minutes count from there
         max_round, stop_round = -1, None
         next_fault = float("inf")
         later: list[tuple[float, str, int, int]] = []  # (when, action, a, b)
-        if minutes is not None and coordinator_kills:  # evenly spread over the run
-            for i in range(coordinator_kills):
-                later.append((t0 + 60 * minutes * (i + 1) / (coordinator_kills + 1), "kill-coordinator", 0, 0))
+        joining_at: dict[int, float] = {}  # rank -> when its process asked to join
+        healed_at: dict[int, int] = {}  # rank -> the round from which it reports (just healed)
         stopped: set[int] = set()
         fired: set[int] = set()
 
@@ -300,8 +315,9 @@ def run(
             # a run bounded by rounds also waits for its restarted peers to be back
             back = not any(x[1] == "restart" for x in later) and all(
                 r in joined or not p.is_alive() for r, p in procs.items())
-            if stop_round is None and ((minutes is not None and now - t0 > 60 * minutes)
-                                       or (rounds is not None and max_round >= rounds - 3 and back)):
+            long = (t_first is not None and minutes is not None and now - t_first > 60 * minutes) or (
+                max_seconds is not None and now - t0 > max_seconds)
+            if stop_round is None and (long or (rounds is not None and max_round >= rounds - 3 and back)):
                 stop_round = max_round + 2
                 Path(d, "stop").write_text(str(stop_round))
                 for item in list(later):
@@ -332,12 +348,22 @@ def run(
                 if kind == "joining":
                     if max_round >= 0:  # a first start is not a rejoin
                         asked_at[msg[1]] = max_round
+                        joining_at[msg[1]] = msg[2]  # the peer's clock: the launcher may read late
                 elif kind == "round" and not msg[6]:
                     reports.setdefault(msg[2], {})[msg[1]] = (msg[3], msg[4], msg[5])
+                    ev = healed_at.pop(msg[1], None)
+                    if ev is not None:  # its first sync after the heal: the fingerprint to check
+                        f["rejoin_detail"][ev]["first_round"] = msg[2]
                     if msg[2] > max_round:
                         max_round, last = msg[2], time.monotonic()
-                        if max_round == 0 and faults and schedule is None:
-                            next_fault = last + rng.expovariate(1 / fault_every)
+                        if max_round == 0:
+                            t_first = last
+                            if faults and schedule is None:
+                                next_fault = last + rng.expovariate(1 / fault_every)
+                            if minutes is not None and coordinator_kills:  # evenly spread over the run
+                                for i in range(coordinator_kills):
+                                    later.append((last + 60 * minutes * (i + 1) / (coordinator_kills + 1),
+                                                  "kill-coordinator", 0, 0))
                 elif kind == "dropped":
                     f["drops"] += 1
                     joined.discard(msg[1])
@@ -347,7 +373,12 @@ def run(
                     joined.add(msg[1])
                     at = (msg[2] - 1) // sync_every  # the first round whose sync includes it
                     if msg[1] in asked_at:  # outer steps from asking to join to that sync
-                        f["rejoin_lag"].append(at - asked_at.pop(msg[1]))
+                        lag = at - asked_at.pop(msg[1])
+                        f["rejoin_lag"].append(lag)
+                        healed_at[msg[1]] = len(f["rejoin_detail"])
+                        f["rejoin_detail"].append(dict(
+                            rank=msg[1], restart=bool(msg[3]), lag=lag, round=at, first_round=None,
+                            seconds=msg[4] - joining_at.pop(msg[1], msg[4])))
                     say(f"{time.monotonic() - t0:7.1f} s: rank {msg[1]} rejoined, healed at step {msg[2]} "
                         f"(round {at}){' after a restart' if msg[3] else ''}")
                 elif kind == "mismatch":
@@ -367,6 +398,11 @@ def run(
         if len({fp for fp, _, _ in rows.values()}) > 1:
             f["divergent"] += 1
             say(f"DIVERGENT round {rnd}: {rows}")
+    for ev in f["rejoin_detail"]:  # the healed peer's first sync: the survivors' fingerprint?
+        rows = reports.get(ev["first_round"], {}) if ev["first_round"] is not None else {}
+        mine = rows.get(ev["rank"])
+        others = {fp for r, (fp, _, _) in rows.items() if r != ev["rank"]}
+        ev["fingerprint_equal"] = mine is not None and others == {mine[0]}
     last_rows = reports.get(stop_round if stop_round is not None else max_round, {})
     say(f"final round {stop_round}: fingerprints by rank {{{', '.join(f'{r}: {v[0]:#x}' for r, v in sorted(last_rows.items()))}}}; "
         f"peers that finished: {sorted(done)}")
@@ -376,16 +412,80 @@ def run(
     f["losses"] = [reports[r][min(reports[r])][1] if r in reports else None for r in range(max_round + 1)]
     f["initial_loss"] = eval_loss(make_model())
     f["seconds"] = time.monotonic() - t0
+    f["train_seconds"] = 0.0 if t_first is None else time.monotonic() - t_first
     return f
 
 
-def _drop(fig: dict[str, Any]) -> float:
-    return fig["initial_loss"] - [x for x in fig["losses"] if x is not None][-1]
+def _loss_at(fig: dict[str, Any], rnd: int) -> float:
+    """The global model's loss after round ``rnd`` (the last reported one at or before it)."""
+    known = [x for x in fig["losses"][: rnd + 1] if x is not None]
+    return known[-1] if known else fig["initial_loss"]
+
+
+def summary(fault: dict[str, Any], clean: dict[str, Any], *, coordinator_kills: int,
+            say: Any = print) -> bool:
+    """Print every figure of issue 16's "Done when", each criterion PASS or FAIL; True if all pass."""
+    from collections import Counter
+
+    results: list[tuple[str, bool]] = []
+
+    def check(name: str, ok: bool, text: str) -> None:
+        results.append((name, ok))
+        say(f"[{'PASS' if ok else 'FAIL'}] {name}: {text}")
+
+    say(f"faults: {fault['kills']} kills (+{fault['restarts']} restarts by the launcher), {fault['stalls']} stalls, "
+        f"{fault['cuts']} link cuts; {fault['drops']} peers dropped, {fault['rejoins']} rejoins, "
+        f"{fault['crashed']} unexpected exits; {fault['rounds']} rounds in {fault['train_seconds']:.0f} s of "
+        f"training ({fault['seconds']:.0f} s with start-up)")
+    check("coordinator restarts", fault["coordinator_restarts"] >= min(2, coordinator_kills),
+          f"killed and restarted {fault['coordinator_restarts']} times (asked for {coordinator_kills})")
+    detail = fault["rejoin_detail"]
+    restarts = [e for e in detail if e["restart"]]
+    lag = [e["lag"] for e in detail]
+    within = sum(1 for x in lag if x <= 2)
+    secs = sorted(e["seconds"] for e in detail)
+    check("rejoin within two outer steps", within == len(lag) and bool(restarts) == bool(fault["restarts"]),
+          f"outer steps from a peer's join request (its process started, or a dropped one asking "
+          f"again) to the first sync that includes it: {dict(sorted(Counter(lag).items()))} over "
+          f"{len(lag)} rejoins ({len(restarts)} restarted processes: "
+          f"{dict(sorted(Counter(e['lag'] for e in restarts).items()))}); within two: {within} of {len(lag)}; "
+          f"seconds: median {secs[len(secs) // 2] if secs else float('nan'):.2f}, max "
+          f"{secs[-1] if secs else float('nan'):.2f}")
+    fp_ok = [e for e in detail if e.get("fingerprint_equal")]
+    check("healed fingerprint", len(fp_ok) == len(detail),
+          f"{len(fp_ok)} of {len(detail)} rejoined peers reported, at their first sync, the survivors' "
+          "fingerprint of the global parameters"
+          + "".join(f"; rank {e['rank']} at round {e['first_round']} differs" for e in detail
+                    if not e.get("fingerprint_equal")))
+    check("hangs", fault["hangs"] == 0 and clean["hangs"] == 0,
+          f"{fault['hangs']} in the fault run, {clean['hangs']} in the fault-free run")
+    check("divergent rounds", fault["divergent"] == 0 and fault["final_equal"],
+          f"{fault['divergent']} rounds whose peers disagree on the fingerprint; final sync: live peers "
+          f"{fault['final_live']}, equal: {fault['final_equal']}; heal mismatches {fault['mismatches']}")
+    n = min(fault["rounds"], clean["rounds"]) - 1  # compared at the same round
+    d_fault = fault["initial_loss"] - _loss_at(fault, n)
+    d_clean = clean["initial_loss"] - _loss_at(clean, n)
+    ratio = d_fault / d_clean if d_clean else float("nan")
+    check("loss drop within 5%", abs(1 - ratio) <= 0.05,
+          f"after round {n}: fault run {fault['initial_loss']:.4f} -> {fault['initial_loss'] - d_fault:.4f} "
+          f"(drop {d_fault:.4f}), fault-free {clean['initial_loss']:.4f} -> {clean['initial_loss'] - d_clean:.4f} "
+          f"(drop {d_clean:.4f}); ratio {ratio:.3f}")
+    # not converged: the fault-free loss still falls over the last quarter of the compared rounds
+    q = _loss_at(clean, (3 * n) // 4)
+    end = _loss_at(clean, n)
+    falling = (q - end) / q if q else float("nan")
+    check("task not converged", falling >= 0.05,
+          f"the fault-free loss still fell {100 * falling:.1f}% over the last quarter of those rounds "
+          f"(round {(3 * n) // 4}: {q:.4f} -> round {n}: {end:.4f}; 5% or more passes)")
+    say(f"fault-free run: {clean['rounds']} rounds in {clean['seconds']:.0f} s, divergent rounds {clean['divergent']}")
+    ok = all(r for _, r in results)
+    say("PASS" if ok else "FAIL: " + ", ".join(name for name, r in results if not r))
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10.0, help="length of the fault run")
+    ap.add_argument("--minutes", type=float, default=10.0, help="length of the fault run, from its first round")
     ap.add_argument("--world", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fault-every", type=float, default=8.0, help="mean seconds between faults")
@@ -398,43 +498,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak: {args.world} peers, {args.minutes} min of seeded faults (seed {args.seed}, one every "
           f"{args.fault_every} s on average), peer_timeout {args.peer_timeout} s; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    # wall time: start-up, the minutes, the stop; the fault-free run at most as long again
     fault = run(world=args.world, seed=args.seed, minutes=args.minutes, fault_every=args.fault_every,
                 peer_timeout=args.peer_timeout, coordinator_kills=args.coordinator_kills,
-                say=lambda m: print(m, flush=True))
-    print(f"fault run: {fault['rounds']} rounds in {fault['seconds']:.0f} s; then a fault-free run of as many", flush=True)
+                max_seconds=60 * args.minutes + 600, say=say)
+    print(f"fault run: {fault['rounds']} rounds in {fault['seconds']:.0f} s; then a fault-free run of as many "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     clean = run(world=args.world, seed=args.seed, rounds=fault["rounds"], faults=False,
-                peer_timeout=args.peer_timeout, say=lambda m: print(m, flush=True))
-    d_fault, d_clean = _drop(fault), _drop(clean)
-    ratio = d_fault / d_clean if d_clean else float("nan")
-    lag = fault["rejoin_lag"]
-    within = sum(1 for x in lag if x <= 2)
-    # not converged: the fault-free loss still falls over the last quarter of its rounds
-    clean_losses = [x for x in clean["losses"] if x is not None]
-    q = clean_losses[(3 * len(clean_losses)) // 4] if clean_losses else float("nan")
-    falling = (q - clean_losses[-1]) / q if clean_losses and q else float("nan")
-    ok = (fault["hangs"] == 0 and fault["final_equal"] and fault["divergent"] == 0 and abs(1 - ratio) <= 0.05
-          and within == len(lag) and fault["coordinator_restarts"] >= min(2, args.coordinator_kills))
-    print(f"faults: {fault['kills']} kills (+{fault['restarts']} restarts from checkpoint), {fault['stalls']} stalls, "
-          f"{fault['cuts']} link cuts; {fault['drops']} peers dropped, {fault['rejoins']} rejoins, "
-          f"{fault['crashed']} unexpected exits")
-    from collections import Counter
-
-    print(f"coordinator: killed and restarted {fault['coordinator_restarts']} times")
-    print(f"rejoin (outer steps from a peer's join request, after its interpreter started, to the first "
-          f"sync that includes it): "
-          f"{dict(sorted(Counter(lag).items()))}; within two outer steps: {within} of {len(lag)}")
-    print(f"hangs: {fault['hangs']}")
-    print(f"rounds with disagreeing fingerprints: {fault['divergent']}; heal mismatches: {fault['mismatches']}")
-    print(f"final sync: live peers {fault['final_live']}, global parameters equal by fingerprint: {fault['final_equal']}")
-    print(f"loss drop: fault run {fault['initial_loss']:.4f} -> {fault['initial_loss'] - d_fault:.4f} "
-          f"(drop {d_fault:.4f}); fault-free {clean['initial_loss']:.4f} -> {clean['initial_loss'] - d_clean:.4f} "
-          f"(drop {d_clean:.4f}); ratio {ratio:.3f} ({'within' if abs(1 - ratio) <= 0.05 else 'NOT within'} 5%)")
-    print(f"not converged: the fault-free loss fell a further {100 * falling:.1f}% over its last quarter "
-          f"of rounds ({q:.4f} -> {clean_losses[-1] if clean_losses else float('nan'):.4f})")
-    print(f"fault-free run: hangs {clean['hangs']}, divergent rounds {clean['divergent']}, "
-          f"{clean['rounds']} rounds in {clean['seconds']:.0f} s")
-    print("PASS" if ok else "FAIL")
-    return 0 if ok else 1
+                peer_timeout=args.peer_timeout, max_seconds=fault["seconds"] + 300, say=say)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0 if summary(fault, clean, coordinator_kills=args.coordinator_kills, say=say) else 1
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def heal(group: Any, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """Joiner: the state a member offers and its fingerprint (to check after loading)."""
     mine = json.dumps({"config": config, "newcomer": True}, sort_keys=True, default=str).encode()
     blobs = group.exchange(mine).wait()
+    log.debug("rank %d: join handshake from ranks %s", group.rank, sorted(blobs))
     parsed: dict[int, dict[str, Any]] = {}
     for r, b in blobs.items():
         try:
@@ -82,6 +83,7 @@ def heal(group: Any, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
             raise TransportError(f"rank {r} sent an unreadable join handshake") from None
     newcomers = tuple(sorted(r for r, p in parsed.items() if p.get("newcomer") is True))
     sender, data = group.share(None, to=newcomers).wait()
+    log.debug("rank %d: %d bytes of state from rank %d", group.rank, 0 if data is None else len(data), sender)
     offer = parsed.get(sender, {})
     ref = json.loads(json.dumps(config, sort_keys=True, default=str))
     if offer.get("config") != ref:

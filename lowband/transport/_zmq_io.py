@@ -341,6 +341,8 @@ class IOLoop:
                 for posts in self.posted.values():
                     for k in [k for k in posts if k[0][0] < args[0]]:
                         del posts[k]
+            elif op == "lose":  # the coordinator confirmed that the process is gone
+                self._lose(*args)
             elif op == "stop":
                 self._stop = True
 
@@ -582,9 +584,16 @@ class IOLoop:
                 )
             else:
                 continue
-            self.lost.add(peer)
-            self._lost_why[peer] = why
-            log.warning("rank %d: rank %d lost: %s", self.cfg.rank, peer, why)
-            link.queue.clear()
-            link.unacked.clear()
-            self.hooks.unacked_void(peer)  # wakes whoever waits on it
+            self._lose(peer, why)
+
+    def _lose(self, peer: int, why: str, incarnation: int | None = None) -> None:
+        """Count ``peer`` lost (``incarnation``: only if the link is still to that process)."""
+        link = self.links.get(peer)
+        if peer in self.lost or link is None or incarnation not in (None, link.incarnation):
+            return
+        self.lost.add(peer)
+        self._lost_why[peer] = why
+        log.warning("rank %d: rank %d lost: %s", self.cfg.rank, peer, why)
+        link.queue.clear()
+        link.unacked.clear()
+        self.hooks.unacked_void(peer)  # wakes whoever waits on it

@@ -14,7 +14,9 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   0 starts with every rank. A configuration that differs from the first joiner's
   is refused with ``kind = "mismatch"`` naming the keys and values. A rank that
   joins a running group (a restart or a late joiner) waits until its old
-  incarnation is gone (dropped by a commit, or left) and then enters at the next
+  incarnation is out of the membership (dropped by a commit, left, or, for a
+  restart whose old process is gone, taken out at once by this join: commits stop
+  waiting for it) and then enters at the next
   commit that asks for admission (``admit: true``, see :meth:`Group.admit
   <lowband.transport.group.Group.admit>`), which starts a new epoch; its reply
   names that commit's key as ``joined_at`` (``None`` for the ranks present from
@@ -28,7 +30,10 @@ Requests (a JSON object with ``op`` and a client-chosen ``id``; the reply echoes
   it holds (epoch, members, its own endpoints, its last decision); the first
   such claim re-creates the running group, later ones add their endpoints.
 - ``status``: which ranks of a group have joined and whether it started (read only;
-  a waiting peer names the missing ranks when its ``init_timeout`` ends).
+  a waiting peer names the missing ranks when its ``init_timeout`` ends). With
+  ``peer`` and ``incarnation``: whether that process is gone here too (``gone``: its
+  connection closed, a new process holds its rank, or it is no longer a member); a
+  member whose every connection to that peer closed then counts it lost at once.
 - ``commit``: a member proposes the ranks it believes alive for one collective
   ``key = (epoch, seq, phase)``. Members may re-propose a smaller set while they
   wait. Members are the ranks of the previous decision (every rank before the
@@ -231,6 +236,7 @@ class Group:
     seen: dict[int, float] = field(default_factory=dict)  # member -> last request (lease)
     admit: set[tuple[int, int, int]] = field(default_factory=set)  # keys that asked for admission
     recovered: bool = False  # rebuilt from members' claims after a coordinator restart
+    recovered_at: float = 0.0  # when (a member not re-registered by then + the grace: gone)
     seeded: set[tuple[int, int, int]] = field(default_factory=set)  # decisions taken from claims
 
 
@@ -381,6 +387,12 @@ class Membership:
         waiting.append((who, rank))
         _cap_waiters(waiting, g.world_size)
         log.info("group %r: rank %d waits to be admitted", name, rank)
+        if rank in g.members and rank in g.members_info:
+            # a restart: _claim found the old process gone (its connection closed, or its lease
+            # ran out), so it leaves the membership now; commits stop waiting for it, and the
+            # new process is admitted at the next admission commit, not after a timeout
+            log.info("group %r: rank %d restarted; its old process leaves the members", name, rank)
+            self._remove_member(name, g, rank)
         return None
 
     def _drop_waiting(self, name: str, rank: int) -> None:
@@ -552,9 +564,26 @@ class Membership:
         if g is None:
             return {"world_size": None, "joined": [], "started": False}
         joined = g.members if g.started else sorted(g.members_info)
-        # config: what a restarted island needs to know its group's shape (transport/islands.py)
-        return {"world_size": g.world_size, "joined": list(joined), "started": g.started,
-                "waiting": sorted(g.joiners), "config": g.config if g.started else None}
+        out = {"world_size": g.world_size, "joined": list(joined), "started": g.started,
+               "waiting": sorted(g.joiners),
+               # what a restarted island needs to know its group's shape (transport/islands.py)
+               "config": g.config if g.started else None}
+        peer, inc = req.get("peer"), req.get("incarnation")
+        if g.started and isinstance(peer, int) and isinstance(inc, int) and 0 <= peer < g.world_size:
+            out["gone"], out["why"] = self._process_gone(_field(req, "group", str), g, peer, inc)
+        return out
+
+    def _process_gone(self, name: str, g: Group, rank: int, inc: int) -> tuple[bool, str]:
+        """Whether process ``inc`` of ``rank`` is gone as far as this coordinator knows: a
+        member that asks about a peer whose connections all closed learns it is lost now."""
+        h = self.holders.get((name, rank))
+        if h is not None and h.incarnation != inc and _holds(g, rank, h):
+            return True, "a new process holds its rank"
+        if rank not in g.members:
+            return True, "it is no longer a member"
+        if h is not None and h.incarnation == inc and not self._is_live(h.conn):
+            return True, "its connection to the coordinator closed"
+        return False, ""
 
     def alive(self, req: dict[str, Any]) -> dict[str, Any]:
         """A member's lease: it is still there."""
@@ -592,16 +621,21 @@ class Membership:
             del g.joiners[rank]
             self._waiting_join[name] = [x for x in self._waiting_join.get(name, []) if x[1] != rank]
         if rank in g.members and g.members_info.get(rank, {}).get("incarnation") == inc:
-            g.members = tuple(r for r in g.members if r != rank)
-            g.seen.pop(rank, None)
-            g.epoch += 1
-            log.info("group %r: rank %d left; members %s", name, rank, g.members)
-            if not g.members:
-                self._end(name, g)
-                return {}
-            for key in list(g.proposals):  # a commit that waited for it may be due now
-                self._settle(name, g, key)
+            log.info("group %r: rank %d left", name, rank)
+            self._remove_member(name, g, rank)
         return {}
+
+    def _remove_member(self, name: str, g: Group, rank: int) -> None:
+        """``rank``'s process is out of the running group (it left, or a restart replaced it)."""
+        g.members = tuple(r for r in g.members if r != rank)
+        g.seen.pop(rank, None)
+        g.epoch += 1
+        log.info("group %r: epoch %d, members %s", name, g.epoch, g.members)
+        if not g.members:
+            self._end(name, g)
+            return
+        for key in list(g.proposals):  # a commit that waited for it may be due now
+            self._settle(name, g, key)
 
     def recover(self, who: Any, req: dict[str, Any], key: str | None = None) -> dict[str, Any] | None:
         """A member re-registers after a coordinator restart (this process knows nothing)."""
@@ -623,7 +657,7 @@ class Membership:
                 self._last_live[name] = self.clock()
             g = self.groups[name] = Group(world, config, rank)
             g.started, g.epoch, g.members = True, epoch, tuple(sorted(set(members)))
-            g.joiners, g.recovered = early, True
+            g.joiners, g.recovered, g.recovered_at = early, True, self.clock()
             log.info("group %r recovered from rank %d: epoch %d, members %s", name, rank, epoch, g.members)
         elif g.recovered and epoch > g.epoch and not g.decisions.keys() - g.seeded:
             # a newer view than the claim the group was rebuilt from (that one came from a
@@ -652,6 +686,8 @@ class Membership:
                 if at not in g.decisions:
                     g.decisions[at] = {"participants": sorted(parts), **self._view(g), "waiting": []}
                     g.seeded.add(at)
+        for k in list(g.proposals):  # a commit that waited for this member's claim may be due
+            self._settle(name, g, k)
         return self._view(g)
 
     # -- commit ----------------------------------------------------------------------
@@ -702,7 +738,20 @@ class Membership:
             return
         agreed = frozenset.intersection(*props.values()) & frozenset(g.members)
         if agreed <= props.keys() and agreed:
+            if agreed != frozenset(g.members) and self._recovering(g):
+                return  # it would drop members that may still re-register (with a newer view)
             self._decide(name, g, key, tuple(sorted(agreed)))
+
+    def _recovering(self, g: Group) -> bool:
+        """A group rebuilt after a restart whose members have not all re-registered, within
+        the grace they need to (two lease renewals and a second). The first claim may come from
+        a member that missed a change (one the others dropped while it stalled): a decision
+        that drops the others now would split the group, so it waits for their newer claims."""
+        # (a rank a new process waits for counts: its old process is gone)
+        if not g.recovered or all(r in g.members_info or r in g.joiners for r in g.members):
+            return False
+        renew = min(3.0, max(0.2, self.lease / 5))
+        return self.clock() - g.recovered_at < 2 * renew + 1.0
 
     def _decide(
         self, name: str, g: Group, key: tuple[int, int, int], parts: tuple[int, ...]
@@ -715,7 +764,10 @@ class Membership:
         # held its rank before is out of the membership
         shrank = parts != g.members
         joined: dict[int, dict[str, Any]] = {}
-        if admit and not shrank:
+        # nor at a collective begun before the membership last changed outside a commit (a
+        # member left, or a restart replaced it): it counted the rank that went, so the
+        # survivors run it again among fewer, which would drop the joiner at once
+        if admit and not shrank and key[0] >= g.epoch:
             joined = {r: i for r, i in g.joiners.items() if r not in parts}
         if shrank or joined:
             g.epoch += 1

@@ -86,30 +86,46 @@ def _req(rank: int, inc: int, world: int = 2, **extra) -> dict:
             "incarnation": inc, "config": {}, **extra}
 
 
-def test_restart_waits_until_its_old_incarnation_is_dropped() -> None:
-    """Issue 16, item 2: a restart that joins before the survivors dropped its old process is
-    not admitted at the commit that drops the old one (the retry among fewer would drop it)."""
+def test_restart_replaces_its_gone_process_at_once_and_enters_at_the_next_admission() -> None:
+    """Issue 16: a restart whose old process is gone (its connection closed: the default
+    Membership knows no live connection) takes it out of the members at its join, so commits
+    stop waiting for it; it is not admitted at a collective begun before (the survivors run
+    that one again among fewer, which would drop it), but at the next admission commit."""
     m = Membership()
     for r in range(3):
         m.join(("j", r), _req(r, 100 + r, world=3))
     m.ready()
-    assert m.join(("new", 2), _req(2, 999, world=3)) is None  # rank 2 restarted, old one not dropped
-    for r in (0, 1):  # an admission commit that still holds the old rank 2 admits nobody...
+    for r in (0, 1):  # a collective in flight when rank 2 died: it waits for rank 2's proposal
         m.commit(("c", r), {"group": "g", "rank": r, "key": [0, 1, 9], "alive": [0, 1, 2], "admit": True})
-    m.commit(("c", 2), {"group": "g", "rank": 2, "key": [0, 1, 9], "alive": [0, 1, 2], "admit": True,
-                        "incarnation": 102})
-    assert all(v["members"] == [0, 1, 2] and v["waiting"] == [] for _, v in m.ready())
-    # ...nor one that drops it: the survivors run that collective again
-    for r in (0, 1):
-        m.commit(("c", r), {"group": "g", "rank": r, "key": [0, 2, 9], "alive": [0, 1], "admit": True})
-    due = m.ready()
-    assert all(v["members"] == [0, 1] and v["waiting"] == [2] for _, v in due)
-    # the retry keeps every member: now the new process enters
-    for r in (0, 1):
-        m.commit(("c", r), {"group": "g", "rank": r, "key": [1, 2, 9], "alive": [0, 1], "admit": True})
+    assert m.ready() == []
+    assert m.join(("new", 2), _req(2, 999, world=3)) is None  # rank 2 restarted
+    due = m.ready()  # the old process left: the collective is decided without it, nobody admitted
+    assert len(due) == 2 and all(v["participants"] == [0, 1] and v["members"] == [0, 1]
+                                 and v["waiting"] == [2] and v["epoch"] == 1 for _, v in due)
+    # the old process, had it asked, gets a set without itself
+    late = m.commit(("c", 2), {"group": "g", "rank": 2, "key": [0, 1, 9], "alive": [0, 1, 2],
+                              "incarnation": 102})
+    assert late is not None and late["participants"] == [0, 1]
+    for r in (0, 1):  # the survivors' retry keeps every member: the new process enters
+        m.commit(("c", r), {"group": "g", "rank": r, "key": [1, 1, 9], "alive": [0, 1], "admit": True})
     views = dict(m.ready())
-    assert views[("new", 2)]["joined_at"] == [1, 2, 9] and views[("new", 2)]["members"] == [0, 1, 2]
+    assert views[("new", 2)]["joined_at"] == [1, 1, 9] and views[("new", 2)]["members"] == [0, 1, 2]
     assert views[("new", 2)]["peers"]["2"]["incarnation"] == 999
+    assert m.status({"group": "g", "peer": 2, "incarnation": 102})["gone"] is True
+    assert m.status({"group": "g", "peer": 2, "incarnation": 999})["gone"] is True  # not live here
+
+
+def test_status_says_whether_a_peers_process_is_gone() -> None:
+    live = {"a0", "a1"}
+    m = Membership(is_live=lambda conn: conn in live)
+    for r in range(2):
+        m.join((f"a{r}", r), _req(r, 10 + r))
+    m.ready()
+    assert m.status({"group": "g", "peer": 1, "incarnation": 11})["gone"] is False
+    assert "gone" not in m.status({"group": "g"})
+    live.discard("a1")  # rank 1's process ended: its connection closed
+    st = m.status({"group": "g", "peer": 1, "incarnation": 11})
+    assert st["gone"] is True and "connection" in st["why"]
 
 
 def test_a_run_ends_when_its_members_leave_or_their_lease_runs_out() -> None:
@@ -125,16 +141,34 @@ def test_a_run_ends_when_its_members_leave_or_their_lease_runs_out() -> None:
     for r in range(2):
         m.join(("b", r), _req(r, r + 10))
     assert [v["joined_at"] for _, v in m.ready()] == [None, None]
-    # a crash: nobody leaves; new processes wait while the lease holds...
+    # a crash whose connections closed (this Membership knows no live one): the restarted
+    # processes replace the gone ones at their joins, and the last replacement starts a new run
     now[0] = 5.0
     m.join(("c", 0), _req(0, 20))
+    assert m.ready() == []  # rank 1's old process is still a member: rank 0 waits to be admitted
     m.join(("c", 1), _req(1, 21))
-    assert m.ready() == []
-    now[0] = 16.0  # ...and start a new run once every old member is silent past it
-    m.join(("c", 0), _req(0, 20))
     due = dict(m.ready())
     assert due[("c", 0)]["epoch"] == 0 and due[("c", 0)]["joined_at"] is None
     assert due[("c", 1)]["peers"]["1"]["incarnation"] == 21
+
+
+def test_a_crashed_run_whose_connections_look_live_ends_with_its_lease() -> None:
+    """A host that hangs keeps its connections: its ranks are held until the lease runs out."""
+    now = [0.0]
+    m = Membership(lease=10.0, clock=lambda: now[0], is_live=lambda conn: conn == "b")
+    for r in range(2):
+        m.join(("b", r), _req(r, r + 10))
+    assert len(m.ready()) == 2
+    now[0] = 5.0
+    for r in range(2):
+        with pytest.raises(RequestError) as e:
+            m.join(("c", r), _req(r, 20 + r))
+        assert e.value.kind == "duplicate"
+    now[0] = 16.0  # every old member silent past the lease: a new run
+    m.join(("c", 0), _req(0, 20))
+    m.join(("c", 1), _req(1, 21))
+    due = dict(m.ready())
+    assert due[("c", 0)]["epoch"] == 0 and due[("c", 0)]["joined_at"] is None
 
 
 def test_a_restarted_coordinator_recovers_membership_from_the_members() -> None:
@@ -151,6 +185,43 @@ def test_a_restarted_coordinator_recovers_membership_from_the_members() -> None:
     m.commit("a", {"group": "g", "rank": 0, "key": [4, 8, 9], "alive": [0, 2]})
     m.commit("b", {"group": "g", "rank": 2, "key": [4, 8, 9], "alive": [0, 2]})
     assert [v["participants"] for _, v in m.ready()] == [[0, 2], [0, 2]]
+
+
+def test_a_stale_first_claim_after_a_coordinator_restart_cannot_split_the_group() -> None:
+    """Soak, 2026-12-02: rank 0 stalled, the others dropped it (epoch 1), the coordinator
+    restarted, and rank 0 (which believed everyone else lost) re-registered first with its
+    old view and decided a collective alone. A decision that drops members who have not
+    re-registered waits for their claims (or the grace), and the newer claim replaces the view."""
+    now = [0.0]
+    m = Membership(clock=lambda: now[0])  # lease 15 s: a grace of 7 s
+    stale = {**_req(0, 100, world=4), "epoch": 0, "members": [0, 1, 2, 3]}
+    m.recover(("a", 0), stale)
+    alone = {"group": "g", "rank": 0, "incarnation": 100, "key": [0, 9, 9], "alive": [0]}
+    assert m.commit(("c", 0), alone) is None  # would drop 1, 2, 3: it waits
+    now[0] = 0.5
+    view = m.recover(("a", 1), {**_req(1, 101, world=4), "epoch": 1, "members": [1, 2, 3]})
+    assert view["members"] == [1, 2, 3] and view["epoch"] == 1
+    for r in (2, 3):
+        m.recover(("a", r), {**_req(r, 100 + r, world=4), "epoch": 1, "members": [1, 2, 3]})
+    assert m.ready() == []  # rank 0's lone collective was never decided
+    late = m.commit(("c", 0), alone)
+    assert late is not None and 0 not in late["participants"]  # rank 0 learns it was dropped
+    for r in (1, 2, 3):
+        m.commit(("d", r), {"group": "g", "rank": r, "incarnation": 100 + r, "key": [1, 5, 9], "alive": [1, 2, 3]})
+    assert [v["participants"] for _, v in m.ready()] == [[1, 2, 3]] * 3
+
+
+def test_after_a_restart_a_member_that_never_re_registers_is_dropped_after_the_grace() -> None:
+    now = [0.0]
+    m = Membership(clock=lambda: now[0])
+    for r in (0, 1):
+        m.recover(("a", r), {**_req(r, 10 + r, world=3), "epoch": 2, "members": [0, 1, 2]})
+    for r in (0, 1):
+        m.commit(("c", r), {"group": "g", "rank": r, "incarnation": 10 + r, "key": [2, 1, 9], "alive": [0, 1]})
+    assert m.ready() == []  # rank 2 may still re-register
+    now[0] = 8.0  # past the grace: rank 2 is gone
+    m.commit(("c", 0), {"group": "g", "rank": 0, "incarnation": 10, "key": [2, 1, 9], "alive": [0, 1]})
+    assert [v["participants"] for _, v in m.ready()] == [[0, 1]] * 3
 
 
 def test_bad_requests_are_refused() -> None:
