@@ -72,11 +72,13 @@ def _worker(rank: int, coord: str, n: int, configs: list[tuple[int, int]], cmds:
                     rank, peers, store=coord, backend="zmq", peer_timeout=120,
                     group_name=f"loop{peers}x{threads}", io_threads=threads or None, streams=streams,
                 )
-        inputs = {p: torch.randn(n, generator=torch.Generator().manual_seed(7 + rank)) for p, _ in configs}
+        # every shape measured: lowband's configs and the raw baselines (the 2-way exchange always runs)
+        shapes = {2} | {p for p, _ in configs}
+        inputs = {p: torch.randn(n, generator=torch.Generator().manual_seed(7 + rank)) for p in shapes}
         result = torch.zeros(n)  # preallocated output, as the raw receiver's buffer
         expected = {
             p: torch.stack([torch.randn(n, generator=torch.Generator().manual_seed(7 + r)) for r in range(p)]).mean(0)
-            for p in {p for p, _ in configs} if rank < p
+            for p in shapes if rank < p
         }
         for g in groups.values():
             g.all_reduce(inputs[g.world_size][:4096]).wait()  # connect every stream
