@@ -88,3 +88,43 @@ def test_coordinator_serves_and_is_reached_over_bracketed_ipv6() -> None:
         finally:
             client.close()
     ctx.term()
+
+
+@pytest.mark.parametrize("host", [None, "::1"])
+def test_a_zmq_group_all_reduces_over_ipv6_loopback(host: str | None) -> None:
+    """Two ranks of ``init_group(backend="zmq")`` through a coordinator on ``[::1]``: their
+    stream and heartbeat sockets bind and dial IPv6 (``host=None``: the source address
+    routed to the coordinator, ``::1``), and the all-reduce gives the exact mean."""
+    import threading
+
+    import torch
+
+    import lowband
+    from lowband.transport.coordinator import start_coordinator
+
+    results: dict[int, torch.Tensor] = {}
+    endpoints: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int, address: str) -> None:
+        try:
+            g = lowband.init_group(r, 2, store=address, backend="zmq", host=host, peer_timeout=20,
+                                   group_name=f"v6{host}", init_timeout=60)
+            try:
+                endpoints[r] = g.carrier.io.data_endpoint
+                results[r] = g.all_reduce(torch.full((1000,), float(r + 1)), op="mean").wait()
+            finally:
+                g.close()
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    with start_coordinator("[::1]:0") as co:
+        threads = [threading.Thread(target=rank, args=(r, co.address), daemon=True) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+    assert not errors, errors
+    assert all(e.startswith("tcp://[::1]:") for e in endpoints.values()), endpoints
+    for r in range(2):
+        assert torch.equal(results[r], torch.full((1000,), 1.5))

@@ -1,14 +1,11 @@
-"""The ZeroMQ socket factory: the coordinator, its clients, weight sync and rollouts make
-their sockets with :func:`open_socket`.
+"""The ZeroMQ socket factory: the carrier's stream and heartbeat sockets, the coordinator,
+its clients, weight sync and rollouts make their sockets with :func:`open_socket`.
 
 A socket of one kind with ``LINGER`` 0 (closing never waits on an unreachable peer:
 lowband re-sends what matters itself) and the named options set, in the order given;
 if ZeroMQ refuses one, the socket is closed again before the error propagates, so a
 failed construction leaks nothing. With an :class:`~lowband._endpoint.Endpoint`,
 ``ipv6`` follows the address (ZeroMQ refuses IPv6 addresses unless told).
-
-The carrier's stream and heartbeat sockets (``_zmq_io``, ``_zmq_link.tune_dealer``) are
-not built here yet.
 """
 
 from __future__ import annotations

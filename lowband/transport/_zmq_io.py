@@ -29,7 +29,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from lowband._endpoint import Endpoint
 from lowband.errors import TransportError
+from lowband.transport._sockets import open_socket
 from lowband.transport._stats import CommStats
 from lowband.transport._wire import (
     ACK,
@@ -49,9 +51,9 @@ from lowband.transport._zmq_link import (
     Link,
     Stream,
     TokenBucket,
+    dealer_options,
     identity,
     parse_identity,
-    tune_dealer,
 )
 from lowband.transport._zmq_recv import Inbound
 
@@ -144,22 +146,23 @@ class IOLoop:
         )
 
     def _router(self, host: str) -> zmq.Socket:
-        s = self.ctx.socket(zmq.ROUTER)
-        s.linger = 0
-        s.maxmsgsize = self.cfg.chunk_size + self.max_header
-        s.rcvhwm = s.sndhwm = self.hwm * 4
-        s.router_mandatory = 1
-        s.router_handover = 1
-        s.tcp_keepalive, s.tcp_keepalive_idle, s.tcp_keepalive_intvl, s.tcp_keepalive_cnt = (
-            1,
-            20,
-            5,
-            4,
+        ep = Endpoint(host.removeprefix("[").removesuffix("]"), 0)
+        s = open_socket(
+            self.ctx, zmq.ROUTER, ep,
+            maxmsgsize=self.cfg.chunk_size + self.max_header,
+            rcvhwm=self.hwm * 4,
+            sndhwm=self.hwm * 4,
+            router_mandatory=1,
+            router_handover=1,
+            tcp_keepalive=1,
+            tcp_keepalive_idle=20,
+            tcp_keepalive_intvl=5,
+            tcp_keepalive_cnt=4,
         )
         if self.cfg.security is not None:
             self.cfg.security.server(s)
         try:
-            s.bind(f"tcp://{host}:*")
+            s.bind(ep.url("*"))
         except zmq.ZMQError as e:
             s.close(0)
             raise TransportError(f"rank {self.cfg.rank} cannot bind {host!r}: {e}") from e
@@ -356,23 +359,27 @@ class IOLoop:
             self.hooks.unacked_void(peer)  # what the old process did not acknowledge, it never will
         c = self.cfg
         streams = []
+        data_url, hb_url = c.connect_map(info["data"]), c.connect_map(info["hb"])
+        data_ep = Endpoint.parse(data_url, f"rank {peer}'s data endpoint")
+        hb_ep = Endpoint.parse(hb_url, f"rank {peer}'s heartbeat endpoint")
+        tuned = dealer_options(hwm=self.hwm, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat)
         for i in range(c.streams):
-            s = self.ctx.socket(zmq.DEALER)
-            s.identity = identity(c.rank, i, c.incarnation)
-            tune_dealer(s, hwm=self.hwm, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat)
-            s.sndhwm = self.stream_hwm
-            s.maxmsgsize = self.max_header + 8 * 65536 + 64
+            s = open_socket(
+                self.ctx, zmq.DEALER, data_ep, identity=identity(c.rank, i, c.incarnation),
+                **{**tuned, "sndhwm": self.stream_hwm}, maxmsgsize=self.max_header + 8 * 65536 + 64,
+            )
             if server_key is not None:
                 c.security.client(s, server_key)
             mon = s.get_monitor_socket(_MONITOR_EVENTS)
-            s.connect(c.connect_map(info["data"]))
+            s.connect(data_url)
             streams.append(Stream(s, mon))
-        hb = self.ctx.socket(zmq.DEALER)
-        hb.identity = identity(c.rank, HB_STREAM, c.incarnation)
-        tune_dealer(hb, hwm=16, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat)
+        hb = open_socket(
+            self.ctx, zmq.DEALER, hb_ep, identity=identity(c.rank, HB_STREAM, c.incarnation),
+            **dealer_options(hwm=16, peer_timeout=c.peer_timeout, heartbeat=self.heartbeat),
+        )
         if server_key is not None:
             c.security.client(hb, server_key)
-        hb.connect(c.connect_map(info["hb"]))
+        hb.connect(hb_url)
         self.links[peer] = Link(peer, inc, streams, hb)
         self.last_alive[peer] = time.monotonic()
         self.lost.discard(peer)

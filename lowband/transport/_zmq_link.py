@@ -51,7 +51,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["SNDBUF_CEILING", "Chunk", "Link", "identity", "parse_identity", "tune_dealer"]
+__all__ = ["SNDBUF_CEILING", "Chunk", "Link", "identity", "dealer_options", "parse_identity"]
 
 #: Linux autotunes a socket's send buffer up to about this much on this kind of host.
 SNDBUF_CEILING = 4 << 20
@@ -72,19 +72,24 @@ def parse_identity(ident: bytes) -> tuple[int, int, int] | None:
     return (rank, stream, inc) if magic == b"LB" else None
 
 
-def tune_dealer(sock: zmq.Socket, *, hwm: int, peer_timeout: float, heartbeat: float) -> None:
-    sock.linger = 0
-    sock.immediate = 1
-    sock.sndhwm = sock.rcvhwm = hwm
-    sock.tcp_keepalive = 1
-    sock.tcp_keepalive_idle = 20
-    sock.tcp_keepalive_intvl = 5
-    sock.tcp_keepalive_cnt = 4
-    sock.heartbeat_ivl = max(100, int(heartbeat * 1000))
-    sock.heartbeat_timeout = max(5000, int(peer_timeout * 500))
-    sock.reconnect_ivl = 100
-    sock.reconnect_ivl_max = 5000
-    sock.connect_timeout = 5000
+def dealer_options(*, hwm: int, peer_timeout: float, heartbeat: float) -> dict[str, int]:
+    """Options of a stream or heartbeat DEALER, for :func:`~lowband.transport._sockets.open_socket`:
+    queue nothing for a connection not yet up, TCP keepalive and ZeroMQ heartbeats (a peer that
+    stops answering closes the connection), quick reconnects."""
+    return dict(
+        immediate=1,
+        sndhwm=hwm,
+        rcvhwm=hwm,
+        tcp_keepalive=1,
+        tcp_keepalive_idle=20,
+        tcp_keepalive_intvl=5,
+        tcp_keepalive_cnt=4,
+        heartbeat_ivl=max(100, int(heartbeat * 1000)),
+        heartbeat_timeout=max(5000, int(peer_timeout * 500)),
+        reconnect_ivl=100,
+        reconnect_ivl_max=5000,
+        connect_timeout=5000,
+    )
 
 
 @dataclass

@@ -102,7 +102,7 @@ from typing import Any
 import zmq
 
 from lowband._endpoint import Endpoint
-from lowband.errors import TransportError
+from lowband.errors import ConfigError, TransportError
 from lowband.transport._sockets import open_socket
 
 __all__ = ["Coordinator", "CoordinatorProcess", "Holder", "Membership", "main", "start_coordinator"]
@@ -309,6 +309,13 @@ class Membership:
         }
         if info["pubkey"] is not None and not isinstance(info["pubkey"], str):
             raise RequestError("field 'pubkey' not a string")
+        for f in ("data", "hb"):  # the members dial these: a malformed one is refused here
+            if not info[f].startswith("tcp://"):
+                raise RequestError(f"field {f!r} must be a tcp:// endpoint")
+            try:
+                Endpoint.parse(info[f], f"field {f!r}")
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
         return info
 
     def _check_config(self, g: Group, rank: int, world: int, config: dict[str, Any]) -> None:

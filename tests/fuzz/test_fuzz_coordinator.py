@@ -66,12 +66,12 @@ def _valid(rng: random.Random, case: dict) -> dict:
     world = case["worlds"][group]
     rank = rng.randrange(world)
     if op == "join":
-        return {"op": "join", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank}",
+        return {"op": "join", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank + 1000}",
                 "hb": "tcp://h:9", "incarnation": rng.choice([1, 2, 3]), "pubkey": case["key"],
                 "config": {"codec": "q4"} if rng.random() < 0.95 else {}}
     if op == "recover":  # a member re-registering with a restarted coordinator (issue 16)
         members = sorted({rank, *rng.sample(range(world), rng.randint(0, world))})
-        return {"op": "recover", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank}",
+        return {"op": "recover", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank + 1000}",
                 "hb": "tcp://h:9", "incarnation": rng.choice([1, 2, 3]), "pubkey": case["key"],
                 "config": {"codec": "q4"}, "epoch": rng.randrange(3), "members": members,
                 "last": {"key": [0, rng.randrange(case["keys"]), 0], "participants": members}}

@@ -82,7 +82,7 @@ def test_late_joiner_enters_at_the_next_admission() -> None:
 
 
 def _req(rank: int, inc: int, world: int = 2, **extra) -> dict:
-    return {"group": "g", "rank": rank, "world_size": world, "data": f"tcp://x:{rank}", "hb": "tcp://x:9",
+    return {"group": "g", "rank": rank, "world_size": world, "data": f"tcp://x:{rank + 1000}", "hb": "tcp://x:9",
             "incarnation": inc, "config": {}, **extra}
 
 

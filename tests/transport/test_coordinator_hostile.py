@@ -41,7 +41,7 @@ from lowband.transport.security import Curve, generate_keys
 
 
 def _req(rank: int, inc: int, *, group: str = "g", world: int = 2, pubkey: str | None = None) -> dict:
-    return {"op": "join", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank}",
+    return {"op": "join", "group": group, "rank": rank, "world_size": world, "data": f"tcp://h:{rank + 1000}",
             "hb": "tcp://h:1", "incarnation": inc, "pubkey": pubkey, "config": {}}
 
 
@@ -158,6 +158,18 @@ def test_oversized_join_fields_are_refused() -> None:
         m.join("x", {**_req(0, 1), "data": "x" * 10_000})
     with pytest.raises(RequestError, match="'config' over"):
         m.join("x", {**_req(0, 1), "config": {"k": "v" * 100_000}})
+    assert m.groups == {}
+
+
+@pytest.mark.parametrize("data", ["garbage", "tcp://h", "tcp://h:0", "tcp://::1:5", "ipc:///tmp/x", "h:5"])
+def test_a_join_whose_endpoint_members_cannot_dial_is_refused(data: str) -> None:
+    """The members' I/O threads dial what a join advertises: a malformed endpoint is refused
+    at the join, with the field named, and leaves no group behind."""
+    m = Membership()
+    with pytest.raises(RequestError, match="'data'"):
+        m.join("x", {**_req(0, 1), "data": data})
+    with pytest.raises(RequestError, match="'hb'"):
+        m.join("x", {**_req(0, 1), "hb": data})
     assert m.groups == {}
 
 
@@ -369,7 +381,7 @@ def test_with_curve_a_key_cannot_speak_for_another_rank(keys: Path) -> None:
                                   timeout=20)
             th.join(30)
             assert rep["participants"] == [0, 1] and out[0]["participants"] == [0, 1]
-            assert rep["peers"]["0"]["data"] == "tcp://h:0" and rep["peers"]["0"]["pubkey"] == pub["rank0"]
+            assert rep["peers"]["0"]["data"] == "tcp://h:1000" and rep["peers"]["0"]["pubkey"] == pub["rank0"]
         finally:
             for c in cl.values():
                 c.close()
