@@ -65,7 +65,7 @@ def bomb() -> dict[str, Any]:
     tree = {"dict": [["format", ck.FORMAT], ["model", {"dict": [["w", huge]]}], ["optimizer", None],
                      ["rng", None], ["extra", {"dict": []}]]}
     header = json.dumps(tree).encode()
-    body = ck._PREFIX.pack(ck.MAGIC, ck.VERSION, len(header)) + header
+    body = ck._PREFIX.pack(len(header)) + header
     refused = 0
     rss0 = _rss_mb()
     with tempfile.TemporaryDirectory() as d:

@@ -2,8 +2,8 @@
 
 Every lowband message is a list of frames whose first frame starts with a fixed
 little-endian header: a magic, a one-byte version, then fixed-width fields. The
-payload (``LBND``), the ZeroMQ transport (``LBT``), weight sync (``LBSY``) and
-rollouts (``LBRO``) all describe theirs as a :class:`Layout`, and read variable parts
+payload (``LBND``), the ZeroMQ transport (``LBT``), weight sync (``LBSY``),
+rollouts (``LBRO``) and the checkpoint file's prefix (``LBCKPT``) all describe theirs as a :class:`Layout`, and read variable parts
 (length tables, manifests, nested structures) through a bounded :class:`Reader`.
 The checks live here once, in one order (size, magic, version, counts, lengths, caps),
 and raise the error type the caller names (a :mod:`lowband.errors` class, or a
@@ -49,6 +49,8 @@ def _struct(fmt: str) -> struct.Struct:
 class Layout:
     """A fixed header: ``magic``, a u8 ``version``, then ``fields`` (struct codes, little-endian).
 
+    ``version_code="I"``: a u32 version (the checkpoint file's prefix).
+
     ``what`` names the message in errors (``"sync message"``); ``version_name`` names the
     version field (``"wire version"``, ``"protocol"``); ``error`` builds the exception.
     """
@@ -63,16 +65,17 @@ class Layout:
         fields: str,
         *,
         version_name: str = "version",
+        version_code: str = "B",
         error: ErrorFactory = CodecError,
     ) -> None:
-        if not magic or not 0 <= version <= 255:
-            raise ValueError(f"layout {what}: a magic and a u8 version are needed")
+        if not magic or version_code not in ("B", "I") or not 0 <= version < 1 << (8 * _struct(version_code).size):
+            raise ValueError(f"layout {what}: a magic and a u8 or u32 version are needed")
         self.what = what
         self.magic = magic
         self.version = version
         self.version_name = version_name
         self.error = error
-        self.struct = struct.Struct(f"<{len(magic)}sB{fields}")
+        self.struct = struct.Struct(f"<{len(magic)}s{version_code}{fields}")
         self.size = self.struct.size
         #: ``pack(*fields)``: the header bytes, magic, version, then ``fields`` in order (a
         #: partial of the struct's own pack: no Python frame on the send path)

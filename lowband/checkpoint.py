@@ -38,12 +38,12 @@ import random
 import re
 import secrets
 import socket
-import struct
 from typing import Any
 
 import numpy as np
 import torch
 
+from lowband._frames import Layout
 from lowband.errors import CheckpointError, ConfigError, LowbandError
 
 __all__ = ["save", "load", "remove_orphans", "FORMAT", "MAX_BYTES", "MAX_HEADER"]
@@ -51,7 +51,9 @@ __all__ = ["save", "load", "remove_orphans", "FORMAT", "MAX_BYTES", "MAX_HEADER"
 FORMAT = "lowband-checkpoint/2"
 VERSION = 2
 MAGIC = b"LBCKPT\x00\x00"
-_PREFIX = struct.Struct("<8sIQ")
+#: The file's prefix: magic, u32 format version, u64 header length.
+_PREFIX = Layout("checkpoint", MAGIC, VERSION, "Q", version_name="format version", version_code="I",
+                 error=CheckpointError)
 DIGEST = 32
 #: Default cap on a checkpoint file's size at load (``load(max_bytes=...)`` to change it).
 MAX_BYTES = 64 << 30
@@ -295,7 +297,7 @@ def save(path: str | os.PathLike[str], model: torch.nn.Module | None, optimizer:
     try:
         with open(name, "xb") as f:
             h = hashlib.sha256()
-            for chunk in (_PREFIX.pack(MAGIC, VERSION, len(header)), header):
+            for chunk in (_PREFIX.pack(len(header)), header):
                 f.write(chunk)
                 h.update(chunk)
             for t in tensors:
@@ -341,11 +343,10 @@ def _read(path: str, max_bytes: int, device: str | torch.device | None) -> dict[
                                       f"from an older lowband, or foreign); this lowband reads only {FORMAT}")
             if len(prefix) < _PREFIX.size:
                 raise CheckpointError(f"{path!r} is truncated or not a lowband checkpoint")
-            magic, version, hlen = _PREFIX.unpack(prefix)
-            if magic != MAGIC:
-                raise CheckpointError(f"{path!r} is not a lowband checkpoint")
-            if version != VERSION:
-                raise CheckpointError(f"{path!r} has checkpoint format version {version}; this lowband reads only {VERSION} ({FORMAT})")
+            try:
+                (hlen,) = _PREFIX.unpack(prefix)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path!r}: {e} ({FORMAT})") from None
             data_bytes = size - _PREFIX.size - hlen - DIGEST
             if hlen > MAX_HEADER or data_bytes < 0:
                 raise CheckpointError(f"{path!r}: header of {hlen} bytes does not fit the file or the cap {MAX_HEADER}")

@@ -37,7 +37,7 @@ def _seed() -> tuple[Any, bytes]:
     with tempfile.TemporaryDirectory() as d:
         lowband.save(os.path.join(d, "c.pt"), m, opt, step=3, pos=[1, (2, 3.5)], t=torch.arange(4))
         blob = open(os.path.join(d, "c.pt"), "rb").read()
-    _, _, hlen = ck._PREFIX.unpack_from(blob)
+    _, _, hlen = ck._PREFIX.struct.unpack_from(blob)
     start = ck._PREFIX.size
     return json.loads(blob[start : start + hlen]), blob[start + hlen : -ck.DIGEST]
 
@@ -93,7 +93,7 @@ def _mutate(data: st.DataObject, tree: Any, raw: bytearray) -> Any:
 def test_mutated_checkpoints_raise_only_lowband_errors(data: st.DataObject) -> None:
     tree = _mutate(data, json.loads(json.dumps(TREE)), raw := bytearray(DATA))
     header = json.dumps(tree).encode()
-    body = ck._PREFIX.pack(ck.MAGIC, ck.VERSION, len(header)) + header + bytes(raw)
+    body = ck._PREFIX.pack(len(header)) + header + bytes(raw)
     blob = body + hashlib.sha256(body).digest()  # the hash and lengths are right: the checks behind them are fuzzed
     fd, path = tempfile.mkstemp(suffix=".pt")
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -115,7 +115,7 @@ def test_mutated_checkpoints_raise_only_lowband_errors(data: st.DataObject) -> N
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 20, 21])
 def test_truncated_prefixes_raise_checkpoint_errors(tmp_path, n: int) -> None:  # type: ignore[no-untyped-def]
     header = json.dumps(TREE).encode()
-    body = ck._PREFIX.pack(ck.MAGIC, ck.VERSION, len(header)) + header + DATA
+    body = ck._PREFIX.pack(len(header)) + header + DATA
     (tmp_path / "c.pt").write_bytes((body + hashlib.sha256(body).digest())[:n])
     with pytest.raises(lowband.errors.CheckpointError):
         lowband.load(tmp_path / "c.pt")

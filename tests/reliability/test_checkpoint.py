@@ -130,7 +130,7 @@ def test_corrupt_or_foreign_file_raises_checkpoint_error(tmp_path) -> None:  # t
 
 def split(blob: bytes) -> tuple[int, dict, bytes]:
     """(version, header tree, tensor data) of a checkpoint's bytes."""
-    _, version, hlen = ck._PREFIX.unpack_from(blob)
+    _, version, hlen = ck._PREFIX.struct.unpack_from(blob)
     start = ck._PREFIX.size
     return version, json.loads(blob[start : start + hlen]), blob[start + hlen : -ck.DIGEST]
 
@@ -138,7 +138,7 @@ def split(blob: bytes) -> tuple[int, dict, bytes]:
 def join(tree: object, data: bytes, version: int = ck.VERSION) -> bytes:
     """A checkpoint with correct lengths and hash around ``tree`` and ``data``."""
     header = json.dumps(tree).encode()
-    body = ck._PREFIX.pack(ck.MAGIC, version, len(header)) + header + data
+    body = ck._PREFIX.struct.pack(ck.MAGIC, version, len(header)) + header + data
     return body + hashlib.sha256(body).digest()
 
 
@@ -201,7 +201,7 @@ def test_declared_sizes_beyond_the_file_are_refused_before_allocating(tmp_path) 
     (tmp_path / "bomb.pt").write_bytes(join(tree, b""))
     with pytest.raises(CheckpointError, match="does not fit"):
         lowband.load(tmp_path / "bomb.pt")
-    (tmp_path / "bighead.pt").write_bytes(ck._PREFIX.pack(ck.MAGIC, ck.VERSION, 1 << 40) + b"{}")
+    (tmp_path / "bighead.pt").write_bytes(ck._PREFIX.pack(1 << 40) + b"{}")
     with pytest.raises(CheckpointError, match="header of"):
         lowband.load(tmp_path / "bighead.pt")
     lowband.save(tmp_path / "c.pt", torch.nn.Linear(64, 64), None)
