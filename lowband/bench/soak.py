@@ -152,6 +152,8 @@ def peer(conn: Connection, rank: int, world: int, coord: str, o: dict[str, Any])
                 healing = opt._joining
                 opt.zero_grad()
                 torch.nn.functional.mse_loss(model(x), y).backward()
+                if o["step_s"]:
+                    time.sleep(o["step_s"])  # the rest of an inner step's compute (a real model's)
                 opt.step()
                 if healing:
                     conn.send(("joined", rank, opt.step_count, bool(o.get("restart")), time.time()))
@@ -198,6 +200,7 @@ def run(
     schedule: dict[int, tuple[str, int]] | None = None,
     peer_timeout: float = 5.0,
     sync_every: int = 5,
+    step_seconds: float = 0.0,
     fault_every: float = 8.0,
     coordinator_kills: int = 0,
     max_seconds: float | None = None,
@@ -205,7 +208,8 @@ def run(
 ) -> dict[str, Any]:
     """Run one scenario; returns its figures. ``schedule`` ({round: (fault, rank)}) replaces
     the seeded random faults; ``rounds`` or ``minutes`` (counted from the first round) bounds
-    the run, and ``max_seconds`` its wall time from the start of the peers."""
+    the run, and ``max_seconds`` its wall time from the start of the peers. ``step_seconds``
+    is each inner step's emulated compute (a sleep: no CPU), 0 for the bare MLP's step."""
     import multiprocessing
 
     from lowband.wan import HUB, LinkEmulator, Topology
@@ -228,7 +232,7 @@ def run(
         coport = int(coord.rpartition(":")[2])
         asked_at: dict[int, int] = {}  # rank -> the last settled round when it asked to join
         o: dict[str, Any] = dict(peer_timeout=pt, sync_every=sync_every, lr=0.002, dir=d, name=f"soak{seed}",
-                                 ckpt_every=2, init_timeout=120.0)
+                                 ckpt_every=2, init_timeout=120.0, step_s=step_seconds)
         procs: dict[int, Any] = {}
         conns: dict[Connection, int] = {}
         done: set[int] = set()
@@ -436,7 +440,8 @@ def summary(fault: dict[str, Any], clean: dict[str, Any], *, coordinator_kills: 
     say(f"faults: {fault['kills']} kills (+{fault['restarts']} restarts by the launcher), {fault['stalls']} stalls, "
         f"{fault['cuts']} link cuts; {fault['drops']} peers dropped, {fault['rejoins']} rejoins, "
         f"{fault['crashed']} unexpected exits; {fault['rounds']} rounds in {fault['train_seconds']:.0f} s of "
-        f"training ({fault['seconds']:.0f} s with start-up)")
+        f"training ({fault['seconds']:.0f} s with start-up; {fault['train_seconds'] / max(1, fault['rounds']):.2f} s "
+        f"per outer step)")
     check("coordinator restarts", fault["coordinator_restarts"] >= min(2, coordinator_kills),
           f"killed and restarted {fault['coordinator_restarts']} times (asked for {coordinator_kills})")
     detail = fault["rejoin_detail"]
@@ -490,23 +495,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fault-every", type=float, default=8.0, help="mean seconds between faults")
     ap.add_argument("--peer-timeout", type=float, default=5.0)
+    ap.add_argument("--step-ms", type=float, default=300.0,
+                    help="emulated compute per inner step (a sleep), so an outer step is H x this plus the "
+                         "sync; 0 runs the bare MLP (outer steps of 0.1 to 0.2 s here)")
     ap.add_argument("--coordinator-kills", type=int, default=2, help="coordinator kills (each restarted)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root for the netns link emulator")
         return 2
     print(f"soak: {args.world} peers, {args.minutes} min of seeded faults (seed {args.seed}, one every "
-          f"{args.fault_every} s on average), peer_timeout {args.peer_timeout} s; load average "
+          f"{args.fault_every} s on average), peer_timeout {args.peer_timeout} s, {args.step_ms:g} ms of emulated compute per "
+          f"inner step (sync_every 5); load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     say = lambda m: print(m, flush=True)  # noqa: E731
     # wall time: start-up, the minutes, the stop; the fault-free run at most as long again
     fault = run(world=args.world, seed=args.seed, minutes=args.minutes, fault_every=args.fault_every,
                 peer_timeout=args.peer_timeout, coordinator_kills=args.coordinator_kills,
+                step_seconds=args.step_ms / 1000,
                 max_seconds=60 * args.minutes + 600, say=say)
     print(f"fault run: {fault['rounds']} rounds in {fault['seconds']:.0f} s; then a fault-free run of as many "
           f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     clean = run(world=args.world, seed=args.seed, rounds=fault["rounds"], faults=False,
-                peer_timeout=args.peer_timeout, max_seconds=fault["seconds"] + 300, say=say)
+                peer_timeout=args.peer_timeout, step_seconds=args.step_ms / 1000,
+                max_seconds=fault["seconds"] + 300, say=say)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0 if summary(fault, clean, coordinator_kills=args.coordinator_kills, say=say) else 1
 
