@@ -40,6 +40,12 @@ class Cast:
         """v (any float dtype, 1-D) as this cast's dtype, fp16 clamped to its range."""
         if self.name == "fp16":
             v32 = v.to(torch.float32)
+            if v32.device.type == "cpu" and v32.numel():
+                # one read (no device sync on the CPU): all within range, the clamp is a no-op;
+                # a NaN makes both comparisons false and takes the careful path
+                lo, hi = torch.aminmax(v32)
+                if float(lo) >= -_FP16_MAX and float(hi) <= _FP16_MAX:
+                    return v32.to(torch.float16)
             fin = torch.isfinite(v32)
             v32 = torch.where(fin, v32.clamp(-_FP16_MAX, _FP16_MAX), v32)
             return v32.to(torch.float16)
