@@ -1,6 +1,6 @@
 """Soak: DiLoCo training over the ZeroMQ group under seeded faults (issues 9 and 16).
 
-    python benchmarks/soak.py --minutes 10 --world 8      # the issue's figure (about 22 min)
+    python benchmarks/soak.py --minutes 10 --world 8      # the issue's figure (about 20 min)
     python benchmarks/soak.py --minutes 1 --world 4        # a short run (about 4 min)
 
 Wall time: the peers' start-up (under a minute), ``--minutes`` of faults counted from the
