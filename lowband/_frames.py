@@ -1,10 +1,11 @@
 """Framing: the one way lowband writes and checks the fixed headers of its wire formats.
 
 Every lowband message is a list of frames whose first frame starts with a fixed
-little-endian header: a magic, a one-byte version, then fixed-width fields. The
-payload (``LBND``), the ZeroMQ transport (``LBT``), weight sync (``LBSY``),
-rollouts (``LBRO``) and the checkpoint file's prefix (``LBCKPT``) all describe theirs as a :class:`Layout`, and read variable parts
-(length tables, manifests, nested structures) through a bounded :class:`Reader`.
+little-endian header: a magic, a one-byte version (four in the checkpoint file's),
+then fixed-width fields. The payload (``LBND``), the ZeroMQ transport (``LBT``), weight
+sync (``LBSY``), rollouts (``LBRO``) and the checkpoint file's prefix (``LBCKPT``) all
+describe theirs as a :class:`Layout`, and read variable parts (length tables, manifests,
+nested structures) through a bounded :class:`Reader`.
 The checks live here once, in one order (size, magic, version, counts, lengths, caps),
 and raise the error type the caller names (a :mod:`lowband.errors` class, or a
 function that builds one). The bytes are those each format always had: this module

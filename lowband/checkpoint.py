@@ -341,9 +341,7 @@ def _read(path: str, max_bytes: int, device: str | torch.device | None) -> dict[
             if prefix[:2] == b"PK":
                 raise CheckpointError(f"{path!r} is not a {FORMAT} file: it is a torch zip (lowband-checkpoint/1 "
                                       f"from an older lowband, or foreign); this lowband reads only {FORMAT}")
-            if len(prefix) < _PREFIX.size:
-                raise CheckpointError(f"{path!r} is truncated or not a lowband checkpoint")
-            try:
+            try:  # size, magic and version, checked by the layout
                 (hlen,) = _PREFIX.unpack(prefix)
             except CheckpointError as e:
                 raise CheckpointError(f"{path!r}: {e} ({FORMAT})") from None
@@ -364,6 +362,8 @@ def _read(path: str, max_bytes: int, device: str | torch.device | None) -> dict[
             if dec.left != 0:
                 raise CheckpointError(f"{path!r}: {dec.left} bytes of tensor data belong to no tensor")
             digest = f.read(DIGEST + 1)
+        except CheckpointError:
+            raise  # already names the path (it is an OSError too)
         except OSError as e:
             raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from e
     if digest != h.digest():

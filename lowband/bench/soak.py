@@ -222,7 +222,7 @@ def run(
     pt = peer_timeout
     hang_s = 20 * pt + 90  # a rejoin pays process start-up and the join; nothing settles for longer: a hang
     f: dict[str, Any] = dict(kills=0, stalls=0, cuts=0, restarts=0, drops=0, rejoins=0, mismatches=0, hangs=0,
-                             divergent=0, crashed=0, coordinator_restarts=0, rejoin_lag=[], rejoin_detail=[])
+                             divergent=0, crashed=0, coordinator_restarts=0, rejoin_detail=[])
     reports: dict[int, dict[int, tuple]] = {}
     with tempfile.TemporaryDirectory(prefix="lowband-soak-") as d, \
             LinkEmulator(Topology.uniform(world, rate="1gbit", rtt="2ms"), mode="netns") as net:
@@ -388,7 +388,6 @@ def run(
                     at = (msg[2] - 1) // sync_every  # the first round whose sync includes it
                     if msg[1] in asked_at:  # outer steps from asking to join to that sync
                         lag = at - asked_at.pop(msg[1])
-                        f["rejoin_lag"].append(lag)
                         healed_at[msg[1]] = len(f["rejoin_detail"])
                         f["rejoin_detail"].append(dict(
                             rank=msg[1], restart=bool(msg[3]), lag=lag, round=at, first_round=None, lost_first=False,
@@ -471,14 +470,14 @@ def summary(fault: dict[str, Any], clean: dict[str, Any], *, coordinator_kills: 
           f"processes, within two: {within}; seconds: {seconds(restarts)}. All rejoins, dropped peers "
           f"(stalled, cut off) asking again included: {dict(sorted(Counter(lag).items()))} over {len(lag)}; "
           f"seconds: {seconds(detail)}")
-    lost = [e for e in detail if e["first_round"] is None and e.get("lost_first")]
+    lost = [e for e in detail if e["lost_first"]]  # no first sync to compare
     fp_ok = [e for e in detail if e.get("fingerprint_equal")]
     check("healed fingerprint", len(fp_ok) == len(detail) - len(lost),
           f"{len(fp_ok)} of {len(detail) - len(lost)} rejoined peers that reached a sync reported, at their "
           f"first sync, the survivors' fingerprint of the global parameters ({len(lost)} more were killed or "
           "dropped by a fault after the heal, before their first sync)"
           + "".join(f"; rank {e['rank']} at round {e['first_round']} differs" for e in detail
-                    if not e.get("fingerprint_equal") and e not in lost))
+                    if not e.get("fingerprint_equal") and not e["lost_first"]))
     check("hangs", fault["hangs"] == 0 and clean["hangs"] == 0,
           f"{fault['hangs']} in the fault run, {clean['hangs']} in the fault-free run")
     check("divergent rounds", fault["divergent"] == 0 and fault["final_equal"],
