@@ -13,6 +13,13 @@
 
 #include "lb_common.h"
 
+/* Kernels over at least this many values use streaming stores for their output (a decode's
+ * 8 MiB of fp32, a quantize's 2 MiB of 8-bit codes: their lines would leave the caches anyway,
+ * and a plain store first reads each line). */
+#ifndef LB_STREAM_MIN
+#define LB_STREAM_MIN (2 * 1024 * 1024)
+#endif
+
 /* elements ahead of the pass-1 sweep to prefetch (x and residual) */
 #ifndef LB_PREFETCH
 #define LB_PREFETCH 1024
@@ -118,7 +125,8 @@ LB_AVX2 static inline __m256 q_value8(const qctx *c, int64_t i) {
 }
 
 /* Pack 32 codes (four vectors of 8 float codes) into bits * 4 bytes. */
-LB_AVX2 static inline void q_pack32(int bits, __m256 f0, __m256 f1, __m256 f2, __m256 f3, uint8_t *out) {
+/* stream: non-temporal stores (out 32-byte aligned for 8 bits, 16 for 4) */
+LB_AVX2 static inline void q_pack32(int bits, __m256 f0, __m256 f1, __m256 f2, __m256 f3, uint8_t *out, int stream) {
     if (bits == 1) {
         __m256 half = _mm256_set1_ps(0.5f);
         uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(f0, half, _CMP_GT_OQ));
@@ -134,7 +142,10 @@ LB_AVX2 static inline void q_pack32(int bits, __m256 f0, __m256 f1, __m256 f2, _
         __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(cc, d);
         __m256i p = _mm256_packus_epi16(ab, cd);
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)out, p);
+        if (stream)
+            _mm256_stream_si256((__m256i *)out, p);
+        else
+            _mm256_storeu_si256((__m256i *)out, p);
         return;
     }
     __m256i sh = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -146,36 +157,46 @@ LB_AVX2 static inline void q_pack32(int bits, __m256 f0, __m256 f1, __m256 f2, _
     __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(cc, d));
     __m128i r = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     if (bits == 4) {
-        _mm_storeu_si128((__m128i *)out, r);
+        if (stream)
+            _mm_stream_si128((__m128i *)out, r);
+        else
+            _mm_storeu_si128((__m128i *)out, r);
     } else {
         _mm_storel_epi64((__m128i *)out, _mm_packus_epi32(r, r));
     }
 }
 
-LB_AVX2 static inline __m256 q_code8(const qctx *c, __m256 v, __m256 inv, __m256 h, __m256 top, __m256i idx, __m256i seed) {
+/* clamp: 0 only where the clamp to [0, top] cannot change a code (see quant_blocks_avx2) */
+LB_AVX2 static inline __m256 q_code8(const qctx *c, __m256 v, __m256 inv, __m256 h, __m256 top, __m256i idx, __m256i seed,
+                                     int clamp) {
     if (c->sign) return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ), _mm256_set1_ps(1.0f));
     __m256 t = _mm256_add_ps(_mm256_mul_ps(v, inv), h);
     t = _mm256_add_ps(t, c->stochastic ? lb_uniform8(idx, seed) : _mm256_set1_ps(0.5f));
     t = _mm256_floor_ps(t);
-    return _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), top);
+    return clamp ? _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), top) : t;
 }
 
 /* Blocks [b0, b1) with block % 32 == 0: full 32-element groups in vectors, the
- * tail of the last (partial) block element by element. */
-LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
+ * tail of the last (partial) block element by element.
+ *
+ * The absmax sweep takes the integer max of the |v| bit patterns: for non-negative floats
+ * it orders as the float max does, and a NaN or Inf pattern is above every finite one, so
+ * one compare per block finds non-finite input. The clamp of a deterministic code to
+ * [0, 2h] is left out where it cannot change a code: with a finite inv = h / amax,
+ * |v * inv| <= h (1 + 2^-24)^2, so floor(v * inv + h + 0.5) lies in [0, 2h]; it stays for
+ * stochastic rounding and for an amax so small that inv overflows. */
+LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1, int stream) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m256 fmax = _mm256_set1_ps(FLT_MAX);
     const __m256 h = _mm256_set1_ps(c->h), top = _mm256_set1_ps(c->top);
     const __m256i seed = _mm256_set1_epi32((int)c->seedmix);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const int bits = c->bits;
-    __m256 badv = _mm256_setzero_ps();
     int bad = 0;
     for (int64_t b = b0; b < b1; b++) {
         int64_t lo = b * c->block, hi = lo + c->block;
         if (hi > c->n) hi = c->n;
         int64_t vend = lo + ((hi - lo) & ~(int64_t)31);
-        __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+        __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
         __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
         int64_t i = lo;
         for (; i + 16 <= hi; i += 16) {
@@ -184,10 +205,8 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
             if (LB_PREFETCH && c->res) _mm_prefetch((const char *)(c->res + i + LB_PREFETCH), _MM_HINT_T0);
             __m256 a0 = _mm256_and_ps(q_value8(c, i), absmask);
             __m256 a1 = _mm256_and_ps(q_value8(c, i + 8), absmask);
-            badv = _mm256_or_ps(badv, _mm256_cmp_ps(a0, fmax, _CMP_NLE_UQ));
-            badv = _mm256_or_ps(badv, _mm256_cmp_ps(a1, fmax, _CMP_NLE_UQ));
-            m0 = _mm256_max_ps(m0, a0);
-            m1 = _mm256_max_ps(m1, a1);
+            m0 = _mm256_max_epi32(m0, _mm256_castps_si256(a0));
+            m1 = _mm256_max_epi32(m1, _mm256_castps_si256(a1));
             if (c->sign) { /* the mean |v| in double: the sign scale lands within an ulp or two of torch's */
                 s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(a0)));
                 s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(a0, 1)));
@@ -195,13 +214,16 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
                 s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(a1, 1)));
             }
         }
-        float lm[8];
+        int32_t lm[8];
         double ls[4];
-        _mm256_storeu_ps(lm, _mm256_max_ps(m0, m1));
+        _mm256_storeu_si256((__m256i *)lm, _mm256_max_epi32(m0, m1));
         _mm256_storeu_pd(ls, _mm256_add_pd(s0, s1));
-        float amax = 0.0f;
+        int32_t top_bits = 0;
         double sum = (ls[0] + ls[1]) + (ls[2] + ls[3]);
-        for (int j = 0; j < 8; j++) amax = lm[j] > amax ? lm[j] : amax;
+        for (int j = 0; j < 8; j++) top_bits = lm[j] > top_bits ? lm[j] : top_bits;
+        if (top_bits > 0x7F7FFFFF) bad = 1; /* above FLT_MAX's pattern: Inf or NaN */
+        float amax;
+        memcpy(&amax, &top_bits, sizeof amax);
         for (; i < hi; i++) {
             float v = q_value(c, i);
             if (!lb_finite(v)) bad = 1;
@@ -213,16 +235,17 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
         float steps = q_scale(c, amax, sum, hi - lo, &invs);
         c->steps[b] = steps;
         const __m256 inv = _mm256_set1_ps(invs), step = _mm256_set1_ps(steps);
+        const int clamp = c->stochastic || !(invs <= FLT_MAX);
         uint8_t *out = c->codes + (lo * bits) / 8;
         for (i = lo; i < vend; i += 32) {
             __m256 f[4];
             for (int j = 0; j < 4; j++) {
                 __m256 v = q_value8(c, i + 8 * j);
                 __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(i + 8 * j)), lane);
-                f[j] = q_code8(c, v, inv, h, top, idx, seed);
+                f[j] = q_code8(c, v, inv, h, top, idx, seed, clamp);
                 if (c->res) _mm256_storeu_ps(c->res + i + 8 * j, _mm256_sub_ps(v, _mm256_mul_ps(_mm256_sub_ps(f[j], h), step)));
             }
-            q_pack32(bits, f[0], f[1], f[2], f[3], out);
+            q_pack32(bits, f[0], f[1], f[2], f[3], out, stream);
             out += 4 * bits;
         }
         if (vend < hi) {
@@ -249,7 +272,8 @@ LB_AVX2 static int quant_blocks_avx2(const qctx *c, int64_t b0, int64_t b1) {
             if (nacc) *out = (uint8_t)acc;
         }
     }
-    return bad | (_mm256_movemask_ps(badv) != 0);
+    if (stream) _mm_sfence();
+    return bad;
 }
 #endif
 
@@ -277,6 +301,10 @@ int lb_quantize(const void *x, int dtype, float *res, float decay, int64_t n, in
     vec = lb_has_avx2() && block % 32 == 0;
 #endif
     int bad = 0;
+    /* A large output is written past the caches (its lines are then not read before being
+     * written, as in lb_dequantize): 8- and 4-bit codes from an aligned start, whose every
+     * 32-element group then starts 32 (8-bit) or 16 (4-bit) bytes aligned. */
+    int stream = (bits == 8 || bits == 4) && n >= LB_STREAM_MIN && ((uintptr_t)codes & 31u) == 0;
     /* Chunks of about 64 Ki elements (a multiple of 8 blocks, so each starts a byte),
      * handed out dynamically: on a busy machine a descheduled thread holds up no one. */
     int64_t per = lb_chunk_units(block);
@@ -287,19 +315,17 @@ int lb_quantize(const void *x, int dtype, float *res, float decay, int64_t n, in
         {
 #if LB_X86
             if (vec)
-                bad |= quant_blocks_avx2(&c, b0, b1);
+                bad |= quant_blocks_avx2(&c, b0, b1, stream);
             else
 #endif
                 bad |= quant_blocks_scalar(&c, b0, b1, b0 * block);
         }
     }
     (void)vec;
+    (void)stream;
     return bad ? LB_NONFINITE : LB_OK;
 }
 
-/* Values of a decode that overwrites at least this many use streaming stores (about 8 MiB of
- * fp32 output: more than a last-level cache here, so the lines would leave it anyway). */
-#define LB_STREAM_MIN (2 * 1024 * 1024)
 
 static void dequant_scalar(const uint8_t *codes, const float *steps, int64_t lo, int64_t hi, int bits, int64_t block,
                            float h, float *out, int accumulate) {

@@ -161,14 +161,61 @@ def test_dequantize_large_overwrite(bits: int, offset: int) -> None:
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_quantize_large_streaming(bits: int, offset: int) -> None:
+    """Codes big enough for streaming stores (an aligned output), and the same into an
+    unaligned view (plain stores), with error feedback: both equal the reference bit for bit,
+    the partial last block included."""
+    n = (2 << 20) + 4097
+    x = _data(n, "normal", 12)
+    r1 = _data(n, "normal", 13) * 0.1
+    r2 = r1.clone()
+    want, wsteps = R.quantize(x, bits=bits, block=256, residual=r1)
+    base = torch.full((R.packed_size(n, bits) + offset,), 0xA5, dtype=torch.uint8)
+    codes, steps = base[offset:], torch.empty_like(wsteps)
+    N.quantize(x, bits=bits, block=256, residual=r2, out=(codes, steps))
+    _same(codes, want)
+    _same(steps, wsteps)
+    _same(r2, r1)
+
+
+def test_quantize_tiny_blocks_keep_the_clamp() -> None:
+    """A block whose absmax is so small that h / absmax overflows to inf (the native kernel
+    keeps the clamp there) and blocks of subnormals and exact zeros beside ordinary ones: codes,
+    scales and residuals equal the reference's, nearest and stochastic rounding."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(256 * 8, generator=g)
+    x[:256] *= 1e-39  # subnormal absmax: 127 / absmax is inf in fp32
+    x[256:512] *= 1e-36  # tiny but inv finite
+    x[512:768] = 0.0
+    x[768:790] = 1e-45  # the smallest subnormal, the rest of the block zero
+    x[790:1024] = 0.0
+    for bits in (8, 4, 2, 1):
+        _check_quantize(x, bits=bits, block=256, ef=True)
+        _check_quantize(x, bits=bits, block=256, stochastic=True, seed=3)
+        _check_quantize(x, bits=bits, block=32)
+
+
 def test_quantize_rejects_nonfinite() -> None:
     for bad in (float("nan"), float("inf"), -float("inf")):
-        x = _data(1000, "normal", 0)
-        x[537] = bad
-        with pytest.raises(CodecError):
-            N.quantize(x, bits=8)
-        with pytest.raises(CodecError):
-            N.topk_tiles(x, k=4, tile=256)
+        # in a vector group, in the element-by-element tail of a partial block, at the end
+        for n, at in ((1000, 537), (1000, 999), (300, 290), (70001, 70000), (70001, 3)):
+            x = _data(n, "normal", 0)
+            x[at] = bad
+            with pytest.raises(CodecError):
+                N.quantize(x, bits=8)
+            with pytest.raises(CodecError):
+                N.quantize(x, bits=4, block=32, residual=torch.zeros(n))
+            with pytest.raises(CodecError):
+                N.topk_tiles(x, k=4, tile=256)
+    # finite input and residual whose sum overflows
+    x = _data(1000, "normal", 0)
+    x[700] = 3e38
+    r = torch.zeros(1000)
+    r[700] = 3e38
+    with pytest.raises(CodecError):
+        N.quantize(x, bits=8, residual=r)
 
 
 def test_quantize_preallocated_out_and_bad_args() -> None:
