@@ -122,11 +122,11 @@ def tcp_source(q: Any, addr: str, port: int, size: int, streams: int = 1) -> Non
 
 
 def carrier_peer(q: Any, cmd: Any, rank: int, coord: str, streams: int | None, size: int, rounds: int,
-                 link: tuple[float, float]) -> None:
+                 link: tuple[float, float], io_threads: int | None = None) -> None:
     from lowband.transport._zmq import ZmqCarrier
 
     c = ZmqCarrier(rank, 2, coordinator=coord, host=local_address(), streams=streams, peer_timeout=60,
-                   bandwidth=link[0], rtt=link[1])  # told the link, as a user would tell it
+                   bandwidth=link[0], rtt=link[1], io_threads=io_threads)  # told the link, as a user would tell it
     try:
         data = _payload(size) if rank == 0 else b""
         digest = hashlib.sha256(data).hexdigest() if rank == 0 else ""
@@ -167,8 +167,8 @@ def bench_link(args: argparse.Namespace) -> dict[str, float]:
         net.spawn(HUB, run_coordinator, args=(q, net.hub_address))
         coord = f"{_expect(q, 'coord', 120)[1]}"
         link = (rate, parse_seconds(args.rtt))
-        net.spawn(1, carrier_peer, args=(q, cmd1, 1, coord, args.streams, size, args.repeat, link))
-        net.spawn(0, carrier_peer, args=(q, cmd0, 0, coord, args.streams, size, args.repeat, link))
+        net.spawn(1, carrier_peer, args=(q, cmd1, 1, coord, args.streams, size, args.repeat, link, args.io_threads))
+        net.spawn(0, carrier_peer, args=(q, cmd0, 0, coord, args.streams, size, args.repeat, link, args.io_threads))
         base_streams = args.baseline_streams
         net.spawn(1, tcp_sink, args=(q, base_streams))
         port = _expect(q, "sink", 120)[1]
@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--streams", type=int, default=None)
     lk.add_argument("--repeat", type=int, default=2)
     lk.add_argument("--baseline-streams", type=int, default=1, help="plain TCP sockets of the baseline")
+    lk.add_argument("--io-threads", type=int, default=None, help="libzmq I/O threads (default: the carrier's)")
     ce = sub.add_parser("ceiling")
     ce.add_argument("--rates", default="1gbit,2gbit,4gbit,8gbit,16gbit")
     ce.add_argument("--rtt", default="10ms")
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ce.add_argument("--streams", type=int, default=None)
     ce.add_argument("--baseline-streams", type=int, default=None, help="default: lowband's stream count")
     ce.add_argument("--hold", type=float, default=0.9)
+    ce.add_argument("--io-threads", type=int, default=None, help="libzmq I/O threads (default: the carrier's)")
     ce.add_argument("--repeat", type=int, default=2)
     ar = sub.add_parser("allreduce")
     ar.add_argument("--rate", default="100mbit")

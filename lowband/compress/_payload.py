@@ -1,6 +1,6 @@
 """The wire format of a payload: one small header frame plus raw buffers.
 
-Header (little-endian), version 1::
+Header (little-endian), version 2 (WIRE_VERSION)::
 
     magic        4s   b"LBND"
     version      u8   WIRE_VERSION
