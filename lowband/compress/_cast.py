@@ -52,11 +52,18 @@ class Cast:
         return v.to(self.dtype)
 
     def encode(self, v: torch.Tensor, *, residual: torch.Tensor | None = None, decay: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
-        if residual is not None:
-            v = v.to(torch.float32) + (residual * decay if decay != 1.0 else residual)
-        w = self.to_wire(v.reshape(-1)).contiguous()
-        if residual is not None:
-            residual.copy_(v - w.to(torch.float32))
+        if residual is None:
+            return [self.to_wire(v.reshape(-1)).contiguous().view(torch.uint8)]
+        # in place in the residual (fp32, flat): v = x + decay * r there, then r = v - wire(v);
+        # the same values as with temporaries, without allocating (and faulting in) two more
+        # fp32 tensors of the input's size on every call
+        if decay != 1.0:
+            residual.mul_(decay)
+        residual.add_(v.reshape(-1))
+        w = self.to_wire(residual).contiguous()
+        if w.data_ptr() == residual.data_ptr():  # fp32: the wire buffer must not be the residual
+            w = w.clone()
+        residual.sub_(w)
         return [w.view(torch.uint8)]
 
     def decode(self, bufs: list[torch.Tensor], n: int, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
