@@ -111,3 +111,25 @@ def test_optimizers_refuse_q1_with_error_feedback_and_take_it_without() -> None:
             DiLoCo(inner, group=tg.groups[0], sync_every=2, codec="q1", error_feedback=True)
         CompressedGradients(inner, group=tg.groups[0], codec="q1", error_feedback=False)
         CompressedGradients(inner, group=tg.groups[0], codec="sign")
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+def test_cast_feedback_matches_its_definition(spec: str, decay: float) -> None:
+    """The cast codecs update the residual in place (in 1M-value pieces for half widths): the
+    frames and the residual are those of the definition, v = x + decay * r, r = v - wire(v),
+    over more than one piece, with NaN, Inf and out-of-range values in the input."""
+    n = (2 << 20) + 4099
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=g) * 1000
+    x[[7, (1 << 20) + 3, n - 1]] = torch.tensor([float("nan"), float("inf"), 1e6])
+    codec = parse(spec)
+    ef = ErrorFeedback(codec, decay=decay)
+    r = torch.randn(n, generator=g) * 0.01
+    ef.residuals["k"] = r.clone()
+    p = ef.encode(x, key="k")
+    v = x + r * decay if decay != 1.0 else x + r
+    want = codec.value.to_wire(v)
+    got = torch.frombuffer(bytearray(p.buffers[0]), dtype=want.dtype)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    torch.testing.assert_close(ef.residuals["k"], v - want.to(torch.float32), rtol=0, atol=0, equal_nan=True)
