@@ -322,7 +322,6 @@ int lb_quantize(const void *x, int dtype, float *res, float decay, int64_t n, in
         }
     }
     (void)vec;
-    (void)stream;
     return bad ? LB_NONFINITE : LB_OK;
 }
 
@@ -412,7 +411,6 @@ int lb_dequantize(const uint8_t *codes, const float *steps, int64_t n, int bits,
         }
     }
     (void)vec;
-    (void)stream;
     return LB_OK;
 }
 
